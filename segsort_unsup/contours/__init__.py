@@ -1,0 +1,1 @@
+"""The contours stage: edge-probability maps from pretrained edge detectors (HED, PiDiNet)."""

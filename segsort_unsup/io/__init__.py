@@ -1,0 +1,1 @@
+"""Input/output: image listing and reading, HDF5 stores."""

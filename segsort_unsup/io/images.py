@@ -1,0 +1,173 @@
+"""List and read input images as RGB uint8, with clear errors for bad files."""
+
+from __future__ import annotations
+
+import glob as _glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import BadImageError, InputError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".gif"}
+)
+LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
+# Images above this many pixels are refused by PIL's bomb check; we allow large photos
+# (stages tile or refuse them explicitly) but keep a guard against absurd headers.
+MAX_PIXELS = 40_000 * 40_000
+# PIL modes numpy cannot take directly (palette, CMYK, ...): converted to RGB(A) first.
+_CONVERT_MODES = frozenset({"P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"})
+
+
+@dataclass(frozen=True, order=True)
+class ImageRef:
+    """One input image: a stable ``key`` (used in stores) and its ``path``."""
+
+    key: str
+    path: Path
+
+
+def _key_for(path: Path, root: Path) -> str:
+    try:
+        rel = path.resolve().relative_to(root.resolve())
+    except ValueError:
+        rel = Path(path.name)
+    return rel.with_suffix("").as_posix()
+
+
+def _unique(refs: list[ImageRef], source: str) -> list[ImageRef]:
+    seen: dict[str, Path] = {}
+    for ref in refs:
+        if ref.key in seen and seen[ref.key] != ref.path:
+            raise InputError(
+                f"{source}: two inputs map to the same key {ref.key!r} ({seen[ref.key]} and {ref.path}); "
+                "rename one (keys are paths without extension)"
+            )
+        seen[ref.key] = ref.path
+    return sorted({r.key: r for r in refs}.values())
+
+
+def list_images(source: str | os.PathLike) -> list[ImageRef]:
+    """Images named by ``source``: a folder (recursive), a glob, a list file, or one image.
+
+    Keys are paths relative to the folder (or the glob's fixed prefix, or the list file's
+    folder) without extension, so ``a/b.jpg`` and ``a/b.png`` would collide and are refused.
+    A list file (``.txt``/``.lst``) holds one path per line, relative to the list file;
+    blank lines and lines starting with ``#`` are skipped. Missing files listed there are
+    kept, so that reading them fails per image with a clear reason.
+    """
+    text = os.fspath(source)
+    path = Path(text)
+    if path.is_dir():
+        refs = [
+            ImageRef(_key_for(p, path), p)
+            for p in path.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        ]
+        if not refs:
+            raise InputError(f"{text}: folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        return _unique(refs, text)
+    if path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
+        base = path.parent
+        refs = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            p = Path(line)
+            full = p if p.is_absolute() else base / p
+            refs.append(ImageRef(_key_for(full, base), full))
+        if not refs:
+            raise InputError(f"{text}: list file names no images")
+        return _unique(refs, text)
+    if path.is_file():
+        return [ImageRef(path.stem, path)]
+    if _glob.has_magic(text):
+        matches = [Path(m) for m in sorted(_glob.glob(text, recursive=True))]
+        matches = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_EXTENSIONS]
+        if not matches:
+            raise InputError(f"{text}: glob matches no images")
+        fixed = []
+        for part in Path(text).parts:
+            if _glob.has_magic(part):
+                break
+            fixed.append(part)
+        root = Path(*fixed) if fixed else Path(".")
+        return _unique([ImageRef(_key_for(m, root), m) for m in matches], text)
+    raise InputError(f"{text}: no such folder, image, list file or glob")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as an ``(H, W, 3)`` uint8 RGB array.
+
+    Grayscale is replicated to three channels, alpha is dropped (composited on white),
+    16-bit and float images are scaled to 0..255, and EXIF orientation is applied.
+    Raises :class:`BadImageError` naming the file and the reason for anything unreadable,
+    truncated, empty or absurdly large.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise BadImageError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise BadImageError(path, "empty file")
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        with Image.open(path) as im:
+            im.load()  # forces a full decode: truncated files raise here
+            im = ImageOps.exif_transpose(im)
+            if im.mode in _CONVERT_MODES:
+                keep_alpha = im.mode == "PA" or "transparency" in im.info
+                im = im.convert("RGBA" if keep_alpha else "RGB")
+            return _to_rgb8(np.asarray(im), path)
+    except BadImageError:
+        raise
+    except UnidentifiedImageError:
+        raise BadImageError(path, "not an image file (format not recognised)") from None
+    except Image.DecompressionBombError as exc:
+        raise BadImageError(path, f"image too large to read ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        reason = str(exc) or type(exc).__name__
+        if "truncated" in reason.lower():
+            reason = "truncated image file (incomplete download or copy?)"
+        raise BadImageError(path, f"cannot decode image: {reason}") from None
+
+
+def _to_rgb8(arr: np.ndarray, path: Path) -> np.ndarray:
+    if arr.size == 0:
+        raise BadImageError(path, "image has no pixels")
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
+        raise BadImageError(path, f"unsupported image shape {arr.shape}")
+    arr = _scale_to_uint8(arr, path)
+    channels = arr.shape[2]
+    if channels in (2, 4):  # grey+alpha or RGBA: composite on white
+        alpha = arr[..., -1:].astype(np.float32) / 255.0
+        color = arr[..., :-1].astype(np.float32)
+        arr = np.clip(color * alpha + 255.0 * (1.0 - alpha) + 0.5, 0, 255).astype(np.uint8)
+        channels -= 1
+    if channels == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    return np.ascontiguousarray(arr)
+
+
+def _scale_to_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.uint16 or (arr.dtype.kind in "iu" and arr.max(initial=0) > 255):
+        top = 65535.0 if arr.max(initial=0) > 255 or arr.dtype == np.uint16 else 255.0
+        return np.clip(arr.astype(np.float64) * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
+    if arr.dtype.kind in "iu":
+        return np.clip(arr, 0, 255).astype(np.uint8)
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise BadImageError(path, "float image holds NaN or inf values")
+        top = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
+        return np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
+    raise BadImageError(path, f"unsupported pixel type {arr.dtype}")
