@@ -241,12 +241,42 @@ def rag_mean(edge_rag, weights, n_rag, sums, lengths):
 
 
 @njit(cache=True)
+def _walk(edge_rag, h, w, degree, visited, e, a2, b2, elements, n_el):
+    """Follow a contour from edge ``e`` (arriving at vertex ``(a2, b2)``) to a junction or back to its start."""
+    wv = w + 1
+    while True:
+        elements[n_el] = e
+        n_el += 1
+        visited[e] = True
+        if degree[a2 * wv + b2] != 2:
+            return n_el
+        nxt = -1
+        na = 0
+        nb = 0
+        for k2 in range(4):
+            e2, a3, b3 = _vertex_edge(a2, b2, k2, h, w)
+            if e2 >= 0 and edge_rag[e2] >= 0 and not visited[e2]:
+                nxt = e2
+                na = a3
+                nb = b3
+                break
+        if nxt < 0:  # closed loop back at its start
+            return n_el
+        e = nxt
+        a2 = na
+        b2 = nb
+
+
+@njit(cache=True)
 def trace_contours(edge_rag, h, w):
     """Split the cut edges into polylines running between junctions (or around closed loops).
 
     Returns ``(elements, offsets)``: polyline ``t`` is ``elements[offsets[t]:offsets[t + 1]]``,
     consecutive edges along the contour. Junctions are contour vertices of degree other than
-    two (image-border vertices included); loops start at their first vertex in raster order.
+    two (image-border vertices included). Vertices are scanned in raster order, directions in
+    the order left, right, up, down: a junction starts one polyline per untraced direction; an
+    untraced vertex inside a polyline (or a loop) is traced both ways and the first part
+    reversed. This is higra's ``fit_contour_2d`` order, so straight pieces split identically.
     """
     wv = w + 1
     n_vertices = (h + 1) * wv
@@ -265,41 +295,36 @@ def trace_contours(edge_rag, h, w):
     elements = np.empty(total, np.int64)
     offsets = np.empty(total + 1, np.int64)
     visited = np.zeros(edge_rag.size, np.bool_)
+    order = (1, 2, 0, 3)  # left, right, up, down
     n_el = 0
     n_poly = 0
-    for loops in range(2):
-        for a in range(h + 1):
-            for b in range(w + 1):
-                d = degree[a * wv + b]
-                if d == 0 or (loops == 0 and d == 2) or (loops == 1 and d != 2):
-                    continue
-                for k in range(4):
+    for a in range(h + 1):
+        for b in range(w + 1):
+            d = degree[a * wv + b]
+            if d == 0:
+                continue
+            if d != 2:
+                for k in order:
                     e, a2, b2 = _vertex_edge(a, b, k, h, w)
-                    if e < 0 or edge_rag[e] < 0 or visited[e]:
-                        continue
+                    if e >= 0 and edge_rag[e] >= 0 and not visited[e]:
+                        offsets[n_poly] = n_el
+                        n_poly += 1
+                        n_el = _walk(edge_rag, h, w, degree, visited, e, a2, b2, elements, n_el)
+                continue
+            first = True
+            for k in order:
+                e, a2, b2 = _vertex_edge(a, b, k, h, w)
+                if e < 0 or edge_rag[e] < 0 or visited[e]:
+                    continue
+                if first:
                     offsets[n_poly] = n_el
                     n_poly += 1
-                    while True:
-                        elements[n_el] = e
-                        n_el += 1
-                        visited[e] = True
-                        if degree[a2 * wv + b2] != 2:
-                            break
-                        nxt = -1
-                        na = 0
-                        nb = 0
-                        for k2 in range(4):
-                            e2, a3, b3 = _vertex_edge(a2, b2, k2, h, w)
-                            if e2 >= 0 and edge_rag[e2] >= 0 and not visited[e2]:
-                                nxt = e2
-                                na = a3
-                                nb = b3
-                                break
-                        if nxt < 0:  # closed loop back at its start
-                            break
-                        e = nxt
-                        a2 = na
-                        b2 = nb
+                    start = n_el
+                    n_el = _walk(edge_rag, h, w, degree, visited, e, a2, b2, elements, n_el)
+                    elements[start:n_el] = elements[start:n_el][::-1].copy()
+                    first = False
+                else:
+                    n_el = _walk(edge_rag, h, w, degree, visited, e, a2, b2, elements, n_el)
     offsets[n_poly] = n_el
     return elements, offsets[: n_poly + 1]
 
