@@ -1,0 +1,71 @@
+"""OWT-UCM against higra (a peer implementation of Arbelaez et al.'s mean-pb hierarchy).
+
+Same inputs to both: the 4-adjacency edge weights and orientations of BSDS500 contour maps
+(blurred mean human boundaries, see ``maps.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from segsort_unsup.ucm.hierarchy import ultrametric_contour_map
+from segsort_unsup.ucm.owt import grid_edge_weights
+
+hg = pytest.importorskip("higra")
+
+
+def higra_ucm2(edge, orientation):
+    h, w = edge.shape
+    graph = hg.get_4_adjacency_graph((h, w))
+    src, dst = graph.edge_list()
+    ids = np.where(dst == src + 1, src, h * w + src)  # higra edge -> our edge id
+    weights, orients = grid_edge_weights(edge, orientation)
+    tree, alt = hg.mean_pb_hierarchy(graph, weights[ids], shape=(h, w),
+                                     edge_orientations=None if orients is None else orients[ids])
+    sal = hg.saliency(tree, alt)
+    return hg.graph_4_adjacency_2_khalimsky(graph, sal, shape=(h, w), add_extra_border=True)
+
+
+def boundary_f(a, b, threshold, tolerance=2):
+    """F-measure of boundaries ``a > t`` vs ``b > t`` on the doubled grid, matched within ``tolerance`` cells."""
+    pa, pb = a > threshold, b > threshold
+    if not pa.any() and not pb.any():
+        return 1.0
+    st = ndi.generate_binary_structure(2, 1)
+    near_b = ndi.binary_dilation(pb, st, iterations=tolerance)
+    near_a = ndi.binary_dilation(pa, st, iterations=tolerance)
+    precision = (pa & near_b).sum() / max(pa.sum(), 1)
+    recall = (pb & near_a).sum() / max(pb.sum(), 1)
+    return 2 * precision * recall / max(precision + recall, 1e-12)
+
+
+def test_no_orientation_matches_higra_exactly(gt_maps):
+    for image_id, edge, _ in gt_maps:
+        ours = ultrametric_contour_map(edge).ucm2[1:-1, 1:-1]
+        theirs = higra_ucm2(edge, None)[1:-1, 1:-1]  # higra's frame copies its neighbours; ours is 0
+        np.testing.assert_allclose(ours, theirs, atol=1e-5, err_msg=image_id)
+
+
+def test_owt_with_higra_conventions_matches_exactly(gt_maps):
+    # higra gives one-edge arcs the direction 0; with the same convention the whole OWT-UCM agrees
+    for image_id, edge, orient in gt_maps:
+        ours = ultrametric_contour_map(edge, orient, single_edge_angle=0.0).ucm2[1:-1, 1:-1]
+        theirs = higra_ucm2(edge, orient)[1:-1, 1:-1]
+        np.testing.assert_allclose(ours, theirs, atol=1e-5, err_msg=image_id)
+
+
+def test_owt_default_agrees_with_higra(gt_maps):
+    # default: one-edge arcs take their own direction (higra: 0), so the boundaries that are one
+    # edge long get another strength and the merge order after them can differ; measured mean
+    # F on these 4 maps: 0.90 (the exact test above shows everything else agrees)
+    scores = []
+    for image_id, edge, orient in gt_maps:
+        ours = ultrametric_contour_map(edge, orient).ucm2[1:-1, 1:-1]
+        theirs = higra_ucm2(edge, orient)[1:-1, 1:-1]
+        levels = np.quantile(theirs[theirs > 0], np.linspace(0.05, 0.95, 19))
+        scores.extend(boundary_f(ours, theirs, t) for t in levels)
+    mean_f = float(np.mean(scores))
+    print(f"mean boundary F vs higra over {len(scores)} (image, threshold) pairs: {mean_f:.4f}, min {min(scores):.4f}")
+    assert mean_f >= 0.85
