@@ -129,7 +129,7 @@ def ultrametric_contour_map(
     *,
     epsilon: float = 0.1,
     min_size: float = 2.0,
-    single_edge_angle: float | None = None,
+    single_edge_angle: float | None = 0.0,
 ) -> Ucm:
     """OWT-UCM of a contour map: oriented watershed, then greedy merging by mean boundary strength.
 

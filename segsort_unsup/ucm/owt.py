@@ -124,7 +124,7 @@ def oriented_watershed(
     *,
     epsilon: float = 0.1,
     min_size: float = 2.0,
-    single_edge_angle: float | None = None,
+    single_edge_angle: float | None = 0.0,
 ) -> OrientedWatershed:
     """Watershed regions of a contour map, with boundary strengths from the oriented watershed transform.
 
@@ -138,9 +138,11 @@ def oriented_watershed(
     epsilon, min_size :
         An arc is split at its point farthest from the chord while that distance is at least
         ``epsilon`` times the chord length and more than ``min_size`` pixels.
-    single_edge_angle : float, optional
-        Direction (radians, ``[0, pi)``, 0 = along rows) given to arcs one edge long, which have
-        no chord. Default: the edge's own direction. higra's ``oriented_watershed`` uses 0.
+    single_edge_angle : float or None
+        Direction (radians, ``[0, pi)``; 0 runs along a row) given to arcs one edge long, whose
+        chord is a point. The default 0 is higra's (``atan2(0, 0)``), so results match its
+        ``oriented_watershed`` exactly; None uses the edge's own direction instead (on 8
+        BSDS500 images with Sobel maps that gave a lower best covering, 0.48 vs 0.52).
 
     Returns
     -------

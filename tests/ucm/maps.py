@@ -34,3 +34,13 @@ def bsds_maps(bsds: Path, ids=TEST_IDS) -> list[tuple[str, np.ndarray, np.ndarra
         edge = gt_contour_map(bsds / "groundTruth" / "test" / f"{image_id}.mat")
         out.append((image_id, edge, edge_orientation(edge)))
     return out
+
+
+def sobel_map(image_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Sobel gradient magnitude of a photo (scaled to [0, 1]) and its orientation: a noisy map
+    whose watershed has thousands of regions, the hard case for speed and ties."""
+    from skimage import color, filters, io
+
+    grad = filters.sobel(color.rgb2gray(io.imread(image_path))).astype(np.float32)
+    grad /= max(float(grad.max()), 1e-6)
+    return grad, edge_orientation(grad)
