@@ -91,3 +91,24 @@ def test_killed_run_leaves_a_readable_store_and_resumes(tmp_path, gt_maps, bsds)
     assert summary.skipped == done_before and summary.done == len(gt_maps) - done_before
     with StoreReader(out, kind="segments") as store:
         assert len(store) == len(gt_maps)
+
+
+def test_overview_without_readable_photo_and_plain_mean(tmp_path, gt_maps, bsds, caplog, monkeypatch):
+    import logging
+
+    package_logger = logging.getLogger("segsort_unsup")  # the CLI may have made it quiet and non-propagating
+    monkeypatch.setattr(package_logger, "propagate", True)
+    monkeypatch.setattr(package_logger, "level", logging.INFO)
+    maps = gt_maps[:1]
+    src = make_contours_store(tmp_path / "contours", maps, tmp_path / "nowhere")  # source photos missing
+    summary = run_ucm(UcmConfig(oriented=False), src, tmp_path / "seg", png_dir=tmp_path / "png")
+    assert summary.ok and summary.done == 1
+    picture = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(tmp_path / "png" / f"{maps[0][0]}_overview.png"))
+    h, w = maps[0][1].shape
+    assert picture.shape[0] == h and picture.shape[1] == 3 * w + 2 * 4  # contours | two cuts, no photo
+    assert "no image panel" in caplog.text
+    with StoreReader(tmp_path / "seg", kind="segments") as store:
+        from segsort_unsup.ucm.hierarchy import ultrametric_contour_map
+
+        expected = ultrametric_contour_map(maps[0][1].astype(np.float16).astype(np.float32)).ucm2
+        np.testing.assert_array_equal(store[maps[0][0]].arrays["ucm2"], expected)
