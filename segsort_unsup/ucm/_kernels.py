@@ -636,7 +636,7 @@ def lca_altitudes(parents, altitudes, sources, targets, out):
 
 @njit(cache=True)
 def paint_ucm2(edge_rag, rag_values, h, w, ucm2):
-    """Write RAG edge values on the doubled grid: 1-faces from edges, 0-faces = max of their 1-faces."""
+    """Write RAG edge values on the doubled grid: 1-faces from edges, 0-faces = max of their 1-faces, frame = copy of its neighbours."""
     n = h * w
     for p in range(n):
         i = p // w
@@ -657,3 +657,9 @@ def paint_ucm2(edge_rag, rag_values, h, w, ucm2):
             if ucm2[y, x + 1] > v:
                 v = ucm2[y, x + 1]
             ucm2[y, x] = v
+    # outer frame: a copy of the neighbouring row/column, as in BSR's ucm2 files (boundaries
+    # reach the border, and labelling ``ucm2 <= t`` cannot join regions through the frame)
+    ucm2[0, :] = ucm2[1, :]
+    ucm2[2 * h, :] = ucm2[2 * h - 1, :]
+    ucm2[:, 0] = ucm2[:, 1]
+    ucm2[:, 2 * w] = ucm2[:, 2 * w - 1]

@@ -7,8 +7,8 @@ root is its own parent, and altitudes never decrease towards the root. The ultra
 contour map (ucm) gives each boundary the altitude at which its two regions merge; on the
 doubled grid ``ucm2`` of shape ``(2H + 1, 2W + 1)`` (the BSDS layout) pixel ``(i, j)`` is
 ``ucm2[2i + 1, 2j + 1]`` and boundaries sit on the even rows/columns, so
-the regions of ``ucm2 <= t`` (4-connected, outer frame excluded) are the segmentation at ``t``
-(:func:`labels_from_ucm2`). The outer frame is 0.
+``label(ucm2 <= t)[1::2, 1::2]`` is the segmentation at ``t`` (:func:`labels_from_ucm2`). The outer
+frame repeats its neighbouring row/column, as in BSR's ucm2 files and higra's Khalimsky grids.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def ucm2_from_tree(parents: np.ndarray, altitudes: np.ndarray, leaves: np.ndarra
     """The ``(2H + 1, 2W + 1)`` float32 ucm2 of a merge tree over the regions of ``leaves``.
 
     Each boundary between two leaves takes the altitude of their lowest common ancestor;
-    corners take the largest of their four boundaries; pixels and the outer frame are 0.
+    corners take the largest of their four boundaries; pixels are 0; the outer frame repeats
+    its neighbouring row/column.
     """
     parents, altitudes = _check_tree(parents, altitudes)
     leaves = np.ascontiguousarray(np.asarray(leaves), dtype=np.int32)
@@ -99,10 +100,7 @@ def labels_from_ucm2(ucm2: np.ndarray, threshold: float) -> np.ndarray:
     ucm2 = np.asarray(ucm2)
     if ucm2.ndim != 2 or ucm2.shape[0] % 2 != 1 or ucm2.shape[1] % 2 != 1:
         raise ValueError(f"ucm2 must be (2H+1, 2W+1), got shape {ucm2.shape}")
-    # the outer frame is 0 (not a boundary): label the interior only, or the frame would join
-    # every region touching the image border
-    inner = ucm2[1:-1, 1:-1] <= threshold
-    return (label(inner, connectivity=1, background=0)[::2, ::2] - 1).astype(np.int32)
+    return (label(ucm2 <= threshold, connectivity=1, background=0)[1::2, 1::2] - 1).astype(np.int32)
 
 
 @dataclass(frozen=True)

@@ -85,10 +85,11 @@ def test_ucm2_layout():
     assert ucm.ucm2.shape == (9, 11)
     assert ucm.leaves.max() == 1
     assert np.all(ucm.ucm2[1::2, 1::2] == 0)  # pixels
-    assert np.all(ucm.ucm2[0] == 0) and np.all(ucm.ucm2[:, 0] == 0)  # frame
+    np.testing.assert_array_equal(ucm.ucm2[0], ucm.ucm2[1])  # frame = copy of its neighbours (BSR)
+    np.testing.assert_array_equal(ucm.ucm2[:, -1], ucm.ucm2[:, -2])
     cols = np.nonzero(ucm.ucm2[1::2, :].max(axis=0))[0]
     assert cols.size == 1 and cols[0] in (4, 6)  # one vertical boundary on an even column
-    assert np.all(ucm.ucm2[1:-1, cols[0]] == 0.5)  # mean of the ridge pixel and a flat pixel
+    assert np.all(ucm.ucm2[:, cols[0]] == 0.5)  # mean of the ridge pixel and a flat pixel
 
 
 def test_watershed_against_naive_minima_count():
@@ -163,3 +164,12 @@ def test_mean_boundary_merge_against_naive():
             sums[(other, node)] = val
         node += 1
     np.testing.assert_allclose(np.maximum.accumulate(expected), altitudes[n:], rtol=1e-5)
+
+
+def test_bsds_tools_read_the_same_segmentation(gt_maps, sobel_maps):
+    # BSR's benchmark labels ucm2 <= t with bwlabel's default 8-connectivity and keeps [1::2, 1::2]
+    for _, edge, orient in (gt_maps[3], sobel_maps[0]):
+        ucm = ultrametric_contour_map(edge, orient)
+        for t in _levels(ucm):
+            bsds = label(ucm.ucm2 <= t, connectivity=2, background=0)[1::2, 1::2] - 1
+            np.testing.assert_array_equal(bsds, ucm.labels(t))
