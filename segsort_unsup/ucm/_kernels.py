@@ -177,50 +177,56 @@ def watershed_cut(weights, h, w, labels):
 def region_adjacency(labels, h, w, n_regions, edge_rag):
     """Fill ``edge_rag`` (length 2N) with the RAG edge of each cut edge (-1 elsewhere).
 
-    RAG edges are numbered by (smaller region, larger region). Returns ``(sources, targets)``.
+    RAG edges are numbered by (smaller region, larger region): cut edges are bucketed by their
+    smaller region (counting sort), and each bucket's few distinct larger regions are sorted
+    by insertion. Returns ``(sources, targets)``.
     """
     n = h * w
     edge_rag[:] = -1
-    count = 0
+    count = np.zeros(n_regions + 1, np.int64)
     for p in range(n):
         if (p % w) < w - 1 and labels[p] != labels[p + 1]:
-            count += 1
+            count[min(labels[p], labels[p + 1]) + 1] += 1
         if p + w < n and labels[p] != labels[p + w]:
-            count += 1
-    cut = np.empty(count, np.int64)
-    keys = np.empty(count, np.int64)
-    c = 0
+            count[min(labels[p], labels[p + w]) + 1] += 1
+    for r in range(n_regions):
+        count[r + 1] += count[r]
+    total = count[n_regions]
+    fill = count[:-1].copy()
+    cut = np.empty(total, np.int64)
+    other = np.empty(total, np.int32)
     for p in range(n):
         if (p % w) < w - 1 and labels[p] != labels[p + 1]:
-            a, b = labels[p], labels[p + 1]
-            cut[c] = p
-            keys[c] = np.int64(min(a, b)) * n_regions + max(a, b)
-            c += 1
+            a = min(labels[p], labels[p + 1])
+            cut[fill[a]] = p
+            other[fill[a]] = max(labels[p], labels[p + 1])
+            fill[a] += 1
         if p + w < n and labels[p] != labels[p + w]:
-            a, b = labels[p], labels[p + w]
-            cut[c] = n + p
-            keys[c] = np.int64(min(a, b)) * n_regions + max(a, b)
-            c += 1
-    order = np.argsort(keys, kind="mergesort")
+            a = min(labels[p], labels[p + w])
+            cut[fill[a]] = n + p
+            other[fill[a]] = max(labels[p], labels[p + w])
+            fill[a] += 1
+    sources = np.empty(total, np.int32)
+    targets = np.empty(total, np.int32)
+    seen = np.full(n_regions, -1, np.int64)  # rag id of (a, b) while bucket a is processed
     n_rag = 0
-    last = np.int64(-1)
-    for t in range(count):
-        if keys[order[t]] != last:
-            n_rag += 1
-            last = keys[order[t]]
-    sources = np.empty(n_rag, np.int32)
-    targets = np.empty(n_rag, np.int32)
-    r = -1
-    last = np.int64(-1)
-    for t in range(count):
-        k = keys[order[t]]
-        if k != last:
-            r += 1
-            last = k
-            sources[r] = k // n_regions
-            targets[r] = k % n_regions
-        edge_rag[cut[order[t]]] = r
-    return sources, targets
+    for a in range(n_regions):
+        first = n_rag
+        for t in range(count[a], count[a + 1]):
+            b = other[t]
+            if seen[b] < first:  # new neighbour of a: insert b in order among this bucket's
+                i = n_rag
+                n_rag += 1
+                while i > first and targets[i - 1] > b:
+                    targets[i] = targets[i - 1]
+                    seen[targets[i]] = i
+                    i -= 1
+                targets[i] = b
+                sources[n_rag - 1] = a  # every edge of the bucket has source a
+                seen[b] = i
+        for t in range(count[a], count[a + 1]):
+            edge_rag[cut[t]] = seen[other[t]]
+    return sources[:n_rag].copy(), targets[:n_rag].copy()
 
 
 @njit(cache=True)
