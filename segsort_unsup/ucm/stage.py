@@ -202,6 +202,20 @@ def run_ucm(
     summary = StageSummary("ucm", total=len(jobs), output=str(output))
     store_config = config.to_dict()
     meta["config_hash"] = config_hash(store_config)
+    try:
+        _write(config, jobs, meta, summary, output, workers=workers, overwrite=overwrite,
+               png_dir=png_dir, mat_dir=mat_dir, shard_size=shard_size)
+    finally:
+        for reader in _READERS.values():  # in-process runs read the contours store here
+            reader.close()
+        _READERS.clear()
+    return summary
+
+
+def _write(config: UcmConfig, jobs: list[_Job], meta: dict[str, Any], summary: StageSummary, output, *,
+           workers: int, overwrite: bool, png_dir, mat_dir, shard_size: int) -> None:
+    """Run the jobs not yet in the store, saving results and failures as they come."""
+    store_config = config.to_dict()
     with StoreWriter(output, kind="segments", config=store_config, meta=meta,
                      shard_size=shard_size, overwrite=overwrite) as writer:
         todo = [job for job in jobs if job.key not in writer.completed]
@@ -229,4 +243,3 @@ def run_ucm(
                     export_item(item, config, png_dir=png_dir, mat_dir=mat_dir, source_store=meta["source_store"])
                 except Exception as exc:  # noqa: BLE001 - an export problem must not lose the stored result
                     log.warning("%s: export failed (%s)", key, exc)
-    return summary
