@@ -200,10 +200,11 @@ def run_ucm(
     source = Path(source)
     jobs, meta = _jobs(source, config)
     summary = StageSummary("ucm", total=len(jobs), output=str(output))
-    store_config = config.to_dict()
+    # The input is part of what the store is: resuming onto another source must be refused.
+    store_config = {**config.to_dict(), "source": meta["source"], "weights_sha256": meta["weights_sha256"]}
     meta["config_hash"] = config_hash(store_config)
     try:
-        _write(config, jobs, meta, summary, output, workers=workers, overwrite=overwrite,
+        _write(config, store_config, jobs, meta, summary, output, workers=workers, overwrite=overwrite,
                png_dir=png_dir, mat_dir=mat_dir, shard_size=shard_size)
     finally:
         for reader in _READERS.values():  # in-process runs read the contours store here
@@ -212,10 +213,10 @@ def run_ucm(
     return summary
 
 
-def _write(config: UcmConfig, jobs: list[_Job], meta: dict[str, Any], summary: StageSummary, output, *,
-           workers: int, overwrite: bool, png_dir, mat_dir, shard_size: int) -> None:
+def _write(config: UcmConfig, store_config: dict[str, Any], jobs: list[_Job], meta: dict[str, Any],
+           summary: StageSummary, output, *, workers: int, overwrite: bool, png_dir, mat_dir,
+           shard_size: int) -> None:
     """Run the jobs not yet in the store, saving results and failures as they come."""
-    store_config = config.to_dict()
     with StoreWriter(output, kind="segments", config=store_config, meta=meta,
                      shard_size=shard_size, overwrite=overwrite) as writer:
         todo = [job for job in jobs if job.key not in writer.completed]
