@@ -143,15 +143,138 @@ def _augment(s, indptr, cols, costs, n_cols, outlier_cost, u, v, row_to_col, col
 
 
 @njit(cache=True)
-def match_incremental(active, indptr, cols, costs, rev_indptr, rev_rows, n_cols, outlier_cost, acc):
+def _repair_after_removal(r, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols, outlier_cost,
+                          is_active, u, v, row_to_col, col_to_row,
+                          dist, pred, done, touched, finalized, heap_keys, heap_vals):
+    """Delete row ``r`` and restore optimality for the rows left.
+
+    If ``r`` held real column ``j``, that column is now free but priced ``v[j] < 0``. Any
+    improvement is a cycle through ``j`` and the sink: some rows shift one column towards ``j``
+    and the column at the far end (a real one, or an outlier: an unmatched row gets matched) is
+    freed. A Dijkstra run backwards from ``j`` on reduced costs, cut at the price deficit
+    ``B = -v[j]``, finds the cheapest such cycle; it is applied only when it gains (distance < B).
+    Potentials are then shifted so that reduced costs stay >= 0 and free columns sit at 0.
+    """
+    j = row_to_col[r]
+    is_active[r] = False
+    row_to_col[r] = -1
+    u[r] = 0
+    col_to_row[n_cols + r] = -1
+    v[n_cols + r] = 0
+    if j < 0 or j >= n_cols:
+        return
+    col_to_row[j] = -1
+    bound = -v[j]
+    if bound <= 0:
+        return
+    sink = dist.shape[0] - 1
+    n_touched = 0
+    n_final = 0
+    size = 0
+    dist[j] = 0
+    touched[n_touched] = j
+    n_touched += 1
+    size = _heap_push(heap_keys, heap_vals, size, 0, j)
+    end_dist = bound
+    best_col = -1
+    while size > 0:
+        dx = heap_keys[0]
+        x = heap_vals[0]
+        size = _heap_pop(heap_keys, heap_vals, size)
+        if dx >= end_dist:
+            break
+        if x == sink:
+            if dx == dist[sink]:
+                end_dist = dx
+                best_col = pred[sink]
+                break
+            continue
+        if done[x] or dx != dist[x]:
+            continue
+        done[x] = True
+        finalized[n_final] = x
+        n_final += 1
+        if x != j:
+            # x is matched: close the cycle through the sink (arc sink -> x costs -v[x])
+            d = dx - v[x]
+            if d < dist[sink]:
+                if dist[sink] == _INF:
+                    touched[n_touched] = sink
+                    n_touched += 1
+                dist[sink] = d
+                pred[sink] = x
+                size = _heap_push(heap_keys, heap_vals, size, d, sink)
+        # rows i with a free arc i -> x move into x; their own column k follows at the same distance
+        if x < n_cols:
+            lo = rev_indptr[x]
+            hi = rev_indptr[x + 1]
+        else:
+            lo = 0
+            hi = 0
+            q = x - n_cols
+            if is_active[q] and row_to_col[q] != x:
+                k = row_to_col[q]
+                d = dx + outlier_cost - u[q] - v[x]
+                if not done[k] and d < dist[k]:
+                    if dist[k] == _INF:
+                        touched[n_touched] = k
+                        n_touched += 1
+                    dist[k] = d
+                    pred[k] = x
+                    size = _heap_push(heap_keys, heap_vals, size, d, k)
+        for kk in range(lo, hi):
+            i = rev_rows[kk]
+            if not is_active[i] or row_to_col[i] == x:
+                continue
+            k = row_to_col[i]
+            if done[k]:
+                continue
+            d = dx + rev_costs[kk] - u[i] - v[x]
+            if d < dist[k]:
+                if dist[k] == _INF:
+                    touched[n_touched] = k
+                    n_touched += 1
+                dist[k] = d
+                pred[k] = x
+                size = _heap_push(heap_keys, heap_vals, size, d, k)
+    # potentials: every finalized column (and the row on it) moves by end_dist - its distance
+    for t in range(n_final):
+        x = finalized[t]
+        delta = end_dist - dist[x]
+        v[x] += delta
+        i = col_to_row[x]
+        if i >= 0:
+            u[i] -= delta
+    if best_col >= 0:
+        cur = best_col
+        i = col_to_row[cur]
+        col_to_row[cur] = -1
+        while True:
+            nxt = pred[cur]
+            old = col_to_row[nxt]
+            row_to_col[i] = nxt
+            col_to_row[nxt] = i
+            if nxt == j:
+                break
+            i = old
+            cur = nxt
+    for t in range(n_touched):
+        x = touched[t]
+        dist[x] = _INF
+        pred[x] = -1
+        done[x] = False
+
+
+@njit(cache=True)
+def match_incremental(active, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols, outlier_cost, acc):
     """Optimal outlier assignments for a sequence of row subsets, reusing work between them.
 
     ``active`` (T, n_rows) bool: the machine pixels present at each step (thresholds from the
-    sparsest map down, so rows are mostly added). Added rows are inserted by one augmenting path
-    each; when rows disappear (thinning can drop a pixel as the threshold falls), the whole
-    connected component around them is cleared (assignment and potentials) and re-inserted, which
-    keeps every step an exact optimum. ``rev_indptr``/``rev_rows``: column -> rows adjacency.
-    ORs the matched rows of step t into ``acc[t]``; returns matched counts per step.
+    sparsest map down, so rows are mostly added). An added row is inserted by one shortest
+    augmenting path; a row that disappears (thinning can drop a pixel as the threshold falls) is
+    deleted by :func:`_repair_after_removal`; each step ends at an exact optimum.
+    ``rev_indptr``/``rev_rows``/``rev_costs``: column -> rows adjacency. ORs the matched rows
+    of step t into ``acc[t]``; returns the matched count of every step.
     """
     n_steps, n_rows = active.shape
     n_all = n_cols + n_rows
@@ -159,63 +282,28 @@ def match_incremental(active, indptr, cols, costs, rev_indptr, rev_rows, n_cols,
     v = np.zeros(n_all, np.int64)
     row_to_col = np.full(n_rows, -1, np.int64)
     col_to_row = np.full(n_all, -1, np.int64)
-    dist = np.full(n_all, _INF, np.int64)
-    pred = np.full(n_all, -1, np.int64)
-    done = np.zeros(n_all, np.bool_)
-    touched = np.empty(n_all, np.int64)
-    finalized = np.empty(n_all, np.int64)
-    heap_cap = costs.shape[0] + 2 * n_rows + 16
+    dist = np.full(n_all + 1, _INF, np.int64)  # last slot: the sink of the removal repair
+    pred = np.full(n_all + 1, -1, np.int64)
+    done = np.zeros(n_all + 1, np.bool_)
+    touched = np.empty(n_all + 1, np.int64)
+    finalized = np.empty(n_all + 1, np.int64)
+    heap_cap = 2 * costs.shape[0] + 4 * n_rows + 16
     heap_keys = np.empty(heap_cap, np.int64)
     heap_vals = np.empty(heap_cap, np.int64)
     is_active = np.zeros(n_rows, np.bool_)
-    pending = np.zeros(n_rows, np.bool_)
-    queue = np.empty(n_rows, np.int64)
-    in_reset = np.zeros(n_rows, np.bool_)
     counts = np.zeros(n_steps, np.int64)
     for t in range(n_steps):
-        # 1. rows that vanish: clear their whole component
         for r in range(n_rows):
-            if is_active[r] and not active[t, r] and not in_reset[r]:
-                head = 0
-                tail = 0
-                queue[tail] = r
-                tail += 1
-                in_reset[r] = True
-                while head < tail:
-                    q = queue[head]
-                    head += 1
-                    for k in range(indptr[q], indptr[q + 1]):
-                        j = cols[k]
-                        for kk in range(rev_indptr[j], rev_indptr[j + 1]):
-                            qq = rev_rows[kk]
-                            if is_active[qq] and not in_reset[qq]:
-                                in_reset[qq] = True
-                                queue[tail] = qq
-                                tail += 1
-                for h in range(tail):
-                    q = queue[h]
-                    j = row_to_col[q]
-                    if j >= 0:
-                        col_to_row[j] = -1
-                    row_to_col[q] = -1
-                    u[q] = 0
-                    v[n_cols + q] = 0
-                    for k in range(indptr[q], indptr[q + 1]):
-                        v[cols[k]] = 0
-                    is_active[q] = False
-        # 2. rows to insert: new ones and the cleared ones still present
+            if is_active[r] and not active[t, r]:
+                _repair_after_removal(r, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols,
+                                      outlier_cost, is_active, u, v, row_to_col, col_to_row,
+                                      dist, pred, done, touched, finalized, heap_keys, heap_vals)
         for r in range(n_rows):
-            if in_reset[r]:
-                in_reset[r] = False
             if active[t, r] and not is_active[r]:
-                pending[r] = True
-        for r in range(n_rows):
-            if pending[r]:
-                pending[r] = False
                 is_active[r] = True
+                u[r] = 0
                 _augment(r, indptr, cols, costs, n_cols, outlier_cost, u, v, row_to_col, col_to_row,
                          dist, pred, done, touched, finalized, heap_keys, heap_vals)
-        # 3. read the matches of this step
         c = 0
         for r in range(n_rows):
             if is_active[r]:

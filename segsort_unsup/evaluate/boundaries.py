@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
-from ._kernels import _thin_lut, candidate_edges, match_incremental, thin_kernel
+from ._kernels import _thin_lut, assign_with_outliers, candidate_edges, match_incremental, thin_kernel
 
 MAX_DIST = 0.0075
 OUTLIER_COST = 100.0
@@ -117,10 +118,21 @@ def _graph(ys: np.ndarray, xs: np.ndarray, human: np.ndarray, radius: float):
     indptr, cols, costs = candidate_edges(ys, xs, human_index, off_y, off_x, off_cost)
     rows = np.repeat(np.arange(len(ys), dtype=np.int64), np.diff(indptr))
     order = np.argsort(cols, kind="stable")
-    rev_rows = rows[order]
+    rev_rows = np.ascontiguousarray(rows[order])
+    rev_costs = np.ascontiguousarray(costs[order])
     rev_indptr = np.zeros(n_cols + 1, np.int64)
     np.cumsum(np.bincount(cols, minlength=n_cols), out=rev_indptr[1:])
-    return indptr, cols, costs, rev_indptr, np.ascontiguousarray(rev_rows), n_cols
+    return indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols
+
+
+def _within_reach(ys: np.ndarray, xs: np.ndarray, human: np.ndarray, radius: float) -> np.ndarray:
+    """Which pixels (ys, xs) have a human boundary pixel within ``radius`` (a disk dilation)."""
+    off_y, off_x, _ = _disk(radius)
+    footprint = np.zeros((2 * int(math.ceil(radius)) + 1,) * 2, np.bool_)
+    c = int(math.ceil(radius))
+    footprint[off_y + c, off_x + c] = True
+    near = ndimage.binary_dilation(human, structure=footprint)
+    return near[ys, xs]
 
 
 def correspond_pixels(
@@ -142,28 +154,17 @@ def correspond_pixels(
     ys, xs = np.nonzero(machine)
     ys = ys.astype(np.int64)
     xs = xs.astype(np.int64)
-    indptr, cols, costs, rev_indptr, rev_rows, n_cols = _graph(ys, xs, human, radius)
-    active = np.ones((1, len(ys)), np.bool_)
-    acc = np.zeros((1, len(ys)), np.bool_)
-    # a full single step: every row inserted once (no removals)
-    _, row_to_col = _match_with_columns(active, indptr, cols, costs, rev_indptr, rev_rows, n_cols,
-                                        _outlier_weight(radius, outlier_cost), acc)
+    indptr, cols, costs, _, _, _, n_cols = _graph(ys, xs, human, radius)
+    row_to_col = np.empty(len(ys), np.int64)
+    assign_with_outliers(indptr, cols, costs, n_cols, _outlier_weight(radius, outlier_cost), row_to_col)
     m1 = np.zeros_like(machine)
-    m1[ys[acc[0]], xs[acc[0]]] = True
+    hit = row_to_col >= 0
+    m1[ys[hit], xs[hit]] = True
     m2 = np.zeros_like(human)
     hy, hx = np.nonzero(human)
-    matched_cols = row_to_col[row_to_col >= 0]
+    matched_cols = row_to_col[hit]
     m2[hy[matched_cols], hx[matched_cols]] = True
     return m1, m2
-
-
-def _match_with_columns(active, indptr, cols, costs, rev_indptr, rev_rows, n_cols, ow, acc):
-    from ._kernels import assign_with_outliers
-
-    row_to_col = np.empty(indptr.shape[0] - 1, np.int64)
-    assign_with_outliers(indptr, cols, costs, n_cols, ow, row_to_col)
-    acc[0] = row_to_col >= 0
-    return int(acc[0].sum()), row_to_col
 
 
 def _as_mask(arr: np.ndarray, name: str) -> np.ndarray:
@@ -242,10 +243,19 @@ def boundary_counts(
         human = _as_mask(human, "human boundaries")
         if human.shape != shape:
             raise ValueError(f"human boundaries {human.shape} differ from the machine map {shape}")
-        indptr, cols, costs, rev_indptr, rev_rows, n_cols = _graph(ys, xs, human, radius)
-        counts = match_incremental(active, indptr, cols, costs, rev_indptr, rev_rows, n_cols, ow, acc)
-        cnt_r[order] += counts
+        # only machine pixels with a human pixel in reach can match
+        reach = _within_reach(ys, xs, human, radius)
+        sel = np.flatnonzero(reach)
+        n_cols = int(human.sum())
         sum_r += n_cols
+        if len(sel) == 0 or n_cols == 0:
+            continue
+        indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols = _graph(ys[sel], xs[sel], human, radius)
+        sub_acc = np.zeros((n_steps, len(sel)), np.bool_)
+        counts = match_incremental(np.ascontiguousarray(active[:, sel]), indptr, cols, costs,
+                                   rev_indptr, rev_rows, rev_costs, n_cols, ow, sub_acc)
+        acc[:, sel] |= sub_acc
+        cnt_r[order] += counts
     cnt_p = np.empty(n_steps, np.int64)
     cnt_p[order] = acc.sum(axis=1)
     sum_p = sizes
