@@ -266,7 +266,8 @@ def _repair_after_removal(r, indptr, cols, costs, rev_indptr, rev_rows, rev_cost
 
 
 @njit(cache=True)
-def match_incremental(active, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols, outlier_cost, acc):
+def match_incremental(active, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols, outlier_cost, acc,
+                      objective):
     """Optimal outlier assignments for a sequence of row subsets, reusing work between them.
 
     ``active`` (T, n_rows) bool: the machine pixels present at each step (thresholds from the
@@ -274,7 +275,8 @@ def match_incremental(active, indptr, cols, costs, rev_indptr, rev_rows, rev_cos
     augmenting path; a row that disappears (thinning can drop a pixel as the threshold falls) is
     deleted by :func:`_repair_after_removal`; each step ends at an exact optimum.
     ``rev_indptr``/``rev_rows``/``rev_costs``: column -> rows adjacency. ORs the matched rows
-    of step t into ``acc[t]``; returns the matched count of every step.
+    of step t into ``acc[t]``; returns the matched count of every step. If ``objective`` has
+    T entries it receives each step's assignment cost (for checks against a fresh solve).
     """
     n_steps, n_rows = active.shape
     n_all = n_cols + n_rows
@@ -312,6 +314,19 @@ def match_incremental(active, indptr, cols, costs, rev_indptr, rev_rows, rev_cos
                     acc[t, r] = True
                     c += 1
         counts[t] = c
+        if objective.shape[0] == n_steps:
+            total = 0
+            for r in range(n_rows):
+                if is_active[r]:
+                    j = row_to_col[r]
+                    if j >= n_cols:
+                        total += outlier_cost
+                    else:
+                        for k in range(indptr[r], indptr[r + 1]):
+                            if cols[k] == j:
+                                total += costs[k]
+                                break
+            objective[t] = total
     return counts
 
 

@@ -37,6 +37,7 @@ OUTLIER_COST = 100.0
 COST_MULTIPLIER = 100
 N_THRESHOLDS = 99
 
+_NO_OBJECTIVE = np.zeros(0, np.int64)
 _LUTS: tuple[np.ndarray, np.ndarray] | None = None
 
 
@@ -253,7 +254,7 @@ def boundary_counts(
         indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols = _graph(ys[sel], xs[sel], human, radius)
         sub_acc = np.zeros((n_steps, len(sel)), np.bool_)
         counts = match_incremental(np.ascontiguousarray(active[:, sel]), indptr, cols, costs,
-                                   rev_indptr, rev_rows, rev_costs, n_cols, ow, sub_acc)
+                                   rev_indptr, rev_rows, rev_costs, n_cols, ow, sub_acc, _NO_OBJECTIVE)
         acc[:, sel] |= sub_acc
         cnt_r[order] += counts
     cnt_p = np.empty(n_steps, np.int64)
