@@ -190,7 +190,8 @@ class BoundaryCounts:
         return np.column_stack([self.thresholds, self.cnt_r, self.sum_r, self.cnt_p, self.sum_p]).astype(np.float64)
 
 
-def _binary_maps_from_pb(pb: np.ndarray, thresholds: np.ndarray, thin_maps: bool) -> list[np.ndarray]:
+def binary_maps(pb: np.ndarray, thresholds: np.ndarray, *, thin_maps: bool = True) -> list[np.ndarray]:
+    """``pb >= t`` for every threshold, thinned (BSR); identical maps are shared, not recomputed."""
     maps: list[np.ndarray] = []
     prev_count = -1
     prev = None
@@ -274,7 +275,7 @@ def boundary_counts_pb(
     """BSR ``evaluation_bdry_image`` for a soft boundary map ``pb`` in [0, 1]."""
     pb = np.asarray(pb, np.float64)
     thresholds = default_thresholds() if thresholds is None else np.asarray(thresholds, np.float64)
-    maps = _binary_maps_from_pb(pb, thresholds, thin_maps)
+    maps = binary_maps(pb, thresholds, thin_maps=thin_maps)
     return boundary_counts(maps, humans, thresholds=thresholds, max_dist=max_dist)
 
 

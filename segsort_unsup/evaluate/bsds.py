@@ -177,8 +177,17 @@ def run_benchmark(
                                    "vi_ods": s.voi_ods, "vi_ois": s.voi_ois}
     (out / "images.txt").write_text("".join(f"{k + 1:10d} {i}\n" for k, i in enumerate(done_ids)))
     (out / "missing.txt").write_text("".join(f"{i}\n" for i in missing))
-    (out / "summary.json").write_text(json.dumps(summary_json, indent=2, default=_jsonable))
+    (out / "summary.json").write_text(json.dumps(_no_nan(summary_json), indent=2, default=_jsonable))
     return report
+
+
+def _no_nan(obj):
+    """NaN (e.g. R50 of a curve that never reaches 50% precision) becomes null: strict JSON."""
+    if isinstance(obj, dict):
+        return {k: _no_nan(v) for k, v in obj.items()}
+    if isinstance(obj, float) and obj != obj:
+        return None
+    return obj
 
 
 def _jsonable(x):

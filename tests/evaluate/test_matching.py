@@ -98,7 +98,7 @@ def test_incremental_on_real_thinned_maps(bsds):
     gt = sio.loadmat(bsds / "bench_sample" / "groundTruth" / "3063.mat")["groundTruth"]
     human = gt[0, 0]["Boundaries"][0, 0].astype(bool)
     pb = B.ucm2_to_pb(ucm2)
-    maps = B._binary_maps_from_pb(pb, B.default_thresholds(30), True)
+    maps = B.binary_maps(pb, B.default_thresholds(30))
     union = np.logical_or.reduce(maps)
     ys, xs = (a.astype(np.int64) for a in np.nonzero(union))
     sizes = np.array([m.sum() for m in maps])
