@@ -10,7 +10,8 @@ from .options import finish, overwrite_option, workers_option
 
 def _bench_options(func):
     func = click.option("--thresholds", "n_thresholds", type=click.IntRange(min=1), default=99, show_default=True,
-                        help="Number of thresholds (BSR: linspace(1/(n+1), 1-1/(n+1), n)).")(func)
+                        help="Number of thresholds (BSR: linspace(1/(n+1), 1-1/(n+1), n)); 'segs' inputs use one "
+                             "threshold per segmentation instead.")(func)
     func = click.option("--gt", "ground_truth", required=True, type=click.Path(exists=True, file_okay=False),
                         help="Folder of BSDS groundTruth .mat files (e.g. BSDS500/data/groundTruth/test).")(func)
     func = click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
