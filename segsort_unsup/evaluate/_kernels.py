@@ -1,0 +1,522 @@
+"""Numba kernels for the BSDS benchmarks: pixel correspondence, thinning, label tables.
+
+No I/O, logging or objects here; the public wrappers in ``boundaries.py`` and ``regions.py``
+validate and cast inputs (C-contiguous, fixed dtypes) before calling these.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_INF = np.int64(1) << 60
+
+
+# --------------------------------------------------------------------------------------
+# Pixel correspondence (BSR correspondPixels): min-cost assignment with outlier costs
+# --------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _heap_push(keys, vals, size, key, val):
+    i = size
+    keys[i] = key
+    vals[i] = val
+    while i > 0:
+        parent = (i - 1) >> 1
+        if keys[parent] <= keys[i]:
+            break
+        keys[parent], keys[i] = keys[i], keys[parent]
+        vals[parent], vals[i] = vals[i], vals[parent]
+        i = parent
+    return size + 1
+
+
+@njit(cache=True)
+def _heap_pop(keys, vals, size):
+    """Remove the root (caller reads keys[0], vals[0] first); returns the new size."""
+    size -= 1
+    keys[0] = keys[size]
+    vals[0] = vals[size]
+    i = 0
+    while True:
+        left = 2 * i + 1
+        if left >= size:
+            break
+        child = left
+        if left + 1 < size and keys[left + 1] < keys[left]:
+            child = left + 1
+        if keys[i] <= keys[child]:
+            break
+        keys[child], keys[i] = keys[i], keys[child]
+        vals[child], vals[i] = vals[i], vals[child]
+        i = child
+    return size
+
+
+@njit(cache=True)
+def _augment(s, indptr, cols, costs, n_cols, outlier_cost, u, v, row_to_col, col_to_row,
+             dist, pred, done, touched, finalized, heap_keys, heap_vals):
+    """Assign free row ``s`` by one shortest augmenting path (Dijkstra on reduced costs).
+
+    Columns ``0..n_cols-1`` are real; column ``n_cols + i`` is row i's private outlier, which only
+    row i can take, at ``outlier_cost``. Keeps the invariants of successive shortest paths:
+    reduced costs ``c - u - v >= 0``, matched edges tight, free columns at ``v == 0``.
+    """
+    n_touched = 0
+    n_final = 0
+    size = 0
+    for k in range(indptr[s], indptr[s + 1]):
+        j = cols[k]
+        d = costs[k] - u[s] - v[j]
+        if d < dist[j]:
+            if dist[j] == _INF:
+                touched[n_touched] = j
+                n_touched += 1
+            dist[j] = d
+            pred[j] = s
+            size = _heap_push(heap_keys, heap_vals, size, d, j)
+    j = n_cols + s
+    dist[j] = outlier_cost - u[s] - v[j]
+    pred[j] = s
+    touched[n_touched] = j
+    n_touched += 1
+    size = _heap_push(heap_keys, heap_vals, size, dist[j], j)
+    end = -1
+    end_dist = _INF
+    while size > 0:
+        dj = heap_keys[0]
+        j = heap_vals[0]
+        size = _heap_pop(heap_keys, heap_vals, size)
+        if done[j] or dj != dist[j]:
+            continue
+        if col_to_row[j] < 0:
+            end = j
+            end_dist = dj
+            break
+        done[j] = True
+        finalized[n_final] = j
+        n_final += 1
+        q = col_to_row[j]
+        for k in range(indptr[q], indptr[q + 1]):
+            jj = cols[k]
+            if done[jj]:
+                continue
+            d = dj + costs[k] - u[q] - v[jj]
+            if d < dist[jj]:
+                if dist[jj] == _INF:
+                    touched[n_touched] = jj
+                    n_touched += 1
+                dist[jj] = d
+                pred[jj] = q
+                size = _heap_push(heap_keys, heap_vals, size, d, jj)
+        jj = n_cols + q
+        d = dj + outlier_cost - u[q] - v[jj]
+        if d < dist[jj]:
+            if dist[jj] == _INF:
+                touched[n_touched] = jj
+                n_touched += 1
+            dist[jj] = d
+            pred[jj] = q
+            size = _heap_push(heap_keys, heap_vals, size, d, jj)
+    # new potentials: finalized columns (dist < D) and their rows; then augment
+    u[s] += end_dist
+    for t in range(n_final):
+        j = finalized[t]
+        delta = end_dist - dist[j]
+        v[j] -= delta
+        u[col_to_row[j]] += delta
+    j = end
+    while True:
+        i = pred[j]
+        prev = row_to_col[i]
+        row_to_col[i] = j
+        col_to_row[j] = i
+        if i == s:
+            break
+        j = prev
+    for t in range(n_touched):
+        j = touched[t]
+        dist[j] = _INF
+        pred[j] = -1
+        done[j] = False
+
+
+@njit(cache=True)
+def _repair_after_removal(r, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols, outlier_cost,
+                          is_active, u, v, row_to_col, col_to_row,
+                          dist, pred, done, touched, finalized, heap_keys, heap_vals):
+    """Delete row ``r`` and restore optimality for the rows left.
+
+    If ``r`` held real column ``j``, that column is now free but priced ``v[j] < 0``. Any
+    improvement is a cycle through ``j`` and the sink: some rows shift one column towards ``j``
+    and the column at the far end (a real one, or an outlier: an unmatched row gets matched) is
+    freed. A Dijkstra run backwards from ``j`` on reduced costs, cut at the price deficit
+    ``B = -v[j]``, finds the cheapest such cycle; it is applied only when it gains (distance < B).
+    Potentials are then shifted so that reduced costs stay >= 0 and free columns sit at 0.
+    """
+    j = row_to_col[r]
+    is_active[r] = False
+    row_to_col[r] = -1
+    u[r] = 0
+    col_to_row[n_cols + r] = -1
+    v[n_cols + r] = 0
+    if j < 0 or j >= n_cols:
+        return
+    col_to_row[j] = -1
+    bound = -v[j]
+    if bound <= 0:
+        return
+    sink = dist.shape[0] - 1
+    n_touched = 0
+    n_final = 0
+    size = 0
+    dist[j] = 0
+    touched[n_touched] = j
+    n_touched += 1
+    size = _heap_push(heap_keys, heap_vals, size, 0, j)
+    end_dist = bound
+    best_col = -1
+    while size > 0:
+        dx = heap_keys[0]
+        x = heap_vals[0]
+        size = _heap_pop(heap_keys, heap_vals, size)
+        if dx >= end_dist:
+            break
+        if x == sink:
+            if dx == dist[sink]:
+                end_dist = dx
+                best_col = pred[sink]
+                break
+            continue
+        if done[x] or dx != dist[x]:
+            continue
+        done[x] = True
+        finalized[n_final] = x
+        n_final += 1
+        if x != j:
+            # x is matched: close the cycle through the sink (arc sink -> x costs -v[x])
+            d = dx - v[x]
+            if d < dist[sink]:
+                if dist[sink] == _INF:
+                    touched[n_touched] = sink
+                    n_touched += 1
+                dist[sink] = d
+                pred[sink] = x
+                size = _heap_push(heap_keys, heap_vals, size, d, sink)
+        # rows i with a free arc i -> x move into x; their own column k follows at the same distance
+        if x < n_cols:
+            lo = rev_indptr[x]
+            hi = rev_indptr[x + 1]
+        else:
+            lo = 0
+            hi = 0
+            q = x - n_cols
+            if is_active[q] and row_to_col[q] != x:
+                k = row_to_col[q]
+                d = dx + outlier_cost - u[q] - v[x]
+                if not done[k] and d < dist[k]:
+                    if dist[k] == _INF:
+                        touched[n_touched] = k
+                        n_touched += 1
+                    dist[k] = d
+                    pred[k] = x
+                    size = _heap_push(heap_keys, heap_vals, size, d, k)
+        for kk in range(lo, hi):
+            i = rev_rows[kk]
+            if not is_active[i] or row_to_col[i] == x:
+                continue
+            k = row_to_col[i]
+            if done[k]:
+                continue
+            d = dx + rev_costs[kk] - u[i] - v[x]
+            if d < dist[k]:
+                if dist[k] == _INF:
+                    touched[n_touched] = k
+                    n_touched += 1
+                dist[k] = d
+                pred[k] = x
+                size = _heap_push(heap_keys, heap_vals, size, d, k)
+    # potentials: every finalized column (and the row on it) moves by end_dist - its distance
+    for t in range(n_final):
+        x = finalized[t]
+        delta = end_dist - dist[x]
+        v[x] += delta
+        i = col_to_row[x]
+        if i >= 0:
+            u[i] -= delta
+    if best_col >= 0:
+        cur = best_col
+        i = col_to_row[cur]
+        col_to_row[cur] = -1
+        while True:
+            nxt = pred[cur]
+            old = col_to_row[nxt]
+            row_to_col[i] = nxt
+            col_to_row[nxt] = i
+            if nxt == j:
+                break
+            i = old
+            cur = nxt
+    for t in range(n_touched):
+        x = touched[t]
+        dist[x] = _INF
+        pred[x] = -1
+        done[x] = False
+
+
+@njit(cache=True)
+def match_incremental(active, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols, outlier_cost, acc,
+                      objective):
+    """Optimal outlier assignments for a sequence of row subsets, reusing work between them.
+
+    ``active`` (T, n_rows) bool: the machine pixels present at each step (thresholds from the
+    sparsest map down, so rows are mostly added). An added row is inserted by one shortest
+    augmenting path; a row that disappears (thinning can drop a pixel as the threshold falls) is
+    deleted by :func:`_repair_after_removal`; each step ends at an exact optimum.
+    ``rev_indptr``/``rev_rows``/``rev_costs``: column -> rows adjacency. ORs the matched rows
+    of step t into ``acc[t]``; returns the matched count of every step. If ``objective`` has
+    T entries it receives each step's assignment cost (for checks against a fresh solve).
+    """
+    n_steps, n_rows = active.shape
+    n_all = n_cols + n_rows
+    u = np.zeros(n_rows, np.int64)
+    v = np.zeros(n_all, np.int64)
+    row_to_col = np.full(n_rows, -1, np.int64)
+    col_to_row = np.full(n_all, -1, np.int64)
+    dist = np.full(n_all + 1, _INF, np.int64)  # last slot: the sink of the removal repair
+    pred = np.full(n_all + 1, -1, np.int64)
+    done = np.zeros(n_all + 1, np.bool_)
+    touched = np.empty(n_all + 1, np.int64)
+    finalized = np.empty(n_all + 1, np.int64)
+    heap_cap = 2 * costs.shape[0] + 4 * n_rows + 16
+    heap_keys = np.empty(heap_cap, np.int64)
+    heap_vals = np.empty(heap_cap, np.int64)
+    is_active = np.zeros(n_rows, np.bool_)
+    counts = np.zeros(n_steps, np.int64)
+    for t in range(n_steps):
+        for r in range(n_rows):
+            if is_active[r] and not active[t, r]:
+                _repair_after_removal(r, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols,
+                                      outlier_cost, is_active, u, v, row_to_col, col_to_row,
+                                      dist, pred, done, touched, finalized, heap_keys, heap_vals)
+        for r in range(n_rows):
+            if active[t, r] and not is_active[r]:
+                is_active[r] = True
+                u[r] = 0
+                _augment(r, indptr, cols, costs, n_cols, outlier_cost, u, v, row_to_col, col_to_row,
+                         dist, pred, done, touched, finalized, heap_keys, heap_vals)
+        c = 0
+        for r in range(n_rows):
+            if is_active[r]:
+                j = row_to_col[r]
+                if j >= 0 and j < n_cols:
+                    acc[t, r] = True
+                    c += 1
+        counts[t] = c
+        if objective.shape[0] == n_steps:
+            total = 0
+            for r in range(n_rows):
+                if is_active[r]:
+                    j = row_to_col[r]
+                    if j >= n_cols:
+                        total += outlier_cost
+                    else:
+                        for k in range(indptr[r], indptr[r + 1]):
+                            if cols[k] == j:
+                                total += costs[k]
+                                break
+            objective[t] = total
+    return counts
+
+
+@njit(cache=True)
+def assign_with_outliers(indptr, cols, costs, n_cols, outlier_cost, row_to_col):
+    """Min-cost assignment where every row may instead take a private outlier at ``outlier_cost``.
+
+    Rows ``i`` have edges ``cols[indptr[i]:indptr[i+1]]`` with int64 ``costs``; each real column
+    takes at most one row. Minimises ``sum(costs of matched edges) + outlier_cost * unmatched``,
+    which is BSR's objective (``n * outlier - sum(outlier - cost)``), exactly (integer costs).
+    Writes each row's real column (or -1) into ``row_to_col``; returns the number matched.
+    """
+    n_rows = indptr.shape[0] - 1
+    n_all = n_cols + n_rows
+    u = np.zeros(n_rows, np.int64)
+    v = np.zeros(n_all, np.int64)
+    col_to_row = np.full(n_all, -1, np.int64)
+    for i in range(n_rows):
+        row_to_col[i] = -1
+    dist = np.full(n_all, _INF, np.int64)
+    pred = np.full(n_all, -1, np.int64)
+    done = np.zeros(n_all, np.bool_)
+    touched = np.empty(n_all, np.int64)
+    finalized = np.empty(n_all, np.int64)
+    heap_cap = costs.shape[0] + 2 * n_rows + 16
+    heap_keys = np.empty(heap_cap, np.int64)
+    heap_vals = np.empty(heap_cap, np.int64)
+    for s in range(n_rows):
+        _augment(s, indptr, cols, costs, n_cols, outlier_cost, u, v, row_to_col, col_to_row,
+                 dist, pred, done, touched, finalized, heap_keys, heap_vals)
+    matched = 0
+    for i in range(n_rows):
+        if row_to_col[i] >= n_cols:
+            row_to_col[i] = -1
+        elif row_to_col[i] >= 0:
+            matched += 1
+    return matched
+
+
+@njit(cache=True)
+def candidate_edges(ys, xs, human_index, off_y, off_x, off_cost):
+    """CSR edges from machine pixels (ys, xs) to human pixels within the offset disk.
+
+    ``human_index`` (H, W) int32 holds the human pixel's id or -1. Returns (indptr, cols, costs).
+    """
+    n = ys.shape[0]
+    height, width = human_index.shape
+    n_off = off_y.shape[0]
+    indptr = np.empty(n + 1, np.int64)
+    cap = 16 * n + 16
+    cols = np.empty(cap, np.int64)
+    costs = np.empty(cap, np.int64)
+    m = 0
+    indptr[0] = 0
+    for i in range(n):
+        y = ys[i]
+        x = xs[i]
+        for k in range(n_off):
+            yy = y + off_y[k]
+            xx = x + off_x[k]
+            if yy < 0 or yy >= height or xx < 0 or xx >= width:
+                continue
+            h = human_index[yy, xx]
+            if h < 0:
+                continue
+            if m == cap:
+                cap *= 2
+                new_cols = np.empty(cap, np.int64)
+                new_costs = np.empty(cap, np.int64)
+                new_cols[:m] = cols[:m]
+                new_costs[:m] = costs[:m]
+                cols = new_cols
+                costs = new_costs
+            cols[m] = h
+            costs[m] = off_cost[k]
+            m += 1
+        indptr[i + 1] = m
+    return indptr, cols[:m], costs[:m]
+
+
+# --------------------------------------------------------------------------------------
+# Morphological thinning (MATLAB bwmorph 'thin', Inf): Lam, Lee & Suen 1992, p. 879
+# --------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _thin_lut():
+    """Deletion tables of the two sub-iterations, indexed by the 8-neighbourhood code.
+
+    Neighbours x1..x8 start east and go counter-clockwise (x1=E, x2=NE, x3=N, ...); bit k-1 of
+    the code is x_k. Conditions G1 (crossing number 1), G2 (2 <= min(n1, n2) <= 3) and G3 / G3'.
+    """
+    lut1 = np.zeros(256, np.bool_)
+    lut2 = np.zeros(256, np.bool_)
+    x = np.zeros(10, np.int64)
+    for code in range(256):
+        for k in range(8):
+            x[k + 1] = (code >> k) & 1
+        x[9] = x[1]
+        # G1: X_H = sum b_i, b_i = 1 if x_{2i-1} == 0 and (x_{2i} == 1 or x_{2i+1} == 1)
+        xh = 0
+        for i in range(1, 5):
+            if x[2 * i - 1] == 0 and (x[2 * i] == 1 or x[2 * i + 1] == 1):
+                xh += 1
+        n1 = 0
+        n2 = 0
+        for k in range(1, 5):
+            n1 += 1 if (x[2 * k - 1] == 1 or x[2 * k] == 1) else 0
+            n2 += 1 if (x[2 * k] == 1 or x[2 * k + 1] == 1) else 0
+        g2 = min(n1, n2) >= 2 and min(n1, n2) <= 3
+        g1 = xh == 1
+        # G3: (x2 | x3 | ~x8) & x1 == 0 ; G3': (x6 | x7 | ~x4) & x5 == 0
+        g3 = ((x[2] | x[3] | (1 - x[8])) & x[1]) == 0
+        g3p = ((x[6] | x[7] | (1 - x[4])) & x[5]) == 0
+        lut1[code] = g1 and g2 and g3
+        lut2[code] = g1 and g2 and g3p
+    return lut1, lut2
+
+
+@njit(cache=True)
+def thin_kernel(image, lut1, lut2):
+    """Thin a boolean image in place until stable (zero padding outside)."""
+    height, width = image.shape
+    ys = np.empty(height * width, np.int64)
+    xs = np.empty(height * width, np.int64)
+    dele = np.empty(height * width, np.bool_)
+    # candidate list: foreground pixels
+    n = 0
+    for y in range(height):
+        for x in range(width):
+            if image[y, x]:
+                ys[n] = y
+                xs[n] = x
+                n += 1
+    changed = True
+    while changed:
+        changed = False
+        for sub in range(2):
+            lut = lut1 if sub == 0 else lut2
+            for t in range(n):
+                y = ys[t]
+                x = xs[t]
+                dele[t] = False
+                if not image[y, x]:
+                    continue
+                code = 0
+                # x1=E, x2=NE, x3=N, x4=NW, x5=W, x6=SW, x7=S, x8=SE
+                if x + 1 < width and image[y, x + 1]:
+                    code |= 1
+                if y > 0 and x + 1 < width and image[y - 1, x + 1]:
+                    code |= 2
+                if y > 0 and image[y - 1, x]:
+                    code |= 4
+                if y > 0 and x > 0 and image[y - 1, x - 1]:
+                    code |= 8
+                if x > 0 and image[y, x - 1]:
+                    code |= 16
+                if y + 1 < height and x > 0 and image[y + 1, x - 1]:
+                    code |= 32
+                if y + 1 < height and image[y + 1, x]:
+                    code |= 64
+                if y + 1 < height and x + 1 < width and image[y + 1, x + 1]:
+                    code |= 128
+                dele[t] = lut[code]
+            for t in range(n):
+                if dele[t]:
+                    image[ys[t], xs[t]] = False
+                    changed = True
+            # compact the candidate list
+            m = 0
+            for t in range(n):
+                if image[ys[t], xs[t]]:
+                    ys[m] = ys[t]
+                    xs[m] = xs[t]
+                    m += 1
+            n = m
+    return image
+
+
+# --------------------------------------------------------------------------------------
+# Label tables for the region benchmarks
+# --------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def contingency(a, b, na, nb):
+    """Joint histogram of two int64 label maps with labels in [0, na) and [0, nb)."""
+    table = np.zeros((na, nb), np.int64)
+    fa = a.ravel()
+    fb = b.ravel()
+    for k in range(fa.shape[0]):
+        table[fa[k], fb[k]] += 1
+    return table

@@ -1,0 +1,242 @@
+"""Reading what ``evaluate`` compares: predictions (stores, PNG or .mat folders) and BSDS ground truth.
+
+Everything here is addressed by *image id*: a file's stem, or the last path part of a store key
+(``test/100007`` -> ``100007``). Sources are small picklable descriptions, opened lazily in
+each worker process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BadImageError, InputError, StoreError
+
+PNG_SUFFIXES = (".png",)
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """Human annotations of one image: boundary maps and segmentations (one per annotator)."""
+
+    path: str
+    boundaries: list[np.ndarray]
+    segmentations: list[np.ndarray]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.segmentations[0].shape
+
+
+def image_id(key: str) -> str:
+    """The id an item is matched by: the last part of a key or the stem of a file name."""
+    last = key.replace("\\", "/").rstrip("/").split("/")[-1]
+    return Path(last).stem if "." in last else last
+
+
+def list_ground_truth(gt_dir: str | os.PathLike) -> dict[str, Path]:
+    """BSDS ``groundTruth/*.mat`` files of a folder, by image id."""
+    root = Path(gt_dir)
+    if not root.is_dir():
+        raise InputError(f"ground-truth folder not found: {root}")
+    files = {p.stem: p for p in sorted(root.glob("*.mat"))}
+    if not files:
+        raise InputError(f"no .mat ground-truth files in {root} (expected BSDS groundTruth/*.mat)")
+    return files
+
+
+def load_ground_truth(path: str | os.PathLike) -> GroundTruth:
+    """Read a BSDS ground-truth .mat (cell ``groundTruth`` of structs with Segmentation, Boundaries)."""
+    import scipy.io as sio
+
+    path = Path(path)
+    try:
+        mat = sio.loadmat(path)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
+        raise BadImageError(path, f"cannot read ground truth .mat: {exc}") from None
+    if "groundTruth" not in mat:
+        raise BadImageError(path, "no 'groundTruth' variable (expected a BSDS groundTruth file)")
+    cell = mat["groundTruth"].ravel()
+    boundaries, segmentations = [], []
+    for entry in cell:
+        try:
+            seg = np.asarray(entry["Segmentation"][0, 0])
+            bdry = np.asarray(entry["Boundaries"][0, 0])
+        except (KeyError, ValueError, IndexError, TypeError):
+            raise BadImageError(path, "groundTruth entries need 'Segmentation' and 'Boundaries'") from None
+        if seg.ndim != 2 or seg.shape != bdry.shape:
+            raise BadImageError(path, f"Segmentation {seg.shape} and Boundaries {bdry.shape} differ")
+        segmentations.append(seg.astype(np.int64))
+        boundaries.append(bdry.astype(bool))
+    if not segmentations:
+        raise BadImageError(path, "empty groundTruth cell")
+    shapes = {s.shape for s in segmentations}
+    if len(shapes) != 1:
+        raise BadImageError(path, f"annotators disagree on the image size: {sorted(shapes)}")
+    return GroundTruth(str(path), boundaries, segmentations)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where predictions come from: ``kind`` is contours | segments | png | mat."""
+
+    kind: str
+    root: str
+    items: dict[str, str] = field(default_factory=dict)  # image id -> file path or store key
+
+    def ids(self) -> list[str]:
+        return sorted(self.items)
+
+
+def open_source(path: str | os.PathLike) -> Source:
+    """Recognise a prediction source: an HDF5 store (``store.json``), or a folder of .png / .mat."""
+    from ..io.store import read_manifest
+
+    root = Path(path)
+    if not root.exists():
+        raise InputError(f"predictions not found: {root}")
+    if (root / "store.json").is_file():
+        manifest = read_manifest(root)
+        kind = manifest.get("kind")
+        if kind not in ("contours", "segments"):
+            raise InputError(f"{root}: a '{kind}' store cannot be evaluated (need a contours or segments store)")
+        from ..io.store import StoreReader
+
+        with StoreReader(root) as reader:
+            keys = reader.keys()
+        return Source(kind, str(root), _by_id(root, keys))
+    if not root.is_dir():
+        raise InputError(f"{root}: expected a folder of .png/.mat predictions or an HDF5 store folder")
+    pngs = sorted(p for p in root.rglob("*") if p.suffix.lower() in PNG_SUFFIXES)
+    mats = sorted(root.rglob("*.mat"))
+    if pngs and mats:
+        raise InputError(f"{root} holds both .png and .mat files: point to one kind of prediction")
+    if not pngs and not mats:
+        raise InputError(f"no .png or .mat predictions in {root}")
+    files = pngs or mats
+    return Source("png" if pngs else "mat", str(root), _by_id(root, [str(p) for p in files]))
+
+
+def _by_id(root: Path, keys: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key in keys:
+        iid = image_id(key)
+        if iid in out:
+            raise InputError(f"{root}: two predictions for image id {iid!r}: {out[iid]} and {key}")
+        out[iid] = key
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Loading one prediction (runs in worker processes)
+# --------------------------------------------------------------------------------------
+
+_READERS: dict[str, object] = {}
+
+
+def _reader(root: str):
+    from ..io.store import StoreReader
+
+    reader = _READERS.get(root)
+    if reader is None:
+        reader = StoreReader(root)
+        _READERS[root] = reader
+    return reader
+
+
+@dataclass
+class Prediction:
+    """One image's prediction, in whichever forms the source provides."""
+
+    name: str  # file path or store path used in error messages
+    pb: np.ndarray | None = None  # (H, W) boundary strength in [0, 1]
+    ucm2: np.ndarray | None = None  # (2H+1, 2W+1)
+    segs: list[np.ndarray] | None = None  # label maps
+    labels: np.ndarray | None = None  # (H, W) int label map (semantic)
+
+
+def read_png(path: str | os.PathLike) -> np.ndarray:
+    """A grey PNG as float in [0, 1] (8-bit / 255, 16-bit / 65535)."""
+    arr = read_label_png(path)
+    scale = 65535.0 if arr.dtype == np.uint16 else 255.0
+    return arr.astype(np.float64) / scale
+
+
+def read_label_png(path: str | os.PathLike) -> np.ndarray:
+    """A single-channel PNG's raw values (uint8 / uint16); BadImageError if unreadable or RGB."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.array(im)
+    except Exception as exc:  # noqa: BLE001
+        raise BadImageError(path, f"cannot read PNG: {exc}") from None
+    if arr.ndim == 3:
+        if arr.shape[2] in (3, 4) and np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]):
+            arr = arr[..., 0]
+        else:
+            raise BadImageError(path, f"expected a single-channel PNG, got {arr.shape[2]} channels")
+    if arr.dtype == np.int32:  # PIL 'I' mode for 16-bit greys
+        arr = arr.astype(np.uint16)
+    if arr.dtype not in (np.uint8, np.uint16, np.bool_):
+        raise BadImageError(path, f"unsupported PNG pixel type {arr.dtype}")
+    return arr.astype(np.uint8) if arr.dtype == np.bool_ else arr
+
+
+def load_prediction(source: Source, iid: str, *, nms: bool = True) -> Prediction:
+    """Read image ``iid`` from ``source``; contours get Dollar's NMS unless ``nms=False``."""
+    key = source.items[iid]
+    if source.kind == "png":
+        return Prediction(key, pb=read_png(key))
+    if source.kind == "mat":
+        return _load_mat(key)
+    reader = _reader(source.root)
+    name = f"{source.root}::{key}"
+    try:
+        if source.kind == "contours":
+            item = reader.read(key, ("edge", "orientation"))
+            edge = np.asarray(item.arrays["edge"], np.float32)
+            if nms:
+                from ..contours.edges import edge_nms
+
+                orientation = np.asarray(item.arrays["orientation"], np.float32)
+                edge = edge_nms(edge, orientation)
+            return Prediction(name, pb=np.clip(edge.astype(np.float64), 0.0, 1.0))
+        item = reader.read(key, ("ucm2",))
+        return Prediction(name, ucm2=np.asarray(item.arrays["ucm2"], np.float64))
+    except StoreError:
+        raise
+    except KeyError as exc:
+        raise StoreError(name, f"missing dataset {exc}") from None
+
+
+def load_labels(source: Source, iid: str) -> Prediction:
+    """A label map for the semantic benchmark: PNG values or a segments store's ``labels``."""
+    key = source.items[iid]
+    if source.kind == "png":
+        return Prediction(key, labels=read_label_png(key).astype(np.int64))
+    if source.kind == "segments":
+        item = _reader(source.root).read(key, ("labels",))
+        return Prediction(f"{source.root}::{key}", labels=np.asarray(item.arrays["labels"], np.int64))
+    raise InputError(f"{source.root}: semantic evaluation needs label PNGs or a segments store, not {source.kind}")
+
+
+def _load_mat(path: str) -> Prediction:
+    import scipy.io as sio
+
+    try:
+        mat = sio.loadmat(path)
+    except Exception as exc:  # noqa: BLE001
+        raise BadImageError(path, f"cannot read .mat: {exc}") from None
+    if "ucm2" in mat:
+        return Prediction(path, ucm2=np.asarray(mat["ucm2"], np.float64))
+    if "segs" in mat:
+        segs = [np.asarray(s, np.int64) for s in mat["segs"].ravel()]
+        if not segs:
+            raise BadImageError(path, "empty 'segs' cell")
+        return Prediction(path, segs=segs)
+    raise BadImageError(path, "expected a 'ucm2' or 'segs' variable (BSR result formats)")

@@ -1,0 +1,277 @@
+"""BSDS region benchmarks (Arbelaez et al., TPAMI 2011; BSR ``regionBench``): Covering, PRI, VI.
+
+A hierarchy given as a ucm2 (doubled grid, ``(2H+1, 2W+1)``) is cut at each threshold ``t``
+as BSR does: connected components (8-connectivity, MATLAB ``bwlabel``) of ``ucm2 <= t`` on the
+doubled grid, read at the pixel positions ``[1::2, 1::2]``. A list of segmentations is used as
+is (thresholds 1..K). Against the human segmentations of the image:
+
+* Segmentation Covering of the humans by the machine: sum over human regions (all humans) of
+  ``area x best Jaccard overlap with a machine region``, over the total human area (``cntR/sumR``);
+  the reverse covering (machine by humans) is ``cntP/sumP``; label 0 is ignored on both sides;
+* PRI: Rand index averaged over the humans; VI: variation of information (log base 2, as BSR),
+  averaged over the humans.
+
+Summaries follow BSR's ``collect_eval_reg``: covering ODS (best threshold for the dataset),
+OIS (best threshold per image, counts summed) and best (best region per human region over all
+thresholds); PRI and VI at ODS (best dataset mean) and OIS (mean of per-image bests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from ._kernels import contingency
+
+_EIGHT = np.ones((3, 3), np.int32)
+
+
+def ucm2_labels(ucm2: np.ndarray, threshold: float) -> np.ndarray:
+    """Regions of a ucm2 cut at ``threshold``: BSR's ``bwlabel(ucm2 <= t)(2:2:end, 2:2:end)``.
+
+    Labels start at 1 in MATLAB's column-major scan order (so ids match BSR's exactly).
+    """
+    ucm2 = np.asarray(ucm2)
+    if ucm2.ndim != 2 or ucm2.shape[0] % 2 != 1 or ucm2.shape[1] % 2 != 1:
+        raise ValueError(f"ucm2 must be (2H+1, 2W+1), got shape {ucm2.shape}")
+    # label the transpose: scipy scans row-major, MATLAB column-major
+    labels, _ = ndimage.label((ucm2 <= threshold).T, structure=_EIGHT)
+    return np.ascontiguousarray(labels.T[1::2, 1::2]).astype(np.int64)
+
+
+def _levels_between(values: np.ndarray, lo: float, hi: float) -> bool:
+    i = np.searchsorted(values, lo, side="right")
+    return i < len(values) and values[i] <= hi
+
+
+def ucm2_segmentations(ucm2: np.ndarray, thresholds: np.ndarray) -> list[np.ndarray]:
+    """Cut a ucm2 at every threshold; a cut is reused while no ucm level lies in between."""
+    ucm2 = np.asarray(ucm2, np.float64)
+    levels = np.unique(ucm2)
+    segs: list[np.ndarray] = []
+    prev_t = None
+    for t in thresholds:
+        if prev_t is not None and not _levels_between(levels, prev_t, t):
+            segs.append(segs[-1])
+        else:
+            segs.append(ucm2_labels(ucm2, t))
+        prev_t = t
+    return segs
+
+
+@dataclass
+class RegionCounts:
+    """Per-threshold region scores of one image (BSR ``*_ev2.txt``, ``*_ev3.txt``, ``*_ev4.txt``)."""
+
+    thresholds: np.ndarray
+    cnt_r: np.ndarray
+    sum_r: np.ndarray
+    cnt_p: np.ndarray
+    sum_p: np.ndarray
+    cnt_r_best: float
+    ri: np.ndarray
+    voi: np.ndarray
+
+
+def _jaccard_best(seg: np.ndarray, gts: Sequence[np.ndarray]):
+    """Best Jaccard overlaps: per machine label (over all human regions) and per human region."""
+    n_seg = int(seg.max()) + 1
+    seg_area = np.bincount(seg.ravel(), minlength=n_seg).astype(np.float64)
+    best_seg = np.zeros(n_seg, np.float64)
+    best_gt = []
+    for gt in gts:
+        n_gt = int(gt.max()) + 1
+        table = contingency(gt, seg, n_gt, n_seg).astype(np.float64)
+        gt_area = table.sum(axis=1)
+        union = gt_area[:, None] + seg_area[None, :] - table
+        jac = np.divide(table, union, out=np.zeros_like(table), where=union > 0)
+        jac = jac[1:, 1:]  # label 0 takes no part
+        if jac.size:
+            best_seg[1:] = np.maximum(best_seg[1:], jac.max(axis=0))
+            best_gt.append(jac.max(axis=1))
+        else:
+            best_gt.append(np.zeros(max(n_gt - 1, 0)))
+    return best_seg, best_gt, seg_area
+
+
+def rand_index_voi(seg: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
+    """Rand index and variation of information (log base 2, as BSR) of two label maps."""
+    # labels start at 1, as BSR's compare_segmentations makes them
+    if seg.min() < 1:
+        seg = seg - seg.min() + 1
+    if gt.min() < 1:
+        gt = gt - gt.min() + 1
+    table = contingency(seg, gt, int(seg.max()) + 1, int(gt.max()) + 1).astype(np.float64)
+    n = table.sum()
+    a = table.sum(axis=1)
+    b = table.sum(axis=0)
+    ri = 1.0 - ((a * a).sum() / 2 + (b * b).sum() / 2 - (table * table).sum()) / (n * (n - 1) / 2)
+    pa = a[a > 0] / n
+    pb = b[b > 0] / n
+    h1 = -(pa * np.log2(pa)).sum()
+    h2 = -(pb * np.log2(pb)).sum()
+    nz = table > 0
+    joint = table[nz] / n
+    outer = (a[:, None] * b[None, :])[nz] / (n * n)
+    mi = (joint * np.log2(joint / outer)).sum()
+    return float(ri), float(h1 + h2 - 2 * mi)
+
+
+def region_counts(
+    segs: Sequence[np.ndarray],
+    gts: Sequence[np.ndarray],
+    *,
+    thresholds: np.ndarray | None = None,
+) -> RegionCounts:
+    """BSR ``evaluation_reg_image`` for machine segmentations (one per threshold) vs human ``gts``."""
+    if not gts:
+        raise ValueError("no human segmentations")
+    gts = [np.ascontiguousarray(g, dtype=np.int64) for g in gts]
+    shape = gts[0].shape
+    n_steps = len(segs)
+    thresholds = np.arange(1, n_steps + 1, dtype=np.float64) if thresholds is None else np.asarray(thresholds, np.float64)
+    gt_areas = np.concatenate([np.bincount(g.ravel(), minlength=int(g.max()) + 1)[1:] for g in gts]).astype(np.float64)
+    cnt_r = np.zeros(n_steps)
+    sum_r = np.zeros(n_steps)
+    cnt_p = np.zeros(n_steps)
+    sum_p = np.zeros(n_steps)
+    ri = np.zeros(n_steps)
+    voi = np.zeros(n_steps)
+    best_overall = np.zeros_like(gt_areas)
+    cache: dict[int, tuple] = {}
+    for t, seg in enumerate(segs):
+        key = id(seg)
+        if key not in cache:
+            seg = np.ascontiguousarray(seg, dtype=np.int64)
+            if seg.shape != shape:
+                raise ValueError(f"segmentation {seg.shape} differs from the ground truth {shape}")
+            if seg.min() < 0:
+                raise ValueError("segment labels must be >= 0")
+            best_seg, best_gt, seg_area = _jaccard_best(seg, gts)
+            best_gt_all = np.concatenate(best_gt) if best_gt else np.zeros(0)
+            pairs = [rand_index_voi(seg, g) for g in gts]
+            cache[key] = (
+                float((seg_area[1:] * best_seg[1:]).sum()), float(seg_area[1:].sum()), best_gt_all,
+                float(np.mean([p[0] for p in pairs])), float(np.mean([p[1] for p in pairs])),
+            )
+        cp, sp, best_gt_all, r_i, v_i = cache[key]
+        cnt_p[t] = cp
+        sum_p[t] = sp
+        cnt_r[t] = float((gt_areas * best_gt_all).sum())
+        sum_r[t] = float(gt_areas.sum())
+        best_overall = np.maximum(best_overall, best_gt_all)
+        ri[t] = r_i
+        voi[t] = v_i
+    return RegionCounts(thresholds, cnt_r, sum_r, cnt_p, sum_p, float((gt_areas * best_overall).sum()), ri, voi)
+
+
+def region_counts_ucm2(ucm2: np.ndarray, gts: Sequence[np.ndarray], *, thresholds: np.ndarray) -> RegionCounts:
+    """Region counts of a ucm2 at ``thresholds``."""
+    return region_counts(ucm2_segmentations(ucm2, thresholds), gts, thresholds=thresholds)
+
+
+@dataclass
+class RegionSummary:
+    """Dataset-level region scores (BSR ``eval_cover.txt`` and ``eval_RI_VOI.txt``) and curves."""
+
+    thresholds: np.ndarray
+    covering: np.ndarray  # dataset covering per threshold
+    cover_ods_threshold: float
+    cover_ods: float
+    cover_ois: float
+    cover_best: float
+    per_image: np.ndarray  # (N, 3): best threshold, covering, reverse covering
+    ri: np.ndarray
+    voi: np.ndarray
+    ri_ods_threshold: float
+    ri_ods: float
+    ri_ois: float
+    voi_ods_threshold: float
+    voi_ods: float
+    voi_ois: float
+
+    def line(self) -> str:
+        return (f"Covering ODS={self.cover_ods:.3f} OIS={self.cover_ois:.3f} best={self.cover_best:.3f}  "
+                f"PRI ODS={self.ri_ods:.3f} OIS={self.ri_ois:.3f}  VI ODS={self.voi_ods:.3f} OIS={self.voi_ois:.3f}")
+
+
+def _ratio(cnt, tot):
+    cnt = np.asarray(cnt, np.float64)
+    tot = np.asarray(tot, np.float64)
+    return cnt / (tot + (tot == 0))
+
+
+def summarize_regions(counts: Sequence[RegionCounts]) -> RegionSummary:
+    """Combine per-image region counts as BSR's ``collect_eval_reg``."""
+    if not counts:
+        raise ValueError("no images to summarise")
+    thresholds = counts[0].thresholds
+    n = len(thresholds)
+    tot = np.zeros((4, n))
+    best = np.zeros(4)
+    cnt_r_best_total = 0.0
+    ri_sum = np.zeros(n)
+    voi_sum = np.zeros(n)
+    ri_best = 0.0
+    voi_best = 0.0
+    per_image = np.zeros((len(counts), 3))
+    for k, c in enumerate(counts):
+        if len(c.thresholds) != n:
+            raise ValueError("all images need the same number of thresholds")
+        r = _ratio(c.cnt_r, c.sum_r)
+        p = _ratio(c.cnt_p, c.sum_p)
+        i = int(np.argmax(r))
+        per_image[k] = (thresholds[i], r[i], p[i])
+        tot += np.array([c.cnt_r, c.sum_r, c.cnt_p, c.sum_p])
+        j = int(np.flatnonzero(r == r.max())[-1])
+        best += np.array([c.cnt_r[j], c.sum_r[j], c.cnt_p[j], c.sum_p[j]])
+        cnt_r_best_total += c.cnt_r_best
+        ri_sum += c.ri
+        voi_sum += c.voi
+        ri_best += c.ri.max()
+        voi_best += c.voi.min()
+    covering = _ratio(tot[0], tot[1])
+    i = int(np.argmax(covering))
+    m = len(counts)
+    ri = ri_sum / m
+    voi = voi_sum / m
+    iri = int(np.argmax(ri))
+    ivoi = int(np.argmin(voi))
+    return RegionSummary(
+        thresholds=thresholds, covering=covering,
+        cover_ods_threshold=float(thresholds[i]), cover_ods=float(covering[i]),
+        cover_ois=float(_ratio(best[0], best[1])), cover_best=float(cnt_r_best_total / tot[1][0]),
+        per_image=per_image, ri=ri, voi=voi,
+        ri_ods_threshold=float(thresholds[iri]), ri_ods=float(ri[iri]), ri_ois=ri_best / m,
+        voi_ods_threshold=float(thresholds[ivoi]), voi_ods=float(voi[ivoi]), voi_ois=voi_best / m,
+    )
+
+
+def _g(x: float) -> str:
+    return f"{x:10g}"
+
+
+def write_region_results(out_dir: str | Path, summary: RegionSummary) -> list[Path]:
+    """Write BSR's ``eval_cover*.txt`` and ``eval_RI_VOI*.txt`` (images numbered 1..N in order)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    s = summary
+    files = {
+        "eval_cover.txt": " ".join(_g(x) for x in (s.cover_ods_threshold, s.cover_ods, s.cover_ois, s.cover_best)) + "\n",
+        "eval_cover_img.txt": "".join(f"{k + 1:10d} " + " ".join(_g(x) for x in row) + "\n"
+                                      for k, row in enumerate(s.per_image)),
+        "eval_cover_th.txt": "".join(f"{_g(t)} {_g(c)}\n" for t, c in zip(s.thresholds, s.covering)),
+        "eval_RI_VOI_thr.txt": "".join(f"{_g(t)} {_g(a)} {_g(b)}\n" for t, a, b in zip(s.thresholds, s.ri, s.voi)),
+        "eval_RI_VOI.txt": " ".join(_g(x) for x in (s.ri_ods_threshold, s.ri_ods, s.ri_ois,
+                                                    s.voi_ods_threshold, s.voi_ods, s.voi_ois)) + "\n",
+    }
+    paths = []
+    for name, text in files.items():
+        path = out / name
+        path.write_text(text)
+        paths.append(path)
+    return paths

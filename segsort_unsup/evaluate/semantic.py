@@ -1,0 +1,245 @@
+"""Semantic segmentation scores: confusion matrix, per-class IoU, mIoU, pixel accuracy.
+
+Pixels whose ground truth equals ``ignore_label`` are left out. ``IoU_c = TP / (TP + FP + FN)``;
+mIoU is the mean over classes present in the ground truth or the prediction (a class absent
+from both has no IoU). Predicted ids outside ``[0, num_classes)`` count as wrong.
+
+With ``hungarian=True`` predicted ids are cluster ids: each is mapped to at most one class by
+the assignment that maximises the pooled number of agreeing pixels (``linear_sum_assignment``
+on the dataset confusion); unassigned clusters count as wrong.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from ..errors import BadImageError, InputError
+from ..log import get_logger
+from ..parallel import map_items
+from ..stage import StageSummary
+from .inputs import PNG_SUFFIXES, Source, image_id, load_labels, open_source, read_label_png
+
+log = get_logger("evaluate")
+
+
+def confusion_matrix(pred: np.ndarray, gt: np.ndarray, *, num_classes: int, ignore_label: int | None = 255,
+                     num_pred: int | None = None) -> np.ndarray:
+    """(num_classes, num_pred) counts of ground-truth class (rows) vs predicted id (columns).
+
+    ``num_pred`` defaults to ``num_classes + 1``; the last column then collects predicted ids
+    outside ``[0, num_classes)``. Raises ValueError for ground-truth labels out of range.
+    """
+    pred = np.asarray(pred).astype(np.int64, copy=False).ravel()
+    gt = np.asarray(gt).astype(np.int64, copy=False).ravel()
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction and ground truth differ in size ({pred.size} vs {gt.size} pixels)")
+    keep = gt != ignore_label if ignore_label is not None else np.ones(gt.shape, bool)
+    gt = gt[keep]
+    pred = pred[keep]
+    if gt.size and (gt.min() < 0 or gt.max() >= num_classes):
+        bad = int(gt.max()) if gt.max() >= num_classes else int(gt.min())
+        raise ValueError(f"ground-truth label {bad} is outside 0..{num_classes - 1} "
+                         f"(set --num-classes, or --ignore-label for void)")
+    if num_pred is None:
+        num_pred = num_classes + 1
+        pred = np.where((pred < 0) | (pred >= num_classes), num_classes, pred)
+    elif pred.size and (pred.min() < 0 or pred.max() >= num_pred):
+        raise ValueError(f"predicted ids must lie in 0..{num_pred - 1}")
+    return np.bincount(gt * num_pred + pred, minlength=num_classes * num_pred).reshape(num_classes, num_pred)
+
+
+def hungarian_mapping(confusion: np.ndarray) -> np.ndarray:
+    """Cluster id -> class (or -1) maximising agreeing pixels; ``confusion`` is (classes, clusters)."""
+    rows, cols = linear_sum_assignment(confusion, maximize=True)
+    mapping = np.full(confusion.shape[1], -1, np.int64)
+    mapping[cols] = rows
+    return mapping
+
+
+def apply_mapping(confusion: np.ndarray, mapping: np.ndarray) -> np.ndarray:
+    """Fold a (classes, clusters) confusion into (classes, classes + 1) with ``mapping``; -1 -> last column."""
+    n = confusion.shape[0]
+    out = np.zeros((n, n + 1), np.int64)
+    target = np.where(mapping >= 0, mapping, n)
+    for k in range(confusion.shape[1]):
+        out[:, target[k]] += confusion[:, k]
+    return out
+
+
+@dataclass
+class SemanticScores:
+    """Scores from a (classes, classes [+ 1 invalid]) confusion matrix."""
+
+    confusion: np.ndarray
+    iou: np.ndarray  # per class, NaN where the class is in neither ground truth nor prediction
+    miou: float
+    pixel_accuracy: float
+    class_names: list[str] = field(default_factory=list)
+    mapping: np.ndarray | None = None
+
+    def line(self) -> str:
+        return f"mIoU={self.miou:.4f}  pixel accuracy={self.pixel_accuracy:.4f}  ({len(self.iou)} classes)"
+
+
+def semantic_scores(confusion: np.ndarray, *, class_names: list[str] | None = None,
+                    mapping: np.ndarray | None = None) -> SemanticScores:
+    """IoU per class, mIoU and pixel accuracy of a confusion matrix (rows: ground truth)."""
+    confusion = np.asarray(confusion, np.int64)
+    n = confusion.shape[0]
+    tp = np.diag(confusion[:, :n]).astype(np.float64)
+    gt_total = confusion.sum(axis=1).astype(np.float64)
+    pred_total = confusion[:, :n].sum(axis=0).astype(np.float64)
+    union = gt_total + pred_total - tp
+    iou = np.divide(tp, union, out=np.full(n, np.nan), where=union > 0)
+    valid = confusion.sum()
+    return SemanticScores(
+        confusion=confusion, iou=iou,
+        miou=float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
+        pixel_accuracy=float(tp.sum() / valid) if valid else float("nan"),
+        class_names=list(class_names) if class_names else [str(i) for i in range(n)], mapping=mapping,
+    )
+
+
+@dataclass(frozen=True)
+class _Task:
+    iid: str
+    gt_path: str
+    source: Source
+    num_classes: int
+    ignore_label: int | None
+    hungarian: bool
+
+
+def _confusion_one(task: _Task) -> np.ndarray:
+    gt = read_label_png(task.gt_path).astype(np.int64)
+    pred = load_labels(task.source, task.iid)
+    if pred.labels.shape != gt.shape:
+        raise BadImageError(pred.name, f"label map is {pred.labels.shape[0]}x{pred.labels.shape[1]} but the "
+                                       f"ground truth {task.gt_path} is {gt.shape[0]}x{gt.shape[1]}")
+    try:
+        if task.hungarian:
+            if pred.labels.min() < 0:
+                raise ValueError("cluster ids must be >= 0")
+            return confusion_matrix(pred.labels, gt, num_classes=task.num_classes, ignore_label=task.ignore_label,
+                                    num_pred=int(pred.labels.max()) + 1)
+        return confusion_matrix(pred.labels, gt, num_classes=task.num_classes, ignore_label=task.ignore_label)
+    except ValueError as exc:
+        raise BadImageError(task.gt_path, str(exc)) from None
+
+
+def _label_files(gt_dir: str | os.PathLike) -> dict[str, Path]:
+    root = Path(gt_dir)
+    if not root.is_dir():
+        raise InputError(f"label folder not found: {root}")
+    files = {}
+    for p in sorted(root.rglob("*")):
+        if p.suffix.lower() in PNG_SUFFIXES:
+            files[image_id(str(p))] = p
+    if not files:
+        raise InputError(f"no label PNGs in {root}")
+    return files
+
+
+@dataclass
+class SemanticReport:
+    stage: StageSummary
+    scores: SemanticScores
+    missing: list[str]
+
+
+def run_semantic(
+    predictions: str | os.PathLike,
+    ground_truth: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    num_classes: int,
+    ignore_label: int | None = 255,
+    hungarian: bool = False,
+    class_names: list[str] | None = None,
+    workers: int = 1,
+    overwrite: bool = False,
+) -> SemanticReport:
+    """Pool confusion matrices over every image with both a prediction and a label map; write results."""
+    out = Path(out_dir)
+    if (out / "semantic.json").exists() and not overwrite:
+        raise InputError(f"{out} already holds semantic.json; pass --overwrite to replace the results")
+    if num_classes < 1:
+        raise InputError("--num-classes must be >= 1")
+    if class_names is not None and len(class_names) != num_classes:
+        raise InputError(f"{len(class_names)} class names for {num_classes} classes")
+    source = open_source(predictions)
+    gts = _label_files(ground_truth)
+    ids = [i for i in sorted(gts) if i in source.items]
+    missing = [i for i in sorted(gts) if i not in source.items]
+    if not ids:
+        raise InputError(f"no prediction in {predictions} matches a label map in {ground_truth}")
+    if missing:
+        log.warning("%d of %d label maps have no prediction (e.g. %s); they are left out",
+                    len(missing), len(gts), ", ".join(missing[:5]))
+    tasks = [_Task(i, str(gts[i]), source, num_classes, ignore_label, hungarian) for i in ids]
+    stage = StageSummary("evaluate semantic", total=len(tasks), output=str(out))
+    pooled = np.zeros((num_classes, num_classes + 1 if not hungarian else 1), np.int64)
+    for outcome in map_items(_confusion_one, tasks, workers=workers, desc="semantic"):
+        if not outcome.ok:
+            stage.failed.append((outcome.item.iid, str(outcome.error)))
+            log.error("%s: %s", outcome.item.iid, outcome.error)
+            continue
+        conf = outcome.result
+        if conf.shape[1] > pooled.shape[1]:
+            pooled = np.pad(pooled, ((0, 0), (0, conf.shape[1] - pooled.shape[1])))
+        pooled[:, : conf.shape[1]] += conf
+        stage.done += 1
+    if stage.done == 0:
+        raise InputError(f"no image could be evaluated; first failure: {stage.failed[0][1]}")
+    mapping = None
+    if hungarian:
+        mapping = hungarian_mapping(pooled)
+        pooled = apply_mapping(pooled, mapping)
+    scores = semantic_scores(pooled, class_names=class_names, mapping=mapping)
+    write_semantic_results(out, scores, images=stage.done, missing=missing)
+    return SemanticReport(stage, scores, missing)
+
+
+def write_semantic_results(out_dir: str | os.PathLike, scores: SemanticScores, *, images: int,
+                           missing: list[str]) -> None:
+    """``semantic.json``, ``per_class.txt`` and ``confusion.csv`` (rows: ground truth)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = scores.class_names
+    data = {
+        "miou": scores.miou, "pixel_accuracy": scores.pixel_accuracy, "images": images, "missing": missing,
+        "iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, scores.iou)},
+        "mapping": None if scores.mapping is None else {str(k): int(c) for k, c in enumerate(scores.mapping)},
+    }
+    (out / "semantic.json").write_text(json.dumps(data, indent=2))
+    lines = [f"{'class':<16} {'IoU':>8}"]
+    lines += [f"{n:<16} {'-' if np.isnan(v) else f'{v:8.4f}':>8}" for n, v in zip(names, scores.iou)]
+    lines += [f"{'mIoU':<16} {scores.miou:8.4f}", f"{'pixel accuracy':<16} {scores.pixel_accuracy:8.4f}"]
+    (out / "per_class.txt").write_text("\n".join(lines) + "\n")
+    with open(out / "confusion.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        header = names + (["invalid"] if scores.confusion.shape[1] > len(names) else [])
+        writer.writerow(["gt \\ pred"] + header)
+        for n, row in zip(names, scores.confusion):
+            writer.writerow([n] + [int(x) for x in row])
+
+
+def infer_num_classes(ground_truth: str | os.PathLike, *, ignore_label: int | None = 255) -> int:
+    """1 + the largest label (other than ``ignore_label``) in a folder of label PNGs."""
+    top = -1
+    for path in _label_files(ground_truth).values():
+        labels = read_label_png(path)
+        if ignore_label is not None:
+            labels = labels[labels != ignore_label]
+        if labels.size:
+            top = max(top, int(labels.max()))
+    if top < 0:
+        raise InputError(f"{ground_truth}: every pixel is ignore_label; nothing to evaluate")
+    return top + 1

@@ -1,0 +1,89 @@
+"""Region measures against naive definitions."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from segsort_unsup.evaluate import regions as R
+
+
+def _naive_ri(a, b):
+    a, b = a.ravel(), b.ravel()
+    agree = total = 0
+    for i, j in itertools.combinations(range(a.size), 2):
+        agree += (a[i] == a[j]) == (b[i] == b[j])
+        total += 1
+    return agree / total
+
+
+def _entropy(labels):
+    _, counts = np.unique(labels, return_counts=True)
+    p = counts / counts.sum()
+    return -(p * np.log2(p)).sum()
+
+
+def _naive_vi(a, b):
+    joint = a.ravel() * 1000 + b.ravel()
+    return 2 * _entropy(joint) - _entropy(a) - _entropy(b)  # H(A|B) + H(B|A)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rand_index_and_vi_match_definitions(seed):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(1, 5, (6, 7))
+    b = rng.integers(1, 4, (6, 7))
+    ri, vi = R.rand_index_voi(a, b)
+    assert ri == pytest.approx(_naive_ri(a, b))
+    assert vi == pytest.approx(_naive_vi(a, b))
+
+
+def _naive_covering(seg, gts):
+    """Covering of the humans by seg: sum |G| max_S Jaccard(G, S) / sum |G|, label 0 ignored."""
+    num = den = 0.0
+    for gt in gts:
+        for g in np.unique(gt[gt > 0]):
+            gm = gt == g
+            best = max((np.sum(gm & (seg == s)) / np.sum(gm | (seg == s)) for s in np.unique(seg[seg > 0])),
+                       default=0.0)
+            num += gm.sum() * best
+            den += gm.sum()
+    return num / den
+
+
+def test_covering_matches_definition():
+    rng = np.random.default_rng(3)
+    seg = rng.integers(1, 6, (12, 10))
+    gts = [rng.integers(1, 4, (12, 10)), rng.integers(1, 3, (12, 10))]
+    counts = R.region_counts([seg], gts)
+    assert counts.cnt_r[0] / counts.sum_r[0] == pytest.approx(_naive_covering(seg, gts))
+    # the reverse covering swaps the roles (machine regions by their best human region, any human)
+    num = sum((seg == s).sum() * max(np.sum((seg == s) & (g == k)) / np.sum((seg == s) | (g == k))
+                                     for g in gts for k in np.unique(g)) for s in np.unique(seg))
+    assert counts.cnt_p[0] / counts.sum_p[0] == pytest.approx(num / seg.size)
+
+
+def test_ucm2_cut_recovers_regions():
+    seg = np.array([[1, 1, 2, 2],
+                    [1, 1, 2, 2],
+                    [3, 3, 3, 3]])
+    h, w = seg.shape
+    ucm2 = np.zeros((2 * h + 1, 2 * w + 1))
+    strength = {(1, 2): 0.8, (1, 3): 0.4, (2, 3): 0.6}  # saliency of each shared border
+    level = np.vectorize(lambda a, b: 0.0 if a == b else strength[(min(a, b), max(a, b))])
+    # edges between 4-neighbours with different labels; vertices take the max of their edges
+    ucm2[1::2, 2:-1:2] = level(seg[:, :-1], seg[:, 1:])
+    ucm2[2:-1:2, 1::2] = level(seg[:-1, :], seg[1:, :])
+    ucm2[2:-1:2, 2:-1:2] = np.maximum.reduce([ucm2[1:-2:2, 2:-1:2], ucm2[3::2, 2:-1:2],
+                                              ucm2[2:-1:2, 1:-2:2], ucm2[2:-1:2, 3::2]])
+    ucm2[0, :] = ucm2[-1, :] = ucm2[:, 0] = ucm2[:, -1] = 1  # image border
+    fine = R.ucm2_labels(ucm2, 0.3)
+    assert len(np.unique(fine)) == 3
+    assert all(len(np.unique(fine[seg == k])) == 1 for k in (1, 2, 3))
+    coarse = R.ucm2_labels(ucm2, 0.5)  # the weak 0.4 border disappears: regions 1 and 3 merge
+    assert len(np.unique(coarse)) == 2 and coarse[0, 0] == coarse[2, 3] != coarse[0, 3]
+    mid = R.ucm2_labels(ucm2, 0.7)  # the 0.6 border goes too: 1 and 2 connect through 3
+    assert len(np.unique(mid)) == 1
+    assert len(np.unique(R.ucm2_labels(ucm2, 0.9))) == 1
