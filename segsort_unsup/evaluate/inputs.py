@@ -198,13 +198,14 @@ def load_prediction(source: Source, iid: str, *, nms: bool = True) -> Prediction
     name = f"{source.root}::{key}"
     try:
         if source.kind == "contours":
-            item = reader.read(key, ("edge", "orientation"))
+            item = reader.read(key, ("edge",))
             edge = np.asarray(item.arrays["edge"], np.float32)
             if nms:
                 from ..contours.edges import edge_nms
 
-                orientation = np.asarray(item.arrays["orientation"], np.float32)
-                edge = edge_nms(edge, orientation)
+                # The published HED/RCF/PiDiNet protocol: orientation from the smoothed map,
+                # not the stored one (which the ucm stage uses).
+                edge = edge_nms(edge)
             return Prediction(name, pb=np.clip(edge.astype(np.float64), 0.0, 1.0))
         item = reader.read(key, ("ucm2",))
         return Prediction(name, ucm2=np.asarray(item.arrays["ucm2"], np.float64))

@@ -1,7 +1,7 @@
 """Cross-check against BSR's own C++ matcher (CSA), as wrapped by the ``pyedgeeval`` package.
 
-Optional: runs only where ``pyedgeeval`` is installed (``pip install pyedgeeval``); it is not a
-dependency of this project. Same thinned maps go to both matchers, so only matching differs.
+Runs where ``pyedgeeval`` is installed (it is in the ``test`` extra, so CI runs it); it is not a
+runtime dependency of this project. Same thinned maps go to both matchers, so only matching differs.
 """
 
 from __future__ import annotations
