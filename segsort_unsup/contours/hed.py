@@ -50,7 +50,7 @@ class VggBlock(nn.Module):
         if self.pool:
             x = F.max_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
         for conv in self.convs:
-            x = F.relu(conv(x))
+            x = F.relu_(conv(x))
         return x
 
 
@@ -82,12 +82,12 @@ class HED(nn.Module):
         conv4 = self.block4(conv3)
         conv5 = self.block5(conv4)
 
+        side1 = self.dsn1(conv1).float()
+        side2 = _upsample(self.dsn2(conv2).float(), height, width)
+        side3 = _upsample(self.dsn3(conv3).float(), height, width)
+        side4 = _upsample(self.dsn4(conv4).float(), height, width)
+        side5 = _upsample(self.dsn5(conv5).float(), height, width)
         with torch.autocast(rgb.device.type, enabled=False):
-            side1 = self.dsn1(conv1.float())
-            side2 = _upsample(self.dsn2(conv2.float()), height, width)
-            side3 = _upsample(self.dsn3(conv3.float()), height, width)
-            side4 = _upsample(self.dsn4(conv4.float()), height, width)
-            side5 = _upsample(self.dsn5(conv5.float()), height, width)
             fused = self.fuse(torch.cat([side1, side2, side3, side4, side5], dim=1))
             return torch.sigmoid(fused)
 

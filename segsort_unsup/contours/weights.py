@@ -157,6 +157,7 @@ def fetch(model: str | ContourModel, *, from_path: str | os.PathLike | None = No
             raise WeightsError(origin, f"sha256 {actual} does not match the expected {expected}; "
                                        "wrong or corrupt file, nothing was cached")
         _check_loadable(entry, tmp, origin)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a shared cache should be readable
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
