@@ -170,7 +170,7 @@ class EdgeDetector:
                         continue
                     for tag, img in batch:  # retry one by one so one failure does not sink the batch
                         try:
-                            yield tag, self._probabilities(img[None])[0]
+                            yield tag, self._probabilities(np.stack([img]))[0]
                         except (RuntimeError, BadImageError) as exc1:
                             yield tag, exc1
                     continue
