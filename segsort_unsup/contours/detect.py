@@ -35,7 +35,9 @@ from .weights import resolve_weights, sha256_file
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MIN_SIDE = 32  # smaller sides are padded by replication: conv5 (1/16) then still has 2 pixels
-TILE_OVERLAP = 128  # pixels shared by neighbouring tiles (HED's deepest side sees ~200 px)
+TILE_OVERLAP = 256  # pixels shared by neighbouring tiles (HED's deepest side sees ~200 px)
+TILE_MARGIN = 64  # pixels next to an inner tile edge that are not used at all (zero-padding effects)
+TILE_ALIGN = 32  # tile starts and sizes are multiples of this: keeps the networks' pooling grids (/16, /8) in phase
 MAX_BATCH_PIXELS = 4_000_000  # images x pixels per forward pass (bounds activation memory)
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -100,6 +102,7 @@ class EdgeDetector:
     scales : image scales whose probabilities are averaged (``(1.0,)``: single scale).
     batch_size : images per forward pass (same-size images only; also capped by pixel count).
     max_side : images (after scaling) with a longer side are tiled, or refused if ``tile=False``.
+    tile_overlap : pixels shared by neighbouring tiles.
     threads : torch intra-op threads (``None``: torch's default).
     """
 
@@ -114,6 +117,7 @@ class EdgeDetector:
         batch_size: int = 4,
         max_side: int = 2048,
         tile: bool = True,
+        tile_overlap: int = TILE_OVERLAP,
         threads: int | None = None,
     ):
         self.entry = get_model(model)
@@ -121,14 +125,16 @@ class EdgeDetector:
             raise InputError(f"scales {tuple(scales)}: give one or more factors between 0.05 and 8")
         if batch_size < 1:
             raise InputError("batch size must be >= 1")
-        if max_side < 2 * MIN_SIDE or max_side <= TILE_OVERLAP * 2:
-            raise InputError(f"max side {max_side} is too small (use at least {max(2 * MIN_SIDE, 2 * TILE_OVERLAP + 1)})")
+        if tile_overlap < 4 or max_side < tile_overlap + 2 * TILE_ALIGN:
+            raise InputError(f"max side {max_side} is too small for tiles overlapping by {tile_overlap} px "
+                             f"(use at least {tile_overlap + 2 * TILE_ALIGN})")
         if threads is not None:
             torch.set_num_threads(int(threads))
         self.scales = tuple(float(s) for s in scales)
         self.batch_size = int(batch_size)
         self.max_side = int(max_side)
         self.tile = tile
+        self.tile_overlap = int(tile_overlap)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.weights_path = resolve_weights(self.entry, weights_path)
@@ -254,21 +260,23 @@ class EdgeDetector:
         return self._run_network(padded)[..., top : top + h, left : left + w]
 
     def _run_tiled(self, x: torch.Tensor) -> torch.Tensor:
-        """Overlapping tiles of at most ``max_side``, blended with linear ramps over the overlap."""
+        """Overlapping tiles of at most ``max_side``, blended over their overlaps.
+
+        Near an inner tile edge HED sees zero padding instead of the image, so each tile drops
+        ``margin`` pixels there and ramps its weight up linearly over the rest of the overlap.
+        """
         n, _, h, w = x.shape
-        ys, xs = _tile_starts(h, self.max_side), _tile_starts(w, self.max_side)
-        th, tw = min(h, self.max_side), min(w, self.max_side)
-        ramp_y = _ramp(th, TILE_OVERLAP, x.device)
-        ramp_x = _ramp(tw, TILE_OVERLAP, x.device)
-        weight = ramp_y[:, None] * ramp_x[None, :]
         acc = torch.zeros((n, 1, h, w), dtype=torch.float32, device=x.device)
         norm = torch.zeros((1, 1, h, w), dtype=torch.float32, device=x.device)
-        for y0 in ys:
-            for x0 in xs:
-                tile = x[..., y0 : y0 + th, x0 : x0 + tw]
-                prob = self._run_any_size(tile) if min(th, tw) < MIN_SIDE else self._run_network(tile)
-                acc[..., y0 : y0 + th, x0 : x0 + tw] += prob * weight
-                norm[..., y0 : y0 + th, x0 : x0 + tw] += weight
+        for y0, y1 in _tile_spans(h, self.max_side, self.tile_overlap):
+            wy = _edge_weights(y1 - y0, y0 > 0, y1 < h, self.tile_overlap, x.device)
+            for x0, x1 in _tile_spans(w, self.max_side, self.tile_overlap):
+                wx = _edge_weights(x1 - x0, x0 > 0, x1 < w, self.tile_overlap, x.device)
+                weight = wy[:, None] * wx[None, :]
+                tile = x[..., y0:y1, x0:x1]
+                prob = self._run_padded(tile) if min(y1 - y0, x1 - x0) < MIN_SIDE else self._run_network(tile)
+                acc[..., y0:y1, x0:x1] += prob * weight
+                norm[..., y0:y1, x0:x1] += weight
         return acc / norm
 
 
@@ -282,18 +290,28 @@ def _check_image(image: np.ndarray) -> tuple[int, int]:
     return image.shape[0], image.shape[1]
 
 
-def _tile_starts(length: int, tile: int) -> list[int]:
-    """Starts of tiles of size ``tile`` covering ``0..length`` with at least TILE_OVERLAP overlap."""
-    if length <= tile:
-        return [0]
-    step = tile - TILE_OVERLAP
-    count = -(-(length - TILE_OVERLAP) // step)  # ceil
-    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+def _tile_spans(length: int, max_side: int, overlap: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of tiles covering ``0..length``: starts and sizes are multiples of TILE_ALIGN
+    (the last tile ends at ``length``), neighbours share at least ``overlap`` pixels."""
+    if length <= max_side:
+        return [(0, length)]
+    size = max(TILE_ALIGN, max_side // TILE_ALIGN * TILE_ALIGN)
+    step = max(TILE_ALIGN, (size - overlap) // TILE_ALIGN * TILE_ALIGN)
+    spans = [(0, size)]
+    while spans[-1][1] < length:
+        start = spans[-1][0] + step
+        spans.append((start, min(start + size, length)))
+    return spans
 
 
-def _ramp(length: int, overlap: int, device: torch.device) -> torch.Tensor:
-    """Weights rising linearly over ``overlap`` pixels at both ends (never zero)."""
+def _edge_weights(length: int, inner_start: bool, inner_end: bool, overlap: int, device: torch.device) -> torch.Tensor:
+    """1-D tile weights: 0 within the margin of an inner edge, then a linear ramp up to 1."""
+    margin = min(TILE_MARGIN, overlap // 4)
+    ramp = max(1, overlap - 2 * margin)
     idx = torch.arange(length, dtype=torch.float32, device=device)
-    ramp = torch.minimum(idx + 1, length - idx) / (overlap + 1)
-    return ramp.clamp_(max=1.0)
-
+    weight = torch.ones(length, dtype=torch.float32, device=device)
+    if inner_start:
+        weight = torch.minimum(weight, ((idx - margin + 0.5) / ramp).clamp(0.0, 1.0))
+    if inner_end:
+        weight = torch.minimum(weight, ((length - 1 - idx - margin + 0.5) / ramp).clamp(0.0, 1.0))
+    return weight
