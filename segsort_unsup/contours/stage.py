@@ -126,21 +126,45 @@ def run_contours(
                     summary.failed.append((det.ref.key, reason))
                     continue
                 edge = det.edge
-                orientation = edge_orientation(edge, radius=config.orientation_radius)
+                try:
+                    orientation = _orientation(edge, config.orientation_radius)
+                    if png_root is not None:
+                        _write_pngs(png_root, det.ref.key, edge, nms=nms_png, compression=config.png_compression)
+                except (ValueError, OSError) as exc:
+                    reason = f"post-processing failed: {exc}"
+                    _log.warning("%s: %s", det.ref.path, reason)
+                    writer.record_failure(det.ref.key, reason)
+                    summary.failed.append((det.ref.key, reason))
+                    continue
                 writer.add(Item(det.ref.key, {
                     "edge": edge.astype(np.float16),
-                    "orientation": orientation.astype(np.float16),
+                    "orientation": orientation_float16(orientation),
                 }, {
                     "source": str(det.ref.path), "height": int(edge.shape[0]), "width": int(edge.shape[1]),
                     "model": config.model, "weights_sha256": detector.weights_sha256,
                     "precision": detector.precision, "scales": ",".join(f"{s:g}" for s in config.scales),
                 }))
-                if png_root is not None:
-                    _write_pngs(png_root, det.ref.key, edge, nms=nms_png, compression=config.png_compression)
                 summary.done += 1
         finally:
             bar.close()
     return summary
+
+
+def _orientation(edge: np.ndarray, radius: float) -> np.ndarray:
+    """:func:`edge_orientation`, also for maps thinner than 3 pixels (padded by replication, cropped)."""
+    h, w = edge.shape
+    if min(h, w) >= 3:
+        return edge_orientation(edge, radius=radius)
+    ph, pw = max(0, 3 - h), max(0, 3 - w)
+    padded = np.pad(edge, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)), mode="edge")
+    return np.ascontiguousarray(edge_orientation(padded, radius=radius)[ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w])
+
+
+def orientation_float16(orientation: np.ndarray) -> np.ndarray:
+    """Orientation in float16, still in ``[0, pi)``: values that round up to pi wrap to 0 (same line)."""
+    out = orientation.astype(np.float16)
+    out[out.astype(np.float32) >= np.float32(np.pi)] = 0
+    return out
 
 
 def _reason(error: Exception) -> str:
