@@ -141,8 +141,13 @@ class EdgeDetector:
         self.weights_sha256 = sha256_file(self.weights_path)
         self.network = build_network(self.entry, self.weights_path).to(self.device)
         self.network.requires_grad_(False)
-        # channels_last lets oneDNN (CPU) and cuDNN (tensor cores) pick their fast convolutions.
-        self.channels_last = self.precision != "fp32" or self.device.type == "cuda"
+        # channels_last lets oneDNN (CPU) and cuDNN (tensor cores) pick their fast convolutions;
+        # on CPU, networks that offer it also pre-cast their weights and fuse conv + ReLU.
+        self.fused = False
+        if self.device.type == "cpu" and self.precision in ("bf16", "fp32") and hasattr(self.network, "fuse_for_cpu"):
+            self.network.fuse_for_cpu(torch.bfloat16 if self.precision == "bf16" else torch.float32)
+            self.fused = True
+        self.channels_last = self.fused or self.precision != "fp32" or self.device.type == "cuda"
         if self.channels_last:
             self.network = self.network.to(memory_format=torch.channels_last)
 

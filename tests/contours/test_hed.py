@@ -100,3 +100,23 @@ def test_bf16_close_to_fp32_on_bsds_images(hed, hed_h5, bsds):
     assert low.dtype == torch.float32
     diff = float((low - ref).abs().max())
     assert 0 < diff <= 0.02, diff  # > 0: bf16 really ran
+
+
+def test_fused_cpu_paths(hed, hed_h5, bsds):
+    """oneDNN conv+ReLU with pre-cast weights: same as the plain path in fp32, within 0.02 in bf16."""
+    from segsort_unsup.contours.hed import cpu_fusion_available
+
+    if not cpu_fusion_available():
+        pytest.skip("torch built without oneDNN fused convolutions")
+    x = torch.stack([torch.from_numpy(np.array(read_image(bsds / "images" / "test" / n))).permute(2, 0, 1).float()
+                     for n in ("100039.jpg", "10081.jpg")])
+    fused32 = hed_from_file(None, hed_h5).fuse_for_cpu(torch.float32)
+    fused16 = hed_from_file(None, hed_h5).fuse_for_cpu(torch.bfloat16)
+    with torch.inference_mode():
+        ref = hed(x)
+        assert float((fused32(x) - ref).abs().max()) < 1e-5
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = fused16(x.contiguous(memory_format=torch.channels_last))
+    assert 0 < float((low - ref).abs().max()) <= 0.02
+    x.requires_grad_(True)  # autograd falls back to the plain path
+    assert fused32(x).requires_grad
