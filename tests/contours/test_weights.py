@@ -310,3 +310,34 @@ def test_sha256sums_file_lists_every_known_hash():
     for entry in MODELS.values():
         if entry.sha256:
             assert listed.get(entry.upstream_name) == entry.sha256, entry.name
+
+
+def test_fetch_over_http(home, tmp_path, keras_state, monkeypatch):
+    """The URL route (hed-original, PiDiNet) against a local server; hash recorded on first fetch."""
+    import dataclasses
+    import functools
+    import http.server
+    import threading
+
+    pytest.importorskip("segsort_unsup.contours.download")
+    from segsort_unsup.contours import registry
+
+    served = tmp_path / "served"
+    served.mkdir()
+    torch.save(pytorch_hed_state(keras_state), served / "network-bsds500.pytorch")
+    sha = W.sha256_file(served / "network-bsds500.pytorch")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/network-bsds500.pytorch"
+        entry = dataclasses.replace(registry.MODELS["hed-original"], sources=(url,))
+        monkeypatch.setitem(registry.MODELS, "hed-original", entry)
+        path = W.fetch("hed-original", progress=False)
+        assert W.sha256_file(path) == sha and W.recorded_hashes() == {"hed-original": sha}
+        with pytest.raises(WeightsError, match="could not fetch"):
+            W.fetch("hed-original", sha256="f" * 64, progress=False)
+        assert W.sha256_file(path) == sha  # the good file was kept
+    finally:
+        server.shutdown()
