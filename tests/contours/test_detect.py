@@ -36,7 +36,7 @@ def test_batched_equals_one_by_one(fp32, image):
     a, b = image[:64, :96], image[100:164, 200:296]
     c = image[:50, :70]  # another size: its own group
     out = fp32.detect_many([a, c, b])
-    for img, prob in zip((a, c, b), out):
+    for img, prob in zip((a, c, b), out, strict=True):
         assert prob.shape == img.shape[:2] and prob.dtype == np.float32
         assert np.abs(prob - _net(fp32, img)).max() < 1e-5
 

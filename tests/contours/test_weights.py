@@ -37,7 +37,8 @@ def pytorch_hed_state(state: dict, prefix: str = "net") -> dict:
         first = 0 if b == 1 else 1
         for i in range(n):
             for kind in ("weight", "bias"):
-                out[f"{prefix}{PYTORCH_HED_BLOCKS[b - 1]}.{first + 2 * i}.{kind}"] = state[f"block{b}.convs.{i}.{kind}"].clone()
+                key = f"{prefix}{PYTORCH_HED_BLOCKS[b - 1]}.{first + 2 * i}.{kind}"
+                out[key] = state[f"block{b}.convs.{i}.{kind}"].clone()
         for kind in ("weight", "bias"):
             out[f"{prefix}{PYTORCH_HED_SCORES[b - 1]}.{kind}"] = state[f"dsn{b}.{kind}"].clone()
     for kind in ("weight", "bias"):
