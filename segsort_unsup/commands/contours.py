@@ -36,8 +36,9 @@ def parse_scales(ctx: click.Context | None, param: click.Parameter | None, value
 @click.option("--scales", default="1", show_default=True, callback=parse_scales,
               help="Comma-separated image scales whose edge maps are averaged, e.g. 0.5,1,1.5.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Same-size images per forward pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Same-size images per forward pass (default: 1 on CPU, where batches only add memory "
+                   "traffic; 8 on CUDA).")
 @click.option("--max-side", type=click.IntRange(min=320), default=2048, show_default=True,
               help="Images with a longer side are processed in overlapping tiles.")
 @click.option("--no-tile", is_flag=True, help="Refuse images above --max-side instead of tiling them.")

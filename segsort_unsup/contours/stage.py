@@ -43,7 +43,7 @@ class ContoursConfig:
     precision: str = "auto"
     scales: tuple[float, ...] = (1.0,)
     device: str = "auto"
-    batch_size: int = 4
+    batch_size: int | None = None  # None: 1 on CPU, 8 on CUDA
     max_side: int = 2048
     tile: bool = True
     threads: int | None = None

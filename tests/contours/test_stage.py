@@ -80,4 +80,4 @@ def test_config_hash_covers_results_only():
     hashed = config.result_config(weights_sha256="ab" * 32, precision="bf16")
     assert {"model", "weights_sha256", "precision", "scales"} <= set(hashed)
     assert not {"batch_size", "device", "threads", "shard_size"} & set(hashed)
-    assert config.to_dict()["batch_size"] == 4
+    assert config.to_dict()["batch_size"] is None
