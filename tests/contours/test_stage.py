@@ -1,0 +1,83 @@
+"""run_contours: the contours-store contract, PNGs, resuming, and what the config hash covers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segsort_unsup.contours.detect import EdgeDetector
+from segsort_unsup.contours.edges import edge_orientation
+from segsort_unsup.contours.stage import ContoursConfig, run_contours
+from segsort_unsup.errors import StoreError
+from segsort_unsup.io.store import StoreReader
+
+SIZES = {"a": (48, 64), "b": (48, 64), "sub/c": (40, 72)}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, bsds):
+    root = tmp_path_factory.mktemp("images")
+    src = np.asarray(Image.open(bsds / "images" / "test" / "100039.jpg").convert("RGB"))
+    for i, (key, (h, w)) in enumerate(SIZES.items()):
+        path = root / f"{key}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(src[40 * i : 40 * i + h, 60 * i : 60 * i + w])).save(path)
+    return root
+
+
+def test_store_contract_and_pngs(tmp_path, folder, hed_h5):
+    config = ContoursConfig(precision="fp32", device="cpu", batch_size=2)
+    summary = run_contours(config, str(folder), tmp_path / "store", weights_path=hed_h5,
+                           png_dir=tmp_path / "png", nms_png=True)
+    assert (summary.done, summary.skipped, summary.failed, summary.total) == (3, 0, [], 3)
+    detector = EdgeDetector(weights_path=hed_h5, precision="fp32", device="cpu")
+    with StoreReader(tmp_path / "store", kind="contours", required=("edge", "orientation")) as store:
+        assert store.keys() == sorted(SIZES)
+        assert store.meta["model"] == "hed-bsds500" and store.meta["weights_sha256"].startswith("4502df9d")
+        for key, shape in SIZES.items():
+            item = store[key]
+            edge, orient = item.arrays["edge"], item.arrays["orientation"]
+            assert edge.dtype == np.float16 and orient.dtype == np.float16 and edge.shape == shape
+            expected = detector.detect(np.asarray(Image.open(folder / f"{key}.png")))
+            assert np.abs(edge.astype(np.float32) - expected).max() < 1e-3  # float16 rounding
+            assert np.abs(orient.astype(np.float32) - edge_orientation(expected)).max() < 2e-3
+            assert 0 <= orient.min() and float(orient.max()) < np.pi  # float16 pi would round down
+            attrs = item.attrs
+            assert attrs["source"] == str(folder / f"{key}.png")
+            assert (attrs["height"], attrs["width"]) == shape
+            assert attrs["model"] == "hed-bsds500" and attrs["precision"] == "fp32" and attrs["scales"] == "1"
+            assert attrs["weights_sha256"] == store.meta["weights_sha256"]
+            png = np.asarray(Image.open(tmp_path / "png" / f"{key}.png"))
+            assert png.dtype == np.uint8 and png.shape == shape
+            assert np.abs(png / 255.0 - expected).max() <= 0.5 / 255 + 1e-3
+            assert (tmp_path / "png" / "nms" / f"{key}.png").is_file()
+
+
+def test_rerun_skips_done_items_and_checks_config(tmp_path, folder, hed_h5):
+    out = tmp_path / "store"
+    base = ContoursConfig(precision="bf16", device="cpu")
+    first = run_contours(base, str(folder), out, weights_path=hed_h5)
+    assert first.done == 3
+    # batch size, shard size and PNGs do not change results: the store resumes
+    again = run_contours(ContoursConfig(precision="bf16", device="cpu", batch_size=1, shard_size=2),
+                         str(folder), out, weights_path=hed_h5, png_dir=tmp_path / "png")
+    assert (again.done, again.skipped) == (0, 3)
+    # scales and precision do: refused unless --overwrite
+    with pytest.raises(StoreError, match="scales"):
+        run_contours(ContoursConfig(precision="bf16", device="cpu", scales=(0.5, 1)), str(folder), out,
+                     weights_path=hed_h5)
+    with pytest.raises(StoreError, match="precision"):
+        run_contours(ContoursConfig(precision="fp32", device="cpu"), str(folder), out, weights_path=hed_h5)
+    redo = run_contours(ContoursConfig(precision="fp32", device="cpu"), str(folder), out, weights_path=hed_h5,
+                        overwrite=True)
+    assert (redo.done, redo.skipped) == (3, 0)
+
+
+def test_config_hash_covers_results_only():
+    config = ContoursConfig(scales=[1, 0.5])
+    assert config.scales == (1.0, 0.5)
+    hashed = config.result_config(weights_sha256="ab" * 32, precision="bf16")
+    assert {"model", "weights_sha256", "precision", "scales"} <= set(hashed)
+    assert not {"batch_size", "device", "threads", "shard_size"} & set(hashed)
+    assert config.to_dict()["batch_size"] is None
