@@ -50,11 +50,14 @@ def edge_orientation(edge: np.ndarray, *, radius: float = 4) -> np.ndarray:
     filter of ``radius``; x runs along columns, y along rows.
     """
     smoothed = triangle_smooth(edge, radius)
+    h, w = smoothed.shape
+    if h < 3 or w < 3:  # np.gradient needs 2+ samples per axis: replicate, then crop back
+        smoothed = np.pad(smoothed, ((0, max(0, 3 - h)), (0, max(0, 3 - w))), mode="edge")
     oy, ox = np.gradient(smoothed)
     _, oxx = np.gradient(ox)
     oyy, oxy = np.gradient(oy)
     orient = np.arctan(oyy * np.sign(-oxy) / (oxx + 1e-5))
-    orient = np.mod(orient, np.pi).astype(np.float32)
+    orient = np.mod(orient[:h, :w], np.pi).astype(np.float32)
     orient[orient >= np.float32(np.pi)] = 0.0  # float32 rounding can land exactly on pi
     return orient
 

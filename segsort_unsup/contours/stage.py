@@ -127,7 +127,7 @@ def run_contours(
                     continue
                 edge = det.edge
                 try:
-                    orientation = _orientation(edge, config.orientation_radius)
+                    orientation = edge_orientation(edge, radius=config.orientation_radius)
                     if png_root is not None:
                         _write_pngs(png_root, det.ref.key, edge, nms=nms_png, compression=config.png_compression)
                 except (ValueError, OSError) as exc:
@@ -148,16 +148,6 @@ def run_contours(
         finally:
             bar.close()
     return summary
-
-
-def _orientation(edge: np.ndarray, radius: float) -> np.ndarray:
-    """:func:`edge_orientation`, also for maps thinner than 3 pixels (padded by replication, cropped)."""
-    h, w = edge.shape
-    if min(h, w) >= 3:
-        return edge_orientation(edge, radius=radius)
-    ph, pw = max(0, 3 - h), max(0, 3 - w)
-    padded = np.pad(edge, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)), mode="edge")
-    return np.ascontiguousarray(edge_orientation(padded, radius=radius)[ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w])
 
 
 def orientation_float16(orientation: np.ndarray) -> np.ndarray:

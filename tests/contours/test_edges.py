@@ -96,3 +96,11 @@ def test_bad_shapes():
         edge_nms(np.zeros((3, 4, 3)))
     with pytest.raises(ValueError, match="differs"):
         edge_nms(np.zeros((3, 4)), np.zeros((4, 3)))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (2, 5), (6, 2)])
+def test_tiny_maps(shape):
+    edge = np.random.default_rng(0).random(shape).astype(np.float32)
+    orient = edge_orientation(edge)
+    assert orient.shape == shape and np.isfinite(orient).all()
+    assert edge_nms(edge).shape == shape
