@@ -215,7 +215,8 @@ class _Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.pool(x)  # floors odd sizes, as upstream
-        return self.conv2(F.relu(self.conv1(x))) + self.shortcut(x)
+        y = self.conv2(F.relu(self.conv1(x), inplace=True))
+        return y.add_(self.shortcut(x))  # y is a fresh tensor: add in place, saving a full-size buffer
 
 
 class _CDCM(nn.Module):
@@ -229,7 +230,7 @@ class _CDCM(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv1(F.relu(x))
-        return self.conv2_1(x) + self.conv2_2(x) + self.conv2_3(x) + self.conv2_4(x)
+        return self.conv2_1(x).add_(self.conv2_2(x)).add_(self.conv2_3(x)).add_(self.conv2_4(x))
 
 
 class _CSAM(nn.Module):
