@@ -460,7 +460,10 @@ def load_pidinet_state_dict(path: str | Path) -> dict[str, Tensor]:
 def pidinet_from_state_dict(
     state: Mapping[str, Tensor], spec: PidinetSpec | None = None, *, path: str | Path = "<state dict>"
 ) -> PiDiNet:
-    """Build a :class:`PiDiNet` (eval mode, float32) from an upstream PDC state dict, converting every PDC.
+    """Build a :class:`PiDiNet` (eval mode, float32, channels_last) from an upstream PDC state dict.
+
+    Every pixel-difference conv is converted to a plain conv. The network is channels_last
+    (faster on CPU in fp32 and bf16); ``net.to(memory_format=torch.contiguous_format)`` gives NCHW.
 
     ``spec`` defaults to the variant the shapes describe (config ``carv4``); ``path`` only names the
     source in error messages.
@@ -478,7 +481,9 @@ def pidinet_from_state_dict(
         converted[f"{layer}.weight"] = pdc_to_conv_kernel(op, converted[f"{layer}.weight"])
     net = PiDiNet(spec)
     net.load_state_dict(converted, strict=True)
-    return net.eval().requires_grad_(False)
+    # channels_last by default: with oneDNN its fp32 convs run 2-5x faster here than NCHW ones
+    # (depthwise and 1x1 alike), and bf16 autocast needs it anyway. forward() converts inputs to match.
+    return net.eval().requires_grad_(False).to(memory_format=torch.channels_last)
 
 
 def pidinet_from_file(entry: ContourModel, path: Path) -> PiDiNet:

@@ -167,20 +167,23 @@ BF16_TOL = {"pidinet": 0.02, "pidinet-small": 0.03, "pidinet-tiny": 0.03}
 
 @pytest.mark.parametrize("name", list(FILES))
 def test_bf16_channels_last_close_to_fp32(pidinet_dir, bsds, name):
-    net = build_network(name, _weights(pidinet_dir, name))
-    net_cl = build_network(name, _weights(pidinet_dir, name)).to(memory_format=torch.channels_last)
-    worst, mean = 0.0, 0.0
+    net_cl = build_network(name, _weights(pidinet_dir, name))  # channels_last by default
+    assert net_cl.init_block.weight.is_contiguous(memory_format=torch.channels_last)
+    net = build_network(name, _weights(pidinet_dir, name)).to(memory_format=torch.contiguous_format)
+    worst, mean, layout = 0.0, 0.0, 0.0
     for key in TEST_IMAGES:
         x = _image_tensor(bsds, key)
         with torch.inference_mode():
-            ref = net(x)
+            ref = net(x)  # fp32, NCHW
+            layout = max(layout, (net_cl(x) - ref).abs().max().item())
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 low = net_cl(x)  # NCHW input: the network converts it to channels_last itself
         assert low.shape == ref.shape == (1, 1, *x.shape[-2:])
         assert low.dtype == torch.float32
         worst = max(worst, (low - ref).abs().max().item())
         mean = max(mean, (low - ref).abs().mean().item())
-    print(f"{name}: max |bf16 CL - fp32| = {worst:.4f}, mean {mean:.5f}")
+    print(f"{name}: max |bf16 CL - fp32| = {worst:.4f}, mean {mean:.5f}; fp32 CL vs NCHW {layout:.1e}")
+    assert layout <= 1e-5
     assert worst <= BF16_TOL[name]
     assert mean <= 0.002
 
