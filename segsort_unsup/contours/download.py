@@ -20,7 +20,8 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import WeightsError
-from ..log import get_logger, progress as progress_bar
+from ..log import get_logger
+from ..log import progress as progress_bar
 
 __all__ = ["download_url", "sha256_file"]
 

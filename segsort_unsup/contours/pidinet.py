@@ -48,12 +48,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "PDC_CONFIGS",
-    "PidinetSpec",
     "PiDiNet",
-    "pdc_to_conv_kernel",
+    "PidinetSpec",
     "load_pidinet_state_dict",
-    "pidinet_from_state_dict",
+    "pdc_to_conv_kernel",
     "pidinet_from_file",
+    "pidinet_from_state_dict",
 ]
 
 #: PDC op of each of the 16 layers (``init_block`` then the 15 blocks) per upstream config name.
@@ -363,7 +363,7 @@ def _read_checkpoint(path: Path) -> Mapping[str, Tensor]:
         raise WeightsError(path, reason)
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... on bad files
+    except Exception as exc:  # noqa: BLE001 - any failure to parse an untrusted file is "bad weights"
         detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise WeightsError(
             path,
@@ -383,7 +383,7 @@ def _read_checkpoint(path: Path) -> Mapping[str, Tensor]:
 def _strip_prefix(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     out = {}
     for key, value in state.items():
-        out[key[len("module."):] if key.startswith("module.") else key] = value
+        out[key.removeprefix("module.")] = value
     return out
 
 
