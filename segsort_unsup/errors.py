@@ -19,6 +19,9 @@ class _PathError(SegsortError):
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
 
+    def __reduce__(self):  # picklable across worker processes (default uses self.args)
+        return (type(self), (self.path, self.reason))
+
 
 class BadImageError(_PathError):
     """An input image cannot be read or used (unreadable, truncated, wrong shape...)."""

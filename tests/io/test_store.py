@@ -85,3 +85,13 @@ def test_killed_writer_leaves_readable_store(tmp_path):
     with StoreWriter(root, kind="k", config={}) as w:
         assert len(w.completed) == n
         assert not list(root.glob(".part-*.tmp"))
+
+
+def test_path_errors_pickle_across_processes():
+    import pickle
+
+    from segsort_unsup.errors import BadImageError, WeightsError
+
+    for err in (BadImageError("/a.jpg", "truncated"), StoreError("/s", "corrupt"), WeightsError("/w", "bad")):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err) and back.reason == err.reason

@@ -1,0 +1,22 @@
+"""OWT-UCM: hierarchical segments from contour maps (Arbelaez et al., TPAMI 2011).
+
+``owt`` (watershed regions, oriented watershed transform), ``hierarchy`` (greedy merging by
+mean boundary strength, ``ucm2``, cuts), ``stage`` (the ``ucm`` stage over a store), ``export``
+(PNGs, overview pictures, BSDS ``.mat`` files). Kernels live in ``_kernels`` (numba).
+"""
+
+from .hierarchy import Ucm, cut_labels, labels_from_ucm2, mean_boundary_hierarchy, ucm2_from_tree, ultrametric_contour_map
+from .owt import OrientedWatershed, grid_edge_weights, oriented_watershed, watershed_regions
+
+__all__ = [
+    "OrientedWatershed",
+    "Ucm",
+    "cut_labels",
+    "grid_edge_weights",
+    "labels_from_ucm2",
+    "mean_boundary_hierarchy",
+    "oriented_watershed",
+    "ucm2_from_tree",
+    "ultrametric_contour_map",
+    "watershed_regions",
+]

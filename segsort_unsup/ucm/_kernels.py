@@ -1,0 +1,671 @@
+"""Numba kernels for OWT-UCM: no I/O, no objects; inputs already validated by ``owt.py``/``hierarchy.py``.
+
+Grid conventions shared by every kernel (``H`` rows, ``W`` columns, ``N = H * W`` pixels, pixel
+``p = i * W + j``):
+
+- edges of the 4-adjacency graph have ids in ``[0, 2N)``: the horizontal edge between pixels
+  ``p`` and ``p + 1`` has id ``p`` (valid when ``j < W - 1``), the vertical edge between ``p`` and
+  ``p + W`` has id ``N + p`` (valid when ``i < H - 1``); per-edge arrays have length ``2N`` and
+  their invalid entries are ignored;
+- contour vertices (corners between pixels, the 0-faces of the Khalimsky grid) are
+  ``(a, b)`` with ``0 <= a <= H``, ``0 <= b <= W``; vertex ``(a, b)`` is ``ucm2[2a, 2b]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# --------------------------------------------------------------------------------------------
+# 4-adjacency helpers
+# --------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _pixel_neighbor(p, k, h, w):
+    """Neighbour ``k`` (0 up, 1 left, 2 right, 3 down) of pixel ``p``: (pixel, edge id) or (-1, -1)."""
+    n = h * w
+    i = p // w
+    j = p - i * w
+    if k == 0:
+        if i == 0:
+            return -1, -1
+        return p - w, n + p - w
+    if k == 1:
+        if j == 0:
+            return -1, -1
+        return p - 1, p - 1
+    if k == 2:
+        if j == w - 1:
+            return -1, -1
+        return p + 1, p
+    if i == h - 1:
+        return -1, -1
+    return p + w, n + p
+
+
+@njit(cache=True, inline="always")
+def _vertex_edge(a, b, k, h, w):
+    """Contour edge ``k`` (0 up, 1 left, 2 right, 3 down) at vertex ``(a, b)``: (edge id, a2, b2) or (-1, 0, 0)."""
+    n = h * w
+    if k == 0:
+        if a >= 1 and 1 <= b <= w - 1:
+            return (a - 1) * w + b - 1, a - 1, b
+    elif k == 1:
+        if b >= 1 and 1 <= a <= h - 1:
+            return n + (a - 1) * w + b - 1, a, b - 1
+    elif k == 2:
+        if b <= w - 1 and 1 <= a <= h - 1:
+            return n + (a - 1) * w + b, a, b + 1
+    else:
+        if a <= h - 1 and 1 <= b <= w - 1:
+            return a * w + b - 1, a + 1, b
+    return -1, 0, 0
+
+
+@njit(cache=True, inline="always")
+def _edge_point(e, h, w):
+    """Position (row, col) of an edge: the midpoint of the two pixel centres it links."""
+    n = h * w
+    if e < n:
+        i = e // w
+        return np.float64(i), np.float64(e - i * w) + 0.5
+    p = e - n
+    i = p // w
+    return np.float64(i) + 0.5, np.float64(p - i * w)
+
+
+@njit(cache=True)
+def pixel_edge_weights(values, h, w, out):
+    """Edge weight = mean of the two pixel values (``values`` flat, length N; ``out`` length 2N)."""
+    n = h * w
+    for p in range(n):
+        j = p % w
+        out[p] = 0.5 * (values[p] + values[p + 1]) if j < w - 1 else 0.0
+        out[n + p] = 0.5 * (values[p] + values[p + w]) if p + w < n else 0.0
+
+
+@njit(cache=True)
+def pixel_edge_orientations(values, orientation, h, w, out):
+    """Edge orientation = orientation of the stronger of its two pixels (ties: the first pixel)."""
+    n = h * w
+    for p in range(n):
+        j = p % w
+        if j < w - 1:
+            out[p] = orientation[p] if values[p] >= values[p + 1] else orientation[p + 1]
+        else:
+            out[p] = 0.0
+        if p + w < n:
+            out[n + p] = orientation[p] if values[p] >= values[p + w] else orientation[p + w]
+        else:
+            out[n + p] = 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Watershed cut (drop of water principle)
+# --------------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def watershed_cut(weights, h, w, labels):
+    """Label the catchment basins of an edge-weighted 4-adjacency graph; returns the region count.
+
+    Cousty et al.'s stream algorithm (watershed cuts, drop of water principle, PAMI 2009): from
+    each unlabelled pixel, follow steepest-descent edges (the pixel's lowest incident edge
+    weight) depth-first until reaching a labelled pixel (join its basin) or exhausting a
+    regional minimum (new basin). Linear time. Labels are ``0..n-1`` in raster order of each
+    basin's first pixel; neighbours are visited up, left, right, down.
+    """
+    n = h * w
+    fminus = np.empty(n, np.float32)
+    for p in range(n):
+        best = np.float32(np.inf)
+        for k in range(4):
+            q, e = _pixel_neighbor(p, k, h, w)
+            if q >= 0 and weights[e] < best:
+                best = weights[e]
+        fminus[p] = best
+    labels[:] = -1
+    in_stream = np.zeros(n, np.bool_)
+    stream = np.empty(n, np.int32)
+    stack = np.empty(n, np.int32)
+    n_labels = 0
+    for x in range(n):
+        if labels[x] >= 0:
+            continue
+        n_stream = 1
+        stream[0] = x
+        n_stack = 1
+        stack[0] = x
+        in_stream[x] = True
+        found = -1
+        while n_stack > 0 and found < 0:
+            n_stack -= 1
+            y = stack[n_stack]
+            for k in range(4):
+                z, e = _pixel_neighbor(y, k, h, w)
+                if z < 0 or in_stream[z] or weights[e] != fminus[y]:
+                    continue
+                if labels[z] >= 0:
+                    found = labels[z]
+                    break
+                stream[n_stream] = z
+                n_stream += 1
+                in_stream[z] = True
+                if fminus[z] < fminus[y]:
+                    # steeper descent from z: continue from there only
+                    stack[0] = z
+                    n_stack = 1
+                    break
+                stack[n_stack] = z
+                n_stack += 1
+        if found < 0:
+            found = n_labels
+            n_labels += 1
+        for t in range(n_stream):
+            labels[stream[t]] = found
+            in_stream[stream[t]] = False
+    return n_labels
+
+
+# --------------------------------------------------------------------------------------------
+# Region adjacency graph
+# --------------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def region_adjacency(labels, h, w, n_regions, edge_rag):
+    """Fill ``edge_rag`` (length 2N) with the RAG edge of each cut edge (-1 elsewhere).
+
+    RAG edges are numbered by (smaller region, larger region): cut edges are bucketed by their
+    smaller region (counting sort), and each bucket's few distinct larger regions are sorted
+    by insertion. Returns ``(sources, targets)``.
+    """
+    n = h * w
+    edge_rag[:] = -1
+    count = np.zeros(n_regions + 1, np.int64)
+    for p in range(n):
+        if (p % w) < w - 1 and labels[p] != labels[p + 1]:
+            count[min(labels[p], labels[p + 1]) + 1] += 1
+        if p + w < n and labels[p] != labels[p + w]:
+            count[min(labels[p], labels[p + w]) + 1] += 1
+    for r in range(n_regions):
+        count[r + 1] += count[r]
+    total = count[n_regions]
+    fill = count[:-1].copy()
+    cut = np.empty(total, np.int64)
+    other = np.empty(total, np.int32)
+    for p in range(n):
+        if (p % w) < w - 1 and labels[p] != labels[p + 1]:
+            a = min(labels[p], labels[p + 1])
+            cut[fill[a]] = p
+            other[fill[a]] = max(labels[p], labels[p + 1])
+            fill[a] += 1
+        if p + w < n and labels[p] != labels[p + w]:
+            a = min(labels[p], labels[p + w])
+            cut[fill[a]] = n + p
+            other[fill[a]] = max(labels[p], labels[p + w])
+            fill[a] += 1
+    sources = np.empty(total, np.int32)
+    targets = np.empty(total, np.int32)
+    seen = np.full(n_regions, -1, np.int64)  # rag id of (a, b) while bucket a is processed
+    n_rag = 0
+    for a in range(n_regions):
+        first = n_rag
+        for t in range(count[a], count[a + 1]):
+            b = other[t]
+            if seen[b] < first:  # new neighbour of a: insert b in order among this bucket's
+                i = n_rag
+                n_rag += 1
+                while i > first and targets[i - 1] > b:
+                    targets[i] = targets[i - 1]
+                    seen[targets[i]] = i
+                    i -= 1
+                targets[i] = b
+                sources[n_rag - 1] = a  # every edge of the bucket has source a
+                seen[b] = i
+        for t in range(count[a], count[a + 1]):
+            edge_rag[cut[t]] = seen[other[t]]
+    return sources[:n_rag].copy(), targets[:n_rag].copy()
+
+
+@njit(cache=True)
+def rag_mean(edge_rag, weights, n_rag, sums, lengths):
+    """Sum and count the weights of each RAG edge's cut edges."""
+    sums[:] = 0.0
+    lengths[:] = 0.0
+    for e in range(edge_rag.size):
+        r = edge_rag[e]
+        if r >= 0:
+            sums[r] += weights[e]
+            lengths[r] += 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Oriented watershed transform
+# --------------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _walk(edge_rag, h, w, degree, visited, e, a2, b2, elements, n_el):
+    """Follow a contour from edge ``e`` (arriving at vertex ``(a2, b2)``) to a junction or back to its start."""
+    wv = w + 1
+    while True:
+        elements[n_el] = e
+        n_el += 1
+        visited[e] = True
+        if degree[a2 * wv + b2] != 2:
+            return n_el
+        nxt = -1
+        na = 0
+        nb = 0
+        for k2 in range(4):
+            e2, a3, b3 = _vertex_edge(a2, b2, k2, h, w)
+            if e2 >= 0 and edge_rag[e2] >= 0 and not visited[e2]:
+                nxt = e2
+                na = a3
+                nb = b3
+                break
+        if nxt < 0:  # closed loop back at its start
+            return n_el
+        e = nxt
+        a2 = na
+        b2 = nb
+
+
+@njit(cache=True)
+def trace_contours(edge_rag, h, w):
+    """Split the cut edges into polylines running between junctions (or around closed loops).
+
+    Returns ``(elements, offsets)``: polyline ``t`` is ``elements[offsets[t]:offsets[t + 1]]``,
+    consecutive edges along the contour. Junctions are contour vertices of degree other than
+    two (image-border vertices included). Vertices are scanned in raster order, directions in
+    the order left, right, up, down: a junction starts one polyline per untraced direction; an
+    untraced vertex inside a polyline (or a loop) is traced both ways and the first part
+    reversed. This is higra's ``fit_contour_2d`` order, so straight pieces split identically.
+    """
+    wv = w + 1
+    n_vertices = (h + 1) * wv
+    degree = np.zeros(n_vertices, np.int8)
+    total = 0
+    for a in range(h + 1):
+        for b in range(w + 1):
+            d = 0
+            for k in range(4):
+                e, _, _ = _vertex_edge(a, b, k, h, w)
+                if e >= 0 and edge_rag[e] >= 0:
+                    d += 1
+            degree[a * wv + b] = d
+            total += d
+    total //= 2
+    elements = np.empty(total, np.int64)
+    offsets = np.empty(total + 1, np.int64)
+    visited = np.zeros(edge_rag.size, np.bool_)
+    order = (1, 2, 0, 3)  # left, right, up, down
+    n_el = 0
+    n_poly = 0
+    for a in range(h + 1):
+        for b in range(w + 1):
+            d = degree[a * wv + b]
+            if d == 0:
+                continue
+            if d != 2:
+                for k in order:
+                    e, a2, b2 = _vertex_edge(a, b, k, h, w)
+                    if e >= 0 and edge_rag[e] >= 0 and not visited[e]:
+                        offsets[n_poly] = n_el
+                        n_poly += 1
+                        n_el = _walk(edge_rag, h, w, degree, visited, e, a2, b2, elements, n_el)
+                continue
+            first = True
+            for k in order:
+                e, a2, b2 = _vertex_edge(a, b, k, h, w)
+                if e < 0 or edge_rag[e] < 0 or visited[e]:
+                    continue
+                if first:
+                    offsets[n_poly] = n_el
+                    n_poly += 1
+                    start = n_el
+                    n_el = _walk(edge_rag, h, w, degree, visited, e, a2, b2, elements, n_el)
+                    elements[start:n_el] = elements[start:n_el][::-1].copy()
+                    first = False
+                else:
+                    n_el = _walk(edge_rag, h, w, degree, visited, e, a2, b2, elements, n_el)
+    offsets[n_poly] = n_el
+    return elements, offsets[: n_poly + 1]
+
+
+@njit(cache=True)
+def _chord_distance(r0, c0, r1, c1, r, c):
+    length = np.sqrt((r1 - r0) ** 2 + (c1 - c0) ** 2)
+    if length == 0.0:
+        return np.sqrt((r - r0) ** 2 + (c - c0) ** 2)
+    return abs((r1 - r0) * c - (c1 - c0) * r + c1 * r0 - r1 * c0) / length
+
+
+@njit(cache=True)
+def oriented_reweight(elements, offsets, weights, orientations, h, w, epsilon, min_size, single_angle, out):
+    """Oriented watershed transform of the traced polylines (Arbelaez et al. PAMI 2011, sec. 4.1).
+
+    Each polyline is split recursively at its element farthest from the chord (while that
+    distance is ``>= epsilon * chord length`` and ``> min_size`` pixels), giving approximately
+    straight pieces. Each edge of a piece takes ``weight * |cos(orientation - pi/2 - angle)|``,
+    the edge-map strength projected on the piece's normal, where ``angle`` is the direction of
+    the piece's chord; an edge shared by two pieces keeps the larger value.
+    """
+    half_pi = np.pi / 2
+    split = np.zeros(elements.size, np.bool_)
+    stack = np.empty((elements.size + 2, 2), np.int64)
+    for t in range(offsets.size - 1):
+        s = offsets[t]
+        f = offsets[t + 1] - 1
+        split[s] = True
+        split[f] = True
+        stack[0, 0] = s
+        stack[0, 1] = f
+        n_stack = 1
+        while n_stack > 0:
+            n_stack -= 1
+            first = stack[n_stack, 0]
+            last = stack[n_stack, 1]
+            if last - first < 2:
+                continue
+            r0, c0 = _edge_point(elements[first], h, w)
+            r1, c1 = _edge_point(elements[last], h, w)
+            best = epsilon * np.sqrt((r1 - r0) ** 2 + (c1 - c0) ** 2)
+            at = -1
+            for i in range(first + 1, last):
+                r, c = _edge_point(elements[i], h, w)
+                d = _chord_distance(r0, c0, r1, c1, r, c)
+                if d >= best and d > min_size:
+                    best = d
+                    at = i
+            if at >= 0:
+                split[at] = True
+                stack[n_stack, 0] = first
+                stack[n_stack, 1] = at
+                stack[n_stack + 1, 0] = at
+                stack[n_stack + 1, 1] = last
+                n_stack += 2
+        first = s
+        for i in range(s + 1, f + 1):
+            if not split[i]:
+                continue
+            r0, c0 = _edge_point(elements[first], h, w)
+            r1, c1 = _edge_point(elements[i], h, w)
+            angle = np.arctan2(r0 - r1, c0 - c1) % np.pi
+            for q in range(first, i + 1):
+                e = elements[q]
+                v = weights[e] * abs(np.cos(orientations[e] - half_pi - angle))
+                if v > out[e]:
+                    out[e] = v
+            first = i
+        if f == s:  # one-edge polyline: its own direction (a horizontal edge's contour is vertical)
+            e = elements[s]
+            angle = single_angle if single_angle >= 0.0 else (half_pi if e < h * w else 0.0)
+            v = weights[e] * abs(np.cos(orientations[e] - half_pi - angle))
+            if v > out[e]:
+                out[e] = v
+
+
+# --------------------------------------------------------------------------------------------
+# Greedy merging by mean boundary strength (average linkage on the RAG)
+# --------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _less(ka, ia, kb, ib):
+    return ka < kb or (ka == kb and ia < ib)
+
+
+@njit(cache=True)
+def _heap_push(keys, ids, size, key, ident):
+    i = size
+    keys[i] = key
+    ids[i] = ident
+    while i > 0:
+        parent = (i - 1) >> 1
+        if _less(keys[i], ids[i], keys[parent], ids[parent]):
+            keys[i], keys[parent] = keys[parent], keys[i]
+            ids[i], ids[parent] = ids[parent], ids[i]
+            i = parent
+        else:
+            break
+    return size + 1
+
+
+@njit(cache=True)
+def _heap_pop(keys, ids, size):
+    size -= 1
+    keys[0] = keys[size]
+    ids[0] = ids[size]
+    i = 0
+    while True:
+        left = 2 * i + 1
+        if left >= size:
+            break
+        child = left
+        right = left + 1
+        if right < size and _less(keys[right], ids[right], keys[left], ids[left]):
+            child = right
+        if _less(keys[child], ids[child], keys[i], ids[i]):
+            keys[i], keys[child] = keys[child], keys[i]
+            ids[i], ids[child] = ids[child], ids[i]
+            i = child
+        else:
+            break
+    return size
+
+
+@njit(cache=True)
+def mean_boundary_merge(n_regions, sources, targets, sums, lengths, parents, altitudes, rag_altitudes):
+    """Merge the regions greedily, weakest mean boundary first; fills the binary merge tree.
+
+    ``parents``/``altitudes`` have ``2 * n_regions - 1`` entries: leaves ``0..n-1``, then one node
+    per merge in merge order; the root is its own parent. A merged region's boundary with each
+    neighbour is the length-weighted mean of the two boundaries it replaces (BSR's
+    ``ucm_mean_pb``). Ties go to the lower RAG edge index. ``rag_altitudes[r]`` receives the
+    altitude at which RAG edge ``r``'s two regions merge (the ucm value of that boundary).
+    Altitudes are made non-decreasing against float rounding. Returns the number of nodes
+    used (``2n - 1`` for a connected RAG; components left apart are joined at the top).
+    """
+    n_rag = sources.size
+    n_nodes = 2 * n_regions - 1
+    for x in range(n_nodes):
+        parents[x] = x
+        altitudes[x] = 0.0
+    # adjacency: one half-edge per (edge, endpoint) in singly linked lists per node
+    he_next = np.full(2 * n_rag, -1, np.int64)
+    head = np.full(n_nodes, -1, np.int64)
+    tail = np.full(n_nodes, -1, np.int64)
+    end0 = sources.astype(np.int64)
+    end1 = targets.astype(np.int64)
+    alive = np.ones(n_rag, np.bool_)
+    merged_into = np.full(n_rag, -1, np.int64)
+    popped_alt = np.zeros(n_rag, np.float64)
+    s = sums.copy()
+    ln = lengths.copy()
+    current = np.empty(n_rag, np.float64)
+    capacity = 4 * n_rag + 16
+    hkeys = np.empty(capacity, np.float64)
+    hids = np.empty(capacity, np.int64)
+    size = 0
+    for r in range(n_rag):
+        for side in range(2):
+            x = end0[r] if side == 0 else end1[r]
+            h = 2 * r + side
+            if head[x] < 0:
+                head[x] = h
+            else:
+                he_next[tail[x]] = h
+            tail[x] = h
+        current[r] = s[r] / ln[r] if ln[r] > 0 else 0.0
+        size = _heap_push(hkeys, hids, size, current[r], r)
+    stamp = np.full(n_nodes, -1, np.int64)
+    slot = np.empty(n_nodes, np.int64)
+    changed = np.zeros(n_rag, np.bool_)
+    touched = np.empty(n_rag, np.int64)
+    next_node = n_regions
+    last_alt = 0.0
+    while size > 0 and next_node < n_nodes:
+        key = hkeys[0]
+        r = hids[0]
+        size = _heap_pop(hkeys, hids, size)
+        if not alive[r] or key != current[r]:
+            continue
+        a = end0[r]
+        b = end1[r]
+        c = next_node
+        next_node += 1
+        alt = key if key > last_alt else last_alt
+        last_alt = alt
+        parents[a] = c
+        parents[b] = c
+        altitudes[c] = alt
+        alive[r] = False
+        popped_alt[r] = alt
+        n_touched = 0
+        for side in range(2):
+            x = a if side == 0 else b
+            h = head[x]
+            while h >= 0:
+                nxt = he_next[h]
+                e = h >> 1
+                if alive[e]:
+                    if end0[e] == x:
+                        end0[e] = c
+                        other = end1[e]
+                    else:
+                        end1[e] = c
+                        other = end0[e]
+                    if stamp[other] != c:
+                        stamp[other] = c
+                        slot[other] = e
+                        he_next[h] = -1
+                        if head[c] < 0:
+                            head[c] = h
+                        else:
+                            he_next[tail[c]] = h
+                        tail[c] = h
+                    else:
+                        keep = slot[other]
+                        s[keep] += s[e]
+                        ln[keep] += ln[e]
+                        alive[e] = False
+                        merged_into[e] = keep
+                        if not changed[keep]:
+                            changed[keep] = True
+                            touched[n_touched] = keep
+                            n_touched += 1
+                h = nxt
+        for t in range(n_touched):
+            e = touched[t]
+            changed[e] = False
+            current[e] = s[e] / ln[e] if ln[e] > 0 else 0.0
+            if size >= capacity:
+                capacity *= 2
+                k2 = np.empty(capacity, np.float64)
+                i2 = np.empty(capacity, np.int64)
+                k2[:size] = hkeys[:size]
+                i2[:size] = hids[:size]
+                hkeys = k2
+                hids = i2
+            size = _heap_push(hkeys, hids, size, current[e], e)
+    # a disconnected RAG (not produced by a grid) leaves several roots: chain them at the top
+    top = next_node - 1
+    for x in range(next_node):
+        if parents[x] == x and x != top and next_node < n_nodes:
+            c = next_node
+            next_node += 1
+            parents[x] = c
+            parents[top] = c
+            altitudes[c] = last_alt
+            top = c
+    for r in range(n_rag):
+        q = r
+        while merged_into[q] >= 0:
+            q = merged_into[q]
+        rag_altitudes[r] = popped_alt[q] if not alive[q] else last_alt
+    return next_node
+
+
+# --------------------------------------------------------------------------------------------
+# Tree -> cuts and ucm2
+# --------------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def cut_leaves(parents, altitudes, threshold, n_leaves, out):
+    """Label leaves by the highest ancestor reachable through nodes of altitude <= threshold.
+
+    Labels are ``0..k-1`` in order of each region's smallest leaf; returns ``k``.
+    """
+    n_nodes = parents.size
+    rep = np.empty(n_nodes, np.int64)
+    for x in range(n_nodes - 1, -1, -1):
+        p = parents[x]
+        if p == x or altitudes[p] > threshold:
+            rep[x] = x
+        else:
+            rep[x] = rep[p]
+    relabel = np.full(n_nodes, -1, np.int64)
+    k = 0
+    for leaf in range(n_leaves):
+        r = rep[leaf]
+        if relabel[r] < 0:
+            relabel[r] = k
+            k += 1
+        out[leaf] = relabel[r]
+    return k
+
+
+@njit(cache=True)
+def lca_altitudes(parents, altitudes, sources, targets, out):
+    """Altitude of the lowest common ancestor of each (source, target) leaf pair."""
+    n_nodes = parents.size
+    depth = np.zeros(n_nodes, np.int64)
+    for x in range(n_nodes - 1, -1, -1):
+        p = parents[x]
+        depth[x] = 0 if p == x else depth[p] + 1
+    for t in range(sources.size):
+        u = np.int64(sources[t])
+        v = np.int64(targets[t])
+        while depth[u] > depth[v]:
+            u = parents[u]
+        while depth[v] > depth[u]:
+            v = parents[v]
+        while u != v:
+            u = parents[u]
+            v = parents[v]
+        out[t] = altitudes[u]
+
+
+@njit(cache=True)
+def paint_ucm2(edge_rag, rag_values, h, w, ucm2):
+    """Write RAG edge values on the doubled grid: 1-faces from edges, 0-faces = max of their 1-faces, frame = copy of its neighbours."""
+    n = h * w
+    for p in range(n):
+        i = p // w
+        j = p - i * w
+        if j < w - 1 and edge_rag[p] >= 0:
+            ucm2[2 * i + 1, 2 * j + 2] = rag_values[edge_rag[p]]
+        if i < h - 1 and edge_rag[n + p] >= 0:
+            ucm2[2 * i + 2, 2 * j + 1] = rag_values[edge_rag[n + p]]
+    for a in range(1, h):
+        for b in range(1, w):
+            y = 2 * a
+            x = 2 * b
+            v = ucm2[y - 1, x]
+            if ucm2[y + 1, x] > v:
+                v = ucm2[y + 1, x]
+            if ucm2[y, x - 1] > v:
+                v = ucm2[y, x - 1]
+            if ucm2[y, x + 1] > v:
+                v = ucm2[y, x + 1]
+            ucm2[y, x] = v
+    # outer frame: a copy of the neighbouring row/column, as in BSR's ucm2 files (boundaries
+    # reach the border, and labelling ``ucm2 <= t`` cannot join regions through the frame)
+    ucm2[0, :] = ucm2[1, :]
+    ucm2[2 * h, :] = ucm2[2 * h - 1, :]
+    ucm2[:, 0] = ucm2[:, 1]
+    ucm2[:, 2 * w] = ucm2[:, 2 * w - 1]

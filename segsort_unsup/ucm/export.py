@@ -1,0 +1,103 @@
+"""Exports of a segments item: ucm/label PNGs, an overview picture, BSDS ``.mat`` files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..io.store import Item
+from ..log import get_logger
+from .hierarchy import cut_labels
+
+log = get_logger("ucm")
+
+
+def ucm_image(ucm2: np.ndarray) -> np.ndarray:
+    """The ucm on the image grid (BSR's ``imageSize`` format: ``ucm2[2::2, 2::2]``), float32 (H, W)."""
+    return np.ascontiguousarray(ucm2[2::2, 2::2], dtype=np.float32)
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    top = max(1.0, float(values.max(initial=0.0)))
+    return np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def label_colors(labels: np.ndarray) -> np.ndarray:
+    """A stable colour per label (hash of the label number), uint8 (H, W, 3)."""
+    ids = labels.astype(np.uint64) + np.uint64(1)
+    mixed = (ids * np.uint64(2654435761)) & np.uint64(0xFFFFFF)
+    rgb = np.stack([(mixed >> np.uint64(s)) & np.uint64(255) for s in (16, 8, 0)], axis=-1).astype(np.uint8)
+    return (rgb // 2 + 64).astype(np.uint8)
+
+
+def _overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    from skimage.segmentation import find_boundaries
+
+    out = (0.6 * image + 0.4 * label_colors(labels)).astype(np.uint8)
+    out[find_boundaries(labels, mode="inner")] = (255, 40, 40)
+    return out
+
+
+def _save_png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def overview_levels(threshold: float, levels: tuple[float, ...]) -> tuple[float, float]:
+    """The two cuts shown in the overview: the extreme ``levels`` or, lacking two, half the threshold and the threshold."""
+    if len(levels) >= 2:
+        return min(levels), max(levels)
+    if len(levels) == 1:
+        return tuple(sorted((threshold, levels[0])))  # type: ignore[return-value]
+    return threshold / 2, threshold
+
+
+def export_item(item: Item, config, *, png_dir=None, mat_dir=None, source_store: str = "") -> None:
+    """Write ``<key>_ucm.png``, ``<key>_labels.png``, ``<key>_overview.png`` and/or ``<key>.mat``."""
+    ucm2 = item.arrays["ucm2"]
+    if mat_dir is not None:
+        import scipy.io
+
+        path = Path(mat_dir) / f"{item.key}.mat"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as fh:
+            scipy.io.savemat(fh, {"ucm2": ucm2.astype(np.float64)}, do_compression=True)
+        os.replace(tmp, path)
+    if png_dir is None:
+        return
+    root = Path(png_dir)
+    contours = _to_uint8(ucm_image(ucm2))
+    _save_png(root / f"{item.key}_ucm.png", contours)
+    _save_png(root / f"{item.key}_labels.png", label_colors(item.arrays["labels"]))
+    parents, altitudes, leaves = item.arrays["parents"], item.arrays["altitudes"], item.arrays["leaves"]
+    cuts = [cut_labels(parents, altitudes, threshold=t)[leaves] for t in overview_levels(config.threshold, config.levels)]
+    panels = []
+    image = None
+    source = str(item.attrs.get("source", ""))
+    if source and source_store:  # the contours store names the photo; an edge PNG is no photo
+        from ..errors import BadImageError
+        from ..io.images import read_image
+
+        try:
+            image = read_image(source)
+            if image.shape[:2] != contours.shape:
+                log.warning("%s: source image %s has another size; overview without it", item.key, source)
+                image = None
+        except BadImageError as exc:
+            log.warning("%s: no image panel in the overview (%s)", item.key, exc)
+    if image is not None:
+        panels.append(image)
+    panels.append(np.repeat(255 - contours[..., None], 3, axis=2))
+    base = image if image is not None else np.full(contours.shape + (3,), 255, np.uint8)
+    panels.extend(_overlay(base, labels) for labels in cuts)
+    gap = np.full((contours.shape[0], 4, 3), 255, np.uint8)
+    row = [panels[0]]
+    for panel in panels[1:]:
+        row.extend([gap, panel])
+    _save_png(root / f"{item.key}_overview.png", np.concatenate(row, axis=1))

@@ -1,0 +1,143 @@
+"""Ultrametric contour maps: greedy merging by mean boundary strength, cuts, ``ucm2``.
+
+A hierarchy is ``(parents, altitudes)``: ``2n - 1`` nodes, leaves ``0..n-1`` are the watershed
+regions (pixels map to leaves through the ``leaves`` map of
+:class:`~segsort_unsup.ucm.owt.OrientedWatershed`), node ``n + t`` is the ``t``-th merge, the
+root is its own parent, and altitudes never decrease towards the root. The ultrametric
+contour map (ucm) gives each boundary the altitude at which its two regions merge; on the
+doubled grid ``ucm2`` of shape ``(2H + 1, 2W + 1)`` (the BSDS layout) pixel ``(i, j)`` is
+``ucm2[2i + 1, 2j + 1]`` and boundaries sit on the even rows/columns, so
+``label(ucm2 <= t)[1::2, 1::2]`` is the segmentation at ``t`` (:func:`labels_from_ucm2`). The outer
+frame repeats its neighbouring row/column, as in BSR's ucm2 files and higra's Khalimsky grids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _kernels as k
+from .owt import OrientedWatershed, oriented_watershed
+
+
+def _check_tree(parents: np.ndarray, altitudes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    parents = np.ascontiguousarray(np.asarray(parents), dtype=np.int64)
+    altitudes = np.ascontiguousarray(np.asarray(altitudes), dtype=np.float64)
+    if parents.ndim != 1 or parents.shape != altitudes.shape or parents.size % 2 != 1:
+        raise ValueError(
+            f"parents and altitudes must be 1-D of the same odd length 2n-1, got {parents.shape} and {altitudes.shape}"
+        )
+    idx = np.arange(parents.size)
+    if (parents < idx).any() or parents[-1] != parents.size - 1:
+        raise ValueError("parents must point to higher node indices and the last node must be the root")
+    return parents, altitudes
+
+
+def _n_leaves(parents: np.ndarray) -> int:
+    return (parents.size + 1) // 2
+
+
+def mean_boundary_hierarchy(ows: OrientedWatershed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge tree of the watershed regions, weakest mean boundary first (BSR's ``ucm_mean_pb``).
+
+    Returns ``(parents int32, altitudes float32, boundary_altitudes float32)``; the last gives,
+    for each RAG edge of ``ows``, the altitude at which its two regions merge.
+    """
+    n = max(ows.n_regions, 1)
+    parents = np.empty(2 * n - 1, np.int64)
+    altitudes = np.empty(2 * n - 1, np.float64)
+    rag_alt = np.empty(ows.sources.size, np.float64)
+    k.mean_boundary_merge(n, ows.sources, ows.targets, ows.sums, ows.lengths, parents, altitudes, rag_alt)
+    return parents.astype(np.int32), altitudes.astype(np.float32), rag_alt.astype(np.float32)
+
+
+def cut_labels(parents: np.ndarray, altitudes: np.ndarray, *, threshold: float) -> np.ndarray:
+    """Leaf labels of the cut at ``threshold``: leaves joined by nodes of altitude ``<= threshold``.
+
+    Returns an int32 array with one label per leaf, ``0..k-1`` in order of each region's
+    smallest leaf (raster order, when leaves are watershed regions). Index it with the
+    ``leaves`` map to get a pixel label map.
+    """
+    parents, altitudes = _check_tree(parents, altitudes)
+    labels = np.empty(_n_leaves(parents), np.int32)
+    k.cut_leaves(parents, altitudes, float(threshold), labels.size, labels)
+    return labels
+
+
+def ucm2_from_tree(parents: np.ndarray, altitudes: np.ndarray, leaves: np.ndarray) -> np.ndarray:
+    """The ``(2H + 1, 2W + 1)`` float32 ucm2 of a merge tree over the regions of ``leaves``.
+
+    Each boundary between two leaves takes the altitude of their lowest common ancestor;
+    corners take the largest of their four boundaries; pixels are 0; the outer frame repeats
+    its neighbouring row/column.
+    """
+    parents, altitudes = _check_tree(parents, altitudes)
+    leaves = np.ascontiguousarray(np.asarray(leaves), dtype=np.int32)
+    if leaves.ndim != 2:
+        raise ValueError(f"leaves must be a 2-D (H, W) label map, got shape {leaves.shape}")
+    n = _n_leaves(parents)
+    if leaves.size and (leaves.min() < 0 or leaves.max() >= n):
+        raise ValueError(f"leaves holds labels outside 0..{n - 1} (the tree's leaves)")
+    h, w = leaves.shape
+    edge_rag = np.empty(2 * h * w, np.int64)
+    sources, targets = k.region_adjacency(leaves.ravel(), h, w, n, edge_rag)
+    values = np.empty(sources.size, np.float64)
+    k.lca_altitudes(parents, altitudes, sources, targets, values)
+    return _paint(edge_rag, values.astype(np.float32), h, w)
+
+
+def _paint(edge_rag: np.ndarray, values: np.ndarray, h: int, w: int) -> np.ndarray:
+    ucm2 = np.zeros((2 * h + 1, 2 * w + 1), np.float32)
+    k.paint_ucm2(edge_rag, np.ascontiguousarray(values, dtype=np.float32), h, w, ucm2)
+    return ucm2
+
+
+def labels_from_ucm2(ucm2: np.ndarray, threshold: float) -> np.ndarray:
+    """Segmentation of a ucm2 at ``threshold`` (regions of ``ucm2 <= threshold``), int32 ``(H, W)`` from 0."""
+    from skimage.measure import label
+
+    ucm2 = np.asarray(ucm2)
+    if ucm2.ndim != 2 or ucm2.shape[0] % 2 != 1 or ucm2.shape[1] % 2 != 1:
+        raise ValueError(f"ucm2 must be (2H+1, 2W+1), got shape {ucm2.shape}")
+    return (label(ucm2 <= threshold, connectivity=1, background=0)[1::2, 1::2] - 1).astype(np.int32)
+
+
+@dataclass(frozen=True)
+class Ucm:
+    """An ultrametric contour map with its merge tree.
+
+    ``leaves`` (H, W) int32 maps pixels to tree leaves; pixel labels at any threshold are
+    ``cut_labels(parents, altitudes, threshold=t)[leaves]``.
+    """
+
+    ucm2: np.ndarray
+    parents: np.ndarray
+    altitudes: np.ndarray
+    leaves: np.ndarray
+
+    def labels(self, threshold: float) -> np.ndarray:
+        """Pixel labels ``(H, W)`` int32 at ``threshold``."""
+        return cut_labels(self.parents, self.altitudes, threshold=threshold)[self.leaves]
+
+
+def ultrametric_contour_map(
+    edge: np.ndarray,
+    orientation: np.ndarray | None = None,
+    *,
+    epsilon: float = 0.1,
+    min_size: float = 2.0,
+    single_edge_angle: float | None = 0.0,
+) -> Ucm:
+    """OWT-UCM of a contour map: oriented watershed, then greedy merging by mean boundary strength.
+
+    ``edge`` (H, W) contour strength; ``orientation`` (H, W) contour normal in radians (optional,
+    enables the oriented watershed transform); the keywords are those of
+    :func:`~segsort_unsup.ucm.owt.oriented_watershed`. Altitudes are mean boundary strengths on the
+    scale of ``edge`` (no sigmoid calibration as in BSR's gPb ``normalize_output``).
+    """
+    ows = oriented_watershed(edge, orientation, epsilon=epsilon, min_size=min_size, single_edge_angle=single_edge_angle)
+    parents, altitudes, rag_alt = mean_boundary_hierarchy(ows)
+    h, w = ows.shape
+    ucm2 = _paint(ows.edge_rag, rag_alt, h, w)
+    return Ucm(ucm2, parents, altitudes, ows.leaves)

@@ -1,0 +1,62 @@
+"""``segsort-unsup ucm`` through click's CliRunner: PNG input, store input, bad items."""
+
+from __future__ import annotations
+
+import numpy as np
+from click.testing import CliRunner
+from PIL import Image
+
+from segsort_unsup.cli import main
+from segsort_unsup.io.store import StoreReader
+from tests.ucm.maps import bsds_maps
+from tests.ucm.test_stage import make_contours_store
+
+
+def _pngs(folder, bsds, ids=("100007", "100099")):
+    folder.mkdir(parents=True, exist_ok=True)
+    maps = bsds_maps(bsds, ids=ids)
+    for image_id, edge, _ in maps:
+        Image.fromarray((edge * 255).astype(np.uint8)).save(folder / f"{image_id}.png")
+    return maps
+
+
+def test_png_folder(tmp_path, bsds):
+    _pngs(tmp_path / "edges", bsds)
+    result = CliRunner().invoke(main, ["-q", "ucm", str(tmp_path / "edges"), "-o", str(tmp_path / "seg"),
+                                       "--levels", "0.2,0.6", "--png-dir", str(tmp_path / "png")])
+    assert result.exit_code == 0, result.output
+    with StoreReader(tmp_path / "seg", kind="segments") as store:
+        assert store.keys() == ["100007", "100099"]
+        assert store["100007"].arrays["labels_levels"].shape[0] == 2
+    assert (tmp_path / "png" / "100007_overview.png").is_file()
+
+
+def test_store_input_and_resume(tmp_path, bsds):
+    maps = bsds_maps(bsds, ids=("100007",))
+    src = make_contours_store(tmp_path / "contours", maps, bsds)
+    args = ["-q", "ucm", str(src), "-o", str(tmp_path / "seg"), "--threshold", "0.4", "--mat-dir", str(tmp_path / "mat")]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert (tmp_path / "mat" / "100007.mat").is_file()
+    second = CliRunner().invoke(main, args)
+    assert second.exit_code == 0 and "1 already complete" in second.output
+    changed = CliRunner().invoke(main, args[:-3] + ["0.6"])
+    assert changed.exit_code == 1 and "--overwrite" in changed.output
+
+
+def test_bad_items_are_reported_and_the_rest_kept(tmp_path, bsds):
+    _pngs(tmp_path / "edges", bsds, ids=("100007",))
+    (tmp_path / "edges" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    listing = tmp_path / "list.txt"
+    listing.write_text("edges/100007.png\nedges/corrupt.png\nedges/missing.png\n")
+    result = CliRunner().invoke(main, ["-q", "ucm", str(listing), "-o", str(tmp_path / "seg")])
+    assert result.exit_code == 1
+    assert "corrupt.png" in result.output and "missing.png" in result.output and "file not found" in result.output
+    with StoreReader(tmp_path / "seg", kind="segments") as store:
+        assert store.keys() == ["edges/100007"]
+
+
+def test_bad_levels_is_a_usage_error(tmp_path, bsds):
+    _pngs(tmp_path / "edges", bsds, ids=("100007",))
+    result = CliRunner().invoke(main, ["ucm", str(tmp_path / "edges"), "-o", str(tmp_path / "s"), "--levels", "0.2,x"])
+    assert result.exit_code == 2 and "--levels" in result.output
