@@ -69,14 +69,20 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """Turn ``auto`` into the fastest accurate precision for ``device``."""
+def resolve_precision(precision: str, device: torch.device, model: ContourModel | None = None) -> str:
+    """Turn ``auto`` into the fastest accurate precision for ``device`` (and ``model``).
+
+    On CPU, models whose registry entry sets ``cpu_bf16=False`` stay in fp32 (bf16 gains
+    them little and costs accuracy).
+    """
     if precision not in PRECISIONS:
         raise InputError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if model is not None and not model.cpu_bf16:
+        return "fp32"
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
@@ -97,7 +103,8 @@ class EdgeDetector:
     model : registry name (``hed-bsds500``, ``pidinet``...) or entry.
     weights_path : weights file; ``None`` uses the verified cache file of ``model``.
     device : ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
-    precision : ``auto`` (bf16 on CPUs with AMX/AVX512-BF16 and on CUDA, else fp32), ``fp32``,
+    precision : ``auto`` (bf16 on CPUs with AMX/AVX512-BF16 and on CUDA, else fp32; see
+        :func:`resolve_precision`), ``fp32``,
         ``bf16`` or ``fp16``.
     scales : image scales whose probabilities are averaged (``(1.0,)``: single scale).
     batch_size : images per forward pass (same-size images only; also capped by pixel count);
@@ -136,7 +143,7 @@ class EdgeDetector:
         self.tile = tile
         self.tile_overlap = int(tile_overlap)
         self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = resolve_precision(precision, self.device, self.entry)
         # On CPU one image at a time is fastest (measured for HED and PiDiNet: a batch only adds
         # memory traffic); GPUs want batches.
         self.batch_size = int(batch_size) if batch_size is not None else (8 if self.device.type == "cuda" else 1)

@@ -105,3 +105,14 @@ def test_detect_files_reports_bad_files_and_goes_on(tmp_path, bf16, image):
     assert results["good"].edge.shape == (40, 60) and results["good"].error is None
     assert isinstance(results["bad"].error, BadImageError) and results["bad"].edge is None
     assert isinstance(results["missing"].error, BadImageError)
+
+
+def test_auto_precision_per_model():
+    from segsort_unsup.contours.registry import get_model
+
+    cpu = torch.device("cpu")
+    fast = "bf16" if cpu_has_fast_bf16() else "fp32"
+    assert resolve_precision("auto", cpu, get_model("hed-bsds500")) == fast
+    assert resolve_precision("auto", cpu, get_model("pidinet")) == fast
+    assert resolve_precision("auto", cpu, get_model("pidinet-tiny")) == "fp32"
+    assert resolve_precision("bf16", cpu, get_model("pidinet-tiny")) == "bf16"
