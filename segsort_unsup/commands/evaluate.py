@@ -32,7 +32,7 @@ def evaluate() -> None:
 @click.option("--thin/--no-thin", default=True, show_default=True,
               help="Thin thresholded maps to 1-pixel curves (BSR default).")
 @click.option("--nms/--no-nms", default=True, show_default=True,
-              help="Non-maximum suppression of contours-store edge maps (edge_nms with the stored orientation).")
+              help="Non-maximum suppression of contours-store edge maps (edge_nms, orientation recomputed as the HED/PiDiNet protocol does).")
 @click.option("--label", default="", help="Name of the method in the PR-curve legend.")
 @workers_option
 @overwrite_option
