@@ -44,7 +44,7 @@ def test_bad_input_batch(tmp_path, photo, hed_h5):
     assert np.asarray(Image.open(folder / "deep16.png")).dtype != np.uint8  # really 16-bit
 
     out = tmp_path / "store"
-    result = CliRunner().invoke(main, ["contours", str(folder), "-o", str(out), "--weights", str(hed_h5)])
+    result = CliRunner().invoke(main, ["contours", str(folder), "-o", str(out), "--model", "hed-bsds500", "--weights", str(hed_h5)])
     assert result.exit_code == 1, result.output
     bad = {"garbage", "truncated", "empty"}
     lines = [line for line in result.output.splitlines() if "failed:" in line]
@@ -74,7 +74,7 @@ def test_usage_errors(tmp_path, args, message):
 
 def test_missing_input_is_a_usage_error(tmp_path, hed_h5):
     result = CliRunner().invoke(main, ["contours", str(tmp_path / "nope"), "-o", str(tmp_path / "o"),
-                                       "--weights", str(hed_h5)])
+                                       "--model", "hed-bsds500", "--weights", str(hed_h5)])
     assert result.exit_code == 2 and "no such folder" in result.output
 
 
@@ -82,7 +82,7 @@ def test_missing_weights_say_which_command_to_run(tmp_path, home, photo):
     Image.fromarray(np.ascontiguousarray(photo[:40, :40])).save(tmp_path / "x.png")
     result = CliRunner().invoke(main, ["contours", str(tmp_path / "x.png"), "-o", str(tmp_path / "o")])
     assert result.exit_code == 1
-    assert "segsort-unsup weights fetch --model hed-bsds500" in result.output
+    assert "segsort-unsup weights fetch --model pidinet" in result.output
     assert len(result.output.strip().splitlines()) == 1
 
 
@@ -105,7 +105,7 @@ def test_weights_commands(home, hed_h5):
     fetched = runner.invoke(main, ["weights", "fetch", "--model", "hed-bsds500", "--from", str(hed_h5)])
     assert fetched.exit_code == 0, fetched.output
     assert "4502df9d0a88873911ea191cb2be5147d190f6a7f4c21731a418960f6bdb8e8f" in fetched.output
-    path = runner.invoke(main, ["weights", "path"])
+    path = runner.invoke(main, ["weights", "path", "--model", "hed-bsds500"])
     assert path.exit_code == 0 and path.output.strip().endswith("hed-bsds500-4502df9d.weights.h5")
     assert "hed-bsds500-4502df9d" in runner.invoke(main, ["weights", "list"]).output
     wrong = runner.invoke(main, ["weights", "fetch", "--model", "hed-bsds500", "--from", str(hed_h5),
@@ -126,7 +126,7 @@ def test_killed_run_resumes(tmp_path, photo, hed_h5):
         Image.fromarray(np.ascontiguousarray(crop)).save(folder / f"img{i:02d}.png")
     out = tmp_path / "store"
     cmd = [sys.executable, "-m", "segsort_unsup.cli", "-q", "contours", str(folder), "-o", str(out),
-           "--weights", str(hed_h5), "--shard-size", "1", "--batch-size", "1", "--threads", "1"]
+           "--model", "hed-bsds500", "--weights", str(hed_h5), "--shard-size", "1", "--batch-size", "1", "--threads", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     try:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import BadImageError, InputError
 from ..io.images import ImageRef, read_image
-from .registry import ContourModel, build_network, get_model
+from .registry import DEFAULT_MODEL, ContourModel, build_network, get_model
 from .weights import resolve_weights, sha256_file
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -116,7 +116,7 @@ class EdgeDetector:
 
     def __init__(
         self,
-        model: str | ContourModel = "hed-bsds500",
+        model: str | ContourModel = DEFAULT_MODEL,
         weights_path: str | os.PathLike | None = None,
         *,
         device: str = "auto",

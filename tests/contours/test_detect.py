@@ -19,12 +19,12 @@ def image(bsds):
 
 @pytest.fixture(scope="module")
 def fp32(hed_h5):
-    return EdgeDetector(weights_path=hed_h5, precision="fp32", device="cpu")
+    return EdgeDetector("hed-bsds500", weights_path=hed_h5, precision="fp32", device="cpu")
 
 
 @pytest.fixture(scope="module")
 def bf16(hed_h5):
-    return EdgeDetector(weights_path=hed_h5, precision="bf16", device="cpu")
+    return EdgeDetector("hed-bsds500", weights_path=hed_h5, precision="bf16", device="cpu")
 
 
 def _net(detector, rgb):
@@ -43,7 +43,7 @@ def test_batched_equals_one_by_one(fp32, image):
 
 def test_multiscale_is_the_average_of_rescaled_runs(hed_h5, fp32, image):
     crop = np.ascontiguousarray(image[:96, :128])
-    multi = EdgeDetector(weights_path=hed_h5, precision="fp32", device="cpu", scales=(0.5, 1.0))
+    multi = EdgeDetector("hed-bsds500", weights_path=hed_h5, precision="fp32", device="cpu", scales=(0.5, 1.0))
     x = torch.from_numpy(np.array(crop)).permute(2, 0, 1)[None].float()
     with torch.inference_mode():
         half = F.interpolate(x, size=(48, 64), mode="bilinear", align_corners=False, antialias=True)
@@ -54,7 +54,7 @@ def test_multiscale_is_the_average_of_rescaled_runs(hed_h5, fp32, image):
 
 def test_tiles_match_whole_image(hed_h5, bf16, image):
     crop = np.ascontiguousarray(image[:320, :480])  # sizes on the /32 grid: tiles reproduce the whole
-    tiled = EdgeDetector(weights_path=hed_h5, precision="bf16", device="cpu", max_side=384, tile_overlap=256)
+    tiled = EdgeDetector("hed-bsds500", weights_path=hed_h5, precision="bf16", device="cpu", max_side=384, tile_overlap=256)
     whole, pieces = bf16.detect(crop), tiled.detect(crop)
     assert np.abs(whole - pieces).max() < 0.01
     # odd sizes: HED's stretched deep sides differ between sizes, but the maps stay close on average
@@ -64,7 +64,7 @@ def test_tiles_match_whole_image(hed_h5, bf16, image):
 
 
 def test_refuses_large_images_without_tiling(hed_h5, image):
-    strict = EdgeDetector(weights_path=hed_h5, precision="bf16", device="cpu", max_side=400, tile=False)
+    strict = EdgeDetector("hed-bsds500", weights_path=hed_h5, precision="bf16", device="cpu", max_side=400, tile=False)
     with pytest.raises(BadImageError, match="max-side"):
         strict.detect(image)
 
@@ -89,7 +89,7 @@ def test_precision_auto(hed_h5):
     with pytest.raises(InputError):
         resolve_precision("int8", cpu)
     with pytest.raises(InputError):
-        EdgeDetector(weights_path=hed_h5, scales=())
+        EdgeDetector("hed-bsds500", weights_path=hed_h5, scales=())
 
 
 def test_detect_files_reports_bad_files_and_goes_on(tmp_path, bf16, image):

@@ -27,11 +27,11 @@ def folder(tmp_path_factory, bsds):
 
 
 def test_store_contract_and_pngs(tmp_path, folder, hed_h5):
-    config = ContoursConfig(precision="fp32", device="cpu", batch_size=2)
+    config = ContoursConfig(model="hed-bsds500", precision="fp32", device="cpu", batch_size=2)
     summary = run_contours(config, str(folder), tmp_path / "store", weights_path=hed_h5,
                            png_dir=tmp_path / "png", nms_png=True)
     assert (summary.done, summary.skipped, summary.failed, summary.total) == (3, 0, [], 3)
-    detector = EdgeDetector(weights_path=hed_h5, precision="fp32", device="cpu")
+    detector = EdgeDetector("hed-bsds500", weights_path=hed_h5, precision="fp32", device="cpu")
     with StoreReader(tmp_path / "store", kind="contours", required=("edge", "orientation")) as store:
         assert store.keys() == sorted(SIZES)
         assert store.meta["model"] == "hed-bsds500" and store.meta["weights_sha256"].startswith("4502df9d")
@@ -56,26 +56,26 @@ def test_store_contract_and_pngs(tmp_path, folder, hed_h5):
 
 def test_rerun_skips_done_items_and_checks_config(tmp_path, folder, hed_h5):
     out = tmp_path / "store"
-    base = ContoursConfig(precision="bf16", device="cpu")
+    base = ContoursConfig(model="hed-bsds500", precision="bf16", device="cpu")
     first = run_contours(base, str(folder), out, weights_path=hed_h5)
     assert first.done == 3
     # batch size, shard size and PNGs do not change results: the store resumes
-    again = run_contours(ContoursConfig(precision="bf16", device="cpu", batch_size=1, shard_size=2),
+    again = run_contours(ContoursConfig(model="hed-bsds500", precision="bf16", device="cpu", batch_size=1, shard_size=2),
                          str(folder), out, weights_path=hed_h5, png_dir=tmp_path / "png")
     assert (again.done, again.skipped) == (0, 3)
     # scales and precision do: refused unless --overwrite
     with pytest.raises(StoreError, match="scales"):
-        run_contours(ContoursConfig(precision="bf16", device="cpu", scales=(0.5, 1)), str(folder), out,
+        run_contours(ContoursConfig(model="hed-bsds500", precision="bf16", device="cpu", scales=(0.5, 1)), str(folder), out,
                      weights_path=hed_h5)
     with pytest.raises(StoreError, match="precision"):
-        run_contours(ContoursConfig(precision="fp32", device="cpu"), str(folder), out, weights_path=hed_h5)
-    redo = run_contours(ContoursConfig(precision="fp32", device="cpu"), str(folder), out, weights_path=hed_h5,
+        run_contours(ContoursConfig(model="hed-bsds500", precision="fp32", device="cpu"), str(folder), out, weights_path=hed_h5)
+    redo = run_contours(ContoursConfig(model="hed-bsds500", precision="fp32", device="cpu"), str(folder), out, weights_path=hed_h5,
                         overwrite=True)
     assert (redo.done, redo.skipped) == (3, 0)
 
 
 def test_config_hash_covers_results_only():
-    config = ContoursConfig(scales=[1, 0.5])
+    config = ContoursConfig(model="hed-bsds500", scales=[1, 0.5])
     assert config.scales == (1.0, 0.5)
     hashed = config.result_config(weights_sha256="ab" * 32, precision="bf16")
     assert {"model", "weights_sha256", "precision", "scales"} <= set(hashed)
