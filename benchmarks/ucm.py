@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--bsds", type=Path,
                         default=Path(os.environ.get("SEGSORT_SHARED", REPO.parent / "shared")) / "data" / "bsds500")
+    parser.add_argument("--contours", type=Path, action="append", default=[],
+                        help="also time the maps of a contours store (e.g. PiDiNet or HED on BSDS500); repeatable")
     args = parser.parse_args()
 
     import higra as hg
@@ -59,6 +61,16 @@ def main() -> None:
         sob = filters.sobel(color.rgb2gray(photo)).astype(np.float32)
         sob /= max(float(sob.max()), 1e-6)
         inputs["sobel"].append((sob, edge_orientation(sob)))
+
+    from segsort_unsup.io.store import StoreReader
+
+    for root in args.contours:
+        with StoreReader(root, kind="contours", required=("edge", "orientation")) as store:
+            label = str(store.meta.get("model", root.name))
+            inputs[label] = [
+                tuple(np.asarray(store[k].arrays[n], np.float32) for n in ("edge", "orientation"))
+                for k in store.keys()[: args.images]
+            ]
 
     edge, orient = inputs["gt-blur"][0]
     t0 = time.perf_counter()
@@ -88,9 +100,9 @@ def main() -> None:
 
     print(f"OWT-UCM, {len(ids)} BSDS500 test images (481x321), s/image, best of {args.repeat}, one process")
     print(f"numba warm-up (first call, compile or cache load): {warmup:.2f} s, excluded")
-    print(f"{'input':<10} {'images':>6} {'regions':>8} {'segsort-unsup':>14} {'higra':>8} {'higra/ours':>11}")
+    print(f"{'input':<14} {'images':>6} {'regions':>8} {'segsort-unsup':>14} {'higra':>8} {'higra/ours':>11}")
     for kind, n, reg, ours, theirs in rows:
-        print(f"{kind:<10} {n:>6} {reg:>8} {ours:>14.4f} {theirs:>8.4f} {theirs / ours:>10.2f}x")
+        print(f"{kind:<14} {n:>6} {reg:>8} {ours:>14.4f} {theirs:>8.4f} {theirs / ours:>10.2f}x")
 
 
 if __name__ == "__main__":
