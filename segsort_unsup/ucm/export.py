@@ -57,8 +57,21 @@ def overview_levels(threshold: float, levels: tuple[float, ...]) -> tuple[float,
     return threshold / 2, threshold
 
 
-def export_item(item: Item, config, *, png_dir=None, mat_dir=None, source_store: str = "") -> None:
-    """Write ``<key>_ucm.png``, ``<key>_labels.png``, ``<key>_overview.png`` and/or ``<key>.mat``."""
+def _titled(panel: np.ndarray, title: str) -> np.ndarray:
+    """The panel with a white title strip above it (PIL's built-in font: no font files needed)."""
+    from PIL import ImageDraw
+
+    strip = Image.new("RGB", (panel.shape[1], 16), (255, 255, 255))
+    ImageDraw.Draw(strip).text((4, 2), title, fill=(0, 0, 0))
+    return np.concatenate([np.asarray(strip), panel], axis=0)
+
+
+def export_item(item: Item, config, *, png_dir=None, mat_dir=None, source_store: str = "",
+                edge: np.ndarray | None = None) -> None:
+    """Write ``<key>_ucm.png``, ``<key>_labels.png``, ``<key>_overview.png`` and/or ``<key>.mat``.
+
+    The overview is image | contours (``edge``, else the ucm) | segments at two cuts, titled.
+    """
     ucm2 = item.arrays["ucm2"]
     if mat_dir is not None:
         import scipy.io
@@ -76,8 +89,9 @@ def export_item(item: Item, config, *, png_dir=None, mat_dir=None, source_store:
     _save_png(root / f"{item.key}_ucm.png", contours)
     _save_png(root / f"{item.key}_labels.png", label_colors(item.arrays["labels"]))
     parents, altitudes, leaves = item.arrays["parents"], item.arrays["altitudes"], item.arrays["leaves"]
-    cuts = [cut_labels(parents, altitudes, threshold=t)[leaves] for t in overview_levels(config.threshold, config.levels)]
-    panels = []
+    levels = overview_levels(config.threshold, config.levels)
+    cuts = [cut_labels(parents, altitudes, threshold=t)[leaves] for t in levels]
+    panels: list[tuple[str, np.ndarray]] = []
     image = None
     source = str(item.attrs.get("source", ""))
     if source and source_store:  # the contours store names the photo; an edge PNG is no photo
@@ -92,12 +106,18 @@ def export_item(item: Item, config, *, png_dir=None, mat_dir=None, source_store:
         except BadImageError as exc:
             log.warning("%s: no image panel in the overview (%s)", item.key, exc)
     if image is not None:
-        panels.append(image)
-    panels.append(np.repeat(255 - contours[..., None], 3, axis=2))
+        panels.append(("image", image))
+    if edge is not None and edge.shape == contours.shape:
+        edge8 = np.clip(np.clip(edge, 0, 1) * 255 + 0.5, 0, 255).astype(np.uint8)  # probability, not stretched
+        panels.append(("contours", np.repeat(255 - edge8[..., None], 3, axis=2)))
+    else:
+        panels.append(("ucm", np.repeat(255 - contours[..., None], 3, axis=2)))
     base = image if image is not None else np.full(contours.shape + (3,), 255, np.uint8)
-    panels.extend(_overlay(base, labels) for labels in cuts)
-    gap = np.full((contours.shape[0], 4, 3), 255, np.uint8)
-    row = [panels[0]]
-    for panel in panels[1:]:
+    for t, labels in zip(levels, cuts):
+        panels.append((f"cut {t:g}: {int(labels.max()) + 1} segments", _overlay(base, labels)))
+    titled = [_titled(panel, title) for title, panel in panels]
+    gap = np.full((titled[0].shape[0], 4, 3), 255, np.uint8)
+    row = [titled[0]]
+    for panel in titled[1:]:
         row.extend([gap, panel])
     _save_png(root / f"{item.key}_overview.png", np.concatenate(row, axis=1))

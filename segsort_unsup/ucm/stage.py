@@ -241,6 +241,8 @@ def _write(config: UcmConfig, store_config: dict[str, Any], jobs: list[_Job], me
                 from .export import export_item
 
                 try:
-                    export_item(item, config, png_dir=png_dir, mat_dir=mat_dir, source_store=meta["source_store"])
+                    edge = _load(outcome.item)[0] if png_dir is not None else None
+                    export_item(item, config, png_dir=png_dir, mat_dir=mat_dir, source_store=meta["source_store"],
+                                edge=edge)
                 except Exception as exc:  # noqa: BLE001 - an export problem must not lose the stored result
                     log.warning("%s: export failed (%s)", key, exc)

@@ -105,7 +105,11 @@ def test_overview_without_readable_photo_and_plain_mean(tmp_path, gt_maps, bsds,
     assert summary.ok and summary.done == 1
     picture = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(tmp_path / "png" / f"{maps[0][0]}_overview.png"))
     h, w = maps[0][1].shape
-    assert picture.shape[0] == h and picture.shape[1] == 3 * w + 2 * 4  # contours | two cuts, no photo
+    assert picture.shape[0] == h + 16 and picture.shape[1] == 3 * w + 2 * 4  # titles; contours | two cuts, no photo
+    edge = np.asarray(maps[0][1], np.float32)
+    expected = 255 - np.clip(np.clip(edge, 0, 1) * 255 + 0.5, 0, 255).astype(np.uint8)
+    contours_panel = picture[16:, :w, 0].astype(int)  # the contour map itself, not the ucm
+    assert np.abs(contours_panel - expected).max() <= 1
     assert "no image panel" in caplog.text
     with StoreReader(tmp_path / "seg", kind="segments") as store:
         from segsort_unsup.ucm.hierarchy import ultrametric_contour_map
