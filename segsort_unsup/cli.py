@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "ucm": "segsort_unsup.commands.ucm:ucm",
     "evaluate": "segsort_unsup.commands.evaluate:evaluate",
     "demo": "segsort_unsup.commands.demo:demo",
+    "run": "segsort_unsup.commands.run:run",
 }
 
 
