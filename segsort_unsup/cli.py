@@ -28,6 +28,12 @@ COMMANDS: dict[str, str] = {
 }
 
 
+class _BadInput(click.ClickException):
+    """A bad input or argument found past option parsing: one line, exit code 2 like a usage error."""
+
+    exit_code = 2
+
+
 class _LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(name for name, target in COMMANDS.items() if _importable(target))
@@ -44,7 +50,9 @@ class _LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except InputError as exc:
-            raise click.UsageError(str(exc), ctx=ctx) from None
+            if verbose:
+                raise
+            raise _BadInput(str(exc)) from None
         except SegsortError as exc:
             if verbose:
                 raise
