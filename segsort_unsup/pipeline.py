@@ -62,7 +62,7 @@ def _fields(cls) -> set[str]:
 
 
 def _resolve(base: Path, value: str) -> str:
-    return value if os.path.isabs(value) else str(base / value)
+    return value if os.path.isabs(value) else os.path.normpath(base / value)
 
 
 def load_pipeline(path: str | os.PathLike) -> Pipeline:
@@ -172,5 +172,5 @@ def _evaluate(pipeline: Pipeline, section: dict[str, Any]) -> list[StageSummary]
             r = report.region
             lines.append(f"covering {r.cover_ods:.3f}/{r.cover_ois:.3f} PRI {r.ri_ods:.3f}/{r.ri_ois:.3f} "
                          f"VI {r.voi_ods:.3f}/{r.voi_ois:.3f}")
-        log.info("%s: %s (%s)", store, "; ".join(lines), target)
+        report.stage.output = f"{target}: {'; '.join(lines)}"  # the summary line carries the numbers
     return done

@@ -63,6 +63,7 @@ thresholds = 9
 """)
     first = CliRunner().invoke(main, ["-q", "run", str(path)])
     assert first.exit_code == 0, first.output
+    assert "boundaries ODS 0." in first.output and "covering 0." in first.output
     with StoreReader(tmp_path / "out" / "segments", kind="segments") as store:
         assert store.keys() == sorted(ids)
         assert store[ids[0]].arrays["labels_levels"].shape[0] == 2
