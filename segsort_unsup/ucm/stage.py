@@ -147,17 +147,11 @@ def process_item(job: _Job) -> Item:
     return Item(job.key, arrays, attrs)
 
 
-class ItemFailed(Exception):
-    """A per-item failure, carried as one message (picklable across worker processes)."""
-
-
-def _process_reporting(job: _Job) -> Item:
-    try:
-        return process_item(job)
-    except (BadImageError, StoreError, ValueError) as exc:
-        raise ItemFailed(str(exc)) from None
-    except Exception as exc:  # noqa: BLE001 - becomes this item's failure line
-        raise ItemFailed(f"{type(exc).__name__}: {exc}") from None
+def _reason(error: BaseException) -> str:
+    """One line for a failed item: library errors speak for themselves, others name their type."""
+    if isinstance(error, (BadImageError, StoreError, ValueError)):
+        return str(error) or type(error).__name__
+    return f"{type(error).__name__}: {error}"
 
 
 def _jobs(source: Path, config: UcmConfig) -> tuple[list[_Job], dict[str, Any]]:
@@ -221,10 +215,10 @@ def _write(config: UcmConfig, store_config: dict[str, Any], jobs: list[_Job], me
                      shard_size=shard_size, overwrite=overwrite) as writer:
         todo = [job for job in jobs if job.key not in writer.completed]
         summary.skipped = len(jobs) - len(todo)
-        for outcome in map_items(_process_reporting, todo, workers=workers, desc="ucm"):
+        for outcome in map_items(process_item, todo, workers=workers, desc="ucm"):
             key = outcome.item.key
             if not outcome.ok:
-                reason = str(outcome.error) or type(outcome.error).__name__
+                reason = _reason(outcome.error)
                 log.warning("%s: skipped (%s)", key, reason)
                 writer.record_failure(key, reason)
                 summary.failed.append((key, reason))
