@@ -16,11 +16,14 @@ import time
 from pathlib import Path
 
 from segsort_unsup.contours.registry import MODELS
-from segsort_unsup.contours.stage import ContoursConfig, run_contours
+from segsort_unsup.contours import stage as contours_stage
+from segsort_unsup.contours.stage import ContoursConfig
 from segsort_unsup.evaluate.bsds import BenchOptions, run_benchmark
 from segsort_unsup.io.images import list_images
 from segsort_unsup.log import setup_logging
-from segsort_unsup.ucm.stage import UcmConfig, run_ucm
+from segsort_unsup.parallel import make_executor
+from segsort_unsup.ucm import stage as ucm_stage
+from segsort_unsup.ucm.stage import UcmConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -59,27 +62,29 @@ def main() -> None:
     refs = list_images(args.bsds / "images/test")[: args.images]
     gt = args.bsds / "groundTruth/test"
     rows, ucm_rows = [], []
+    pool = make_executor("local", workers=args.workers)
     for name in args.models.split(","):
         for scales in args.scales.split(";"):
             scale_t = tuple(float(s) for s in scales.split(","))
             tag = f"{name}-s{'_'.join(f'{s:g}' for s in scale_t)}"
             t0 = time.perf_counter()
-            cfg = ContoursConfig(model=name, scales=scale_t)
-            summary = run_contours(cfg, refs, args.work / tag / "contours", weights_path=LOCAL_WEIGHTS.get(name))
+            weights = LOCAL_WEIGHTS.get(name)
+            cfg = ContoursConfig(model=name, scales=scale_t, weights=str(weights) if weights else None)
+            summary = contours_stage.run(cfg, refs, args.work / tag / "contours")
             t_contours = time.perf_counter() - t0
             t0 = time.perf_counter()
             report = run_benchmark(args.work / tag / "contours", gt, args.work / tag / "eval_bdry",
-                                   options=BenchOptions(), workers=args.workers, overwrite=True, label=tag)
+                                   options=BenchOptions(), executor=pool, overwrite=True, label=tag)
             b = report.boundary
             rows.append((name, scales, b.ods_f, b.ois_f, b.ap, b.r50, MODELS[name].published, summary.done,
                          t_contours, time.perf_counter() - t0))
             print(f"{tag}: ODS {b.ods_f:.3f} OIS {b.ois_f:.3f} AP {b.ap:.3f}", flush=True)
             if name in args.ucm_models.split(",") and scale_t == (1.0,):
                 t0 = time.perf_counter()
-                run_ucm(UcmConfig(), args.work / tag / "contours", args.work / tag / "segments", workers=args.workers)
+                ucm_stage.run(UcmConfig(), args.work / tag / "contours", args.work / tag / "segments", executor=pool)
                 t_ucm = time.perf_counter() - t0
                 rep = run_benchmark(args.work / tag / "segments", gt, args.work / tag / "eval_ucm",
-                                    options=BenchOptions(regions=True), workers=args.workers, overwrite=True,
+                                    options=BenchOptions(regions=True), executor=pool, overwrite=True,
                                     label=f"{name}-owt-ucm")
                 ucm_rows.append((f"{name}-owt-ucm", rep.boundary, rep.region, t_ucm))
     print(f"\nBSDS500 test, {len(refs)} images, CPU: {_cpu()}\n")

@@ -26,6 +26,7 @@ from PIL import Image
 from segsort_unsup.contours.edges import edge_nms
 from segsort_unsup.evaluate import boundaries as B
 from segsort_unsup.evaluate.bsds import BenchOptions, run_benchmark
+from segsort_unsup.parallel import make_executor
 from segsort_unsup.evaluate.inputs import load_ground_truth
 from segsort_unsup.io.images import read_image
 
@@ -89,9 +90,10 @@ def main() -> None:
         for iid in ids:
             (gt_subset / f"{iid}.mat").symlink_to(gt_dir / f"{iid}.mat")
         # warm the numba cache (compiled once per machine; not part of the benchmark)
-        run_benchmark(pred_dir, gt_subset, Path(tmp) / "warm", options=BenchOptions(n_thresholds=3), workers=1)
+        run_benchmark(pred_dir, gt_subset, Path(tmp) / "warm", options=BenchOptions(n_thresholds=3))
         t0 = time.perf_counter()
-        report = run_benchmark(pred_dir, gt_subset, Path(tmp) / "eval", options=BenchOptions(), workers=args.workers)
+        report = run_benchmark(pred_dir, gt_subset, Path(tmp) / "eval", options=BenchOptions(),
+                              executor=make_executor("local", workers=args.workers))
         wall = time.perf_counter() - t0
         t_inc, t_fresh, same = compare_matching(pred_dir, gt_dir, ids[: args.compare])
     s = report.boundary

@@ -1,22 +1,45 @@
-"""Run a per-item function over many items, in-process or across processes, with progress.
+"""Executors: run a per-item function in-process, on local processes, or on Dask distributed.
 
-Per-image stages (contours, ucm, evaluation) call :func:`map_items`; every item yields
-either a result or the exception it raised, so one bad image never stops the batch.
+Every executor has one method, :meth:`Executor.map`, yielding an :class:`Outcome` (result or
+error) per item as items finish, so one bad image never stops the batch. Stages never talk to
+an executor's machinery directly; :class:`~segsort_unsup.stages.StageRun` decides what an item
+is: for local executors one image whose result comes back to the parent, which writes shards;
+for distributed ones (``distributed = True``) a chunk of images whose task writes its own
+complete shard and returns only counts and failures.
+
+* :class:`InProcess` — the calling process, one item at a time.
+* :class:`ProcessPool` — ``workers`` local processes (``spawn``); a worker that dies
+  (segfault, out-of-memory kill) fails only the item that killed it; workers ignore Ctrl-C (the
+  parent stops them) and die with their parent, so a killed run leaves nothing running.
+* :class:`DaskExecutor` — a ``distributed`` cluster: ``scheduler="tcp://host:8786"``, or a
+  ``LocalCluster`` of ``workers`` processes when no scheduler is given. Tasks of a lost worker
+  are retried elsewhere by the scheduler. Needs the ``dask`` extra.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import logging
 import multiprocessing as mp
+import os
+import signal
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from .log import progress
+from .errors import InputError
+from .log import get_logger, progress
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+EXECUTORS = ("local", "dask", "dask-local")
+DASK_HINT = "pip install 'segsort-unsup[dask]'"
+
+log = get_logger("parallel")
 
 
 @dataclass
@@ -32,31 +55,60 @@ class Outcome(Generic[T, R]):
         return self.error is None
 
 
-def map_items(
-    fn: Callable[[T], R],
-    items: Iterable[T],
-    *,
-    workers: int = 1,
-    desc: str = "",
-    total: int | None = None,
-    unit: str = "img",
-    initializer: Callable[..., Any] | None = None,
-    initargs: tuple = (),
-) -> Iterator[Outcome[T, R]]:
-    """Apply ``fn`` to each item, yielding :class:`Outcome` as items finish (any order if ``workers > 1``).
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies (no orphans after a killed run)."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
 
-    With ``workers > 1``, ``fn`` and ``initializer`` must be module-level functions (they are
-    sent to ``forkserver`` worker processes). At most ``2 * workers`` items are in flight, so
-    results are consumed (and saved) as they come. KeyboardInterrupt cancels pending work. A worker
-    that dies (segfault, out-of-memory kill) fails only the item that killed it: the items in
-    flight with it are retried once, one at a time, in a fresh pool.
-    """
-    items = list(items) if total is None else items
-    total = len(items) if total is None else total
-    with progress(total=total, desc=desc, unit=unit) as bar:
-        if workers <= 1:
-            if initializer is not None:
-                initializer(*initargs)
+
+def _worker_init(initializer: Callable[..., Any] | None, initargs: tuple) -> None:
+    """Start of every local worker process: Ctrl-C is the parent's to handle; die with the parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
+    if initializer is not None:
+        initializer(*initargs)
+
+
+class Executor:
+    """Base: ``map(fn, items)`` -> outcomes as items finish."""
+
+    name = "executor"
+    distributed = False
+    workers = 1
+    local_workers = 0  # worker processes sharing this machine's cores (0: none or unknown)
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T], *, desc: str = "", total: int | None = None,
+            unit: str = "img", weight: Callable[[T], int] | None = None,
+            initializer: Callable[..., Any] | None = None, initargs: tuple = ()) -> Iterator[Outcome[T, R]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release workers or the cluster connection."""
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.workers} worker{'s' if self.workers != 1 else ''})"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class InProcess(Executor):
+    """Run every item in the calling process, in order."""
+
+    name = "in-process"
+
+    def map(self, fn, items, *, desc="", total=None, unit="img", weight=None, initializer=None, initargs=()):
+        items = list(items)
+        total = sum(weight(i) for i in items) if weight else (len(items) if total is None else total)
+        if initializer is not None:
+            initializer(*initargs)
+        with progress(total=total, desc=desc, unit=unit) as bar:
             for item in items:
                 try:
                     outcome = Outcome(item, result=fn(item))
@@ -64,55 +116,189 @@ def map_items(
                     raise
                 except Exception as exc:  # noqa: BLE001 - reported per item by the caller
                     outcome = Outcome(item, error=exc)
-                bar.update(1)
+                bar.update(weight(item) if weight else 1)
                 yield outcome
-            return
-        ctx = mp.get_context("forkserver")
+
+
+class ProcessPool(Executor):
+    """``workers`` local processes; at most ``2 * workers`` items in flight (results are saved as they come)."""
+
+    name = "local processes"
+
+    def __init__(self, workers: int):
+        if workers < 1:
+            raise InputError("--workers must be >= 1")
+        self.workers = self.local_workers = workers
+
+    def map(self, fn, items, *, desc="", total=None, unit="img", weight=None, initializer=None, initargs=()):
+        items = list(items)
+        total = sum(weight(i) for i in items) if weight else (len(items) if total is None else total)
+        step = (lambda it: weight(it)) if weight else (lambda it: 1)
+        ctx = mp.get_context("spawn")  # workers are our children: PDEATHSIG reaches them
 
         def new_pool() -> ProcessPoolExecutor:
-            return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=initializer, initargs=initargs)
+            return ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_worker_init,
+                                       initargs=(initializer, initargs))
 
-        pool = new_pool()
-        pending: dict[Future, T] = {}
-        retry: list[T] = []  # in flight when a worker died: run again once, alone
-        crashes: dict[int, int] = {}  # id(item) -> worker deaths it was in flight for
-        iterator = iter(items)
-        try:
-            exhausted = False
-            while True:
-                if retry:  # suspects of a worker death run alone, so a second death is surely theirs
+        with progress(total=total, desc=desc, unit=unit) as bar:
+            pool = new_pool()
+            pending: dict[Future, Any] = {}
+            retry: list = []  # in flight when a worker died: run again once, alone
+            crashes: dict[int, int] = {}
+            iterator = iter(items)
+            try:
+                exhausted = False
+                while True:
+                    if retry:  # suspects of a worker death run alone, so a second death is surely theirs
+                        if not pending:
+                            item = retry.pop()
+                            pending[pool.submit(fn, item)] = item
+                    else:
+                        while not exhausted and len(pending) < 2 * self.workers:
+                            try:
+                                item = next(iterator)
+                            except StopIteration:
+                                exhausted = True
+                                break
+                            pending[pool.submit(fn, item)] = item
                     if not pending:
-                        item = retry.pop()
-                        pending[pool.submit(fn, item)] = item
-                else:
-                    while not exhausted and len(pending) < 2 * workers:
-                        try:
-                            item = next(iterator)
-                        except StopIteration:
-                            exhausted = True
-                            break
-                        pending[pool.submit(fn, item)] = item
-                if not pending:
+                        break
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    if any(isinstance(fut.exception(), BrokenProcessPool) for fut in done):
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        pool = new_pool()
+                        for fut, item in list(pending.items()):
+                            del pending[fut]
+                            crashes[id(item)] = crashes.get(id(item), 0) + 1
+                            if crashes[id(item)] >= 2:
+                                bar.update(step(item))
+                                yield Outcome(item, error=RuntimeError("its worker process died (crash or out of memory)"))
+                            else:
+                                retry.append(item)
+                        continue
+                    for fut in done:
+                        item = pending.pop(fut)
+                        exc = fut.exception()
+                        bar.update(step(item))
+                        yield Outcome(item, error=exc) if exc is not None else Outcome(item, result=fut.result())
+            except BaseException:
+                _terminate(pool)
+                raise
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _terminate(pool: ProcessPoolExecutor) -> None:
+    """Stop a pool's workers now (Ctrl-C, errors): they must not finish work nobody will record."""
+    for proc in list(getattr(pool, "_processes", {}).values()):
+        with contextlib.suppress(Exception):
+            proc.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+class DaskExecutor(Executor):
+    """Tasks on a Dask ``distributed`` cluster (a remote scheduler, or a ``LocalCluster``)."""
+
+    distributed = True
+
+    def __init__(self, scheduler: str | None = None, *, workers: int = 2, threads_per_worker: int = 1):
+        try:
+            import distributed
+        except ImportError:
+            raise InputError(f"the dask executors need dask.distributed: {DASK_HINT}") from None
+        self._cluster = None
+        if scheduler:
+            self.name = f"dask {scheduler}"
+            try:
+                self.client = distributed.Client(scheduler, timeout="20s", set_as_default=True)
+            except (OSError, TimeoutError) as exc:
+                raise InputError(f"cannot reach the Dask scheduler at {scheduler} ({exc}); start one with "
+                                 f"`dask scheduler` and workers with `dask worker {scheduler}`") from None
+            self.workers = max(1, len(self.client.scheduler_info().get("workers", {})))
+        else:
+            self.name = "dask-local"
+            if workers < 1:
+                raise InputError("--workers must be >= 1")
+            self._cluster = distributed.LocalCluster(
+                n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
+                dashboard_address=None, silence_logs=logging.ERROR,
+            )
+            self.client = distributed.Client(self._cluster, set_as_default=True)
+            self.workers = self.local_workers = workers
+
+    def map(self, fn, items, *, desc="", total=None, unit="img", weight=None, initializer=None, initargs=()):
+        from distributed import as_completed
+
+        items = list(items)
+        total = sum(weight(i) for i in items) if weight else (len(items) if total is None else total)
+        step = (lambda it: weight(it)) if weight else (lambda it: 1)
+        if initializer is not None:
+            self.client.run(initializer, *initargs)
+        with progress(total=total, desc=desc, unit=unit) as bar:
+            iterator = iter(items)
+            futures: dict[Any, Any] = {}
+            limit = max(4, 4 * self.workers)
+
+            def submit(item):
+                fut = self.client.submit(fn, item, pure=False)
+                futures[fut] = item
+                return fut
+
+            for item in iterator:
+                submit(item)
+                if len(futures) >= limit:
                     break
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                if any(isinstance(fut.exception(), BrokenProcessPool) for fut in done):
-                    # A worker died (segfault, out of memory...): every item in flight fails with it and
-                    # the culprit is unknown. Retry each once, alone, in a fresh pool.
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    pool = new_pool()
-                    for fut, item in list(pending.items()):
-                        del pending[fut]
-                        crashes[id(item)] = crashes.get(id(item), 0) + 1
-                        if crashes[id(item)] >= 2:
-                            bar.update(1)
-                            yield Outcome(item, error=RuntimeError("its worker process died (crash or out of memory)"))
-                        else:
-                            retry.append(item)
-                    continue
-                for fut in done:
-                    item = pending.pop(fut)
-                    exc = fut.exception()
-                    bar.update(1)
-                    yield Outcome(item, error=exc) if exc is not None else Outcome(item, result=fut.result())
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            queue = as_completed(list(futures))
+            try:
+                for fut in queue:
+                    item = futures.pop(fut)
+                    try:
+                        outcome = Outcome(item, result=fut.result())
+                    except Exception as exc:  # noqa: BLE001 - the task's own error (or KilledWorker)
+                        outcome = Outcome(item, error=exc)
+                    fut.release()
+                    bar.update(step(item))
+                    for nxt in iterator:
+                        queue.add(submit(nxt))
+                        break
+                    yield outcome
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.close()
+        if self._cluster is not None:
+            with contextlib.suppress(Exception):
+                self._cluster.close()
+
+
+def make_executor(executor: str = "local", *, workers: int = 1, scheduler: str | None = None) -> Executor:
+    """The executor named on the command line / in a pipeline file.
+
+    ``local`` with ``workers`` 1 runs in-process, more workers use local processes;
+    ``dask`` connects to ``scheduler``; ``dask-local`` starts a ``LocalCluster`` of ``workers``.
+    """
+    if executor == "local":
+        if scheduler:
+            raise InputError("--scheduler goes with --executor dask")
+        return InProcess() if workers <= 1 else ProcessPool(workers)
+    if executor == "dask":
+        if not scheduler:
+            raise InputError("--executor dask needs --scheduler tcp://HOST:8786 (or use --executor dask-local)")
+        return DaskExecutor(scheduler)
+    if executor == "dask-local":
+        if scheduler:
+            raise InputError("--executor dask-local starts its own cluster; drop --scheduler (or use --executor dask)")
+        return DaskExecutor(None, workers=max(1, workers))
+    raise InputError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+
+
+def map_items(fn: Callable[[T], R], items: Iterable[T], *, workers: int = 1, desc: str = "",
+              total: int | None = None, unit: str = "img", initializer: Callable[..., Any] | None = None,
+              initargs: tuple = ()) -> Iterator[Outcome[T, R]]:
+    """Apply ``fn`` to each item on a local executor (in-process, or ``workers`` processes)."""
+    executor = InProcess() if workers <= 1 else ProcessPool(workers)
+    yield from executor.map(fn, items, desc=desc, total=total, unit=unit, initializer=initializer, initargs=initargs)

@@ -1,176 +1,167 @@
 """Staged pipelines from TOML: ``segsort-unsup run pipelines/<name>.toml``.
 
-A pipeline file names an input and an output folder and configures the stages that exist
-today, run in order: ``contours`` -> ``ucm`` -> ``evaluate`` (only with ``ground_truth``).
-Every stage writes a resumable store, so a re-run skips what is complete. Relative paths are
-resolved against the TOML file's folder. Unknown sections or keys are errors that name them
-(a typo never silently falls back to a default)::
+A pipeline file names an input and an output folder, how to execute per-image work, and one
+section per stage of the registry (:func:`segsort_unsup.stages.registry`), whose keys are that
+stage's config fields. Stages run in registry order into ``output/<stage folder>``; optional
+stages (evaluate) run only when their section is present. Every stage resumes its store; a
+stage whose settings (or whose input) changed is recomputed, and so is everything downstream
+of it, while unchanged upstream stages are kept. Paths of inputs (weights, ground truth) are
+relative to the TOML file's folder; ``png_dir``/``mat_dir`` are relative to the output folder.
+Unknown sections or keys, wrong types and missing paths are errors naming file, section and key::
 
     [pipeline]
     input = "photos"            # folder, glob or list file
-    output = "runs/photos"      # contours/, segments/, eval-*/ go here
+    output = "runs/photos"      # contours/, segments/, eval/ go here
+    executor = "local"          # local | dask | dask-local
+    workers = 2                 # processes (local) or Dask workers (dask-local)
+    # scheduler = "tcp://host:8786"   # with executor = "dask"
 
-    [contours]                  # every key optional: ContoursConfig fields
+    [contours]
     model = "pidinet"
     scales = [1.0]
+    png_dir = "png/contours"
 
-    [ucm]                       # UcmConfig fields, plus workers and png
+    [ucm]
     threshold = 0.5
     levels = [0.3, 0.7]
-    workers = 2
-    png = true
+    png_dir = "png/segments"
 
     [evaluate]                  # optional: BSDS ground truth -> boundary and region benchmarks
     ground_truth = "BSDS500/groundTruth/test"
-    workers = 2
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, SegsortError
+from .config import StageConfig
+from .errors import InputError
 from .log import get_logger
-from .stage import StageSummary
+from .parallel import EXECUTORS, make_executor
+from .stages import Stage, StageSummary, registry, run_stage
 
 log = get_logger("pipeline")
 
-_STAGE_EXTRAS = {
-    "contours": {"weights", "png"},
-    "ucm": {"workers", "png", "mat"},
-    "evaluate": {"ground_truth", "workers", "boundaries", "regions", "thresholds"},
-}
+_HEAD_KEYS = {"input": str, "output": str, "name": str, "description": str, "executor": str, "workers": int,
+              "scheduler": str, "seed": int}
+_OUTPUT_PATHS = ("png_dir", "mat_dir")
 
 
 @dataclass
 class Pipeline:
-    """A parsed pipeline file: where from, where to, and each stage's settings."""
+    """A parsed pipeline file: where from, where to, how to execute, and each stage's config."""
 
     path: Path
     input: str
     output: Path
-    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    configs: dict[str, StageConfig] = field(default_factory=dict)
+    executor: str = "local"
+    workers: int = 1
+    scheduler: str = ""
 
-
-def _fields(cls) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
+    @property
+    def stages(self) -> dict[str, StageConfig]:
+        return self.configs
 
 
 def _resolve(base: Path, value: str) -> str:
-    return value if os.path.isabs(value) else os.path.normpath(base / value)
+    return value if os.path.isabs(value) else os.path.normpath(base / os.path.expanduser(value))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such pipeline file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder; give a pipeline .toml file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid TOML ({exc})") from None
 
 
 def load_pipeline(path: str | os.PathLike) -> Pipeline:
-    """Parse and validate a pipeline TOML file (a clear error names the file and the bad key)."""
-    from .contours.stage import ContoursConfig
-    from .ucm.stage import UcmConfig
-
+    """Parse and validate a pipeline TOML file (a clear error names the file, section and key)."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such pipeline file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid TOML ({exc})") from None
-    allowed = {
-        "contours": _fields(ContoursConfig) | _STAGE_EXTRAS["contours"],
-        "ucm": _fields(UcmConfig) | _STAGE_EXTRAS["ucm"],
-        "evaluate": _STAGE_EXTRAS["evaluate"],
-    }
-    unknown = sorted(set(data) - {"pipeline", *allowed})
+    data = _read_toml(path)
+    stages = {stage.name: stage for stage in registry()}
+    unknown = sorted(set(data) - {"pipeline", *stages})
     if unknown:
-        raise InputError(f"{path}: unknown section(s) {unknown}; known: pipeline, {', '.join(allowed)}")
+        raise InputError(f"{path}: unknown section(s) {unknown}; known: pipeline, {', '.join(stages)}")
     head = data.get("pipeline", {})
+    for key, tp in _HEAD_KEYS.items():
+        if key in head and not isinstance(head[key], tp) or (tp is int and isinstance(head.get(key), bool)):
+            raise InputError(f"{path}: [pipeline] key {key!r} expects {tp.__name__}, got {head[key]!r}")
     for key in ("input", "output"):
         if not isinstance(head.get(key), str):
             raise InputError(f"{path}: [pipeline] needs {key} = \"...\" (a path)")
-    extra = sorted(set(head) - {"input", "output", "name", "description"})
+    extra = sorted(set(head) - set(_HEAD_KEYS))
     if extra:
-        raise InputError(f"{path}: unknown key(s) in [pipeline]: {extra}")
+        raise InputError(f"{path}: unknown key(s) in [pipeline]: {extra}; known: {', '.join(sorted(_HEAD_KEYS))}")
+    executor = head.get("executor", "local")
+    if executor not in EXECUTORS:
+        raise InputError(f"{path}: [pipeline] executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
     base = path.resolve().parent
-    stages: dict[str, dict[str, Any]] = {}
-    for name in allowed:
+    output = Path(_resolve(base, head["output"]))
+    if output.exists() and not output.is_dir():
+        raise InputError(f"{path}: [pipeline] output {output} is a file, not a folder")
+    configs: dict[str, StageConfig] = {}
+    for name, stage in stages.items():
         if name not in data:
-            continue
-        section = dict(data[name])
-        bad = sorted(set(section) - allowed[name])
-        if bad:
-            raise InputError(f"{path}: unknown key(s) in [{name}]: {bad}; known: {', '.join(sorted(allowed[name]))}")
-        for key in ("weights", "ground_truth"):
+            if stage.optional:
+                continue
+            section: dict[str, Any] = {}
+        else:
+            section = dict(data[name])
+        where = f"{path} [{name}]"
+        for key in stage.input_paths:
             if isinstance(section.get(key), str):
                 section[key] = _resolve(base, section[key])
-        stages[name] = section
-    if "evaluate" in stages and "ground_truth" not in stages["evaluate"]:
-        raise InputError(f"{path}: [evaluate] needs ground_truth = \"...\" (a folder of BSDS groundTruth .mat files)")
-    stages.setdefault("contours", {})
-    stages.setdefault("ucm", {})
-    return Pipeline(path, _resolve(base, head["input"]), Path(_resolve(base, head["output"])), stages)
+                if not os.path.exists(section[key]):
+                    raise InputError(f"{where}: key {key!r}: {section[key]} does not exist")
+        for key in _OUTPUT_PATHS:
+            if isinstance(section.get(key), str):
+                section[key] = _resolve(output, section[key])
+        configs[name] = stage.config.from_mapping(section, where=where)
+    return Pipeline(path, _resolve(base, head["input"]), output, configs, executor=executor,
+                    workers=int(head.get("workers", 1)), scheduler=head.get("scheduler", ""))
 
 
-def _config(cls, section: dict[str, Any], extras: set[str], where: str):
-    kwargs = {k: v for k, v in section.items() if k not in extras}
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{where}: {exc}") from None
+def _sources(stage: Stage, stages: dict[str, Stage], pipeline: Pipeline) -> Any:
+    paths = [pipeline.input if s == "input" else str(pipeline.output / stages[s].output) for s in stage.sources]
+    return paths[0] if len(paths) == 1 else paths
 
 
-def run_pipeline(pipeline: Pipeline, *, overwrite: bool = False) -> list[StageSummary]:
-    """Run the stages in order; each resumes its store. Stops at a stage that cannot go on."""
-    from .contours.stage import ContoursConfig, run_contours
-    from .ucm.stage import UcmConfig, run_ucm
+def run_pipeline(pipeline: Pipeline, *, overwrite: bool = False, from_stage: str | None = None,
+                 until_stage: str | None = None) -> list[StageSummary]:
+    """Run the configured stages in order; each resumes its store, changed ones are recomputed.
 
-    out = pipeline.output
-    where = str(pipeline.path)
+    ``from_stage``/``until_stage`` limit the run to a span of the registry (upstream outputs
+    must then exist). Stops at a stage that cannot go on (its error names it).
+    """
+    stages = {stage.name: stage for stage in registry()}
+    names = [n for n in stages if n in pipeline.configs]
+    for bound in (from_stage, until_stage):
+        if bound is not None and bound not in names:
+            raise InputError(f"no stage {bound!r} in {pipeline.path}; its stages: {', '.join(names)}")
+    if from_stage:
+        names = names[names.index(from_stage):]
+    if until_stage:
+        names = names[: names.index(until_stage) + 1]
     summaries: list[StageSummary] = []
-    section = pipeline.stages["contours"]
-    config = _config(ContoursConfig, section, _STAGE_EXTRAS["contours"], f"{where} [contours]")
-    summaries.append(run_contours(config, pipeline.input, out / "contours", weights_path=section.get("weights"),
-                                  overwrite=overwrite, png_dir=out / "png" / "contours" if section.get("png") else None))
-    log.info("%s", summaries[-1].line())
-    section = pipeline.stages["ucm"]
-    ucm_config = _config(UcmConfig, section, _STAGE_EXTRAS["ucm"], f"{where} [ucm]")
-    summaries.append(run_ucm(ucm_config, out / "contours", out / "segments", workers=int(section.get("workers", 1)),
-                             overwrite=overwrite, png_dir=out / "png" / "segments" if section.get("png") else None,
-                             mat_dir=out / "ucm2" if section.get("mat") else None))
-    log.info("%s", summaries[-1].line())
-    if "evaluate" in pipeline.stages:
-        summaries.extend(_evaluate(pipeline, pipeline.stages["evaluate"]))
+    with make_executor(pipeline.executor, workers=pipeline.workers, scheduler=pipeline.scheduler or None) as executor:
+        for name in names:
+            stage = stages[name]
+            output = pipeline.output / stage.output
+            try:
+                results = run_stage(stage, pipeline.configs[name], _sources(stage, stages, pipeline), output,
+                                    executor=executor, overwrite=True if overwrite else "changed")
+            except InputError as exc:
+                raise InputError(f"{pipeline.path} [{name}]: {exc}") from None
+            for summary in results:
+                log.info("%s", summary.line())
+            summaries.extend(results)
     return summaries
-
-
-def _evaluate(pipeline: Pipeline, section: dict[str, Any]) -> list[StageSummary]:
-    from .evaluate.bsds import BenchOptions, run_benchmark
-
-    out = pipeline.output
-    workers = int(section.get("workers", 1))
-    n = int(section.get("thresholds", 99))
-    done = []
-    runs = []
-    if section.get("boundaries", True):
-        runs.append(("contours", out / "eval-contours", BenchOptions(n_thresholds=n)))
-    if section.get("regions", True):
-        runs.append(("segments", out / "eval-segments", BenchOptions(regions=True, n_thresholds=n)))
-    for store, target, options in runs:
-        try:
-            report = run_benchmark(out / store, section["ground_truth"], target, options=options,
-                                   workers=workers, overwrite=True, label=f"{pipeline.path.stem} {store}")
-        except SegsortError as exc:
-            raise InputError(f"{pipeline.path} [evaluate]: {exc}") from None
-        report.stage.stage = f"evaluate {store}"
-        done.append(report.stage)
-        lines = []
-        if report.boundary is not None:
-            b = report.boundary
-            lines.append(f"boundaries ODS {b.ods_f:.3f} OIS {b.ois_f:.3f} AP {b.ap:.3f}")
-        if report.region is not None:
-            r = report.region
-            lines.append(f"covering {r.cover_ods:.3f}/{r.cover_ois:.3f} PRI {r.ri_ods:.3f}/{r.ri_ois:.3f} "
-                         f"VI {r.voi_ods:.3f}/{r.voi_ois:.3f}")
-        report.stage.output = f"{target}: {'; '.join(lines)}"  # the summary line carries the numbers
-    return done

@@ -55,7 +55,7 @@ def test_bad_input_batch(tmp_path, photo, hed_h5):
         assert set(store.keys()) == {"good", "gray", "rgba", "deep16", "one"}
         assert store["one"].arrays["edge"].shape == (1, 1)
         assert store["gray"].arrays["edge"].shape == (40, 50)
-    assert sum(1 for _ in open(out / "failures.tsv")) == 3
+    assert sum(1 for _ in open(out / "failures.tsv")) == 1 + 3  # header + one row per failed image
 
 
 @pytest.mark.parametrize("args, message", [

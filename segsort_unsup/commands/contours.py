@@ -2,38 +2,24 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from ..contours.registry import DEFAULT_MODEL, MODELS
-from .options import finish, overwrite_option, shard_size_option
+from .options import executor_options, finish, float_list, output_option, overwrite_option, shard_size_option
 
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
-def parse_scales(ctx: click.Context | None, param: click.Parameter | None, value: str) -> tuple[float, ...]:
-    """``"0.5,1,1.5"`` -> ``(0.5, 1.0, 1.5)``; a click usage error for anything else."""
-    try:
-        scales = tuple(float(part) for part in value.split(",") if part.strip())
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers (e.g. 0.5,1,1.5)") from None
-    if not scales or any(not (0.05 <= s <= 8.0) for s in scales):
-        raise click.BadParameter(f"{value!r}: give one or more scale factors between 0.05 and 8")
-    return scales
-
-
 @click.command()
 @click.argument("inputs", metavar="INPUT")
-@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Contours store (a folder) to write or resume.")
+@output_option("Contours store (a folder) to write or resume.")
 @click.option("--model", type=click.Choice(list(MODELS)), default=DEFAULT_MODEL, show_default=True,
               help="Contour model (see `segsort-unsup weights list`).")
-@click.option("--weights", "weights_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--weights", "weights_path", type=click.Path(dir_okay=False),
               help="Weights file to use instead of the cached one of --model (any supported format).")
 @click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True,
               help="auto: bf16 on CPUs with AMX/AVX512-BF16 and on CUDA, else fp32.")
-@click.option("--scales", default="1", show_default=True, callback=parse_scales,
+@click.option("--scales", default="1", show_default=True, callback=float_list(low=0.05, high=8.0),
               help="Comma-separated image scales whose edge maps are averaged, e.g. 0.5,1,1.5.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
@@ -43,24 +29,27 @@ def parse_scales(ctx: click.Context | None, param: click.Parameter | None, value
               help="Images with a longer side are processed in overlapping tiles.")
 @click.option("--no-tile", is_flag=True, help="Refuse images above --max-side instead of tiling them.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads (default: all cores).")
-@click.option("--png-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--png-dir", type=click.Path(file_okay=False),
               help="Also write 8-bit edge PNGs here (<key>.png).")
 @click.option("--nms-png", is_flag=True, help="With --png-dir: also write NMS-thinned edges (nms/<key>.png).")
+@executor_options
 @overwrite_option
 @shard_size_option
 def contours(inputs, output, model, weights_path, precision, scales, device, batch_size, max_side, no_tile,
-             threads, png_dir, nms_png, overwrite, shard_size):
+             threads, png_dir, nms_png, executor, workers, scheduler, overwrite, shard_size):
     """Edge probability + orientation for every image in INPUT (folder, glob, list file or image).
 
     Resumable: re-running skips images already in OUTPUT. Bad images are reported and skipped;
     the exit code is 1 if any image failed.
     """
-    from ..contours.stage import ContoursConfig, run_contours
+    from ..contours.stage import ContoursConfig, run
+    from ..parallel import make_executor
 
     if nms_png and png_dir is None:
         raise click.UsageError("--nms-png needs --png-dir")
     config = ContoursConfig(model=model, precision=precision, scales=scales, device=device, batch_size=batch_size,
-                            max_side=max_side, tile=not no_tile, threads=threads, shard_size=shard_size)
-    summary = run_contours(config, inputs, output, weights_path=weights_path, overwrite=overwrite,
-                           png_dir=png_dir, nms_png=nms_png)
+                            max_side=max_side, tile=not no_tile, threads=threads, shard_size=shard_size,
+                            weights=weights_path, png_dir=png_dir, nms_png=nms_png)
+    with make_executor(executor, workers=workers, scheduler=scheduler) as pool:
+        summary = run(config, inputs, output, executor=pool, overwrite=overwrite)
     finish(summary)

@@ -52,17 +52,18 @@ def _demo_weights(model: str) -> tuple[str, Path]:
 def demo(out_dir: Path, model: str | None) -> None:
     """Run contours and ucm on a few bundled photos and write PNGs you can open."""
     from ..contours.registry import DEFAULT_MODEL
-    from ..contours.stage import ContoursConfig, run_contours
-    from ..ucm.stage import UcmConfig, run_ucm
+    from ..contours import stage as contours_stage
+    from ..ucm import stage as ucm_stage
 
     images = out_dir / "images"
     _write_demo_images(images)
     name, weights = _demo_weights(model or DEFAULT_MODEL)
-    contours = run_contours(ContoursConfig(model=name), str(images), out_dir / "contours",
-                            weights_path=weights, png_dir=out_dir / "png" / "contours")
+    contours = contours_stage.run(
+        contours_stage.ContoursConfig(model=name, weights=str(weights), png_dir=str(out_dir / "png" / "contours")),
+        str(images), out_dir / "contours", overwrite="changed")
     click.echo(contours.line(), err=True)
-    segments = run_ucm(UcmConfig(), out_dir / "contours", out_dir / "segments",
-                       png_dir=out_dir / "png" / "segments")
+    segments = ucm_stage.run(ucm_stage.UcmConfig(png_dir=str(out_dir / "png" / "segments")), out_dir / "contours",
+                             out_dir / "segments", overwrite="changed")
     click.echo(segments.line(), err=True)
     click.echo(f"pictures: {out_dir / 'png'} (contours/, segments/: image | contours | segments at two levels)")
     if not (contours.ok and segments.ok):

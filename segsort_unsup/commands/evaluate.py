@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from .options import finish, overwrite_option, workers_option
+from ..parallel import make_executor
+from .options import executor_options, finish, output_option, overwrite_option
 
 def _bench_options(func):
     func = click.option("--thresholds", "n_thresholds", type=click.IntRange(min=1), default=99, show_default=True,
@@ -14,7 +15,7 @@ def _bench_options(func):
                              "threshold per segmentation instead.")(func)
     func = click.option("--gt", "ground_truth", required=True, type=click.Path(exists=True, file_okay=False),
                         help="Folder of BSDS groundTruth .mat files (e.g. BSDS500/data/groundTruth/test).")(func)
-    func = click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+    func = click.option("-o", "--output", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
                         help="Folder for BSR's result files, pr_curve.png and summary.json.")(func)
     return func
 
@@ -34,9 +35,10 @@ def evaluate() -> None:
 @click.option("--nms/--no-nms", default=True, show_default=True,
               help="Non-maximum suppression of contours-store edge maps (edge_nms, orientation recomputed as the HED/PiDiNet protocol does).")
 @click.option("--label", default="", help="Name of the method in the PR-curve legend.")
-@workers_option
+@executor_options
 @overwrite_option
-def boundaries(predictions, ground_truth, out_dir, n_thresholds, max_dist, thin, nms, label, workers, overwrite):
+def boundaries(predictions, ground_truth, out_dir, n_thresholds, max_dist, thin, nms, label, executor, workers,
+               scheduler, overwrite):
     """Boundary precision/recall: ODS, OIS, AP, R50 (BSR boundaryBench).
 
     PREDICTIONS: a contours or segments store, or a folder of .png edge maps / .mat
@@ -46,8 +48,9 @@ def boundaries(predictions, ground_truth, out_dir, n_thresholds, max_dist, thin,
 
     opts = BenchOptions(boundaries=True, regions=False, n_thresholds=n_thresholds, max_dist=max_dist,
                         thin=thin, nms=nms)
-    report = run_benchmark(predictions, ground_truth, out_dir, options=opts, workers=workers,
-                           overwrite=overwrite, label=label or Path(predictions).name)
+    with make_executor(executor, workers=workers, scheduler=scheduler) as pool:
+        report = run_benchmark(predictions, ground_truth, out_dir, options=opts, executor=pool,
+                               overwrite=overwrite, label=label or Path(predictions).name)
     click.echo(report.boundary.line())
     _report_missing(report.missing)
     finish(report.stage)
@@ -57,9 +60,10 @@ def boundaries(predictions, ground_truth, out_dir, n_thresholds, max_dist, thin,
 @click.argument("predictions", type=click.Path(exists=True))
 @_bench_options
 @click.option("--with-boundaries", is_flag=True, help="Also run the boundary benchmark (BSR allBench).")
-@workers_option
+@executor_options
 @overwrite_option
-def regions(predictions, ground_truth, out_dir, n_thresholds, with_boundaries, workers, overwrite):
+def regions(predictions, ground_truth, out_dir, n_thresholds, with_boundaries, executor, workers, scheduler,
+            overwrite):
     """Region benchmarks of a ucm2 or segmentations: Covering, PRI, VI (BSR regionBench).
 
     PREDICTIONS: a segments store (ucm2), or a folder of .mat files holding 'ucm2' or 'segs'.
@@ -67,8 +71,9 @@ def regions(predictions, ground_truth, out_dir, n_thresholds, with_boundaries, w
     from ..evaluate.bsds import BenchOptions, run_benchmark
 
     opts = BenchOptions(boundaries=with_boundaries, regions=True, n_thresholds=n_thresholds)
-    report = run_benchmark(predictions, ground_truth, out_dir, options=opts, workers=workers, overwrite=overwrite,
-                           label=Path(predictions).name)
+    with make_executor(executor, workers=workers, scheduler=scheduler) as pool:
+        report = run_benchmark(predictions, ground_truth, out_dir, options=opts, executor=pool, overwrite=overwrite,
+                               label=Path(predictions).name)
     if report.boundary is not None:
         click.echo(report.boundary.line())
     click.echo(report.region.line())
@@ -80,7 +85,7 @@ def regions(predictions, ground_truth, out_dir, n_thresholds, with_boundaries, w
 @click.argument("predictions", type=click.Path(exists=True))
 @click.option("--gt", "ground_truth", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder of ground-truth label PNGs (e.g. CamVid valannot).")
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+@click.option("-o", "--output", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder for semantic.json, per_class.txt and confusion.csv.")
 @click.option("--num-classes", type=click.IntRange(min=1), default=None,
               help="Number of classes (default: 1 + the largest ground-truth label other than the ignore label).")
@@ -90,10 +95,10 @@ def regions(predictions, ground_truth, out_dir, n_thresholds, with_boundaries, w
               help="Predictions are cluster ids: map them to classes by the best one-to-one assignment.")
 @click.option("--class-names", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Text file with one class name per line (e.g. 'Sky' or '0 Sky').")
-@workers_option
+@executor_options
 @overwrite_option
-def semantic(predictions, ground_truth, out_dir, num_classes, ignore_label, hungarian, class_names, workers,
-             overwrite):
+def semantic(predictions, ground_truth, out_dir, num_classes, ignore_label, hungarian, class_names, executor,
+             workers, scheduler, overwrite):
     """Per-class IoU, mIoU, pixel accuracy and confusion matrix of label maps.
 
     PREDICTIONS: a folder of label PNGs or a segments store ('labels'), matched by image id.
@@ -104,8 +109,9 @@ def semantic(predictions, ground_truth, out_dir, num_classes, ignore_label, hung
     if num_classes is None:
         num_classes = infer_num_classes(ground_truth, ignore_label=ignore)
     names = _read_class_names(class_names, num_classes, ignore) if class_names else None
-    report = run_semantic(predictions, ground_truth, out_dir, num_classes=num_classes, ignore_label=ignore,
-                          hungarian=hungarian, class_names=names, workers=workers, overwrite=overwrite)
+    with make_executor(executor, workers=workers, scheduler=scheduler) as pool:
+        report = run_semantic(predictions, ground_truth, out_dir, num_classes=num_classes, ignore_label=ignore,
+                              hungarian=hungarian, class_names=names, executor=pool, overwrite=overwrite)
     click.echo(report.scores.line())
     _report_missing(report.missing)
     finish(report.stage)

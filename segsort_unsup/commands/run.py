@@ -6,23 +6,22 @@ from pathlib import Path
 
 import click
 
-from .options import overwrite_option
+from .options import finish, overwrite_option
 
 
 @click.command()
 @click.argument("pipeline_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--from", "from_stage", default=None, metavar="STAGE", help="Start at this stage (upstream outputs must exist).")
+@click.option("--until", "until_stage", default=None, metavar="STAGE", help="Stop after this stage.")
 @overwrite_option
-def run(pipeline_file: Path, overwrite: bool) -> None:
-    """Run contours -> ucm (-> evaluate) as configured in PIPELINE_FILE (see pipelines/*.toml).
+def run(pipeline_file: Path, from_stage: str | None, until_stage: str | None, overwrite: bool) -> None:
+    """Run the stages configured in PIPELINE_FILE in order (see pipelines/*.toml).
 
-    Each stage resumes its store, so running again after a crash continues where it stopped.
+    Each stage resumes its store, so running again after a crash continues where it stopped; a
+    stage whose settings changed is recomputed with everything after it. --overwrite recomputes all.
     """
     from ..pipeline import load_pipeline, run_pipeline
 
-    summaries = run_pipeline(load_pipeline(pipeline_file), overwrite=overwrite)
-    failed = False
-    for summary in summaries:
-        click.echo(summary.line(), err=True)
-        failed |= not summary.ok
-    if failed:
-        raise click.exceptions.Exit(1)
+    summaries = run_pipeline(load_pipeline(pipeline_file), overwrite=overwrite, from_stage=from_stage,
+                             until_stage=until_stage)
+    finish(*summaries)

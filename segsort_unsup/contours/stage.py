@@ -1,153 +1,191 @@
 """The contours stage: images -> contours store (edge probability + orientation per image).
 
-Store contract (``kind="contours"``), one item per image key:
+Store contract (``kind="contours"``, schema in :mod:`segsort_unsup.io.store`), one item per image key:
 
 * ``edge``: float16 ``(H, W)``, probability 0..1;
 * ``orientation``: float16 ``(H, W)``, radians in ``[0, pi)``, from :func:`edge_orientation`;
-* attrs ``source``, ``height``, ``width``, ``model``, ``weights_sha256``, ``precision``, ``scales``.
+* attrs ``source`` (absolute path), ``height``, ``width``, ``model``, ``weights_sha256``, ``precision``, ``scales``.
 
-The manifest's meta holds ``model`` and ``weights_sha256``. The stage is resumable: items already
-in complete shards are skipped, failures are recorded in ``failures.tsv`` and retried next run.
+In-process, images are decoded ahead in threads and batched by size; on local processes or Dask,
+every worker process loads the model once and runs images one at a time.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
-from ..io.images import ImageRef, list_images
-from ..io.store import Item, StoreWriter
-from ..log import get_logger, progress
-from ..stage import StageSummary
+from ..config import StageConfig, run_only
+from ..io.atomic import atomic_write_bytes
+from ..io.images import ImageRef, list_images, read_image
+from ..io.store import Item
+from ..log import get_logger
+from ..parallel import Executor, InProcess
+from ..stages import Stage, StageRun, StageSummary
 from .edges import edge_nms, edge_orientation
-from .registry import DEFAULT_MODEL, get_model
+from .registry import DEFAULT_MODEL, MODELS
 
 _log = get_logger("contours")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
-class ContoursConfig:
+class ContoursConfig(StageConfig):
     """Settings of the contours stage.
 
     ``model``, ``precision``, ``scales``, ``max_side``/``tile`` (tiling changes results for large
-    images) and ``orientation_radius`` change the stored maps and are part of the store's config
-    hash, together with the weights' sha256; ``device``, ``batch_size``, ``threads`` and
-    ``shard_size`` do not change results and are left out of it.
+    images) and ``orientation_radius`` change the stored maps and form the store's identity with
+    the weights' sha256; the run-only rest does not.
     """
+
+    stage = "contours"
 
     model: str = DEFAULT_MODEL
     precision: str = "auto"
     scales: tuple[float, ...] = (1.0,)
-    device: str = "auto"
-    batch_size: int | None = None  # None: 1 on CPU, 8 on CUDA
     max_side: int = 2048
     tile: bool = True
-    threads: int | None = None
     orientation_radius: float = 4.0
-    shard_size: int = 64
-    png_compression: int = 3
+    weights: str | None = run_only(None, help="weights file instead of the model's cached one")
+    device: str = run_only("auto")
+    batch_size: int | None = run_only(None)  # None: 1 on CPU, 8 on CUDA
+    threads: int | None = run_only(None)
+    shard_size: int = run_only(64)
+    png_dir: str | None = run_only(None, help="also write 8-bit edge PNGs here")
+    nms_png: bool = run_only(False)
+    png_compression: int = run_only(3)
 
-    def __post_init__(self) -> None:
-        get_model(self.model)  # unknown names fail early with the list of models
-        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
-        if not self.scales:
-            raise InputError("give at least one scale")
-
-    def to_dict(self) -> dict:
-        """All settings, JSON-able."""
-        data = asdict(self)
-        data["scales"] = list(self.scales)
-        return data
-
-    def result_config(self, *, weights_sha256: str, precision: str) -> dict:
-        """The settings that determine the stored maps (hashed into the store's manifest)."""
-        return {
-            "stage": "contours",
-            "model": self.model,
-            "weights_sha256": weights_sha256,
-            "precision": precision,
-            "scales": list(self.scales),
-            "max_side": self.max_side,
-            "tile": self.tile,
-            "orientation_radius": self.orientation_radius,
-        }
+    def validate(self) -> None:
+        if self.model not in MODELS:
+            raise self.bad_value("model", f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.precision not in PRECISIONS:
+            raise self.bad_value("precision", f"choose one of {', '.join(PRECISIONS)}")
+        if not self.scales or any(not (0.05 <= s <= 8.0) for s in self.scales):
+            raise self.bad_value("scales", "give one or more scale factors between 0.05 and 8, e.g. [0.5, 1.0]")
+        if self.max_side < 320:
+            raise self.bad_value("max_side", "must be >= 320")
+        for key in ("shard_size", "batch_size", "threads"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise self.bad_value(key, "must be >= 1")
+        if self.nms_png and not self.png_dir:
+            raise self.bad_value("nms_png", "needs png_dir")
 
 
-def run_contours(
-    config: ContoursConfig,
-    inputs: str | os.PathLike | list[ImageRef],
-    output: str | os.PathLike,
-    *,
-    weights_path: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    png_dir: str | os.PathLike | None = None,
-    nms_png: bool = False,
-) -> StageSummary:
+@dataclass(frozen=True)
+class _Job:
+    """One image for a worker process (small and picklable)."""
+
+    key: str
+    path: str
+    config: ContoursConfig
+    threads: int | None
+
+
+_DETECTORS: dict[Any, Any] = {}
+
+
+def _detector(config: ContoursConfig, threads: int | None):
+    """The model of this worker process (loaded once per process and configuration)."""
+    from .detect import EdgeDetector
+
+    cache_key = (config.model, config.weights, config.device, config.precision, config.scales, config.max_side,
+                 config.tile, config.batch_size, threads)
+    detector = _DETECTORS.get(cache_key)
+    if detector is None:
+        _DETECTORS.clear()
+        detector = _DETECTORS[cache_key] = EdgeDetector(
+            config.model, config.weights, device=config.device, precision=config.precision, scales=config.scales,
+            batch_size=config.batch_size, max_side=config.max_side, tile=config.tile, threads=threads)
+    return detector
+
+
+def process_image(job: _Job) -> Item:
+    """Edge map of one image (module-level: local worker processes and Dask tasks run it)."""
+    detector = _detector(job.config, job.threads)
+    edge = detector.detect(read_image(job.path))
+    return _item(job.key, job.path, edge, job.config, detector)
+
+
+def _item(key: str, source: str, edge: np.ndarray, config: ContoursConfig, detector) -> Item:
+    """Orientation, optional PNGs, and the stored item for one edge map."""
+    orientation = edge_orientation(edge, radius=config.orientation_radius)
+    if config.png_dir:
+        _write_pngs(Path(config.png_dir), key, edge, nms=config.nms_png, compression=config.png_compression)
+    return Item(key, {
+        "edge": edge.astype(np.float16),
+        "orientation": orientation_float16(orientation),
+    }, {
+        "source": source, "height": int(edge.shape[0]), "width": int(edge.shape[1]),
+        "model": config.model, "weights_sha256": detector.weights_sha256,
+        "precision": detector.precision, "scales": ",".join(f"{s:g}" for s in config.scales),
+    })
+
+
+def _weights_identity(config: ContoursConfig) -> tuple[str, str, str]:
+    """(weights file, its sha256, the precision 'auto' resolves to) without building the network."""
+    from .detect import resolve_device, resolve_precision
+    from .registry import get_model
+    from .weights import resolve_weights, sha256_file
+
+    entry = get_model(config.model)
+    path = resolve_weights(entry, config.weights)
+    device = resolve_device(config.device)
+    return str(path), sha256_file(path), resolve_precision(config.precision, device, entry)
+
+
+def run(config: ContoursConfig, inputs: str | os.PathLike | list[ImageRef], output: str | os.PathLike, *,
+        executor: Executor | None = None, overwrite: bool | str = False) -> StageSummary:
     """Edge maps for every input image into the contours store at ``output``.
 
     ``inputs`` is a folder, glob, list file or image (see :func:`list_images`) or a list of
-    :class:`ImageRef`. With ``png_dir``, 8-bit edge maps are written as ``<png_dir>/<key>.png``
-    (and NMS-thinned ones as ``<png_dir>/nms/<key>.png`` with ``nms_png``). Bad images are logged,
-    recorded and skipped; the summary lists them.
+    :class:`ImageRef`. Bad images are logged, recorded and skipped; the summary lists them.
     """
-    from .detect import EdgeDetector  # torch is imported only when the stage runs
-
+    executor = executor or InProcess()
     refs = list(inputs) if isinstance(inputs, list) else list_images(inputs)
-    detector = EdgeDetector(
-        config.model, weights_path, device=config.device, precision=config.precision, scales=config.scales,
-        batch_size=config.batch_size, max_side=config.max_side, tile=config.tile, threads=config.threads,
-    )
-    store_config = config.result_config(weights_sha256=detector.weights_sha256, precision=detector.precision)
-    meta = {"model": config.model, "weights_sha256": detector.weights_sha256,
-            "weights_file": str(detector.weights_path), "precision": detector.precision,
-            "scales": list(config.scales), "device": str(detector.device), "settings": config.to_dict()}
-    summary = StageSummary("contours", total=len(refs), output=str(output))
-    png_root = Path(png_dir) if png_dir is not None else None
-    with StoreWriter(output, kind="contours", config=store_config, meta=meta,
-                     shard_size=config.shard_size, overwrite=overwrite) as writer:
-        todo = [ref for ref in refs if ref.key not in writer.completed]
-        summary.skipped = len(refs) - len(todo)
-        if summary.skipped:
-            _log.info("%d of %d images already in %s: skipped", summary.skipped, len(refs), output)
-        _log.info("contours: %s (%s) on %s, %s, scales %s", config.model, detector.weights_sha256[:12],
-                  detector.device, detector.precision, ",".join(f"{s:g}" for s in config.scales))
-        bar = progress(total=len(todo), desc="contours")
-        try:
-            for det in detector.detect_files(todo):
-                bar.update(1)
-                if det.error is not None:
-                    reason = _reason(det.error)
-                    _log.warning("%s: %s", det.ref.path, reason)
-                    writer.record_failure(det.ref.key, reason)
-                    summary.failed.append((det.ref.key, reason))
-                    continue
-                edge = det.edge
-                try:
-                    orientation = edge_orientation(edge, radius=config.orientation_radius)
-                    if png_root is not None:
-                        _write_pngs(png_root, det.ref.key, edge, nms=nms_png, compression=config.png_compression)
-                except (ValueError, OSError) as exc:
-                    reason = f"post-processing failed: {exc}"
-                    _log.warning("%s: %s", det.ref.path, reason)
-                    writer.record_failure(det.ref.key, reason)
-                    summary.failed.append((det.ref.key, reason))
-                    continue
-                writer.add(Item(det.ref.key, {
-                    "edge": edge.astype(np.float16),
-                    "orientation": orientation_float16(orientation),
-                }, {
-                    "source": str(det.ref.path), "height": int(edge.shape[0]), "width": int(edge.shape[1]),
-                    "model": config.model, "weights_sha256": detector.weights_sha256,
-                    "precision": detector.precision, "scales": ",".join(f"{s:g}" for s in config.scales),
-                }))
-                summary.done += 1
-        finally:
-            bar.close()
-    return summary
+    weights_file, weights_sha256, precision = _weights_identity(config)
+    identity = config.identity(weights_sha256=weights_sha256, precision=precision)
+    meta = {"model": config.model, "weights_sha256": weights_sha256, "weights_file": weights_file,
+            "precision": precision, "scales": list(config.scales), "settings": config.to_dict()}
+    with StageRun("contours", output, kind="contours", identity=identity, meta=meta, overwrite=overwrite,
+                  shard_size=config.shard_size) as run:
+        _log.info("contours: %s (%s), %s, scales %s, on %s", config.model, weights_sha256[:12], precision,
+                  ",".join(f"{s:g}" for s in config.scales), executor.describe())
+        if isinstance(executor, InProcess):
+            _run_batched(run, config, refs)
+        else:
+            threads = config.threads
+            if threads is None and executor.local_workers:  # workers sharing this machine share its cores
+                threads = max(1, (os.cpu_count() or 1) // executor.local_workers)
+            jobs = [_Job(ref.key, os.path.abspath(ref.path), config, threads) for ref in refs]
+            run.run_jobs(executor, process_image, jobs, desc="contours")
+    return run.summary
+
+
+def _run_batched(run: StageRun, config: ContoursConfig, refs: list[ImageRef]) -> None:
+    """In-process: decode ahead in threads, batch same-size images, record each result."""
+    from ..log import progress
+
+    todo = run.todo(refs)
+    if not todo:
+        return
+    detector = _detector(config, config.threads)
+    with progress(total=len(todo), desc="contours") as bar:
+        for det in detector.detect_files(todo):
+            bar.update(1)
+            if det.error is not None:
+                run.fail(det.ref.key, det.error)
+                continue
+            try:
+                item = _item(det.ref.key, os.path.abspath(det.ref.path), det.edge, config, detector)
+            except (ValueError, OSError) as exc:
+                run.fail(det.ref.key, f"post-processing failed: {exc}")
+                continue
+            run.add(item)
 
 
 def orientation_float16(orientation: np.ndarray) -> np.ndarray:
@@ -157,13 +195,8 @@ def orientation_float16(orientation: np.ndarray) -> np.ndarray:
     return out
 
 
-def _reason(error: Exception) -> str:
-    reason = getattr(error, "reason", None)
-    return reason if reason else (str(error) or type(error).__name__)
-
-
 def _write_pngs(root: Path, key: str, edge: np.ndarray, *, nms: bool, compression: int) -> None:
-    """8-bit PNGs, written to a temporary name and renamed (a killed run leaves no half file)."""
+    """8-bit PNGs, each appearing whole (a killed run leaves no half file)."""
     import cv2
 
     targets = [(root / f"{key}.png", edge)]
@@ -172,7 +205,11 @@ def _write_pngs(root: Path, key: str, edge: np.ndarray, *, nms: bool, compressio
     for path, prob in targets:
         path.parent.mkdir(parents=True, exist_ok=True)
         img = np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8)
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        if not cv2.imwrite(str(tmp), img, [cv2.IMWRITE_PNG_COMPRESSION, int(compression)]):
-            raise OSError(f"cannot write {path}")
-        os.replace(tmp, path)
+        ok, encoded = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, int(compression)])
+        if not ok:
+            raise OSError(f"cannot encode {path}")
+        atomic_write_bytes(path, encoded.tobytes())
+
+
+STAGE = Stage("contours", ContoursConfig, run, sources=("input",), output="contours", input_paths=("weights",),
+              help="edge probability + orientation per image")

@@ -11,11 +11,11 @@ import numpy as np
 
 from ..errors import BadImageError, InputError
 from ..log import get_logger
-from ..parallel import map_items
-from ..stage import StageSummary
+from ..parallel import Executor, InProcess
+from ..stages import StageSummary
 from . import boundaries as B
 from . import regions as R
-from .inputs import Prediction, Source, list_ground_truth, load_ground_truth, load_prediction, open_source
+from .inputs import Prediction, Source, list_ground_truth, load_ground_truth, load_prediction, open_source, pair_ids
 
 log = get_logger("evaluate")
 
@@ -101,11 +101,13 @@ def evaluate_image(task: _Task) -> tuple[B.BoundaryCounts | None, R.RegionCounts
     return bcounts, rcounts
 
 
-def _prepare_out(out_dir: Path, names: tuple[str, ...], overwrite: bool) -> None:
+def _check_out(out_dir: Path, names: tuple[str, ...], overwrite: bool) -> None:
+    """Refuse to replace results without ``overwrite``; the folder is only made once there are results."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir} exists and is not a folder; choose another output path")
     existing = [n for n in names if (out_dir / n).exists()]
     if existing and not overwrite:
         raise InputError(f"{out_dir} already holds {existing[0]}; pass --overwrite to replace the results")
-    out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def run_benchmark(
@@ -114,7 +116,7 @@ def run_benchmark(
     out_dir: str | os.PathLike,
     *,
     options: BenchOptions = BenchOptions(),
-    workers: int = 1,
+    executor: Executor | None = None,
     overwrite: bool = False,
     label: str = "",
 ) -> BenchReport:
@@ -125,33 +127,14 @@ def run_benchmark(
     """
     out = Path(out_dir)
     names = (BOUNDARY_FILES if options.boundaries else ()) + (REGION_FILES if options.regions else ())
-    _prepare_out(out, names, overwrite)
+    _check_out(out, names, overwrite)
     source = open_source(predictions)
     gts = list_ground_truth(ground_truth)
-    ids = [i for i in sorted(gts) if i in source.items]
-    missing = [i for i in sorted(gts) if i not in source.items]
-    extra = [i for i in source.ids() if i not in gts]
-    if not ids:
-        raise InputError(f"no prediction in {predictions} matches a ground-truth id in {ground_truth} "
-                         f"(e.g. {sorted(gts)[:3]} vs {source.ids()[:3]})")
-    if missing:
-        log.warning("%d of %d ground-truth images have no prediction (e.g. %s); they are left out",
-                    len(missing), len(gts), ", ".join(missing[:5]))
-    if extra:
-        log.info("%d predictions have no ground truth and are ignored (e.g. %s)", len(extra), ", ".join(extra[:3]))
+    ids, missing = pair_ids(source, gts, predictions, ground_truth)
     tasks = [_Task(i, str(gts[i]), source, options) for i in ids]
-    stage = StageSummary("evaluate", total=len(tasks), output=str(out))
-    results: dict[str, tuple] = {}
-    for outcome in map_items(evaluate_image, tasks, workers=workers, desc="evaluate"):
-        if outcome.ok:
-            results[outcome.item.iid] = outcome.result
-            stage.done += 1
-        else:
-            stage.failed.append((outcome.item.iid, str(outcome.error)))
-            log.error("%s: %s", outcome.item.iid, outcome.error)
+    stage, results = collect(evaluate_image, tasks, executor, stage="evaluate", output=out)
     done_ids = [i for i in ids if i in results]
-    if not done_ids:
-        raise InputError(f"no image could be evaluated; first failure: {stage.failed[0][1]}")
+    out.mkdir(parents=True, exist_ok=True)
     report = BenchReport(stage=stage, missing=missing, image_ids=done_ids)
     summary_json: dict = {"images": len(done_ids), "missing": missing, "failed": stage.failed,
                           "options": asdict(options), "predictions": str(predictions),
@@ -179,6 +162,26 @@ def run_benchmark(
     (out / "missing.txt").write_text("".join(f"{i}\n" for i in missing))
     (out / "summary.json").write_text(json.dumps(_no_nan(summary_json), indent=2, default=_jsonable))
     return report
+
+
+def collect(fn, tasks: list, executor: Executor | None, *, stage: str, output: Path) -> tuple[StageSummary, dict]:
+    """Run a per-image evaluation over ``tasks`` (each with an ``iid``): the summary and the results by id.
+
+    Failures are logged as they happen; if no image could be evaluated, an :class:`InputError`
+    names the first failure.
+    """
+    summary = StageSummary(stage, total=len(tasks), output=str(output))
+    results: dict = {}
+    for outcome in (executor or InProcess()).map(fn, tasks, desc=stage):
+        if outcome.ok:
+            results[outcome.item.iid] = outcome.result
+            summary.done += 1
+        else:
+            summary.failed.append((outcome.item.iid, str(outcome.error)))
+            log.error("%s: %s", outcome.item.iid, outcome.error)
+    if not results:
+        raise InputError(f"no image could be evaluated; first failure: {summary.failed[0][1]}")
+    return summary, results
 
 
 def _no_nan(obj):

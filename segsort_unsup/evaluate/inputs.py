@@ -14,8 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadImageError, InputError, StoreError
+from ..log import get_logger
 
 PNG_SUFFIXES = (".png",)
+
+log = get_logger("evaluate")
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,25 @@ def open_source(path: str | os.PathLike) -> Source:
     return Source("png" if pngs else "mat", str(root), _by_id(root, [str(p) for p in files]))
 
 
+def pair_ids(source: Source, truths: dict[str, Path], predictions, ground_truth) -> tuple[list[str], list[str]]:
+    """Image ids with both a prediction and ground truth, and the ground-truth ids without prediction.
+
+    Logs what is left out on either side; an :class:`InputError` when nothing pairs up.
+    """
+    ids = [i for i in sorted(truths) if i in source.items]
+    missing = [i for i in sorted(truths) if i not in source.items]
+    extra = [i for i in source.ids() if i not in truths]
+    if not ids:
+        raise InputError(f"no prediction in {predictions} matches a ground-truth id in {ground_truth} "
+                         f"(e.g. {sorted(truths)[:3]} vs {source.ids()[:3]})")
+    if missing:
+        log.warning("%d of %d ground-truth images have no prediction (e.g. %s); they are left out",
+                    len(missing), len(truths), ", ".join(missing[:5]))
+    if extra:
+        log.info("%d predictions have no ground truth and are ignored (e.g. %s)", len(extra), ", ".join(extra[:3]))
+    return ids, missing
+
+
 def _by_id(root: Path, keys: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for key in keys:
@@ -134,17 +156,10 @@ def _by_id(root: Path, keys: list[str]) -> dict[str, str]:
 # Loading one prediction (runs in worker processes)
 # --------------------------------------------------------------------------------------
 
-_READERS: dict[str, object] = {}
-
-
 def _reader(root: str):
-    from ..io.store import StoreReader
+    from ..io.store import cached_reader
 
-    reader = _READERS.get(root)
-    if reader is None:
-        reader = StoreReader(root)
-        _READERS[root] = reader
-    return reader
+    return cached_reader(root)
 
 
 @dataclass

@@ -22,9 +22,9 @@ from scipy.optimize import linear_sum_assignment
 
 from ..errors import BadImageError, InputError
 from ..log import get_logger
-from ..parallel import map_items
-from ..stage import StageSummary
-from .inputs import PNG_SUFFIXES, Source, image_id, load_labels, open_source, read_label_png
+from ..parallel import Executor
+from ..stages import StageSummary
+from .inputs import PNG_SUFFIXES, Source, image_id, load_labels, open_source, pair_ids, read_label_png
 
 log = get_logger("evaluate")
 
@@ -163,41 +163,31 @@ def run_semantic(
     ignore_label: int | None = 255,
     hungarian: bool = False,
     class_names: list[str] | None = None,
-    workers: int = 1,
+    executor: Executor | None = None,
     overwrite: bool = False,
 ) -> SemanticReport:
     """Pool confusion matrices over every image with both a prediction and a label map; write results."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a folder; choose another output path")
     if (out / "semantic.json").exists() and not overwrite:
         raise InputError(f"{out} already holds semantic.json; pass --overwrite to replace the results")
     if num_classes < 1:
         raise InputError("--num-classes must be >= 1")
     if class_names is not None and len(class_names) != num_classes:
         raise InputError(f"{len(class_names)} class names for {num_classes} classes")
+    from .bsds import collect
+
     source = open_source(predictions)
     gts = _label_files(ground_truth)
-    ids = [i for i in sorted(gts) if i in source.items]
-    missing = [i for i in sorted(gts) if i not in source.items]
-    if not ids:
-        raise InputError(f"no prediction in {predictions} matches a label map in {ground_truth}")
-    if missing:
-        log.warning("%d of %d label maps have no prediction (e.g. %s); they are left out",
-                    len(missing), len(gts), ", ".join(missing[:5]))
+    ids, missing = pair_ids(source, gts, predictions, ground_truth)
     tasks = [_Task(i, str(gts[i]), source, num_classes, ignore_label, hungarian) for i in ids]
-    stage = StageSummary("evaluate semantic", total=len(tasks), output=str(out))
+    stage, results = collect(_confusion_one, tasks, executor, stage="evaluate semantic", output=out)
     pooled = np.zeros((num_classes, num_classes + 1 if not hungarian else 1), np.int64)
-    for outcome in map_items(_confusion_one, tasks, workers=workers, desc="semantic"):
-        if not outcome.ok:
-            stage.failed.append((outcome.item.iid, str(outcome.error)))
-            log.error("%s: %s", outcome.item.iid, outcome.error)
-            continue
-        conf = outcome.result
+    for conf in results.values():
         if conf.shape[1] > pooled.shape[1]:
             pooled = np.pad(pooled, ((0, 0), (0, conf.shape[1] - pooled.shape[1])))
         pooled[:, : conf.shape[1]] += conf
-        stage.done += 1
-    if stage.done == 0:
-        raise InputError(f"no image could be evaluated; first failure: {stage.failed[0][1]}")
     mapping = None
     if hungarian:
         mapping = hungarian_mapping(pooled)

@@ -171,3 +171,32 @@ def _scale_to_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
         top = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
         return np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
     raise BadImageError(path, f"unsupported pixel type {arr.dtype}")
+
+
+def read_edge_png(path: str | os.PathLike) -> np.ndarray:
+    """An edge-probability image as float32 (H, W) in [0, 1] (colour images are averaged)."""
+    from PIL import UnidentifiedImageError
+
+    path = Path(path)
+    if not path.exists():
+        raise BadImageError(path, "file not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.asarray(im)
+    except UnidentifiedImageError:
+        raise BadImageError(path, "not an image file (format not recognised)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadImageError(path, f"cannot decode edge map: {exc or type(exc).__name__}") from None
+    if arr.ndim == 3:
+        arr = arr[..., :3].astype(np.float32).mean(axis=2) if arr.shape[2] >= 3 else arr[..., 0]
+    if arr.ndim != 2 or arr.size == 0:
+        raise BadImageError(path, f"unsupported edge map shape {arr.shape}")
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float32)
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise BadImageError(path, "edge map holds NaN or inf values")
+        return np.clip(arr.astype(np.float32), 0, None)
+    top = 65535.0 if (arr.dtype.itemsize > 1 and arr.max(initial=0) > 255) else 255.0
+    return arr.astype(np.float32) / np.float32(top)

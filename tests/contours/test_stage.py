@@ -1,4 +1,4 @@
-"""run_contours: the contours-store contract, PNGs, resuming, and what the config hash covers."""
+"""The contours stage: the contours-store contract, PNGs, resuming, and what the config hash covers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from PIL import Image
 
 from segsort_unsup.contours.detect import EdgeDetector
 from segsort_unsup.contours.edges import edge_orientation
-from segsort_unsup.contours.stage import ContoursConfig, run_contours
+from segsort_unsup.contours.stage import ContoursConfig, run
 from segsort_unsup.errors import StoreError
 from segsort_unsup.io.store import StoreReader
 
@@ -27,9 +27,9 @@ def folder(tmp_path_factory, bsds):
 
 
 def test_store_contract_and_pngs(tmp_path, folder, hed_h5):
-    config = ContoursConfig(model="hed-bsds500", precision="fp32", device="cpu", batch_size=2)
-    summary = run_contours(config, str(folder), tmp_path / "store", weights_path=hed_h5,
-                           png_dir=tmp_path / "png", nms_png=True)
+    config = ContoursConfig(model="hed-bsds500", precision="fp32", device="cpu", batch_size=2, weights=str(hed_h5),
+                            png_dir=str(tmp_path / "png"), nms_png=True)
+    summary = run(config, str(folder), tmp_path / "store")
     assert (summary.done, summary.skipped, summary.failed, summary.total) == (3, 0, [], 3)
     detector = EdgeDetector("hed-bsds500", weights_path=hed_h5, precision="fp32", device="cpu")
     with StoreReader(tmp_path / "store", kind="contours", required=("edge", "orientation")) as store:
@@ -44,7 +44,7 @@ def test_store_contract_and_pngs(tmp_path, folder, hed_h5):
             assert np.abs(orient.astype(np.float32) - edge_orientation(expected)).max() < 2e-3
             assert 0 <= orient.min() and float(orient.max()) < np.pi  # float16 pi would round down
             attrs = item.attrs
-            assert attrs["source"] == str(folder / f"{key}.png")
+            assert attrs["source"] == str((folder / f"{key}.png").resolve())  # absolute: usable from anywhere
             assert (attrs["height"], attrs["width"]) == shape
             assert attrs["model"] == "hed-bsds500" and attrs["precision"] == "fp32" and attrs["scales"] == "1"
             assert attrs["weights_sha256"] == store.meta["weights_sha256"]
@@ -56,28 +56,27 @@ def test_store_contract_and_pngs(tmp_path, folder, hed_h5):
 
 def test_rerun_skips_done_items_and_checks_config(tmp_path, folder, hed_h5):
     out = tmp_path / "store"
-    base = ContoursConfig(model="hed-bsds500", precision="bf16", device="cpu")
-    first = run_contours(base, str(folder), out, weights_path=hed_h5)
+    base = ContoursConfig(model="hed-bsds500", precision="bf16", device="cpu", weights=str(hed_h5))
+    first = run(base, str(folder), out)
     assert first.done == 3
     # batch size, shard size and PNGs do not change results: the store resumes
-    again = run_contours(ContoursConfig(model="hed-bsds500", precision="bf16", device="cpu", batch_size=1, shard_size=2),
-                         str(folder), out, weights_path=hed_h5, png_dir=tmp_path / "png")
+    again = run(base.replace(batch_size=1, shard_size=2, png_dir=str(tmp_path / "png")), str(folder), out)
     assert (again.done, again.skipped) == (0, 3)
     # scales and precision do: refused unless --overwrite
     with pytest.raises(StoreError, match="scales"):
-        run_contours(ContoursConfig(model="hed-bsds500", precision="bf16", device="cpu", scales=(0.5, 1)), str(folder), out,
-                     weights_path=hed_h5)
+        run(base.replace(scales=(0.5, 1)), str(folder), out)
     with pytest.raises(StoreError, match="precision"):
-        run_contours(ContoursConfig(model="hed-bsds500", precision="fp32", device="cpu"), str(folder), out, weights_path=hed_h5)
-    redo = run_contours(ContoursConfig(model="hed-bsds500", precision="fp32", device="cpu"), str(folder), out, weights_path=hed_h5,
-                        overwrite=True)
+        run(base.replace(precision="fp32"), str(folder), out)
+    redo = run(base.replace(precision="fp32"), str(folder), out, overwrite=True)
     assert (redo.done, redo.skipped) == (3, 0)
 
 
 def test_config_hash_covers_results_only():
     config = ContoursConfig(model="hed-bsds500", scales=[1, 0.5])
     assert config.scales == (1.0, 0.5)
-    hashed = config.result_config(weights_sha256="ab" * 32, precision="bf16")
+    hashed = config.identity(weights_sha256="ab" * 32, precision="bf16")
     assert {"model", "weights_sha256", "precision", "scales"} <= set(hashed)
-    assert not {"batch_size", "device", "threads", "shard_size"} & set(hashed)
-    assert config.to_dict()["batch_size"] is None
+    assert not {"batch_size", "device", "threads", "shard_size", "weights", "png_dir"} & set(hashed)
+    assert hashed["precision"] == "bf16" and config.to_dict()["batch_size"] is None
+    assert config.identity_hash(weights_sha256="ab" * 32) == config.replace(
+        batch_size=4, threads=1, shard_size=2).identity_hash(weights_sha256="ab" * 32)

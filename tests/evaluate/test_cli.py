@@ -11,7 +11,7 @@ from PIL import Image
 
 from segsort_unsup.cli import main
 from segsort_unsup.contours.edges import edge_orientation
-from segsort_unsup.io.store import Item, StoreWriter
+from segsort_unsup.io.store import DatasetSpec, Item, StoreSchema, StoreWriter
 
 IDS = ["2018", "3063", "5096", "6046", "8068"]
 
@@ -81,7 +81,9 @@ def test_contours_store_with_and_without_nms(bsds, tmp_path):
 def test_segments_store_regions_reproduce_test_1(bsds, tmp_path):
     sample = bsds / "bench_sample"
     store = tmp_path / "segments"
-    with StoreWriter(store, kind="segments", config={"k": 1}) as writer:
+    # a segments store holding only what evaluate reads (BSR's published ucm2, no merge tree)
+    ucm2_only = StoreSchema("segments", (DatasetSpec("ucm2", "float32", 2),))
+    with StoreWriter(store, kind="segments", config={"k": 1}, schema=ucm2_only) as writer:
         for iid in IDS:
             ucm2 = sio.loadmat(sample / "ucm2" / f"{iid}.mat")["ucm2"].astype(np.float32)
             writer.add(Item(iid, {"ucm2": ucm2}))

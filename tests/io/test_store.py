@@ -1,39 +1,89 @@
+"""Stores: round trip, resume, schema, index, stacked reads, and every way a store could lie."""
+
+import errno
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import h5py
 import numpy as np
 import pytest
 
 from segsort_unsup.errors import StoreError
-from segsort_unsup.io.store import Item, StoreReader, StoreWriter
+from segsort_unsup.io.atomic import DiskFullError
+from segsort_unsup.io.store import (
+    INDEX_NAME,
+    PROTOTYPES,
+    QUARANTINE_DIR,
+    Item,
+    StoreReader,
+    StoreWriter,
+    is_store,
+    read_failures,
+)
 
 
 def _item(i: int) -> Item:
-    return Item(f"dir/img{i}", {"edge": np.full((3, 4), i, np.float32)}, {"source": f"/x/img{i}.jpg"})
+    return Item(f"dir/img{i}", {"edge": np.full((3, 4), i, np.float32), "tree": np.arange(i + 3, dtype=np.int32)},
+                {"source": f"/x/img{i}.jpg"})
+
+
+def _write(root, n=5, shard_size=2, config=None):
+    with StoreWriter(root, kind="k", config=config or {"a": 1}, shard_size=shard_size) as w:
+        for i in range(n):
+            w.add(_item(i))
 
 
 def test_roundtrip_and_resume(tmp_path):
     root = tmp_path / "store"
-    with StoreWriter(root, kind="contours", config={"a": 1}, shard_size=2) as w:
-        for i in range(5):
-            w.add(_item(i))
-    reader = StoreReader(root, kind="contours", required=("edge",))
+    _write(root)
+    reader = StoreReader(root, kind="k", required=("edge",))
     assert reader.keys() == [f"dir/img{i}" for i in range(5)]
     item = reader["dir/img3"]
     assert item.arrays["edge"][0, 0] == 3 and item.attrs["source"] == "/x/img3.jpg"
     reader.close()
-    with StoreWriter(root, kind="contours", config={"a": 1}) as w:
+    assert is_store(root) and not is_store(tmp_path)
+    with StoreWriter(root, kind="k", config={"a": 1}) as w:
         assert w.completed == {f"dir/img{i}" for i in range(5)}
-    with pytest.raises(StoreError, match="another configuration"):
-        StoreWriter(root, kind="contours", config={"a": 2})
-    with pytest.raises(StoreError, match="not 'contours'|holds a"):
+    with pytest.raises(StoreError, match=r"another configuration \(differs in: a\)"):
+        StoreWriter(root, kind="k", config={"a": 2})
+    with pytest.raises(StoreError, match="holds a 'k' store"):
         StoreWriter(root, kind="segments", config={"a": 1})
-    with StoreWriter(root, kind="contours", config={"a": 2}, overwrite=True) as w:
+    with StoreWriter(root, kind="k", config={"a": 2}, overwrite=True) as w:
         assert not w.completed
+    with StoreWriter(root, kind="k", config={"a": 3}, overwrite="changed") as w:
+        assert w.replaced_keys == ["a"]
+    assert not (root / ".lock").exists()  # a finished run leaves no lock file
+
+
+def test_index_lists_every_shard_and_stack_reads_a_table(tmp_path):
+    root = tmp_path / "store"
+    _write(root, n=5, shard_size=2)
+    lines = [json.loads(line) for line in (root / INDEX_NAME).read_text().splitlines()]
+    assert [len(line["keys"]) for line in lines] == [2, 2, 1]
+    with StoreReader(root) as reader:
+        stacked, failed = reader.stack("tree")
+    assert not failed and stacked.keys == [f"dir/img{i}" for i in range(5)]
+    assert stacked.offsets.tolist() == [0, 3, 7, 12, 18, 25]
+    np.testing.assert_array_equal(stacked.rows("dir/img2"), np.arange(5))
+
+
+def test_schema_checks_names_dtypes_and_dims(tmp_path):
+    good = {"prototypes": np.zeros((3, 8), np.float32), "segments": np.zeros((4, 4), np.int32),
+            "area": np.ones(3, np.int64), "bbox": np.zeros((3, 4), np.int32)}
+    with StoreWriter(tmp_path / "p", kind=PROTOTYPES.kind, config={}) as w:
+        w.add(Item("a", good))
+        with pytest.raises(ValueError, match="'prototypes' is float64 with 2 dims; the schema says float32"):
+            w.add(Item("b", {**good, "prototypes": np.zeros((3, 8))}))
+        with pytest.raises(ValueError, match="lacks datasets"):
+            w.add(Item("c", {"prototypes": good["prototypes"]}))
+        with pytest.raises(ValueError, match="not in the prototypes schema"):
+            w.add(Item("d", {**good, "extra": np.zeros(2, np.float32)}))
 
 
 def test_lock_refuses_second_writer(tmp_path):
@@ -42,18 +92,187 @@ def test_lock_refuses_second_writer(tmp_path):
             StoreWriter(tmp_path / "s", kind="k", config={})
 
 
-def test_reader_errors(tmp_path):
-    with pytest.raises(StoreError, match="no such store"):
-        StoreReader(tmp_path / "missing")
-    (tmp_path / "plain").mkdir()
-    with pytest.raises(StoreError, match="not a segsort-unsup store"):
-        StoreReader(tmp_path / "plain")
-    with StoreWriter(tmp_path / "s", kind="k", config={}) as w:
-        w.add(_item(0))
-    shard = next((tmp_path / "s").glob("part-*.h5"))
-    shard.write_bytes(b"garbage" * 10)
-    with pytest.raises(StoreError, match="corrupt shard"):
+_SLOW_WRITER = """
+import sys, time, numpy as np
+from segsort_unsup.io.store import Item, StoreWriter
+with StoreWriter(sys.argv[1], kind="k", config={"scale": 1}, shard_size=1) as w:
+    print("locked", flush=True)
+    for i in range(6):
+        time.sleep(0.3)
+        w.add(Item(f"i{i}", {"x": np.full(4, i, np.float32)}))
+"""
+
+
+def test_overwrite_waits_for_the_lock_and_never_mixes_configurations(tmp_path):
+    """Issue: --overwrite deleted the store before taking the lock, so two runs wrote one store."""
+    root = tmp_path / "s"
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(root)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    with pytest.raises(StoreError, match="another segsort-unsup run"):
+        StoreWriter(root, kind="k", config={"scale": 0.5}, overwrite=True)
+    assert proc.wait(timeout=30) == 0
+    with StoreReader(root) as reader:  # the first run's store is whole and says what it holds
+        assert reader.config == {"scale": 1} and len(reader) == 6
+    with StoreWriter(root, kind="k", config={"scale": 0.5}, overwrite=True) as w:
+        assert not w.completed
+
+
+def test_overwrite_refuses_another_kind_and_foreign_folders(tmp_path):
+    _write(tmp_path / "s")
+    with pytest.raises(StoreError, match="never replaces another kind"):
+        StoreWriter(tmp_path / "s", kind="contours", config={}, overwrite=True)
+    assert len(StoreReader(tmp_path / "s")) == 5
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    with pytest.raises(StoreError, match="not empty and is not a segsort-unsup store"):
+        StoreWriter(tmp_path / "photos", kind="k", config={}, overwrite=True)
+    assert (tmp_path / "photos" / "a.jpg").exists()
+
+
+def test_shards_without_manifest_are_not_adopted(tmp_path):
+    _write(tmp_path / "s")
+    (tmp_path / "s" / "store.json").unlink()
+    with pytest.raises(StoreError, match=r"holds 3 shard\(s\) but no store.json"):
+        StoreWriter(tmp_path / "s", kind="k", config={"a": 1})
+
+
+@pytest.mark.parametrize("content", ["[1, 2, 3]", "{not json", '{"kind": "k", "format_version": 99}'])
+def test_bad_manifest_is_one_clear_error(tmp_path, content):
+    _write(tmp_path / "s")
+    (tmp_path / "s" / "store.json").write_text(content)
+    with pytest.raises(StoreError, match="store.json|store format"):
         StoreReader(tmp_path / "s")
+    with pytest.raises(StoreError):
+        StoreWriter(tmp_path / "s", kind="k", config={"a": 1})
+
+
+def _flip(path, offset, count=1):
+    data = bytearray(path.read_bytes())
+    for k in range(count):
+        data[offset + k] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def _data_offset(shard, key, name):
+    with h5py.File(shard, "r") as fh:
+        ds = fh[key.replace("/", "%2F")][name]
+        return ds.id.get_chunk_info(0).byte_offset
+
+
+def test_flipped_bytes_in_a_small_dataset_are_detected(tmp_path):
+    """Issue: small datasets had no checksum: flipped bytes were read back as wrong values."""
+    root = tmp_path / "s"
+    _write(root, n=2, shard_size=2)
+    shard = next(root.glob("part-*.h5"))
+    _flip(shard, _data_offset(shard, "dir/img1", "tree"), count=4)
+    with StoreReader(root, verify=False) as reader:  # the dataset checksum alone catches it
+        np.testing.assert_array_equal(reader["dir/img0"].arrays["tree"], np.arange(3))
+        with pytest.raises(StoreError, match="'dir/img1' is damaged"):
+            reader["dir/img1"]
+    with StoreReader(root) as reader:  # and the shard's sha256 (so both items of the shard are refused)
+        with pytest.raises(StoreError, match="'dir/img0' is damaged.*sha256"):
+            reader["dir/img0"]
+    with StoreReader(root, verify=False) as reader:
+        np.testing.assert_array_equal(reader["dir/img0"].arrays["tree"], np.arange(3))
+        with pytest.raises(StoreError, match="'dir/img1' is damaged"):
+            reader["dir/img1"]
+    with StoreWriter(root, kind="k", config={"a": 1}) as w:  # resume: the shard fails its sha256
+        assert not w.completed and w.quarantined
+    assert (root / QUARANTINE_DIR / shard.name).exists()
+    assert "sha256" in (root / QUARANTINE_DIR / "reasons.tsv").read_text()
+
+
+def test_damaged_metadata_and_truncation_never_hide_good_shards(tmp_path):
+    root = tmp_path / "s"
+    _write(root, n=6, shard_size=2)
+    shards = sorted(root.glob("part-*.h5"))
+    _flip(shards[0], 200, count=10)  # superblock / object headers
+    shards[1].write_bytes(shards[1].read_bytes()[:1000])  # truncated
+    (root / INDEX_NAME).unlink()  # no index: the reader must open the shards itself
+    with StoreReader(root) as reader:
+        assert len(reader.damaged) == 2 and reader.keys() == ["dir/img4", "dir/img5"]
+    with StoreWriter(root, kind="k", config={"a": 1}) as w:
+        assert w.completed == {"dir/img4", "dir/img5"} and len(w.quarantined) == 2
+
+
+def test_disk_full_before_a_shard(tmp_path, monkeypatch):
+    import segsort_unsup.io.store as store
+
+    root = tmp_path / "s"
+    _write(root, n=2)
+    monkeypatch.setattr(store.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 1000))
+    w = StoreWriter(root, kind="k", config={"a": 1}, shard_size=1)
+    with pytest.raises(DiskFullError, match="no space left.*MiB needed"):
+        w.add(_item(7))
+    w.close()
+    assert not list(root.glob(".*.tmp"))
+
+
+def test_disk_full_during_a_shard_removes_the_temporary_file(tmp_path, monkeypatch):
+    root = tmp_path / "s"
+    _write(root, n=2)
+    real = h5py.Group.create_dataset
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", full)
+    w = StoreWriter(root, kind="k", config={"a": 1}, shard_size=1)
+    with pytest.raises(DiskFullError, match=str(root)):
+        w.add(_item(7))
+    monkeypatch.setattr(h5py.Group, "create_dataset", real)
+    w.close()
+    assert not list(root.glob(".*.tmp"))
+    with StoreWriter(root, kind="k", config={"a": 1}) as w:  # resumable
+        assert len(w.completed) == 2
+
+
+def test_disk_full_on_a_real_small_filesystem(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root); the fault-injection tests cover this")
+    try:
+        w = StoreWriter(mnt / "s", kind="k", config={}, shard_size=1)
+        rng = np.random.default_rng(0)
+        with pytest.raises(DiskFullError):
+            for i in range(100):
+                w.add(Item(f"i{i}", {"x": rng.random((128, 128))}))
+        w.close()
+        assert not list((mnt / "s").glob(".*.tmp"))
+        with StoreReader(mnt / "s") as reader:
+            assert len(reader) >= 1 and not reader.damaged
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_failures_tsv_has_a_header_escapes_and_no_duplicates(tmp_path):
+    root = tmp_path / "s"
+    for _ in range(2):
+        with StoreWriter(root, kind="k", config={}) as w:
+            w.record_failure("a\tb\nc", "bad\tthing")
+            w.record_failure("plain", "reason")
+    lines = (root / "failures.tsv").read_text().splitlines()
+    assert lines[0] == "time\tkey\treason" and len(lines) == 3
+    assert read_failures(root) == {"a\tb\nc": (read_failures(root)["a\tb\nc"][0], "bad thing"),
+                                   "plain": (read_failures(root)["plain"][0], "reason")}
+    with StoreWriter(root, kind="k", config={}) as w:  # a later success clears the failure
+        w.add(Item("plain", {"x": np.zeros(2, np.float32)}))
+    assert "plain" not in read_failures(root)
+
+
+def test_environment_errors_name_the_path(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match="exists and is not a folder"):
+        StoreWriter(tmp_path / "file", kind="k", config={})
+    with pytest.raises(StoreError, match="is a file, not a folder"):
+        StoreWriter(tmp_path / "file" / "store", kind="k", config={})
+    if os.geteuid() != 0:  # root ignores permissions
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(StoreError, match="permission denied"):
+            StoreWriter(ro / "s", kind="k", config={})
 
 
 def test_killed_writer_leaves_readable_store(tmp_path):
@@ -76,22 +295,83 @@ def test_killed_writer_leaves_readable_store(tmp_path):
     proc.wait()
     reader = StoreReader(root)
     n = len(reader)
-    assert n >= 6 and n % 3 == 0
+    assert n >= 6 and n % 3 == 0 and not reader.damaged
     for key in reader.keys():
         assert reader[key].arrays["x"].shape == (64, 64)
-    for shard in root.glob("part-*.h5"):
-        with h5py.File(shard, "r"):
-            pass
     with StoreWriter(root, kind="k", config={}) as w:
         assert len(w.completed) == n
         assert not list(root.glob(".part-*.tmp"))
 
 
-def test_path_errors_pickle_across_processes():
-    import pickle
+def test_a_shard_renamed_but_not_indexed_is_adopted(tmp_path):
+    root = tmp_path / "s"
+    _write(root, n=4, shard_size=2)
+    lines = (root / INDEX_NAME).read_text().splitlines()
+    (root / INDEX_NAME).write_text(lines[0] + "\n" + lines[1][:10])  # killed mid-append
+    with StoreReader(root) as reader:
+        assert len(reader) == 4
+    with StoreWriter(root, kind="k", config={"a": 1}) as w:
+        assert len(w.completed) == 4 and not w.quarantined
 
-    from segsort_unsup.errors import BadImageError, WeightsError
 
-    for err in (BadImageError("/a.jpg", "truncated"), StoreError("/s", "corrupt"), WeightsError("/w", "bad")):
-        back = pickle.loads(pickle.dumps(err))
-        assert type(back) is type(err) and str(back) == str(err) and back.reason == err.reason
+def test_store_from_version_0_1_still_opens(tmp_path):
+    """A 0.1 store: format_version 1, no index, unchecked datasets."""
+    root = tmp_path / "old"
+    root.mkdir()
+    (root / "store.json").write_text(json.dumps({"format_version": 1, "kind": "k", "config": {"a": 1},
+                                                 "config_hash": "x", "meta": {}}))
+    with h5py.File(root / "part-00000.h5", "w") as fh:
+        group = fh.create_group("img0")
+        group.attrs["key"] = "img0"
+        group.create_dataset("x", data=np.arange(3))
+    with StoreReader(root) as reader:
+        np.testing.assert_array_equal(reader["img0"].arrays["x"], np.arange(3))
+
+
+def test_fuzz_random_damage_never_gives_a_wrong_value(tmp_path, bsds):
+    """200 random byte flips / truncations across the shards of a store of real image data: every
+    read either equals the clean store or names the damaged item; nothing else ever happens."""
+    from segsort_unsup.io.images import read_image
+
+    clean = tmp_path / "clean"
+    images = sorted((bsds / "images" / "val").glob("*.jpg"))[:6]
+    with StoreWriter(clean, kind="k", config={}, shard_size=2) as w:
+        for path in images:
+            img = read_image(path)[::4, ::4]
+            w.add(Item(path.stem, {"image": img, "mean": img.mean(axis=(0, 1)).astype(np.float32)},
+                       {"source": str(path)}))
+    with StoreReader(clean) as reader:
+        truth = {k: reader[k].arrays for k in reader.keys()}
+    rng = np.random.default_rng(0)
+    counts = {"identical": 0, "named": 0, "lost_shard": 0}
+    for trial in range(200):
+        root = tmp_path / f"t{trial}"
+        shutil.copytree(clean, root)
+        shard = rng.choice(sorted(root.glob("part-*.h5")))
+        data = bytearray(shard.read_bytes())
+        if rng.random() < 0.2:
+            data = data[: int(rng.integers(0, len(data)))]
+        else:
+            for pos in rng.integers(0, len(data), size=int(rng.integers(1, 20))):
+                data[pos] ^= int(rng.integers(1, 256))
+        shard.write_bytes(bytes(data))
+        with StoreReader(root) as reader:
+            counts["lost_shard"] += len(reader.damaged)
+            for key in reader.keys():
+                try:
+                    item = reader[key]
+                except StoreError as exc:
+                    assert key in str(exc)
+                    counts["named"] += 1
+                    continue
+                for name, arr in truth[key].items():
+                    np.testing.assert_array_equal(item.arrays[name], arr)
+                counts["identical"] += 1
+        with StoreWriter(root, kind="k", config={}) as w:  # resume trusts only verified shards
+            with StoreReader(root) as reader:
+                for key in w.completed:
+                    for name, arr in truth[key].items():
+                        np.testing.assert_array_equal(reader[key].arrays[name], arr)
+        shutil.rmtree(root)
+    print("fuzz outcomes:", counts)
+    assert counts["identical"] > 0 and counts["named"] + counts["lost_shard"] > 0

@@ -16,7 +16,7 @@ import scipy.io
 
 from segsort_unsup.io.store import Item, StoreReader, StoreWriter
 from segsort_unsup.ucm.hierarchy import cut_labels, labels_from_ucm2
-from segsort_unsup.ucm.stage import UcmConfig, run_ucm
+from segsort_unsup.ucm.stage import UcmConfig, run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,8 +33,8 @@ def make_contours_store(root: Path, maps, bsds: Path) -> Path:
 
 def test_store_contents_and_resume(tmp_path, gt_maps, bsds):
     src = make_contours_store(tmp_path / "contours", gt_maps[:2], bsds)
-    config = UcmConfig(threshold=0.3, levels=(0.1, 0.5))
-    summary = run_ucm(config, src, tmp_path / "seg", png_dir=tmp_path / "png", mat_dir=tmp_path / "mat")
+    config = UcmConfig(threshold=0.3, levels=(0.1, 0.5), png_dir=str(tmp_path / "png"), mat_dir=str(tmp_path / "mat"))
+    summary = run(config, src, tmp_path / "seg")
     assert (summary.done, summary.skipped, summary.failed) == (2, 0, [])
     with StoreReader(tmp_path / "seg", kind="segments", required=("ucm2", "parents", "altitudes", "labels")) as store:
         assert store.keys() == sorted(k for k, _, _ in gt_maps[:2])
@@ -48,14 +48,14 @@ def test_store_contents_and_resume(tmp_path, gt_maps, bsds):
         np.testing.assert_array_equal(item.arrays["labels"], labels_from_ucm2(item.arrays["ucm2"], 0.3))
         leaf_labels = cut_labels(item.arrays["parents"], item.arrays["altitudes"], threshold=0.5)
         np.testing.assert_array_equal(leaf_labels[item.arrays["leaves"]], item.arrays["labels_levels"][1])
-        assert item.attrs["source_store"] == str(src.resolve())
-        assert item.attrs["weights_sha256"] == "f" * 64 and item.attrs["threshold"] == 0.3
-        assert item.attrs["config_hash"] == store.manifest["config_hash"]
+        assert store.meta["source"] == str(src.resolve()) and item.attrs["threshold"] == 0.3
+        with StoreReader(src) as contours:  # the input's identity is part of this store's
+            assert store.config["source_identity"] == contours.config_hash
     mat = scipy.io.loadmat(tmp_path / "mat" / f"{gt_maps[0][0]}.mat")
     np.testing.assert_allclose(mat["ucm2"], item.arrays["ucm2"])
     for suffix in ("ucm", "labels", "overview"):
         assert (tmp_path / "png" / f"{gt_maps[0][0]}_{suffix}.png").is_file()
-    again = run_ucm(config, src, tmp_path / "seg")
+    again = run(config.replace(png_dir=None, mat_dir=None), src, tmp_path / "seg")
     assert (again.done, again.skipped) == (0, 2)
 
 
@@ -67,7 +67,7 @@ KILLED_RUN = textwrap.dedent("""
         time.sleep(0.4)
         return slow(job)
     stage.process_item = process_item
-    stage.run_ucm(stage.UcmConfig(), sys.argv[1], sys.argv[2], shard_size=1)
+    stage.run(stage.UcmConfig(shard_size=1), sys.argv[1], sys.argv[2])
 """)
 
 
@@ -87,7 +87,7 @@ def test_killed_run_leaves_a_readable_store_and_resumes(tmp_path, gt_maps, bsds)
         for key in store.keys():
             assert store[key].arrays["ucm2"].ndim == 2
     assert 1 <= done_before < len(gt_maps)
-    summary = run_ucm(UcmConfig(), src, out)
+    summary = run(UcmConfig(), src, out)
     assert summary.skipped == done_before and summary.done == len(gt_maps) - done_before
     with StoreReader(out, kind="segments") as store:
         assert len(store) == len(gt_maps)
@@ -101,7 +101,7 @@ def test_overview_without_readable_photo_and_plain_mean(tmp_path, gt_maps, bsds,
     monkeypatch.setattr(package_logger, "level", logging.INFO)
     maps = gt_maps[:1]
     src = make_contours_store(tmp_path / "contours", maps, tmp_path / "nowhere")  # source photos missing
-    summary = run_ucm(UcmConfig(oriented=False), src, tmp_path / "seg", png_dir=tmp_path / "png")
+    summary = run(UcmConfig(oriented=False, png_dir=str(tmp_path / "png")), src, tmp_path / "seg")
     assert summary.ok and summary.done == 1
     picture = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(tmp_path / "png" / f"{maps[0][0]}_overview.png"))
     h, w = maps[0][1].shape

@@ -1,0 +1,198 @@
+"""The configuration base every stage shares: typed fields, run-only fields, an identity hash.
+
+A stage's settings are a frozen dataclass built on :class:`StageConfig`::
+
+    @dataclass(frozen=True)
+    class UcmConfig(StageConfig):
+        threshold: float = 0.5
+        levels: tuple[float, ...] = ()
+        shard_size: int = run_only(64)
+
+* Fields are checked against their annotations when the config is built from a mapping (a
+  pipeline TOML section or CLI values): an unknown key, a wrong type or a bad value is an
+  :class:`~segsort_unsup.errors.InputError` naming the file, section and key, the expected
+  type and an example.
+* Fields marked :func:`run_only` (workers, batch size, threads, shard size, device...) do not
+  change results: they are left out of the stage's identity, so changing them never
+  invalidates a store.
+* :meth:`StageConfig.identity` is the rest plus the provenance of the inputs (source store
+  identity, weights sha256): what a store records and checks on resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import InputError
+
+_RUN_ONLY = "segsort_run_only"
+_HELP = "segsort_help"
+
+
+def run_only(default: Any, *, help: str = "") -> Any:  # noqa: A002 - mirrors click's spelling
+    """A field that does not change results (kept out of the identity hash)."""
+    return field(default=default, metadata={_RUN_ONLY: True, _HELP: help})
+
+
+def setting(default: Any, *, help: str = "") -> Any:  # noqa: A002
+    """A result-changing field with a help text (plain defaults work too)."""
+    return field(default=default, metadata={_HELP: help})
+
+
+def config_hash(data: Mapping[str, Any]) -> str:
+    """Stable short hash of a JSON-able mapping (16 hex digits of sha256 over sorted JSON)."""
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_EXAMPLES = {int: "4", float: "0.5", bool: "true", str: '"text"'}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        return f"list of {_type_name(args[0])}"
+    if origin in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(names) + (" (or omitted)" if type(None) in typing.get_args(tp) else "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _example(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        inner = typing.get_args(tp)[0]
+        ex = _EXAMPLES.get(inner, "...")
+        return f"[{ex}, {ex}]"
+    if origin in (typing.Union, types.UnionType):
+        return _example(next(a for a in typing.get_args(tp) if a is not type(None)))
+    return _EXAMPLES.get(tp, "...")
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """``value`` converted to annotation ``tp`` (lists -> tuples, ints -> floats), or _Mismatch."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        inner = typing.get_args(tp)[0]
+        return tuple(_coerce(v, inner) for v in value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Mismatch
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Mismatch
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _Mismatch
+        return value
+    return value
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Base of every stage's settings (see the module doc)."""
+
+    #: the stage name, used in messages and identities (set by each subclass)
+    stage: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            try:
+                coerced = _coerce(value, hints[f.name])
+            except _Mismatch:
+                raise InputError(self._type_error(f.name, value, hints[f.name])) from None
+            object.__setattr__(self, f.name, coerced)
+        self.validate()
+
+    # -- hooks ------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check values beyond their types; raise :class:`InputError` naming the key (override)."""
+
+    # -- building -----------------------------------------------------------------------------
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, where: str = "") -> StageConfig:
+        """Build from a TOML section or CLI values; errors are prefixed with ``where`` (file [section])."""
+        prefix = f"{where}: " if where else ""
+        known = set(cls.keys())
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"{prefix}unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        try:
+            return cls(**dict(data))
+        except InputError as exc:
+            raise InputError(f"{prefix}{exc}") from None
+
+    def replace(self, **changes: Any) -> StageConfig:
+        """A copy with ``changes`` (checked like any other construction)."""
+        return dataclasses.replace(self, **changes)
+
+    # -- identity -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """All settings, JSON-able (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def result_fields(self) -> dict[str, Any]:
+        """The settings that change results (every field not marked run-only)."""
+        data = self.to_dict()
+        return {f.name: data[f.name] for f in dataclasses.fields(self) if not f.metadata.get(_RUN_ONLY)}
+
+    def identity(self, **provenance: Any) -> dict[str, Any]:
+        """What a store made by this stage is: stage, result settings and input provenance."""
+        return {"stage": self.stage, **self.result_fields(), **{k: v for k, v in provenance.items()}}
+
+    def identity_hash(self, **provenance: Any) -> str:
+        return config_hash(self.identity(**provenance))
+
+    # -- messages -----------------------------------------------------------------------------
+    def _type_error(self, key: str, value: Any, tp: Any) -> str:
+        return (f"key {key!r} expects {_type_name(tp)}, got {type(value).__name__} {value!r} "
+                f"(example: {key} = {_example(tp)})")
+
+    def bad_value(self, key: str, message: str) -> InputError:
+        """An :class:`InputError` for a key whose value fails a check."""
+        return InputError(f"key {key!r}: {message}")
+
+
+def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Keys whose values differ between two identities."""
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))

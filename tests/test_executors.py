@@ -1,0 +1,189 @@
+"""Executors: the same stores from in-process, local processes and a real Dask LocalCluster;
+a Dask worker killed mid-run; no orphan processes after the parent is killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segsort_unsup.contours import stage as contours
+from segsort_unsup.errors import InputError
+from segsort_unsup.io.store import INDEX_NAME, StoreReader
+from segsort_unsup.parallel import InProcess, ProcessPool, make_executor, map_items
+from segsort_unsup.ucm import stage as ucm
+
+REPO = Path(__file__).resolve().parents[1]
+N_IMAGES = 24
+TIMING_ATTRS = set()  # no stored attr depends on timing; listed here should one ever do
+
+
+def _square_or_die(x: int) -> int:
+    if x == 3:
+        os._exit(1)  # a hard crash, as a segfault or an OOM kill would be
+    if x == 5:
+        raise ValueError("bad item 5")
+    return x * x
+
+
+def test_in_process_failures_are_per_item():
+    out = {o.item: o for o in map_items(_square_or_die, [1, 2, 5], workers=1)}
+    assert out[1].result == 1 and out[2].result == 4
+    assert isinstance(out[5].error, ValueError)
+
+
+def test_dead_worker_fails_only_its_item():
+    out = {o.item: o for o in ProcessPool(2).map(_square_or_die, range(10))}
+    assert sorted(out) == list(range(10))
+    assert "worker process died" in str(out[3].error)
+    assert isinstance(out[5].error, ValueError)
+    assert all(out[i].result == i * i for i in range(10) if i not in (3, 5))
+
+
+def test_executor_choices_are_checked():
+    assert isinstance(make_executor("local", workers=1), InProcess)
+    assert isinstance(make_executor("local", workers=2), ProcessPool)
+    with pytest.raises(InputError, match="needs --scheduler"):
+        make_executor("dask")
+    with pytest.raises(InputError, match="goes with --executor dask"):
+        make_executor("local", scheduler="tcp://x:1")
+    with pytest.raises(InputError, match="unknown executor"):
+        make_executor("spark")
+
+
+def _images(bsds: Path) -> list[str]:
+    return [str(p) for p in sorted((bsds / "images" / "test").glob("*.jpg"))[:N_IMAGES]]
+
+
+def _assert_same_stores(a: Path, b: Path) -> None:
+    with StoreReader(a) as ra, StoreReader(b) as rb:
+        assert ra.keys() == rb.keys() and len(ra) == N_IMAGES
+        assert ra.config_hash == rb.config_hash
+        for key in ra.keys():
+            ia, ib = ra[key], rb[key]
+            assert set(ia.arrays) == set(ib.arrays)
+            for name in ia.arrays:
+                np.testing.assert_array_equal(ia.arrays[name], ib.arrays[name], err_msg=f"{key} {name}")
+            drop = lambda attrs: {k: v for k, v in attrs.items() if k not in TIMING_ATTRS}  # noqa: E731
+            assert drop(ia.attrs) == drop(ib.attrs), key
+
+
+def _keys_per_shard(store: Path) -> list[str]:
+    keys = []
+    for line in (store / INDEX_NAME).read_text().splitlines():
+        keys.extend(json.loads(line)["keys"])
+    return keys
+
+
+@pytest.fixture(scope="module")
+def local_stores(tmp_path_factory, bsds, pidinet_dir):
+    """contours + ucm over 24 BSDS500 images on 2 local processes (the reference for Dask)."""
+    root = tmp_path_factory.mktemp("local")
+    config = contours.ContoursConfig(model="pidinet-tiny", weights=str(pidinet_dir / "table5_pidinet-tiny.pth"),
+                                     device="cpu", shard_size=5)
+    with ProcessPool(2) as pool:
+        assert contours.run(config, _list(root, bsds), root / "contours", executor=pool).ok
+        assert ucm.run(ucm.UcmConfig(shard_size=5), root / "contours", root / "segments", executor=pool).ok
+    return root, config
+
+
+def _list(root: Path, bsds: Path) -> str:
+    path = root / "images.txt"
+    path.write_text("".join(f"{p}\n" for p in _images(bsds)))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_gives_the_same_stores(tmp_path, bsds, local_stores):
+    reference, config = local_stores
+    with make_executor("dask-local", workers=2) as dask:
+        assert dask.distributed and dask.workers == 2
+        first = contours.run(config, _list(tmp_path, bsds), tmp_path / "contours", executor=dask)
+        assert first.ok and first.done == N_IMAGES
+        second = ucm.run(ucm.UcmConfig(shard_size=5), tmp_path / "contours", tmp_path / "segments", executor=dask)
+        assert second.ok and second.done == N_IMAGES
+    _assert_same_stores(reference / "contours", tmp_path / "contours")
+    _assert_same_stores(reference / "segments", tmp_path / "segments")
+    # and in-process (batched loop) gives them too, for ucm (contours' batched path is checked elsewhere)
+    assert ucm.run(ucm.UcmConfig(), reference / "contours", tmp_path / "inproc", executor=InProcess()).ok
+    _assert_same_stores(reference / "segments", tmp_path / "inproc")
+
+
+@pytest.mark.slow
+def test_killed_dask_worker_loses_nothing_and_duplicates_nothing(tmp_path, local_stores):
+    reference, _ = local_stores
+    out = tmp_path / "segments"
+    with make_executor("dask-local", workers=2) as dask:
+        pids = dask.client.run(os.getpid)
+        result: dict = {}
+
+        def work():
+            result["summary"] = ucm.run(ucm.UcmConfig(shard_size=1), reference / "contours", out, executor=dask)
+
+        thread = threading.Thread(target=work)
+        thread.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list(out.glob("part-*.h5"))) < 2:
+            time.sleep(0.05)
+        victim = next(iter(pids.values()))
+        os.kill(victim, signal.SIGKILL)
+        thread.join(timeout=600)
+    summary = result["summary"]
+    assert summary.ok and summary.done == N_IMAGES, summary.line()
+    keys = _keys_per_shard(out)
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == N_IMAGES  # every item exactly once
+    _assert_same_stores(reference / "segments", out)
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+def test_killed_parent_leaves_no_worker_processes(tmp_path, local_stores):
+    reference, _ = local_stores
+    proc = subprocess.Popen([sys.executable, "-m", "segsort_unsup.cli", "-q", "ucm", str(reference / "contours"),
+                             "-o", str(tmp_path / "seg"), "--workers", "2"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    workers: set[int] = set()
+    while time.monotonic() < deadline and len(workers) < 2:  # 2 workers (+ the resource tracker)
+        workers = _descendants(proc.pid)
+        time.sleep(0.1)
+    assert len(workers) >= 2, workers
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.1)
+    assert not [p for p in workers if _alive(p)]
