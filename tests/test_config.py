@@ -1,0 +1,41 @@
+"""The config base: typed loading with errors naming the key, run-only fields, identities."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from segsort_unsup.config import StageConfig, run_only
+from segsort_unsup.errors import InputError
+
+
+@dataclass(frozen=True)
+class _Demo(StageConfig):
+    stage = "demo"
+    alpha: float = 0.5
+    flags: tuple[int, ...] = (1,)
+    name: str = "x"
+    limit: int | None = None
+    workers: int = run_only(1)
+
+
+def test_values_are_coerced_and_checked():
+    cfg = _Demo.from_mapping({"alpha": 1, "flags": [2, 3], "limit": 4}, where="f.toml [demo]")
+    assert cfg.alpha == 1.0 and isinstance(cfg.alpha, float) and cfg.flags == (2, 3) and cfg.limit == 4
+    with pytest.raises(InputError, match=r"f.toml \[demo\]: key 'alpha' expects float, got str 'a'"):
+        _Demo.from_mapping({"alpha": "a"}, where="f.toml [demo]")
+    with pytest.raises(InputError, match="key 'flags' expects list of int, got bool True"):
+        _Demo(flags=True)
+    with pytest.raises(InputError, match="key 'limit' expects int .or omitted."):
+        _Demo(limit=1.5)
+    with pytest.raises(InputError, match=r"unknown key\(s\) alpah; known: alpha, flags, limit, name, workers"):
+        _Demo.from_mapping({"alpah": 1})
+
+
+def test_run_only_fields_stay_out_of_the_identity():
+    a, b = _Demo(workers=1), _Demo(workers=8)
+    assert a.identity_hash() == b.identity_hash() and "workers" not in a.identity()
+    assert a.identity_hash() != a.replace(alpha=0.7).identity_hash()
+    assert a.identity_hash(weights_sha256="a") != a.identity_hash(weights_sha256="b")
+    assert a.identity()["stage"] == "demo"
