@@ -7,8 +7,11 @@ other exceptions too, with the traceback only under ``-v``.
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import os
 import importlib.util
+import signal
 import sys
 
 import click
@@ -28,6 +31,19 @@ COMMANDS: dict[str, str] = {
 }
 
 
+# command name -> one-line summary for `--help` (kept here so help needs no heavy imports)
+SUMMARIES: dict[str, str] = {
+    "contours": "Edge probability + orientation for every image (PiDiNet or HED).",
+    "weights": "List, fetch and check the contour models' pretrained weights.",
+    "ucm": "OWT-UCM segment hierarchies from contour maps.",
+    "evaluate": "BSDS500 boundary/region benchmarks and semantic mIoU.",
+    "demo": "The pipeline on bundled photos, with pictures to open.",
+    "run": "Every stage of a pipeline TOML file, in order, resuming what exists.",
+}
+_GLOBAL_FLAGS = {"-v", "-vv", "-vvv", "--verbose", "-q", "--quiet"}
+EXIT_INTERRUPTED = 130
+
+
 class _BadInput(click.ClickException):
     """A bad input or argument found past option parsing: one line, exit code 2 like a usage error."""
 
@@ -44,6 +60,20 @@ class _LazyGroup(click.Group):
             return None
         module, attr = target.split(":")
         return getattr(importlib.import_module(module), attr)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and name not in COMMANDS:
+            close = difflib.get_close_matches(name, list(COMMANDS), n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else f" Commands: {', '.join(sorted(COMMANDS))}."
+            raise click.UsageError(f"No such command {name!r}.{hint}", ctx)
+        return super().resolve_command(ctx, args)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, SUMMARIES.get(name, "")) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context):
         verbose = ctx.params.get("verbose", 0) > 0
@@ -72,7 +102,7 @@ def _importable(target: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="segsort-unsup")
 @click.option("-v", "--verbose", count=True, help="More detail; -v also shows tracebacks.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
@@ -84,5 +114,52 @@ def main(verbose: int, quiet: bool) -> None:
     setup_logging(-1 if quiet else verbose)
 
 
+def _hoist_global_flags(args: list[str]) -> list[str]:
+    """``segsort-unsup contours ... -v`` works like ``segsort-unsup -v contours ...``."""
+    if "--" in args:
+        return args
+    flags = [a for a in args if a in _GLOBAL_FLAGS]
+    return flags + [a for a in args if a not in _GLOBAL_FLAGS]
+
+
+def _interrupt(signum, frame) -> None:
+    """Ctrl-C or a scheduler's SIGTERM: stop now, keeping finished work."""
+    from .parallel import request_stop
+
+    request_stop()
+    raise KeyboardInterrupt
+
+
+def _quiet_interrupts(unraisable) -> None:
+    """A KeyboardInterrupt raised where Python cannot propagate it (a finaliser, a weakref callback) is
+    not a crash: the stop flag ends the run at its next step. Anything else is reported as usual."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def run(args: list[str] | None = None) -> int:
+    """The console entry point: exit 130 after Ctrl-C or SIGTERM (finished work is saved), no traceback."""
+    args = _hoist_global_flags(list(sys.argv[1:] if args is None else args))
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    sys.unraisablehook = _quiet_interrupts
+    try:
+        main.main(args=args, prog_name="segsort-unsup", standalone_mode=False)
+    except (KeyboardInterrupt, click.Abort):
+        click.echo("\nInterrupted: finished items are saved; run the same command again to resume.", err=True)
+        # Stores are closed by now (their context managers ran). Leave at once: a worker pool whose
+        # processes were stopped mid-reply can keep the interpreter's exit hooks waiting forever.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(run())

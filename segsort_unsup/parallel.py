@@ -41,6 +41,23 @@ DASK_HINT = "pip install 'segsort-unsup[dask]'"
 
 log = get_logger("parallel")
 
+_stop = {"requested": False}
+
+
+def request_stop() -> None:
+    """Ask every running map to stop at its next step (set by the CLI's Ctrl-C / SIGTERM handler).
+
+    The handler also raises KeyboardInterrupt at once; the flag makes sure a library that
+    swallows that exception mid-call still cannot keep the run going.
+    """
+    _stop["requested"] = True
+
+
+def check_stop() -> None:
+    """Raise KeyboardInterrupt if a stop was requested."""
+    if _stop["requested"]:
+        raise KeyboardInterrupt
+
 
 @dataclass
 class Outcome(Generic[T, R]):
@@ -110,6 +127,7 @@ class InProcess(Executor):
             initializer(*initargs)
         with progress(total=total, desc=desc, unit=unit) as bar:
             for item in items:
+                check_stop()
                 try:
                     outcome = Outcome(item, result=fn(item))
                 except (KeyboardInterrupt, SystemExit):
@@ -163,7 +181,10 @@ class ProcessPool(Executor):
                             pending[pool.submit(fn, item)] = item
                     if not pending:
                         break
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    done: set = set()
+                    while not done:
+                        check_stop()
+                        done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                     if any(isinstance(fut.exception(), BrokenProcessPool) for fut in done):
                         pool.shutdown(wait=True, cancel_futures=True)
                         pool = new_pool()
@@ -182,18 +203,22 @@ class ProcessPool(Executor):
                         bar.update(step(item))
                         yield Outcome(item, error=exc) if exc is not None else Outcome(item, result=fut.result())
             except BaseException:
-                _terminate(pool)
+                _terminate(pool)  # Ctrl-C, SIGTERM, errors: stop now, waiting for nobody
                 raise
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=True)
 
 
 def _terminate(pool: ProcessPoolExecutor) -> None:
     """Stop a pool's workers now (Ctrl-C, errors): they must not finish work nobody will record."""
-    for proc in list(getattr(pool, "_processes", {}).values()):
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for proc in processes:
         with contextlib.suppress(Exception):
-            proc.terminate()
-    pool.shutdown(wait=False, cancel_futures=True)
+            proc.kill()
+    with contextlib.suppress(Exception):
+        pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        with contextlib.suppress(Exception):
+            proc.join(timeout=2)
 
 
 class DaskExecutor(Executor):
@@ -251,6 +276,7 @@ class DaskExecutor(Executor):
             queue = as_completed(list(futures))
             try:
                 for fut in queue:
+                    check_stop()
                     item = futures.pop(fut)
                     try:
                         outcome = Outcome(item, result=fut.result())
