@@ -91,10 +91,9 @@ def unsupervised_segsort_loss(embedding: torch.Tensor, segments: torch.Tensor, *
     with torch.autocast(emb.device.type, enabled=False):
         flat, ids, image, valid = _flatten(emb, seg, ignore)
         protos, index, _, _ = _prototypes(flat, ids, image, valid)
-        e = flat[valid]
-        own = index[valid]
-        logits = kappa * (e @ protos.T)
-        return (logits.logsumexp(dim=1) - logits.gather(1, own[:, None]).squeeze(1)).mean()
+        # softmax cross-entropy with the own segment as target (one fused log-softmax pass)
+        logits = (kappa * flat[valid]) @ protos.T
+        return F.cross_entropy(logits, index[valid])
 
 
 class PrototypeMemory:
