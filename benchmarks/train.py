@@ -20,7 +20,9 @@ Rows:
 * ``head step``: one training step of the head alone on cached features (the CPU-practical mode).
 
 FLOPs are counted analytically: 2 * Cin * Cout * k * k * Hout * Wout per conv (forward); a
-training step is taken as 3x the forward FLOPs of the layers it trains through. The machine's
+training step is 3x the forward FLOPs (forward, input gradient, weight gradient) less the input
+gradient of the first conv, whose input needs none (conv1_1 of the trunk; the head's first conv
+on cached features). The loss and pointwise ops are not counted. The machine's
 peak is cores x clock x FLOPs/cycle (see :func:`cpu_peak`; override with ``--peak-gflops``)::
 
     .venv/bin/python benchmarks/train.py                      # crop 320, batch 8, 3 steps
@@ -120,13 +122,14 @@ def trunk_flops(height: int, width: int, *, feature_layer: str = "conv5_3") -> f
     return total
 
 
+def conv_flops(conv: torch.nn.Conv2d, h: int, w: int) -> float:
+    """Forward FLOPs of a conv with an h x w output (one image)."""
+    return 2.0 * conv.in_channels * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1] * h * w
+
+
 def head_flops(model: SegSortNet, h: int, w: int) -> float:
     """Forward FLOPs of the embedding head on an h x w feature map (one image)."""
-    total = 0.0
-    for conv in (model.head.hidden, model.head.out):
-        k = conv.kernel_size[0] * conv.kernel_size[1]
-        total += 2.0 * conv.in_channels * conv.out_channels * k * h * w
-    return total
+    return conv_flops(model.head.hidden, h, w) + conv_flops(model.head.out, h, w)
 
 
 # -- synthetic batch -----------------------------------------------------------------------------
@@ -246,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     side = -(-args.crop // 8)
     fwd_img = trunk_flops(args.crop, args.crop, feature_layer=args.feature_layer) + head_flops(base, side, side)
     head_img = head_flops(base, side, side)
+    # training = 3x forward, less the input gradient of the first conv (its input needs none)
+    train_full = 3 * fwd_img - conv_flops(base.backbone.block1.convs[0], args.crop, args.crop)
+    train_head = 3 * head_img - conv_flops(base.head.hidden, side, side)
     images_cl = images.contiguous(memory_format=torch.channels_last)
 
     rows = []
@@ -255,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         t = interleaved({"baseline": full_step(m_base, images, seg, bf16=False, fused=False),
                          "default": full_step(m_def, images_cl, seg, bf16=bf16, fused=True)},
                         warmup=args.warmup, repeats=args.steps)
-        rows.append(("full step (train all)", "steps/s", t, 3 * fwd_img * args.batch, 1.0))
+        rows.append(("full step (train all)", "steps/s", t, train_full * args.batch, 1.0))
         del m_base, m_def
 
     passes = {"baseline": feature_pass(base, images, bf16=False, fused=False),
@@ -272,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     t = interleaved({"baseline": head_step(h_base, feats["baseline"], seg, bf16=False, fused=False),
                      "default": head_step(h_def, feats["default"], seg, bf16=bf16, fused=True)},
                     warmup=2, repeats=max(args.steps, 5))
-    rows.append(("head step (cached feats)", "images/s", t, 3 * head_img * args.batch, args.batch))
+    rows.append(("head step (cached feats)", "images/s", t, train_head * args.batch, args.batch))
 
     header = (f"{'row':<26}{'unit':>9}{'baseline':>10}{'default':>10}{'ratio':>7}"
               f"{'GFLOP/s b':>11}{'GFLOP/s d':>11}{'% peak b':>10}{'% peak d':>10}")
@@ -285,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{gb / 1e9:>11.1f}{gd / 1e9:>11.1f}{100 * gb / peak_fp32:>9.1f}%{100 * gd / peak_default:>9.1f}%")
     print(f"\n% peak b: baseline vs the fp32 peak; % peak d: default vs the {'bf16' if bf16 else 'fp32'} peak. "
           f"FLOPs per image: forward {fwd_img / 1e9:.1f} G (trunk + head), head {head_img / 1e9:.2f} G; "
-          f"training = 3x forward. Load average at end {os.getloadavg()[0]:.1f}.")
+          f"per training image: full {train_full / 1e9:.1f} G, head {train_head / 1e9:.2f} G "
+          f"(3x forward less the first conv's input gradient). Load average at end {os.getloadavg()[0]:.1f}.")
     return 0
 
 
