@@ -90,9 +90,10 @@ def spherical_kmeans(features: torch.Tensor, init: torch.Tensor, *, iterations: 
     if iterations < 0:
         raise InputError(f"iterations must be >= 0, got {iterations}")
     init = init.long()
-    if p and int(init.min()) < 0:
-        raise InputError("initial labels must be >= 0 (mark points to drop with `valid`)")
-    k = int(init.max()) + 1 if p else 1
+    used = init if valid is None else init[valid]
+    if used.numel() and int(used.min()) < 0:
+        raise InputError("initial labels of valid points must be >= 0 (mark points to drop with `valid`)")
+    k = int(used.max()) + 1 if used.numel() else 1
     if num_clusters is not None:
         if num_clusters < k:
             raise InputError(f"num_clusters={num_clusters} but the initial labels go up to {k - 1}")

@@ -134,6 +134,17 @@ def test_init_and_locations_can_be_given(batch):
     np.testing.assert_array_equal(ours, np_unique_inverse(ref)[1])
 
 
+def test_init_labels_of_dropped_pixels_are_not_used():
+    x = torch.nn.functional.normalize(torch.randn(1, 6, 3, dtype=torch.float64), dim=-1)
+    init = torch.tensor([[0, 0, 1, 1, -1, 9]])
+    valid = torch.tensor([[True, True, True, True, False, False]])
+    out = spherical_kmeans(x, init, valid=valid)
+    ref = np_kmeans(x[0, :4].numpy(), init[0, :4].numpy(), 2)
+    assert out[0, :4].tolist() == ref.tolist() and out[0, 4:].tolist() == [-1, -1]
+    with pytest.raises(InputError, match="valid points must be >= 0"):
+        spherical_kmeans(x, init)
+
+
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(InputError, match=r"\(N, D, H, W\)"):
         pixel_sort(torch.zeros(3, 4, 5))
