@@ -169,3 +169,57 @@ def build_model(config: Mapping[str, Any] | None = None, *, backbone_weights: st
     if state_dict is not None:
         model.load_state_dict(state_dict)
     return model
+
+
+MODEL_FORMAT = "segsort-unsup-model"
+MODEL_VERSION = 1
+
+
+def save_model(path: str | os.PathLike, model: SegSortNet, *, provenance: Mapping[str, Any] | None = None) -> str:
+    """Write ``model.pt`` atomically: weights + the config that rebuilds the network + provenance.
+
+    ``provenance`` holds plain values (the training config and its identity hash, the segments
+    store's identity, the package version...). Returns the file's sha256 (what downstream stores record).
+    """
+    from .. import __version__
+    from ..io.atomic import atomic_path, sha256_file
+
+    payload = {
+        "format": MODEL_FORMAT,
+        "version": MODEL_VERSION,
+        "model_config": model.model_config(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "provenance": {"package_version": __version__, **dict(provenance or {})},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return sha256_file(path)
+
+
+def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> tuple[SegSortNet, dict[str, Any]]:
+    """Rebuild a saved model (``weights_only=True``: the file is never unpickled) and its provenance.
+
+    Raises :class:`~segsort_unsup.errors.WeightsError` naming the file for a missing, truncated or
+    foreign file.
+    """
+    from ..errors import WeightsError
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise WeightsError(path, "model file not found (train one with `segsort-unsup train`)")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated zip, pickle refused by weights_only, ...
+        raise WeightsError(path, f"not a readable segsort-unsup model ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0][:160]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise WeightsError(path, "not a segsort-unsup model file (expected model.pt written by `segsort-unsup train`)")
+    if payload.get("version") != MODEL_VERSION:
+        raise WeightsError(path, f"model format version {payload.get('version')} is not supported "
+                                 f"(this version reads {MODEL_VERSION})")
+    try:
+        model = build_model(payload["model_config"], state_dict=payload["state_dict"])
+    except (KeyError, RuntimeError, InputError) as exc:
+        raise WeightsError(path, f"model weights do not fit their config ({exc})") from None
+    model.eval()
+    return model, dict(payload.get("provenance", {}))

@@ -146,6 +146,13 @@ def _jobs(source: Path, config: UcmConfig) -> list[_Job]:
     return [_Job(ref.key, "image", os.path.abspath(ref.path), config) for ref in list_images(source)]
 
 
+def _announce_compilation() -> None:
+    """Say once that the first run compiles the numba kernels (otherwise the first image looks stuck)."""
+    cache = Path(__file__).resolve().parent / "__pycache__"
+    if not os.environ.get("NUMBA_CACHE_DIR") and not any(cache.glob("_kernels.*.nbi")):
+        log.info("first run: compiling the OWT-UCM kernels (about 15 s, once; cached for later runs)")
+
+
 def run(config: UcmConfig, inputs: str | os.PathLike, output: str | os.PathLike, *,
         executor: Executor | None = None, overwrite: bool | str = False) -> StageSummary:
     """Compute the OWT-UCM of every contour map in ``inputs`` into the segments store ``output``.
@@ -154,6 +161,7 @@ def run(config: UcmConfig, inputs: str | os.PathLike, output: str | os.PathLike,
     reason, recorded in ``failures.tsv`` and reported in the summary, and the rest go on.
     """
     source = Path(inputs)
+    _announce_compilation()
     provenance = source_identity(source)
     jobs = _jobs(source, config)
     identity = config.identity(**provenance)
