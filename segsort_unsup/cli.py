@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "segsort_unsup.commands.evaluate:evaluate",
     "demo": "segsort_unsup.commands.demo:demo",
     "run": "segsort_unsup.commands.run:run",
+    "inspect": "segsort_unsup.commands.inspect:inspect",
 }
 
 
@@ -39,6 +40,7 @@ SUMMARIES: dict[str, str] = {
     "evaluate": "BSDS500 boundary/region benchmarks and semantic mIoU.",
     "demo": "The pipeline on bundled photos, with pictures to open.",
     "run": "Every stage of a pipeline TOML file, in order, resuming what exists.",
+    "inspect": "What a store, run folder or model file holds (--json for scripts).",
 }
 _GLOBAL_FLAGS = {"-v", "-vv", "-vvv", "--verbose", "-q", "--quiet"}
 EXIT_INTERRUPTED = 130
