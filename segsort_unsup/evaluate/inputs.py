@@ -216,7 +216,7 @@ def load_prediction(source: Source, iid: str, *, nms: bool = True) -> Prediction
             item = reader.read(key, ("edge",))
             edge = np.asarray(item.arrays["edge"], np.float32)
             if nms:
-                from ..contours.edges import edge_nms
+                from ..edgemaps import edge_nms
 
                 # The published HED/RCF/PiDiNet protocol: orientation from the smoothed map,
                 # not the stored one (which the ucm stage uses).

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from segsort_unsup.cli import main
-from segsort_unsup.contours.edges import edge_orientation
+from segsort_unsup.edgemaps import edge_orientation
 from segsort_unsup.io.store import DatasetSpec, Item, StoreSchema, StoreWriter
 
 IDS = ["2018", "3063", "5096", "6046", "8068"]
