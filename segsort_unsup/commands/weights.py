@@ -56,4 +56,4 @@ def path_cmd(model: str) -> None:
     """Print the verified cached weights file of --model (error with the fetch command if missing)."""
     from ..contours.weights import resolve_weights
 
-    click.echo(str(resolve_weights(model)))
+    click.echo(str(resolve_weights(model)[0]))

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..errors import BadImageError, InputError
 from ..io.images import ImageRef, read_image
 from .registry import DEFAULT_MODEL, ContourModel, build_network, get_model
-from .weights import resolve_weights, sha256_file
+from .weights import resolve_weights
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MIN_SIDE = 32  # smaller sides are padded by replication: conv5 (1/16) then still has 2 pixels
@@ -147,8 +147,7 @@ class EdgeDetector:
         # On CPU one image at a time is fastest (measured for HED and PiDiNet: a batch only adds
         # memory traffic); GPUs want batches.
         self.batch_size = int(batch_size) if batch_size is not None else (8 if self.device.type == "cuda" else 1)
-        self.weights_path = resolve_weights(self.entry, weights_path)
-        self.weights_sha256 = sha256_file(self.weights_path)
+        self.weights_path, self.weights_sha256 = resolve_weights(self.entry, weights_path)
         self.network = build_network(self.entry, self.weights_path).to(self.device)
         self.network.requires_grad_(False)
         # channels_last lets oneDNN (CPU) and cuDNN (tensor cores) pick their fast convolutions;

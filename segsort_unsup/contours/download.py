@@ -23,7 +23,7 @@ from ..errors import WeightsError
 from ..log import get_logger
 from ..log import progress as progress_bar
 
-__all__ = ["download_url", "sha256_file"]
+__all__ = ["download_url"]
 
 _LOG = get_logger("contours.download")
 _CHUNK = 1 << 20
@@ -60,15 +60,6 @@ class _Partial:
             for block in iter(lambda: fh.read(_CHUNK), b""):
                 self.digest.update(block)
                 self.hashed += len(block)
-
-
-def sha256_file(path: str | Path, *, chunk_size: int = _CHUNK) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk_size), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _host(url: str) -> str:
