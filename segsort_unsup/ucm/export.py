@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ..io.atomic import atomic_path, atomic_write
 from ..io.store import Item
 from ..log import get_logger
 from .hierarchy import cut_labels
@@ -43,9 +43,8 @@ def _overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def _save_png(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")  # format given: the temporary name ends in .tmp
 
 
 def overview_levels(threshold: float, levels: tuple[float, ...]) -> tuple[float, float]:
@@ -78,10 +77,8 @@ def export_item(item: Item, config, *, png_dir=None, mat_dir=None, source_store:
 
         path = Path(mat_dir) / f"{item.key}.mat"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as fh:
+        with atomic_write(path) as fh:
             scipy.io.savemat(fh, {"ucm2": ucm2.astype(np.float64)}, do_compression=True)
-        os.replace(tmp, path)
     if png_dir is None:
         return
     root = Path(png_dir)

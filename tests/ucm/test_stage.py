@@ -55,6 +55,8 @@ def test_store_contents_and_resume(tmp_path, gt_maps, bsds):
     np.testing.assert_allclose(mat["ucm2"], item.arrays["ucm2"])
     for suffix in ("ucm", "labels", "overview"):
         assert (tmp_path / "png" / f"{gt_maps[0][0]}_{suffix}.png").is_file()
+    leftovers = [p for d in ("png", "mat") for p in (tmp_path / d).iterdir() if p.name.startswith(".")]
+    assert not leftovers  # exports are written through a temporary name and renamed
     again = run(config.replace(png_dir=None, mat_dir=None), src, tmp_path / "seg")
     assert (again.done, again.skipped) == (0, 2)
 
