@@ -26,7 +26,7 @@ from ..io.store import Item
 from ..log import get_logger
 from ..parallel import Executor, InProcess
 from ..stages import Stage, StageRun, StageSummary
-from .edges import edge_nms, edge_orientation
+from ..edgemaps import edge_nms, edge_orientation
 from .registry import DEFAULT_MODEL, MODELS
 
 _log = get_logger("contours")
