@@ -262,3 +262,32 @@ def write_region_results(out_dir: str | Path, summary: RegionSummary) -> list[Pa
         path.write_text(text)
         paths.append(path)
     return paths
+
+
+def plot_regions(summary: RegionSummary, path: str | Path, *, label: str = "") -> Path:
+    """Covering, PRI and VI against the ucm threshold, ODS points marked (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = summary
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6), dpi=110)
+    rows = (("Covering", s.covering, s.cover_ods_threshold, s.cover_ods, "higher is better"),
+            ("PRI", s.ri, s.ri_ods_threshold, s.ri_ods, "higher is better"),
+            ("VI", s.voi, s.voi_ods_threshold, s.voi_ods, "lower is better"))
+    for ax, (name, values, t, v, hint) in zip(axes, rows):
+        ax.plot(s.thresholds, values, lw=2)
+        ax.plot([t], [v], "o", color="C3")
+        ax.set(xlabel="ucm threshold (boundaries weaker than this are removed)", ylabel=name,
+               title=f"{name} ODS {v:.3f} at {t:.2f} ({hint})")
+        ax.title.set_fontsize(9)
+        ax.xaxis.label.set_fontsize(8)
+        ax.grid(True, color="0.9")
+    if label:
+        fig.suptitle(f"BSDS region benchmarks: {label}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

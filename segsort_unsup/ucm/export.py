@@ -20,9 +20,21 @@ def ucm_image(ucm2: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(ucm2[2::2, 2::2], dtype=np.float32)
 
 
-def _to_uint8(values: np.ndarray) -> np.ndarray:
-    top = max(1.0, float(values.max(initial=0.0)))
-    return np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+def ucm_picture(ucm: np.ndarray) -> np.ndarray:
+    """A visible uint8 picture of a ucm: white boundaries on black, stretched by rank.
+
+    Most boundary strengths are small, so a linear map leaves the picture nearly black. Each
+    non-zero strength is mapped through its rank among the image's non-zero strengths to
+    64..255 (the weakest boundary stays visible, the order of strengths is kept); 0 stays black.
+    """
+    out = np.zeros(ucm.shape, np.uint8)
+    nonzero = ucm > 0
+    if nonzero.any():
+        values = ucm[nonzero]
+        levels = np.unique(values)
+        rank = np.searchsorted(levels, values) / max(1, len(levels) - 1)
+        out[nonzero] = np.clip(64 + rank * 191 + 0.5, 64, 255).astype(np.uint8)
+    return out
 
 
 def label_colors(labels: np.ndarray) -> np.ndarray:
@@ -82,7 +94,7 @@ def export_item(item: Item, config, *, png_dir=None, mat_dir=None, source_store:
     if png_dir is None:
         return
     root = Path(png_dir)
-    contours = _to_uint8(ucm_image(ucm2))
+    contours = ucm_picture(ucm_image(ucm2))
     _save_png(root / f"{item.key}_ucm.png", contours)
     _save_png(root / f"{item.key}_labels.png", label_colors(item.arrays["labels"]))
     parents, altitudes, leaves = item.arrays["parents"], item.arrays["altitudes"], item.arrays["leaves"]
@@ -106,12 +118,12 @@ def export_item(item: Item, config, *, png_dir=None, mat_dir=None, source_store:
         panels.append(("image", image))
     if edge is not None and edge.shape == contours.shape:
         edge8 = np.clip(np.clip(edge, 0, 1) * 255 + 0.5, 0, 255).astype(np.uint8)  # probability, not stretched
-        panels.append(("contours", np.repeat(255 - edge8[..., None], 3, axis=2)))
+        panels.append(("contour map", np.repeat(edge8[..., None], 3, axis=2)))  # white on black, as the edge PNGs
     else:
-        panels.append(("ucm", np.repeat(255 - contours[..., None], 3, axis=2)))
+        panels.append(("ucm (rank-stretched)", np.repeat(contours[..., None], 3, axis=2)))
     base = image if image is not None else np.full(contours.shape + (3,), 255, np.uint8)
     for t, labels in zip(levels, cuts):
-        panels.append((f"cut {t:g}: {int(labels.max()) + 1} segments", _overlay(base, labels)))
+        panels.append((f"ucm cut at {t:g}: {int(labels.max()) + 1} segments", _overlay(base, labels)))
     titled = [_titled(panel, title) for title, panel in panels]
     gap = np.full((titled[0].shape[0], 4, 3), 255, np.uint8)
     row = [titled[0]]
