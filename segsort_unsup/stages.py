@@ -247,6 +247,7 @@ class Stage:
 STAGE_MODULES: tuple[str, ...] = (
     "segsort_unsup.contours.stage",
     "segsort_unsup.ucm.stage",
+    "segsort_unsup.embed.train",
     "segsort_unsup.evaluate.stage",
 )
 

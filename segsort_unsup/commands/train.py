@@ -1,0 +1,72 @@
+"""``segsort-unsup train``: a SegSort embedding (model.pt) from a segments store."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from .options import finish, float_list, output_option, overwrite_option, seed_option
+
+
+@click.command("train")
+@click.argument("segments", type=click.Path(exists=True, file_okay=False))
+@output_option("Run folder: config.toml, metrics.jsonl, checkpoints/, model.pt (re-running resumes).")
+@click.option("--mode", type=click.Choice(["auto", "full", "cached"]), default="auto", show_default=True,
+              help="full: the whole network on photo crops; cached: the trunk frozen, its features cached once, "
+                   "only the head trains (CPU-practical); auto: full on CUDA, cached on CPU.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False),
+              help="Folder of the photos when they moved (looked up as <DIR>/<key>.<ext> or by basename).")
+@click.option("--cut", type=float, default=None, help="Stored ucm level to use as the grouping (default: the "
+              "store's threshold; others must be among its --levels).")
+@click.option("--supervised", "labels_dir", type=click.Path(exists=True, file_okay=False),
+              help="Class-label PNG folder: train the supervised counterpart instead.")
+@click.option("--ignore-label", type=int, default=255, show_default=True, help="Label of unlabelled pixels.")
+@click.option("--backbone", type=click.Choice(["vgg16-hed", "vgg16", "scratch"]), default="vgg16-hed",
+              show_default=True)
+@click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False),
+              help="Local weights for the backbone (torchvision vgg16 checkpoint for --backbone vgg16).")
+@click.option("--feature-layer", type=click.Choice(["conv4_3", "conv5_3"]), default="conv4_3", show_default=True)
+@click.option("--freeze-blocks", type=click.IntRange(0, 5), default=0, show_default=True,
+              help="Trunk blocks kept frozen in full mode.")
+@click.option("--head", type=click.Choice(["conv3", "conv1"]), default="conv3", show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Global batch (split over torchrun processes).")
+@click.option("--crop", type=click.IntRange(min=8), default=320, show_default=True, help="Crop side in pixels.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True,
+              help="Trunk learning rate (the head trains at 10x).")
+@click.option("--feature-scales", callback=float_list(low=0.05, example="0.75,1,1.25"), default="0.75,1,1.25",
+              show_default=True, help="Cached mode: image scales whose features are cached.")
+@click.option("--no-flip", is_flag=True, help="No horizontal flips.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="auto: bf16 on CPUs with AVX512-BF16/AMX and on CUDA, else fp32.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Data-loading processes (full mode).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads (default: all cores).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--keep", type=click.IntRange(min=1), default=3, show_default=True, help="Checkpoints kept.")
+@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--features-dir", type=click.Path(file_okay=False),
+              help="Cached mode: features store (default RUN_DIR/features; reusable by runs with the same trunk).")
+@seed_option
+@overwrite_option
+def train(segments, output, mode, images, cut, labels_dir, ignore_label, backbone, backbone_weights, feature_layer,
+          freeze_blocks, head, steps, batch_size, crop, lr, feature_scales, no_flip, precision, device, workers,
+          threads, checkpoint_every, keep, log_every, features_dir, seed, overwrite):
+    """Train a SegSort embedding on the segments of SEGMENTS (a store written by `segsort-unsup ucm`).
+
+    Under `torchrun --nproc-per-node N` the same command trains with DDP. Ctrl-C saves a
+    checkpoint; re-running the same command resumes it.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
+    from ..embed.train import TrainConfig, run
+
+    config = TrainConfig(mode=mode, images=images, cut=cut, labels_dir=labels_dir, ignore_label=ignore_label,
+                         backbone=backbone, backbone_weights=backbone_weights, feature_layer=feature_layer,
+                         freeze_blocks=freeze_blocks, head=head, steps=steps, batch_size=batch_size, crop=crop,
+                         lr=lr, feature_scales=feature_scales, flip=not no_flip, precision=precision, device=device,
+                         workers=workers, threads=threads, checkpoint_every=checkpoint_every, keep=keep,
+                         log_every=log_every, features_dir=features_dir, seed=seed)
+    finish(run(config, segments, output, overwrite=overwrite))

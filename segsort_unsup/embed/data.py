@@ -1,0 +1,395 @@
+"""Training data of the ``train`` stage: images + groupings from a segments store, augmentation,
+a deterministic sample stream, and the cached-feature store.
+
+Determinism
+    Every random choice of a sample (which image, scale, crop offset, flip) is a pure function
+    of ``(seed, global sample index)``: the image order of epoch ``e`` is a permutation drawn from
+    ``numpy.random.default_rng([seed, e])``, and sample ``i``'s augmentation from
+    ``default_rng([seed, 1, i])``. So the only "data RNG state" a checkpoint needs is the step
+    (global sample index = step x global batch), data workers hold no state that matters, and
+    with DDP every rank sees the same global order, rank ``r`` taking its slice of each global
+    batch.
+
+Groupings
+    Unsupervised: the segments store's ``labels`` (the ucm cut at the stage threshold), or one of
+    its ``labels_levels`` (``cut``). Supervised: class-label PNGs matched by key or basename.
+    Crop padding is :data:`~segsort_unsup.embed.losses.PAD_SEGMENT` (its own segment) for
+    groupings and the ignore label for class labels.
+
+Feature cache (kind ``features``)
+    One item per (image, scale, flip): ``features`` float16 (C, h, w) of the frozen trunk on the
+    rescaled (and flipped) image, ``segments`` int32 (h, w) the grouping resized to that grid by
+    nearest neighbour (:func:`segments_to_grid`), optional ``labels`` int32 (h, w) the classes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from ..errors import BadImageError, InputError, StoreError
+from ..io.images import IMAGE_EXTENSIONS, read_image
+from ..io.store import DatasetSpec, Item, StoreReader, StoreSchema, cached_reader, register_schema
+from ..log import get_logger
+from .losses import PAD_SEGMENT, segments_to_grid
+
+log = get_logger("train")
+
+FEATURES = register_schema(StoreSchema("features", (
+    DatasetSpec("features", "float16", 3),  # (C, h, w) frozen-trunk features at stride 8
+    DatasetSpec("segments", "int32", 2),  # (h, w) grouping on the feature grid
+    DatasetSpec("labels", "int32", 2, optional=True),  # (h, w) classes (supervised)
+)))
+
+STRIDE = 8
+
+
+# -- where the pictures are ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sample:
+    """One training image: its key, photo path, segments store and (supervised) label PNG."""
+
+    key: str
+    image: str
+    store: str
+    label: str | None = None
+
+
+def _index_folder(folder: Path) -> dict[str, Path]:
+    """Files of a folder tree by relative key without extension, and by bare stem."""
+    found: dict[str, Path] = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+            found.setdefault(str(p.relative_to(folder).with_suffix("")), p)
+            found.setdefault(p.stem, p)
+    return found
+
+
+def _lookup(index: dict[str, Path], key: str, source: str) -> Path | None:
+    for name in (key, Path(key).name, Path(source).stem if source else ""):
+        if name and name in index:
+            return index[name]
+    return None
+
+
+def grouping_names(reader: StoreReader, cut: float | None) -> tuple[str, int | None]:
+    """Dataset name and level index of the grouping at ``cut`` (None: the stage's ``labels``)."""
+    if cut is None:
+        return "labels", None
+    threshold = reader.config.get("threshold")
+    if threshold is not None and math.isclose(float(threshold), cut, abs_tol=1e-9):
+        return "labels", None
+    levels = [float(v) for v in reader.config.get("levels", []) or []]
+    for i, level in enumerate(levels):
+        if math.isclose(level, cut, abs_tol=1e-9):
+            return "labels_levels", i
+    avail = ", ".join(f"{v:g}" for v in ([float(threshold)] if threshold is not None else []) + levels)
+    raise InputError(f"{reader.root}: no stored cut at {cut:g}; available levels: {avail or 'none'} "
+                     "(re-run ucm with --levels to store more)")
+
+
+def list_samples(segments: str | os.PathLike, *, images: str | os.PathLike | None = None,
+                 labels: str | os.PathLike | None = None) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """The samples of a segments store and the items left out ``(key, reason)``.
+
+    The photo of an item is its recorded ``source`` attr; with ``images`` it is looked up as
+    ``<images>/<key>.<ext>`` or by basename instead. With ``labels`` each item needs a label PNG
+    (same key or basename). Items whose photo or label file is missing are left out.
+    """
+    root = Path(segments)
+    try:
+        reader = StoreReader(root, kind="segments")
+    except StoreError:
+        raise
+    image_index = _index_folder(Path(images)) if images else None
+    label_index = _index_folder(Path(labels)) if labels else None
+    if labels and not label_index:
+        raise InputError(f"{labels}: no label PNGs found (supervised training needs one per image)")
+    samples, dropped = [], []
+    with reader:
+        for key in reader.keys():
+            item = reader.read(key, names=("labels",))
+            source = str(item.attrs.get("source", ""))
+            if image_index is not None:
+                path = _lookup(image_index, key, source)
+                if path is None:
+                    dropped.append((key, f"no image for {key!r} in {images}"))
+                    continue
+            else:
+                if not source:
+                    dropped.append((key, "the item records no source image (pass --images DIR)"))
+                    continue
+                path = Path(source)
+                if not path.is_file():
+                    dropped.append((key, f"{source}: image not found (moved? pass --images DIR)"))
+                    continue
+            label = None
+            if label_index is not None:
+                lp = _lookup(label_index, key, source)
+                if lp is None:
+                    dropped.append((key, f"no label PNG for {key!r} in {labels}"))
+                    continue
+                label = str(lp)
+            samples.append(Sample(key, str(path), str(root.resolve()), label))
+    return samples, dropped
+
+
+def read_label_png(path: str | os.PathLike) -> np.ndarray:
+    """A class-label PNG as int32 (H, W) (first channel of a colour PNG)."""
+    arr = cv2.imread(os.fspath(path), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise BadImageError(path, "not a readable label PNG")
+    if arr.ndim == 3:
+        arr = arr[..., 0]
+    return arr.astype(np.int32)
+
+
+def load_sample(sample: Sample, *, grouping: tuple[str, int | None] = ("labels", None)
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(rgb uint8 (H, W, 3), grouping int32 (H, W), classes int32 (H, W) or None)``."""
+    rgb = read_image(sample.image)
+    name, level = grouping
+    arr = cached_reader(sample.store, kind="segments").read(sample.key, names=(name,)).arrays[name]
+    seg = np.asarray(arr if level is None else arr[level], dtype=np.int32)
+    if seg.shape != rgb.shape[:2]:
+        raise BadImageError(sample.image, f"image is {rgb.shape[1]}x{rgb.shape[0]} but its segments are "
+                                          f"{seg.shape[1]}x{seg.shape[0]} (wrong --images folder?)")
+    cls = None
+    if sample.label is not None:
+        cls = read_label_png(sample.label)
+        if cls.shape != seg.shape:
+            raise BadImageError(sample.label, f"label map is {cls.shape[1]}x{cls.shape[0]}, image "
+                                              f"{seg.shape[1]}x{seg.shape[0]}")
+    return rgb, seg, cls
+
+
+# -- the sample stream -----------------------------------------------------------------------------
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """Image order of an epoch (the same on every rank)."""
+    return np.random.default_rng([seed, 0, epoch]).permutation(n)
+
+
+def sample_image(seed: int, index: int, n: int) -> int:
+    """Which image global sample ``index`` uses."""
+    epoch, pos = divmod(index, n)
+    return int(epoch_order(seed, epoch, n)[pos])
+
+
+def sample_rng(seed: int, index: int) -> np.random.Generator:
+    """The augmentation generator of global sample ``index``."""
+    return np.random.default_rng([seed, 1, index])
+
+
+def rank_indices(step: int, *, batch: int, rank: int, world: int) -> list[int]:
+    """Global sample indices of this rank's share of step ``step``'s global batch."""
+    local = batch // world
+    start = step * batch + rank * local
+    return list(range(start, start + local))
+
+
+# -- full mode: photos -----------------------------------------------------------------------------
+MEAN_RGB = (123.68, 116.78, 103.94)  # ImageNet mean: crop padding of the photo
+
+
+def augment(rgb: np.ndarray, seg: np.ndarray, cls: np.ndarray | None, rng: np.random.Generator, *,
+            crop: int, scale_range: tuple[float, float], flip: bool, ignore_label: int
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Random scale, crop (padding: mean colour, PAD_SEGMENT, ignore label) and horizontal flip.
+
+    Returns float32 (3, crop, crop) RGB 0..255, int32 (crop, crop) grouping and classes.
+    """
+    s = float(rng.uniform(*scale_range))
+    h, w = seg.shape
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    img = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    seg = cv2.resize(seg, (nw, nh), interpolation=cv2.INTER_NEAREST)
+    if cls is not None:
+        cls = cv2.resize(cls, (nw, nh), interpolation=cv2.INTER_NEAREST)
+    out_img = np.empty((crop, crop, 3), np.float32)
+    out_img[:] = MEAN_RGB
+    out_seg = np.full((crop, crop), PAD_SEGMENT, np.int32)
+    out_cls = np.full((crop, crop), ignore_label, np.int32) if cls is not None else None
+    y0 = int(rng.integers(0, max(nh - crop, 0) + 1))
+    x0 = int(rng.integers(0, max(nw - crop, 0) + 1))
+    ch, cw = min(crop, nh), min(crop, nw)
+    out_img[:ch, :cw] = img[y0:y0 + ch, x0:x0 + cw]
+    out_seg[:ch, :cw] = seg[y0:y0 + ch, x0:x0 + cw]
+    if out_cls is not None:
+        out_cls[:ch, :cw] = cls[y0:y0 + ch, x0:x0 + cw]
+    if flip and rng.random() < 0.5:
+        out_img, out_seg = out_img[:, ::-1], out_seg[:, ::-1]
+        out_cls = out_cls[:, ::-1] if out_cls is not None else None
+    return (np.ascontiguousarray(out_img.transpose(2, 0, 1)), np.ascontiguousarray(out_seg),
+            None if out_cls is None else np.ascontiguousarray(out_cls))
+
+
+class PhotoBatches(torch.utils.data.Dataset):
+    """Full-mode data: item ``step`` is this rank's share of that step's global batch.
+
+    Each element is read and augmented from ``(seed, global sample index)`` alone, so any number
+    of DataLoader workers give the same batches, and resuming at a step needs nothing else.
+    """
+
+    def __init__(self, samples: list[Sample], *, seed: int, batch: int, rank: int, world: int, crop: int,
+                 scale_range: tuple[float, float], flip: bool, grouping: tuple[str, int | None],
+                 ignore_label: int):
+        self.samples, self.seed, self.batch, self.rank, self.world = samples, seed, batch, rank, world
+        self.crop, self.scale_range, self.flip = crop, scale_range, flip
+        self.grouping, self.ignore_label = grouping, ignore_label
+
+    def __len__(self) -> int:  # steps are indexed by a sampler; the length is only nominal
+        return 2**62
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        imgs, segs, clss = [], [], []
+        for index in rank_indices(step, batch=self.batch, rank=self.rank, world=self.world):
+            sample = self.samples[sample_image(self.seed, index, len(self.samples))]
+            rgb, seg, cls = load_sample(sample, grouping=self.grouping)
+            img, seg, cls = augment(rgb, seg, cls, sample_rng(self.seed, index), crop=self.crop,
+                                    scale_range=self.scale_range, flip=self.flip, ignore_label=self.ignore_label)
+            imgs.append(img)
+            segs.append(seg)
+            if cls is not None:
+                clss.append(cls)
+        out = {"image": torch.from_numpy(np.stack(imgs)), "segments": torch.from_numpy(np.stack(segs))}
+        if clss:
+            out["labels"] = torch.from_numpy(np.stack(clss))
+        return out
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Steps ``start, start + 1, ..., stop - 1`` (one dataset item per step)."""
+
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop = start, stop
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: one torch thread per worker, seeded generators (no sample
+    depends on them: augmentation is drawn from the sample index)."""
+    torch.set_num_threads(1)
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    import random
+
+    random.seed(seed)
+
+
+# -- cached mode: features -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FeatureJob:
+    """One (image, scale, flip) feature map to compute."""
+
+    key: str
+    sample: Sample
+    scale: float
+    flip: bool
+
+
+def feature_key(key: str, scale: float, flip: bool) -> str:
+    return f"{key}@{scale:g}{'f' if flip else ''}"
+
+
+def feature_jobs(samples: list[Sample], scales: tuple[float, ...], *, flip: bool) -> list[FeatureJob]:
+    flips = (False, True) if flip else (False,)
+    return [FeatureJob(feature_key(s.key, sc, f), s, sc, f) for s in samples for sc in scales for f in flips]
+
+
+def compute_features(model: Any, job: FeatureJob, *, grouping: tuple[str, int | None], device: torch.device,
+                     precision: str) -> Item:
+    """The frozen trunk's features of one rescaled (flipped) image and its grouping on that grid."""
+    from ..runtime import autocast
+
+    rgb, seg, cls = load_sample(job.sample, grouping=grouping)
+    h, w = seg.shape
+    nh, nw = max(1, round(h * job.scale)), max(1, round(w * job.scale))
+    img = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LINEAR) if (nh, nw) != (h, w) else rgb
+    if job.flip:
+        img, seg = img[:, ::-1], seg[:, ::-1]
+        cls = cls[:, ::-1] if cls is not None else None
+    x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float()[None].to(device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), autocast(device, precision):
+        feats = model.features(x)
+    feats = feats.float()[0].to(torch.float16).cpu().contiguous().numpy()
+    grid = feats.shape[1:]
+    arrays = {"features": feats,
+              "segments": segments_to_grid(torch.from_numpy(np.ascontiguousarray(seg))[None], grid)[0].numpy()}
+    if cls is not None:
+        arrays["labels"] = segments_to_grid(torch.from_numpy(np.ascontiguousarray(cls))[None], grid)[0].numpy()
+    return Item(job.key, arrays, {"image": job.sample.key, "scale": float(job.scale), "flip": bool(job.flip),
+                                  "source": job.sample.image})
+
+
+def crop_features(feats: np.ndarray, seg: np.ndarray, cls: np.ndarray | None, rng: np.random.Generator, *,
+                  cells: int, ignore_label: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A random ``cells x cells`` crop of cached features (zero padding; groupings padded with
+    PAD_SEGMENT, classes with the ignore label)."""
+    c, h, w = feats.shape
+    y0 = int(rng.integers(0, max(h - cells, 0) + 1))
+    x0 = int(rng.integers(0, max(w - cells, 0) + 1))
+    ch, cw = min(cells, h), min(cells, w)
+    f = np.zeros((c, cells, cells), np.float32)
+    f[:, :ch, :cw] = feats[:, y0:y0 + ch, x0:x0 + cw]
+    s = np.full((cells, cells), PAD_SEGMENT, np.int32)
+    s[:ch, :cw] = seg[y0:y0 + ch, x0:x0 + cw]
+    k = None
+    if cls is not None:
+        k = np.full((cells, cells), ignore_label, np.int32)
+        k[:ch, :cw] = cls[y0:y0 + ch, x0:x0 + cw]
+    return f, s, k
+
+
+class FeatureBatches:
+    """Cached-mode data: this rank's share of step ``step`` from a features store.
+
+    Sample ``i`` takes image ``sample_image(seed, i, n)``, then one of its cached (scale, flip)
+    variants and a crop offset, all from ``sample_rng(seed, i)``.
+    """
+
+    def __init__(self, store: str | os.PathLike, keys: list[str], variants: dict[str, list[str]], *, seed: int,
+                 batch: int, rank: int, world: int, cells: int, ignore_label: int, supervised: bool):
+        self.store, self.keys, self.variants = os.fspath(store), keys, variants
+        self.seed, self.batch, self.rank, self.world = seed, batch, rank, world
+        self.cells, self.ignore_label, self.supervised = cells, ignore_label, supervised
+        self._cache: dict[str, Item] = {}
+
+    def _read(self, key: str) -> Item:
+        item = self._cache.get(key)
+        if item is None:
+            names = ("features", "segments", "labels") if self.supervised else ("features", "segments")
+            item = cached_reader(self.store, kind="features").read(key, names=names)
+            if len(self._cache) < 64:  # a small cache: tiny runs reread nothing
+                self._cache[key] = item
+        return item
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        fs, ss, ks = [], [], []
+        for index in rank_indices(step, batch=self.batch, rank=self.rank, world=self.world):
+            image = self.keys[sample_image(self.seed, index, len(self.keys))]
+            rng = sample_rng(self.seed, index)
+            options = self.variants[image]
+            item = self._read(options[int(rng.integers(len(options)))])
+            f, s, k = crop_features(item.arrays["features"], item.arrays["segments"], item.arrays.get("labels"),
+                                    rng, cells=self.cells, ignore_label=self.ignore_label)
+            fs.append(f)
+            ss.append(s)
+            if k is not None:
+                ks.append(k)
+        out = {"features": torch.from_numpy(np.stack(fs)), "segments": torch.from_numpy(np.stack(ss))}
+        if self.supervised:
+            out["labels"] = torch.from_numpy(np.stack(ks))
+        return out

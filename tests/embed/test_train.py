@@ -1,0 +1,209 @@
+"""The train stage on real BSDS500 photos and the OWT-UCM segments of their human contour maps."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segsort_unsup.embed.model import load_model
+from segsort_unsup.embed.train import TrainConfig, run
+from segsort_unsup.errors import InputError, StoreError, WeightsError
+from tests.embed.train_data import make_segments
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = dict(mode="cached", steps=30, batch_size=4, crop=96, feature_scales=(1.0,), log_every=1,
+            checkpoint_every=10, threads=2, head="conv1")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, bsds, hed_h5):
+    root = tmp_path_factory.mktemp("train")
+    store, images = make_segments(bsds, root)
+    return {"root": root, "store": store, "images": images, "weights": str(hed_h5),
+            "features": str(root / "features")}
+
+
+def _config(tiny, **changes) -> TrainConfig:
+    return TrainConfig(**{**TINY, "images": str(tiny["images"]), "backbone_weights": tiny["weights"],
+                          "features_dir": tiny["features"], **changes})
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cached_mode_learns_and_writes_a_loadable_model(tiny, tmp_path):
+    summary = run(_config(tiny), tiny["store"], tmp_path / "run")
+    losses = summary.losses
+    assert summary.ok and summary.done == 30 and len(losses) == 30
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    assert [m["step"] for m in _metrics(tmp_path / "run")] == list(range(1, 31))
+    model, prov = load_model(tmp_path / "run" / "model.pt")
+    assert prov["mode"] == "cached" and prov["train_identity_hash"] == summary.identity_hash
+    # the saved head is the trained one: its embedding of cached features gives the logged loss's model
+    assert model.model_config()["feature_layer"] == "conv4_3"
+    assert len(list((tmp_path / "run" / "checkpoints").glob("step-*.pt"))) == 3
+    # re-running the finished command changes nothing
+    again = run(_config(tiny), tiny["store"], tmp_path / "run")
+    assert again.done == 0 and again.skipped == 30
+
+
+def test_resume_in_process_equals_uninterrupted(tiny, tmp_path):
+    full = run(_config(tiny, steps=12, checkpoint_every=4), tiny["store"], tmp_path / "a")
+    run(_config(tiny, steps=12, checkpoint_every=4), tiny["store"], tmp_path / "b")
+    # roll b back to its step-8 checkpoint, as if killed after it
+    (tmp_path / "b" / "checkpoints" / "step-0000012.pt").unlink()
+    (tmp_path / "b" / "model.pt").unlink()
+    resumed = run(_config(tiny, steps=12, checkpoint_every=4), tiny["store"], tmp_path / "b")
+    assert resumed.skipped == 8 and resumed.done == 4
+    assert resumed.losses == full.losses[8:]
+    _assert_same_weights(tmp_path / "a" / "model.pt", tmp_path / "b" / "model.pt")
+    assert [m["step"] for m in _metrics(tmp_path / "b")] == list(range(1, 13))
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    ma, _ = load_model(a)
+    mb, _ = load_model(b)
+    sa, sb = ma.state_dict(), mb.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def _cli(tiny, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "segsort_unsup.cli", "train", str(tiny["store"]), "-o", str(out),
+            "--mode", "cached", "--images", str(tiny["images"]), "--backbone-weights", tiny["weights"],
+            "--features-dir", tiny["features"], "--steps", "24", "--batch-size", "4", "--crop", "96",
+            "--feature-scales", "1", "--head", "conv1", "--threads", "2", "--checkpoint-every", "3",
+            "--log-every", "1", *extra]
+
+
+def test_sigkill_at_a_random_step_then_rerun_gives_the_uninterrupted_weights(tiny, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ref = subprocess.run(_cli(tiny, tmp_path / "ref"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    target = random.Random(os.getpid()).choice([3, 6, 9, 12, 15, 18])
+    proc = subprocess.Popen(_cli(tiny, tmp_path / "cut"), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = tmp_path / "cut" / "checkpoints" / f"step-{target:07d}.pt"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not ckpt.exists() and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut" / "model.pt").exists(), "the run finished before it could be killed"
+    again = subprocess.run(_cli(tiny, tmp_path / "cut"), cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming" in again.stdout + again.stderr
+    _assert_same_weights(tmp_path / "ref" / "model.pt", tmp_path / "cut" / "model.pt")
+    ref_losses = [m["loss"] for m in _metrics(tmp_path / "ref")]
+    assert [m["loss"] for m in _metrics(tmp_path / "cut")] == ref_losses
+
+
+# -- bad inputs -----------------------------------------------------------------------------------
+def test_store_of_the_wrong_kind_is_refused_naming_it(tiny, tmp_path):
+    run(_config(tiny, steps=1), tiny["store"], tmp_path / "run")  # makes the features store
+    with pytest.raises(StoreError, match="features.*expected a 'segments' store"):
+        run(_config(tiny), tiny["features"], tmp_path / "other")
+
+
+def test_missing_image_behind_recorded_source_is_skipped(tiny, tmp_path, caplog):
+    # a store whose recorded sources are the edge PNGs: remove one of them
+    root = tmp_path / "moved"
+    shutil.copytree(tiny["root"] / "edges", root / "edges")
+    from segsort_unsup.ucm.stage import UcmConfig
+    from segsort_unsup.ucm.stage import run as run_ucm
+
+    run_ucm(UcmConfig(), root / "edges", root / "segments")
+    (root / "edges" / "100007.png").unlink()
+    cfg = _config(tiny, steps=3, images=None, features_dir=str(root / "features"))
+    summary = run(cfg, root / "segments", root / "run")
+    assert [k for k, _ in summary.failed] == ["100007"]
+    assert "image not found" in summary.failed[0][1]
+    assert summary.done == 3
+    for path in (root / "edges").glob("*.png"):
+        path.unlink()
+    with pytest.raises(InputError, match="no image could be read"):
+        run(cfg, root / "segments", root / "run2")
+
+
+def test_truncated_or_foreign_checkpoints_give_one_line_errors(tiny, tmp_path):
+    out = tmp_path / "run"
+    run(_config(tiny, steps=4, checkpoint_every=2), tiny["store"], out)
+    folder = out / "checkpoints"
+    good = folder / "step-0000004.pt"
+    bad = folder / "step-0000099.pt"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(WeightsError, match="step-0000099.pt.*not a readable training checkpoint") as info:
+        run(_config(tiny, steps=4), tiny["store"], out)
+    assert "\n" not in str(info.value)
+    marker = tmp_path / "unpickled"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"format": "x", "evil": Evil()}, bad)
+    with pytest.raises(WeightsError, match="step-0000099.pt"):
+        run(_config(tiny, steps=4), tiny["store"], out)
+    assert not marker.exists()
+    torch.save({"format": "something else"}, bad)
+    with pytest.raises(WeightsError, match="not a segsort-unsup training checkpoint"):
+        run(_config(tiny, steps=4), tiny["store"], out)
+    bad.unlink()
+    with pytest.raises(InputError, match=r"other settings \(lr\)"):
+        run(_config(tiny, steps=4, lr=1e-3), tiny["store"], out)
+    summary = run(_config(tiny, steps=6, lr=1e-3), tiny["store"], out, overwrite=True)
+    assert summary.done == 6
+
+
+def test_cut_must_be_a_stored_level(tiny, tmp_path):
+    summary = run(_config(tiny, steps=2, cut=0.3), tiny["store"], tmp_path / "run")
+    assert summary.ok
+    with pytest.raises(InputError, match="available levels: 0.5, 0.3"):
+        run(_config(tiny, steps=2, cut=0.7), tiny["store"], tmp_path / "run2")
+
+
+# -- slow -----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_full_mode_learns(tiny, tmp_path):
+    cfg = _config(tiny, mode="full", steps=16, batch_size=2, crop=96, workers=1, head="conv3", lr=1e-3,
+                  checkpoint_every=100)
+    summary = run(cfg, tiny["store"], tmp_path / "run")
+    losses = summary.losses
+    assert len(losses) == 16
+    assert np.mean(losses[-4:]) < 0.85 * np.mean(losses[:4]), losses
+    model, prov = load_model(tmp_path / "run" / "model.pt")
+    assert prov["mode"] == "full"
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_follows_one_process(tiny, tmp_path):
+    """Same global batch (4): 2 ranks x 2 vs 1 x 4. Tolerance: 1e-4 relative per step (fp32)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    common = ["--steps", "10", "--precision", "fp32", "--threads", "1", "--features-dir", str(tmp_path / "feat")]
+    one = subprocess.run(_cli(tiny, tmp_path / "one", *common), cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                "127.0.0.1", "--master-port", str(29500 + os.getpid() % 1000)]
+    cmd = _cli(tiny, tmp_path / "two", *common)
+    two = subprocess.run(torchrun + ["-m", "segsort_unsup.cli"] + cmd[3:], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = np.array([m["loss"] for m in _metrics(tmp_path / "one")])
+    b = np.array([m["loss"] for m in _metrics(tmp_path / "two")])
+    assert len(a) == len(b) == 10
+    np.testing.assert_allclose(b, a, rtol=1e-4)
