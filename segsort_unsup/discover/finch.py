@@ -242,7 +242,8 @@ def _validate_data(data: Any) -> np.ndarray:
         rows = np.flatnonzero(~finite.all(axis=1))
         raise ValueError(f"data has NaN or infinite values in {rows.size} row(s) (first: {rows[:5].tolist()}); "
                          "drop or impute those rows")
-    x = np.ascontiguousarray(arr, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        x = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(x).all():
         rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
         raise ValueError(f"data has values beyond float32 range (|v| > 3.4e38) in {rows.size} row(s) "
@@ -370,6 +371,7 @@ def _ann_index(x: np.ndarray, cosine: bool, ann: str, params: dict[str, int | No
     index.cp.seed = seed
     index.cp.niter = int(params["niter"])
     index.cp.max_points_per_centroid = max(256, -(-train_size // nlist))  # no silent subsampling
+    index.cp.min_points_per_centroid = 1  # small n (exact_limit=0) is the caller's choice: no stderr warning
     rng = np.random.default_rng(seed)
     sample = x if train_size >= n else x[np.sort(rng.choice(n, train_size, replace=False))]
     index.train(sample)
