@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -49,18 +50,18 @@ ANN_METHODS = ("ivf", "hnsw")
 
 # Defaults of the approximate indexes; ``None`` means "derived from the number of points".
 _ANN_DEFAULTS: dict[str, dict[str, int | None]] = {
-    # IndexIVFFlat: nlist cells (default round(2*sqrt(n)), at most n // 39 so k-means has 39
-    # training points per cell), nprobe cells searched per query, k-means on train_size points
-    # (default min(n, 64 * nlist)) for niter iterations.
-    "ivf": {"nlist": None, "nprobe": 16, "train_size": None, "niter": 10},
+    # IVF-Flat: nlist cells (default round(sqrt(n)), at most n // 39 so k-means has 39 training
+    # points per cell), nprobe cells searched per query, k-means on train_size points (default
+    # min(n, 40 * nlist)) for niter iterations.
+    "ivf": {"nlist": None, "nprobe": 8, "train_size": None, "niter": 10},
     # IndexHNSWFlat: M links per node, efConstruction / efSearch beam widths.
-    "hnsw": {"M": 16, "ef_construction": 80, "ef_search": 64},
+    "hnsw": {"M": 16, "ef_construction": 80, "ef_search": 128},
 }
 
 _MEANS_CHUNK_BYTES = 1 << 27  # float64 copy of a column slice of the data when summing clusters
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FinchResult:
     """The FINCH hierarchy of one data set.
 
@@ -96,6 +97,7 @@ def finch(
     ann_params: Mapping[str, int] | None = None,
     seed: int = 0,
     block: int = 4096,
+    threads: int | None = None,
     verbose: bool = False,
 ) -> FinchResult:
     """Cluster the rows of ``data`` with FINCH and return every level of the hierarchy.
@@ -127,18 +129,26 @@ def finch(
         faiss ``IndexFlatIP`` (``IndexFlatL2`` for Euclidean) searched in blocks of ``block``
         queries, memory O(N D + block). Larger levels use the approximate index ``ann``.
     ann : {"ivf", "hnsw"}, default "ivf"
-        Approximate index above ``exact_limit``: faiss ``IndexIVFFlat`` (k-means cells) or
-        ``IndexHNSWFlat``. Distances to the candidates it returns are exact; a point for which it
-        returns no candidate other than itself gets an exact search.
+        Approximate search above ``exact_limit``. "ivf": inverted file of k-means cells (faiss
+        k-means, spherical for cosine); each point is stored in its nearest cell and compared
+        with the points of its ``nprobe`` nearest cells, the same candidates as faiss
+        ``IndexIVFFlat``, but scanned cell by cell with exact ``IndexFlat`` searches (one matrix
+        product per cell, several times faster than per-query scans). "hnsw": faiss
+        ``IndexHNSWFlat``. Scores of the candidates found are exact; a point with no candidate
+        other than itself gets an exact search.
     ann_params : mapping, optional
-        Overrides of the index parameters: for "ivf" ``nlist`` (default round(2 sqrt(n)), at most
-        n // 39), ``nprobe`` (16), ``train_size`` (min(n, 64 nlist)), ``niter`` (10); for "hnsw"
-        ``M`` (16), ``ef_construction`` (80), ``ef_search`` (64).
+        Overrides of the index parameters: for "ivf" ``nlist`` (default round(sqrt(n)), at most
+        n // 39), ``nprobe`` (8), ``train_size`` (min(n, 40 nlist)), ``niter`` (10); for "hnsw"
+        ``M`` (16), ``ef_construction`` (80), ``ef_search`` (128).
     seed : int, default 0
-        Seeds the approximate index (IVF training sample and k-means; HNSW level draws). The
+        Seeds the approximate index (k-means sample and initialisation; HNSW level draws). The
         HNSW graph is built on one thread, so a fixed seed gives the same partitions every run.
     block : int, default 4096
         Queries per faiss search call.
+    threads : int, optional
+        Worker threads for the searches (default: the CPUs this process may use). Each runs faiss
+        on one OpenMP thread; blocks are merged in a fixed order, so the result does not depend
+        on ``threads``.
     verbose : bool, default False
         Log each level (count, seconds, exact or approximate) at INFO instead of DEBUG, on the
         ``segsort_unsup.discover.finch`` logger. Nothing is printed.
@@ -173,12 +183,36 @@ def finch(
     exact_limit = _validate_int("exact_limit", exact_limit, 0)
     block = _validate_int("block", block, 1)
     seed = _validate_int("seed", seed, 0)
+    threads = _validate_int("threads", _default_threads() if threads is None else threads, 1)
     cosine = distance == "cosine"
     level_log = 20 if verbose else 10  # logging.INFO / logging.DEBUG
 
+    with _Workers(threads) as workers:
+        partitions, counts = _hierarchy(x, cosine, ensure_early_exit, exact_limit, ann, params, seed, block, workers,
+                                        level_log)
+    req_partition = None
+    if req is not None:
+        req_partition = _requested_partition(x, partitions, counts, req, cosine)
+    return FinchResult(partitions=partitions, counts=counts, req_partition=req_partition)
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _hierarchy(x: np.ndarray, cosine: bool, ensure_early_exit: bool, exact_limit: int, ann: str,
+               params: dict[str, int | None], seed: int, block: int, workers: _Workers,
+               level_log: int) -> tuple[np.ndarray, np.ndarray]:
+    """All kept levels: (partitions N x L int32, counts L int64)."""
+    n = x.shape[0]
+
     def neighbours(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
         exact = points.shape[0] <= exact_limit
-        nn, dist = _first_neighbours(points, cosine, exact=exact, ann=ann, params=params, seed=seed, block=block)
+        nn, dist = _first_neighbours(points, cosine, exact=exact, ann=ann, params=params, seed=seed, block=block,
+                                     workers=workers)
         return nn, dist, exact
 
     # Level 0: first neighbours of the points.
@@ -213,12 +247,7 @@ def finch(
     partitions = np.empty((n, len(levels)), dtype=np.int32)
     for i, lab in enumerate(levels):
         partitions[:, i] = lab
-    counts_arr = np.asarray(counts, dtype=np.int64)
-
-    req_partition = None
-    if req is not None:
-        req_partition = _requested_partition(x, partitions, counts_arr, req, cosine)
-    return FinchResult(partitions=partitions, counts=counts_arr, req_partition=req_partition)
+    return partitions, np.asarray(counts, dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,8 +322,55 @@ def _search_space(points: np.ndarray, cosine: bool) -> np.ndarray:
     return np.ascontiguousarray(points, dtype=np.float32)
 
 
+class _Workers:
+    """Worker threads for faiss calls, each with OpenMP limited to one thread.
+
+    Work is split into blocks (of queries, or IVF lists) and spread over the threads; results come
+    back in submission order, so the outcome does not depend on the number of threads. Single
+    threaded faiss calls on several Python threads avoid OpenMP's barriers, which cost a lot on a
+    machine whose cores are shared with other processes.
+    """
+
+    def __init__(self, threads: int) -> None:
+        import faiss
+
+        self.threads = threads
+        self._faiss = faiss
+        self._executor = None
+        if threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(threads, thread_name_prefix="finch",
+                                                initializer=faiss.omp_set_num_threads, initargs=(1,))
+
+    def __enter__(self) -> "_Workers":
+        self._main_threads = self._faiss.omp_get_max_threads()
+        self._faiss.omp_set_num_threads(1)  # OpenMP settings are per thread: this one's only
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._faiss.omp_set_num_threads(self._main_threads)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    def map(self, fn, items):
+        """``fn`` over ``items`` in order, at most 2 * threads blocks in flight."""
+        if self._executor is None:
+            yield from map(fn, items)
+            return
+        from collections import deque
+
+        pending: deque = deque()
+        for item in items:
+            pending.append(self._executor.submit(fn, item))
+            if len(pending) >= 2 * self.threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def _first_neighbours(x: np.ndarray, cosine: bool, *, exact: bool, ann: str, params: dict[str, int | None],
-                      seed: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+                      seed: int, block: int, workers: _Workers) -> tuple[np.ndarray, np.ndarray]:
     """First neighbour (self excluded) of every row and the distance to it (1 - cos, or L2).
 
     ``n == 1`` gives the point itself at distance inf.
@@ -302,82 +378,143 @@ def _first_neighbours(x: np.ndarray, cosine: bool, *, exact: bool, ann: str, par
     n = x.shape[0]
     if n == 1:
         return np.zeros(1, np.int64), np.full(1, np.inf)
-    index = _flat_index(x, cosine) if exact else _ann_index(x, cosine, ann, params, seed)
-    nn = np.empty(n, np.int64)
-    score = np.empty(n, np.float64)
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        values, ids = index.search(x[start:stop], 2)
-        nn[start:stop], score[start:stop] = _best_candidate(values, ids, np.arange(start, stop), cosine)
+    if exact:
+        nn, score = _flat_neighbours(x, cosine, block, workers)
+    elif ann == "hnsw":
+        nn, score = _hnsw_neighbours(x, cosine, params, seed, block, workers)
+    else:
+        nn, score = _ivf_neighbours(x, cosine, params, seed, block, workers)
     missing = np.flatnonzero(nn < 0)
-    if missing.size:  # approximate index returned only the point itself (or nothing)
-        del index
-        flat = _flat_index(x, cosine)
-        for start in range(0, missing.size, block):
-            rows = missing[start:start + block]
-            values, ids = flat.search(x[rows], 2)
-            nn[rows], score[rows] = _best_candidate(values, ids, rows, cosine)
-    dist = np.clip(1.0 - score, 0.0, 2.0) if cosine else np.sqrt(np.maximum(score, 0.0))
+    if missing.size:  # the approximate index returned nothing but the point itself
+        nn[missing], score[missing] = _flat_neighbours(x, cosine, block, workers, rows=missing)
+    dist = np.clip(1.0 - score, 0.0, 2.0) if cosine else np.sqrt(np.maximum(-score, 0.0))
     return nn, dist
 
 
 def _best_candidate(values: np.ndarray, ids: np.ndarray, rows: np.ndarray, cosine: bool) -> tuple[np.ndarray, np.ndarray]:
     """Best non-self candidate per row: highest inner product (lowest squared L2), then lowest id.
 
-    Returns (ids, scores); id -1 where no candidate other than the row itself was returned.
+    Returns (ids, scores) with scores "higher is better" (inner product, or minus squared L2);
+    id -1 and score -inf where no candidate other than the row itself was returned.
     """
     valid = (ids >= 0) & (ids != rows[:, None])
-    worst = -np.inf if cosine else np.inf
-    vals = np.where(valid, values.astype(np.float64), worst)
-    best = vals.max(axis=1) if cosine else vals.min(axis=1)
+    vals = np.where(valid, values.astype(np.float64) if cosine else -values.astype(np.float64), -np.inf)
+    best = vals.max(axis=1)
     tied = valid & (vals == best[:, None])
     nn = np.where(tied, ids, np.iinfo(np.int64).max).min(axis=1)
     nn[~valid.any(axis=1)] = -1
     return nn, best
 
 
-def _flat_index(x: np.ndarray, cosine: bool):
-    """Exact faiss index over ``x``. Its scan keeps, among equal scores, the lowest ids."""
+def _blocks(n: int, block: int) -> list[tuple[int, int]]:
+    return [(start, min(n, start + block)) for start in range(0, n, block)]
+
+
+def _flat_neighbours(x: np.ndarray, cosine: bool, block: int, workers: _Workers,
+                     rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact first neighbours of ``x[rows]`` (default: all rows) among all rows of ``x``.
+
+    faiss scans the database in index order and replaces a kept candidate only by a strictly
+    better one, so among equal scores the lowest ids are returned.
+    """
     import faiss
 
     index = faiss.IndexFlatIP(x.shape[1]) if cosine else faiss.IndexFlatL2(x.shape[1])
     index.add(x)
-    return index
+    rows = np.arange(x.shape[0]) if rows is None else rows
+
+    def search(span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        q = rows[span[0]:span[1]]
+        values, ids = index.search(x[q], 2)
+        return _best_candidate(values, ids, q, cosine)
+
+    parts = list(workers.map(search, _blocks(rows.size, block)))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def _ann_index(x: np.ndarray, cosine: bool, ann: str, params: dict[str, int | None], seed: int):
-    """Seeded approximate faiss index over ``x`` (deterministic for a fixed seed)."""
+def _hnsw_neighbours(x: np.ndarray, cosine: bool, params: dict[str, int | None], seed: int, block: int,
+                     workers: _Workers) -> tuple[np.ndarray, np.ndarray]:
+    """faiss HNSW over ``x``, built on one thread (parallel insertion order varies between runs)."""
+    import faiss
+
+    index = faiss.IndexHNSWFlat(x.shape[1], int(params["M"]), faiss.METRIC_INNER_PRODUCT if cosine else faiss.METRIC_L2)
+    index.hnsw.rng = faiss.RandomGenerator(seed)
+    index.hnsw.efConstruction = int(params["ef_construction"])
+    index.hnsw.efSearch = int(params["ef_search"])
+    index.add(x)  # the calling thread runs faiss with one OpenMP thread (see _Workers)
+
+    def search(span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        values, ids = index.search(x[span[0]:span[1]], 2)
+        return _best_candidate(values, ids, np.arange(*span), cosine)
+
+    parts = list(workers.map(search, _blocks(x.shape[0], block)))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _ivf_neighbours(x: np.ndarray, cosine: bool, params: dict[str, int | None], seed: int, block: int,
+                    workers: _Workers) -> tuple[np.ndarray, np.ndarray]:
+    """IVF-Flat first neighbours, searched list by list.
+
+    Cells: seeded k-means (spherical for cosine) on a seeded sample. Each point lives in its
+    nearest cell and its query scans its ``nprobe`` nearest cells, as in faiss ``IndexIVFFlat``;
+    but the scan goes cell by cell: all queries that probe a cell are searched against its
+    members in one exact ``IndexFlat`` call (a matrix product), much faster than per-query scans.
+    """
     import faiss
 
     n, d = x.shape
-    metric = faiss.METRIC_INNER_PRODUCT if cosine else faiss.METRIC_L2
-    if ann == "hnsw":
-        index = faiss.IndexHNSWFlat(d, int(params["M"]), metric)
-        index.hnsw.rng = faiss.RandomGenerator(seed)
-        index.hnsw.efConstruction = int(params["ef_construction"])
-        index.hnsw.efSearch = int(params["ef_search"])
-        threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)  # parallel insertion order varies from run to run
-        try:
-            index.add(x)
-        finally:
-            faiss.omp_set_num_threads(threads)
-        return index
-    nlist = params["nlist"] or int(round(2 * math.sqrt(n)))
+    nlist = params["nlist"] or int(round(math.sqrt(n)))
     nlist = max(1, min(nlist, n // 39 if params["nlist"] is None else n))
-    train_size = min(n, max(nlist, params["train_size"] or 64 * nlist))
-    quantizer = faiss.IndexFlatIP(d) if cosine else faiss.IndexFlatL2(d)
-    index = faiss.IndexIVFFlat(quantizer, d, nlist, metric)
-    index.cp.seed = seed
-    index.cp.niter = int(params["niter"])
-    index.cp.max_points_per_centroid = max(256, -(-train_size // nlist))  # no silent subsampling
-    index.cp.min_points_per_centroid = 1  # small n (exact_limit=0) is the caller's choice: no stderr warning
+    nprobe = min(nlist, int(params["nprobe"]))
+    train_size = min(n, max(nlist, params["train_size"] or 40 * nlist))
     rng = np.random.default_rng(seed)
     sample = x if train_size >= n else x[np.sort(rng.choice(n, train_size, replace=False))]
-    index.train(sample)
-    index.add(x)
-    index.nprobe = min(nlist, int(params["nprobe"]))
-    return index
+    kmeans = faiss.Kmeans(d, nlist, niter=int(params["niter"]), seed=seed, spherical=cosine,
+                          min_points_per_centroid=1, max_points_per_centroid=max(256, -(-train_size // nlist)))
+    kmeans.train(sample)
+    quantizer = faiss.IndexFlatIP(d) if cosine else faiss.IndexFlatL2(d)
+    quantizer.add(kmeans.centroids)
+
+    def probe(span: tuple[int, int]) -> np.ndarray:
+        return quantizer.search(x[span[0]:span[1]], nprobe)[1]
+
+    cells = np.concatenate(list(workers.map(probe, _blocks(n, block))))  # (n, nprobe), nearest first
+    own = cells[:, 0]
+    members = np.argsort(own, kind="stable")  # each cell's points in index order
+    member_bounds = np.searchsorted(own[members], np.arange(nlist + 1))
+    probed = cells.reshape(-1)
+    queries = np.argsort(probed, kind="stable")  # each cell's probing queries in index order
+    query_bounds = np.searchsorted(probed[queries], np.arange(nlist + 1))
+    queries //= nprobe
+
+    def scan(cell: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        mem = members[member_bounds[cell]:member_bounds[cell + 1]]
+        qs = queries[query_bounds[cell]:query_bounds[cell + 1]]
+        if mem.size == 0 or qs.size == 0:
+            return None
+        index = faiss.IndexFlatIP(d) if cosine else faiss.IndexFlatL2(d)
+        index.add(x[mem])
+        found, scores = [], []
+        for start in range(0, qs.size, block):
+            q = qs[start:start + block]
+            values, local = index.search(x[q], 2)
+            ids = np.where(local >= 0, mem[np.maximum(local, 0)], -1)
+            nn, score = _best_candidate(values, ids, q, cosine)
+            found.append(nn)
+            scores.append(score)
+        return qs, np.concatenate(found), np.concatenate(scores)
+
+    nn = np.full(n, -1, np.int64)
+    best = np.full(n, -np.inf)
+    for part in workers.map(scan, range(nlist)):  # merged in cell order: deterministic
+        if part is None:
+            continue
+        qs, cand, score = part
+        ok = cand >= 0
+        better = ok & ((score > best[qs]) | ((score == best[qs]) & (cand < nn[qs])))
+        nn[qs[better]] = cand[better]
+        best[qs[better]] = score[better]
+    return nn, best
 
 
 # ----------------------------------------------------------------------------------------------

@@ -274,10 +274,10 @@ def clustered_exact(clustered):
     return finch(clustered, req_clust=40)
 
 
-@pytest.mark.parametrize(("ann", "params"), [("ivf", None), ("hnsw", {"ef_search": 128})])
-def test_approximate_close_to_exact(clustered, clustered_exact, ann, params):
+@pytest.mark.parametrize("ann", ["ivf", "hnsw"])
+def test_approximate_close_to_exact(clustered, clustered_exact, ann):
     """exact_limit=0 forces the approximate index at every level; ARI >= 0.99 against exact."""
-    approx = finch(clustered, req_clust=40, exact_limit=0, ann=ann, ann_params=params)
+    approx = finch(clustered, req_clust=40, exact_limit=0, ann=ann)
     exact = clustered_exact
     for level in range(min(approx.levels, exact.levels)):
         assert ari(approx.partitions[:, level], exact.partitions[:, level]) >= 0.99, f"level {level}"
@@ -300,6 +300,51 @@ def test_ivf_parameters_are_used(clustered):
     assert np.array_equal(full.partitions[:, 0], exact.partitions[:, 0])
     poor = finch(x, exact_limit=0, ann_params={"nlist": 64, "nprobe": 1})
     assert not np.array_equal(poor.partitions[:, 0], exact.partitions[:, 0])
+
+
+def test_ivf_candidates_are_faiss_ivfflat(monkeypatch):
+    """The cell-by-cell scan finds what faiss IndexIVFFlat finds with the same cells and nprobe."""
+    import sys
+
+    import faiss
+
+    module = sys.modules["segsort_unsup.discover.finch"]
+    trained = []
+    real_kmeans = faiss.Kmeans
+
+    class SpyKmeans(real_kmeans):
+        def train(self, *args, **kwargs):
+            out = super().train(*args, **kwargs)
+            trained.append(self.centroids.copy())
+            return out
+
+    monkeypatch.setattr(faiss, "Kmeans", SpyKmeans)
+    x = module._search_space(mixture(4000, 16, 30, 0.8, seed=5)[0], True)
+    params = {"nlist": 50, "nprobe": 3, "train_size": None, "niter": 10}
+    with module._Workers(2) as workers:
+        nn, _ = module._ivf_neighbours(x, True, params, 0, 512, workers)
+    quantizer = faiss.IndexFlatIP(x.shape[1])
+    quantizer.add(trained[0])
+    ivf = faiss.IndexIVFFlat(quantizer, x.shape[1], 50, faiss.METRIC_INNER_PRODUCT)
+    ivf.add(x)
+    ivf.nprobe = 3
+    values, ids = ivf.search(x, 2)
+    rows = np.arange(x.shape[0])
+    valid = (ids >= 0) & (ids != rows[:, None])
+    expected = np.where(valid[:, 0], ids[:, 0], ids[:, 1])
+    expected[~valid.any(axis=1)] = -1
+    brute = brute_first_neighbours(x)
+    assert np.mean(expected == brute) < 1.0  # nprobe=3 of 50 cells does miss some neighbours
+    missing = expected < 0  # ours falls back to an exact search for those
+    assert np.array_equal(nn[~missing], expected[~missing])
+    assert np.array_equal(nn[missing], brute[missing])
+
+
+@pytest.mark.parametrize("kw", [{}, {"exact_limit": 0}, {"exact_limit": 0, "ann": "hnsw"}])
+def test_thread_count_does_not_change_result(clustered, kw):
+    x = clustered[:2500]
+    one, three = finch(x, threads=1, block=300, **kw), finch(x, threads=3, block=300, **kw)
+    assert np.array_equal(one.partitions, three.partitions)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,6 +498,7 @@ def test_sparse_data_rejected():
     ({"ann": "hnsw", "ann_params": {"M": 0}}, r"ann_params\['M'\]"),
     ({"exact_limit": -1}, "exact_limit"),
     ({"block": 0}, "block"),
+    ({"threads": 0}, "threads"),
 ])
 def test_bad_options(kw, match):
     with pytest.raises(ValueError, match=match):
