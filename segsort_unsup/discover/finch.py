@@ -7,10 +7,10 @@ without any parameter. ``req_clust`` then cuts the hierarchy at an exact number 
 
 This module follows the reference implementation ``finch-clust`` (0.2.3) level for level, with
 three differences, all documented on :func:`finch`: first neighbours come from faiss (exact
-blocked inner-product search, or a seeded approximate index for large inputs; never an N x N
-matrix), the early-exit rule is applied as the paper and the reference intend (the reference's
-version has no effect, see ``ensure_early_exit``), and the edge cases on which the reference
-misbehaves have defined answers.
+blocked inner-product search, or a seeded inverted-file / HNSW index for large inputs; never an
+N x N matrix), the early-exit rule is applied as the paper and the reference intend (the
+reference's version has no effect, see ``ensure_early_exit``), and the edge cases on which the
+reference misbehaves have defined answers.
 
 Conventions
 -----------
@@ -146,9 +146,9 @@ def finch(
     block : int, default 4096
         Queries per faiss search call.
     threads : int, optional
-        Worker threads for the searches (default: the CPUs this process may use). Each runs faiss
-        on one OpenMP thread; blocks are merged in a fixed order, so the result does not depend
-        on ``threads``.
+        Worker threads (default: the CPUs this process may use). Each runs faiss on one OpenMP
+        thread; blocks are merged in a fixed order, so the result does not depend on ``threads``.
+        Also caps numba's threads for the ``req_clust`` merging.
     verbose : bool, default False
         Log each level (count, seconds, exact or approximate) at INFO instead of DEBUG, on the
         ``segsort_unsup.discover.finch`` logger. Nothing is printed.
@@ -192,7 +192,7 @@ def finch(
                                         level_log)
     req_partition = None
     if req is not None:
-        req_partition = _requested_partition(x, partitions, counts, req, cosine)
+        req_partition = _requested_partition(x, partitions, counts, req, cosine, threads)
     return FinchResult(partitions=partitions, counts=counts, req_partition=req_partition)
 
 
@@ -559,7 +559,7 @@ def _cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray
 
 
 def _requested_partition(x: np.ndarray, partitions: np.ndarray, counts: np.ndarray, req: int,
-                         cosine: bool) -> np.ndarray:
+                         cosine: bool, threads: int) -> np.ndarray:
     hit = np.flatnonzero(counts == req)
     if hit.size:
         return partitions[:, hit[0]].copy()
@@ -571,7 +571,7 @@ def _requested_partition(x: np.ndarray, partitions: np.ndarray, counts: np.ndarr
         start = np.arange(x.shape[0], dtype=np.int64)
         k = x.shape[0]
     sums, sizes = _cluster_sums(x, start, k)
-    parent = _merge_closest_pairs(sums, sizes, req, cosine)
+    parent = _merge_closest_pairs(sums, sizes, req, cosine, threads)
     root = parent.copy()
     while True:  # resolve the merge forest (each merged cluster points to a lower label)
         nxt = root[root]
@@ -706,14 +706,21 @@ def _merge_closest_pairs_kernel(sums, sizes, target, cosine, parent):
                 best[j] = score[j]
 
 
-def _merge_closest_pairs(sums: np.ndarray, sizes: np.ndarray, target: int, cosine: bool) -> np.ndarray:
+def _merge_closest_pairs(sums: np.ndarray, sizes: np.ndarray, target: int, cosine: bool, threads: int) -> np.ndarray:
     """Merge the closest pair of cluster means until ``target`` clusters remain.
 
     Returns ``parent``: each merged-away cluster points to the (lower) label it joined.
     """
+    import numba
+
     k = sums.shape[0]
     parent = np.arange(k, dtype=np.int64)
     if target < k:
-        _merge_closest_pairs_kernel(np.ascontiguousarray(sums, np.float64), np.ascontiguousarray(sizes, np.float64),
-                                    int(target), bool(cosine), parent)
+        previous = numba.get_num_threads()
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        try:
+            _merge_closest_pairs_kernel(np.ascontiguousarray(sums, np.float64), np.ascontiguousarray(sizes, np.float64),
+                                        int(target), bool(cosine), parent)
+        finally:
+            numba.set_num_threads(previous)
     return parent
