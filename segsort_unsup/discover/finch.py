@@ -453,12 +453,15 @@ def _hnsw_neighbours(x: np.ndarray, cosine: bool, params: dict[str, int | None],
 
 def _ivf_neighbours(x: np.ndarray, cosine: bool, params: dict[str, int | None], seed: int, block: int,
                     workers: _Workers) -> tuple[np.ndarray, np.ndarray]:
-    """IVF-Flat first neighbours, searched list by list.
+    """IVF-Flat first neighbours, searched cell by cell.
 
     Cells: seeded k-means (spherical for cosine) on a seeded sample. Each point lives in its
-    nearest cell and its query scans its ``nprobe`` nearest cells, as in faiss ``IndexIVFFlat``;
-    but the scan goes cell by cell: all queries that probe a cell are searched against its
-    members in one exact ``IndexFlat`` call (a matrix product), much faster than per-query scans.
+    nearest cell and its query scans its ``nprobe`` nearest cells, as in faiss ``IndexIVFFlat``,
+    with the same result; but the scan goes cell by cell, all queries that probe a cell being
+    searched against its members in one exact ``IndexFlat`` call (a matrix product). Queries
+    first scan their own cell; another probed cell is then skipped when a bound (angle to the
+    cell's centre minus the cell's angular radius, or the triangle inequality for Euclidean) shows
+    that none of its points can match what the query has already found.
     """
     import faiss
 
@@ -472,48 +475,76 @@ def _ivf_neighbours(x: np.ndarray, cosine: bool, params: dict[str, int | None], 
     kmeans = faiss.Kmeans(d, nlist, niter=int(params["niter"]), seed=seed, spherical=cosine,
                           min_points_per_centroid=1, max_points_per_centroid=max(256, -(-train_size // nlist)))
     kmeans.train(sample)
+    centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
+    if cosine:
+        centroids = _search_space(centroids, True)  # unit centres: cell scores are cosines
     quantizer = faiss.IndexFlatIP(d) if cosine else faiss.IndexFlatL2(d)
-    quantizer.add(kmeans.centroids)
+    quantizer.add(centroids)
 
-    def probe(span: tuple[int, int]) -> np.ndarray:
-        return quantizer.search(x[span[0]:span[1]], nprobe)[1]
-
-    cells = np.concatenate(list(workers.map(probe, _blocks(n, block))))  # (n, nprobe), nearest first
+    parts = list(workers.map(lambda span: quantizer.search(x[span[0]:span[1]], nprobe), _blocks(n, block)))
+    cell_score = np.concatenate([p[0] for p in parts]).astype(np.float64)  # (n, nprobe), nearest first
+    cells = np.concatenate([p[1] for p in parts])
+    del parts
     own = cells[:, 0]
     members = np.argsort(own, kind="stable")  # each cell's points in index order
     member_bounds = np.searchsorted(own[members], np.arange(nlist + 1))
-    probed = cells.reshape(-1)
-    queries = np.argsort(probed, kind="stable")  # each cell's probing queries in index order
-    query_bounds = np.searchsorted(probed[queries], np.arange(nlist + 1))
-    queries //= nprobe
 
-    def scan(cell: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        mem = members[member_bounds[cell]:member_bounds[cell + 1]]
-        qs = queries[query_bounds[cell]:query_bounds[cell + 1]]
-        if mem.size == 0 or qs.size == 0:
-            return None
-        index = faiss.IndexFlatIP(d) if cosine else faiss.IndexFlatL2(d)
-        index.add(x[mem])
-        found, scores = [], []
-        for start in range(0, qs.size, block):
-            q = qs[start:start + block]
-            values, local = index.search(x[q], 2)
-            ids = np.where(local >= 0, mem[np.maximum(local, 0)], -1)
-            nn, score = _best_candidate(values, ids, q, cosine)
-            found.append(nn)
-            scores.append(score)
-        return qs, np.concatenate(found), np.concatenate(scores)
+    def scan_cells(pair_cell: np.ndarray, pair_query: np.ndarray, nn: np.ndarray, best: np.ndarray) -> None:
+        """Search each query against the members of its paired cell; keep improvements (in cell order)."""
+        order = np.argsort(pair_cell, kind="stable")
+        pair_cell, pair_query = pair_cell[order], pair_query[order]
+        bounds = np.searchsorted(pair_cell, np.arange(nlist + 1))
+
+        def scan(cell: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+            mem = members[member_bounds[cell]:member_bounds[cell + 1]]
+            qs = pair_query[bounds[cell]:bounds[cell + 1]]
+            if mem.size == 0 or qs.size == 0:
+                return None
+            index = faiss.IndexFlatIP(d) if cosine else faiss.IndexFlatL2(d)
+            index.add(x[mem])
+            found, scores = [], []
+            for start in range(0, qs.size, block):
+                q = qs[start:start + block]
+                values, local = index.search(x[q], 2)
+                ids = np.where(local >= 0, mem[np.maximum(local, 0)], -1)
+                cand, score = _best_candidate(values, ids, q, cosine)
+                found.append(cand)
+                scores.append(score)
+            return qs, np.concatenate(found), np.concatenate(scores)
+
+        for part in workers.map(scan, range(nlist)):  # merged in cell order: deterministic
+            if part is None:
+                continue
+            qs, cand, score = part
+            better = (cand >= 0) & ((score > best[qs]) | ((score == best[qs]) & (cand < nn[qs])))
+            nn[qs[better]] = cand[better]
+            best[qs[better]] = score[better]
 
     nn = np.full(n, -1, np.int64)
     best = np.full(n, -np.inf)
-    for part in workers.map(scan, range(nlist)):  # merged in cell order: deterministic
-        if part is None:
-            continue
-        qs, cand, score = part
-        ok = cand >= 0
-        better = ok & ((score > best[qs]) | ((score == best[qs]) & (cand < nn[qs])))
-        nn[qs[better]] = cand[better]
-        best[qs[better]] = score[better]
+    scan_cells(own, np.arange(n), nn, best)  # own cell first
+    if nprobe > 1:
+        # Bounds on the best score a probed cell can offer, padded for float32 rounding.
+        slack = 1e-5 + 2e-7 * d
+        nonempty = member_bounds[1:] > member_bounds[:-1]
+        own_score = cell_score[members, 0]
+        starts = member_bounds[:-1][nonempty]
+        other, score = cells[:, 1:], cell_score[:, 1:]
+        if cosine:  # angle(q, y) >= angle(q, centre) - max angle(member, centre)
+            radius = np.zeros(nlist)
+            radius[nonempty] = np.arccos(np.clip(np.minimum.reduceat(own_score, starts) - slack, -1, 1))
+            gap = np.arccos(np.clip(score + slack, -1, 1)) - radius[other]
+            reachable = np.cos(np.clip(gap, 0, np.pi)) + slack >= best[:, None]
+        else:  # |q - y| >= |q - centre| - max |member - centre|
+            radius = np.zeros(nlist)
+            radius[nonempty] = np.sqrt(np.maximum.reduceat(own_score, starts))
+            gap = np.sqrt(score) - radius[other]
+            scale = 1 + np.sqrt(score) + radius[other]
+            reachable = gap <= np.sqrt(np.maximum(-best, 0))[:, None] + slack * scale
+        pair_query, rank = np.nonzero(reachable)
+        _LOG.debug("IVF: %d points, %d cells, nprobe %d: %.1f%% of the other probed cells scanned", n, nlist, nprobe,
+                   100 * pair_query.size / max(1, reachable.size))
+        scan_cells(other[pair_query, rank], pair_query, nn, best)
     return nn, best
 
 

@@ -302,8 +302,10 @@ def test_ivf_parameters_are_used(clustered):
     assert not np.array_equal(poor.partitions[:, 0], exact.partitions[:, 0])
 
 
-def test_ivf_candidates_are_faiss_ivfflat(monkeypatch):
-    """The cell-by-cell scan finds what faiss IndexIVFFlat finds with the same cells and nprobe."""
+@pytest.mark.parametrize(("cosine", "sigma"), [(True, 0.8), (True, 3.0), (False, 0.8)])
+def test_ivf_candidates_are_faiss_ivfflat(monkeypatch, cosine, sigma):
+    """The cell-by-cell scan (with its pruning bounds) finds what faiss IndexIVFFlat finds with the
+    same cells and nprobe, on clustered (sigma 0.8) and barely clustered (sigma 3) data."""
     import sys
 
     import faiss
@@ -319,25 +321,28 @@ def test_ivf_candidates_are_faiss_ivfflat(monkeypatch):
             return out
 
     monkeypatch.setattr(faiss, "Kmeans", SpyKmeans)
-    x = module._search_space(mixture(4000, 16, 30, 0.8, seed=5)[0], True)
-    params = {"nlist": 50, "nprobe": 3, "train_size": None, "niter": 10}
+    x = mixture(4000, 16, 30, sigma, seed=5)[0]
+    x = module._search_space(x if cosine else x * np.linspace(0.5, 2, x.shape[0])[:, None], cosine)
+    params = {"nlist": 50, "nprobe": 4, "train_size": None, "niter": 10}
     with module._Workers(2) as workers:
-        nn, _ = module._ivf_neighbours(x, True, params, 0, 512, workers)
-    quantizer = faiss.IndexFlatIP(x.shape[1])
-    quantizer.add(trained[0])
-    ivf = faiss.IndexIVFFlat(quantizer, x.shape[1], 50, faiss.METRIC_INNER_PRODUCT)
+        nn, _ = module._ivf_neighbours(x, cosine, params, 0, 512, workers)
+    centroids = trained[0] / np.linalg.norm(trained[0], axis=1, keepdims=True) if cosine else trained[0]
+    quantizer = faiss.IndexFlatIP(x.shape[1]) if cosine else faiss.IndexFlatL2(x.shape[1])
+    quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    metric = faiss.METRIC_INNER_PRODUCT if cosine else faiss.METRIC_L2
+    ivf = faiss.IndexIVFFlat(quantizer, x.shape[1], 50, metric)
     ivf.add(x)
-    ivf.nprobe = 3
-    values, ids = ivf.search(x, 2)
+    ivf.nprobe = 4
+    _, ids = ivf.search(x, 2)
     rows = np.arange(x.shape[0])
     valid = (ids >= 0) & (ids != rows[:, None])
     expected = np.where(valid[:, 0], ids[:, 0], ids[:, 1])
-    expected[~valid.any(axis=1)] = -1
-    brute = brute_first_neighbours(x)
-    assert np.mean(expected == brute) < 1.0  # nprobe=3 of 50 cells does miss some neighbours
-    missing = expected < 0  # ours falls back to an exact search for those
+    missing = ~valid.any(axis=1)  # ours falls back to an exact search for those
     assert np.array_equal(nn[~missing], expected[~missing])
-    assert np.array_equal(nn[missing], brute[missing])
+    if cosine:
+        brute = brute_first_neighbours(x)
+        assert np.mean(expected == brute) < 1.0  # nprobe=4 of 50 cells does miss some neighbours
+        assert np.array_equal(nn[missing], brute[missing])
 
 
 @pytest.mark.parametrize("kw", [{}, {"exact_limit": 0}, {"exact_limit": 0, "ann": "hnsw"}])
