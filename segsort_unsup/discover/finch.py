@@ -407,7 +407,10 @@ def _best_candidate(values: np.ndarray, ids: np.ndarray, rows: np.ndarray, cosin
 
 
 def _blocks(n: int, block: int) -> list[tuple[int, int]]:
-    return [(start, min(n, start + block)) for start in range(0, n, block)]
+    """Spans of at most ``block`` rows; at least 8 spans (of >= 256 rows) so that worker threads
+    share the work evenly. Independent of the thread count, like the result."""
+    size = max(1, min(block, max(256, -(-n // 8))))
+    return [(start, min(n, start + size)) for start in range(0, n, size)]
 
 
 def _flat_neighbours(x: np.ndarray, cosine: bool, block: int, workers: _Workers,
