@@ -91,9 +91,16 @@ def mixture(n: int, d: int, k: int, sigma: float, seed: int) -> tuple[np.ndarray
 @pytest.fixture(scope="module")
 def ref():
     """The reference FINCH function, or skip."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # it warns when pynndescent is absent (unused on its exact path)
-        module = pytest.importorskip("finch", reason="reference package finch-clust is not installed (pip install finch-clust)")
+    import importlib
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # it warns when pynndescent is absent (unused on its exact path)
+            module = importlib.import_module("finch")
+    except ImportError as exc:
+        pytest.skip(f"reference package finch-clust is not importable ({exc}); pip install finch-clust")
+    if not hasattr(module, "FINCH"):
+        pytest.skip(f"the importable 'finch' ({module.__file__}) is not finch-clust; pip install finch-clust")
     return module.FINCH
 
 
