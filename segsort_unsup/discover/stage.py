@@ -76,7 +76,7 @@ class DiscoverConfig(StageConfig):
     seed: int = 0
     req_clust: int | None = None
     distance: str = "cosine"
-    level: int | None = run_only(None, help="gallery level")
+    level: int | str | None = run_only(None, help="gallery level: a number or 'requested'")
     gallery: bool = run_only(True, help="write gallery/ (HTML, montages, 2-D map)")
     representatives: int = run_only(6, help="members nearest the group mean shown per group")
     random_members: int = run_only(4, help="random members shown per group")
@@ -95,8 +95,10 @@ class DiscoverConfig(StageConfig):
             raise self.bad_value("req_clust", "must be >= 1")
         if self.distance not in ("cosine", "euclidean"):
             raise self.bad_value("distance", "must be 'cosine' or 'euclidean'")
-        if self.level is not None and self.level < 0:
-            raise self.bad_value("level", "must be >= 0")
+        if isinstance(self.level, str) and self.level != REQUESTED_KEY:
+            raise self.bad_value("level", f"must be a level number (0 = finest) or {REQUESTED_KEY!r}")
+        if isinstance(self.level, int) and self.level < 0:
+            raise self.bad_value("level", "must be >= 0 (0 = finest)")
         if self.representatives < 0 or self.random_members < 0:
             raise self.bad_value("representatives", "member counts must be >= 0")
         if self.representatives + self.random_members < 1:

@@ -51,7 +51,7 @@ def build_prototypes_store(root: str | os.PathLike, images: list[Path], *, hed_h
             segs = segs.reshape(h, w).astype(np.int32)
             k = int(segs.max()) + 1
             with torch.inference_mode():
-                feat = trunk(torch.from_numpy(rgb).permute(2, 0, 1)[None].float())
+                feat = trunk(torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float())
                 feat = F.interpolate(feat, size=(h, w), mode="bilinear", align_corners=False)[0]
             feat = feat.permute(1, 2, 0).reshape(h * w, -1).numpy().astype(np.float64)
             flat = segs.ravel()
