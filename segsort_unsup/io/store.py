@@ -141,6 +141,21 @@ PROTOTYPES = register_schema(StoreSchema("prototypes", (
     DatasetSpec("label", "int32", 1, optional=True),  # majority class per segment (labelled sets)
     DatasetSpec("votes", "float32", 2, optional=True),
 )))
+# A FINCH clustering of a prototypes store (the ``discover`` stage): item ``rows`` says which
+# prototype each row is; items ``level-00``, ``level-01``... (finest first) and, with req_clust,
+# ``requested`` hold one partition each.
+GROUPS = register_schema(StoreSchema("groups", (
+    DatasetSpec("image_keys", "uint8", 1, optional=True),  # rows: UTF-8 JSON list of the prototypes store's keys
+    DatasetSpec("image", "int32", 1, optional=True),  # rows: index into image_keys
+    DatasetSpec("segment", "int32", 1, optional=True),  # rows: segment id within its image
+    DatasetSpec("area", "int64", 1, optional=True),  # rows: segment area
+    DatasetSpec("label", "int32", 1, optional=True),  # rows: class (labelled prototypes)
+    DatasetSpec("partition", "int32", 1, optional=True),  # level: group of each row, 0..k-1
+    DatasetSpec("means", "float32", 2, optional=True),  # level: k x D mean prototype of each group
+    DatasetSpec("sizes", "int64", 1, optional=True),  # level: rows per group
+    DatasetSpec("parent", "int32", 1, optional=True),  # level: group at the next coarser level (-1: none)
+    DatasetSpec("class_counts", "int64", 2, optional=True),  # level: k x C rows per (group, class)
+)))
 
 
 # --------------------------------------------------------------------------------------------
