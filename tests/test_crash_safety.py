@@ -1,0 +1,138 @@
+"""Crash safety of the whole pipeline: a real `segsort-unsup run` SIGKILLed at random moments, at least
+20 times across all stages, resumed each time; every store opens after each kill, and the final
+outputs equal an uninterrupted run's (stores item by item, model weights exactly, groups identical)."""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segsort_unsup.io.store import StoreReader, is_store
+
+REPO = Path(__file__).resolve().parents[1]
+MIN_KILLS = 20
+STAGE_RE = re.compile(r"(contours|ucm|features|train|embed|discover)\w*:\s+\d+%")
+
+
+def _pipeline(tmp_path: Path, bsds: Path, pidinet_dir: Path, hed_h5: Path, name: str) -> Path:
+    from PIL import Image
+
+    images = tmp_path / "images"
+    if not images.exists():
+        images.mkdir()
+        for path in sorted((bsds / "images" / "val").glob("*.jpg"))[:5]:
+            im = Image.open(path).convert("RGB")
+            im.resize((im.width // 2, im.height // 2), Image.BILINEAR).save(images / f"{path.stem}.png")
+    toml = tmp_path / f"{name}.toml"
+    toml.write_text(f"""
+[pipeline]
+input = "images"
+output = "{name}"
+[contours]
+model = "pidinet-tiny"
+weights = "{pidinet_dir / 'table5_pidinet-tiny.pth'}"
+shard_size = 1
+[ucm]
+levels = [0.3, 0.6]
+shard_size = 1
+[train]
+mode = "cached"
+backbone_weights = "{hed_h5}"
+feature_layer = "conv4_3"
+head = "conv1"
+steps = 60
+batch_size = 4
+crop = 96
+feature_scales = [1.0]
+checkpoint_every = 3
+[embed]
+shard_size = 1
+[discover]
+""")
+    return toml
+
+
+def _stores(root: Path) -> dict[str, Path]:
+    return {str(p.relative_to(root)): p for p in sorted(root.rglob("store.json"))}
+
+
+def _assert_same_store(a: Path, b: Path) -> None:
+    with StoreReader(a) as ra, StoreReader(b) as rb:
+        assert ra.kind == rb.kind and ra.config_hash == rb.config_hash, a
+        assert ra.keys() == rb.keys(), a
+        for key in ra.keys():
+            ia, ib = ra[key], rb[key]
+            assert set(ia.arrays) == set(ib.arrays), (a, key)
+            for name in ia.arrays:
+                np.testing.assert_array_equal(ia.arrays[name], ib.arrays[name], err_msg=f"{a} {key} {name}")
+            assert ia.attrs == ib.attrs, (a, key)
+
+
+def _assert_same_model(a: Path, b: Path) -> None:
+    from segsort_unsup.embed.model import load_model
+
+    ma, _ = load_model(a)
+    mb, _ = load_model(b)
+    for (name, ta), tb in zip(ma.state_dict().items(), mb.state_dict().values()):
+        assert torch_equal(ta, tb), name
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def _run(toml: Path, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "segsort_unsup.cli", "run", str(toml)], cwd=toml.parent,
+                            **kwargs)
+
+
+@pytest.mark.slow
+def test_random_kills_across_the_whole_pipeline(tmp_path, bsds, pidinet_dir, hed_h5):
+    reference = _pipeline(tmp_path, bsds, pidinet_dir, hed_h5, "reference")
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "segsort_unsup.cli", "-q", "run", str(reference)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    uninterrupted = time.monotonic() - t0
+
+    killed = _pipeline(tmp_path, bsds, pidinet_dir, hed_h5, "killed")
+    out = tmp_path / "killed"
+    rng = np.random.default_rng(20261126)
+    kills: collections.Counter[str] = collections.Counter()
+    log = tmp_path / "killed.log"
+    for attempt in range(120):
+        with open(log, "w") as err:
+            proc = _run(killed, stdout=subprocess.DEVNULL, stderr=err)
+            try:
+                proc.wait(timeout=float(rng.uniform(2.0, 7.0)) if sum(kills.values()) < MIN_KILLS + 5 else 900)
+                break
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+        stages = STAGE_RE.findall(log.read_text(errors="replace"))
+        kills[stages[-1] if stages else "start-up"] += 1
+        for name, store in _stores(out).items():  # every store opens after every kill
+            with StoreReader(store.parent) as reader:
+                assert not reader.damaged, (name, reader.damaged)
+    assert proc.returncode == 0, log.read_text()[-2000:]
+    print(f"kills per stage: {dict(kills)}; uninterrupted run {uninterrupted:.0f} s")
+    assert sum(kills.values()) >= MIN_KILLS
+    assert len([s for s in kills if s != "start-up"]) >= 4, kills  # the kills reached most stages
+
+    ref_stores = _stores(tmp_path / "reference")
+    assert set(_stores(out)) == set(ref_stores) and ref_stores
+    for name, store in ref_stores.items():
+        _assert_same_store(store.parent, (out / name).parent)
+    _assert_same_model(tmp_path / "reference" / "train" / "model.pt", out / "train" / "model.pt")
+    assert is_store(out / "groups")
