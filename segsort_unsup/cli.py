@@ -28,6 +28,9 @@ COMMANDS: dict[str, str] = {
     "evaluate": "segsort_unsup.commands.evaluate:evaluate",
     "demo": "segsort_unsup.commands.demo:demo",
     "run": "segsort_unsup.commands.run:run",
+    "embed": "segsort_unsup.commands.embed:embed",
+    "transfer": "segsort_unsup.commands.transfer:transfer",
+    "retrieve": "segsort_unsup.commands.retrieve:retrieve",
 }
 
 
@@ -39,6 +42,9 @@ SUMMARIES: dict[str, str] = {
     "evaluate": "BSDS500 boundary/region benchmarks and semantic mIoU.",
     "demo": "The pipeline on bundled photos, with pictures to open.",
     "run": "Every stage of a pipeline TOML file, in order, resuming what exists.",
+    "embed": "Segments and one prototype per segment (SegSort embeddings + pixel sorting).",
+    "transfer": "kNN label transfer from labelled prototypes: a label PNG per image.",
+    "retrieve": "Pictures of query segments next to their nearest labelled segments.",
 }
 _GLOBAL_FLAGS = {"-v", "-vv", "-vvv", "--verbose", "-q", "--quiet"}
 EXIT_INTERRUPTED = 130
