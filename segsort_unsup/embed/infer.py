@@ -6,8 +6,8 @@ Per image (as the reference's ``pyscripts/inference/extract_prototypes.py`` and
 1. **Embeddings at full resolution.** The network runs on the image (or, when a side exceeds
    ``window``, on ``window``-sized windows whose ends are spread evenly with at most
    ``window_stride`` between them, as the reference); each window's stride-8 embedding is
-   upsampled bilinearly x8 (half-pixel centres) and cropped to the window, overlapping windows
-   are summed, and every pixel is re-normalised. Images smaller than a window are not padded
+   upsampled bilinearly x8 (half-pixel centres), cropped to the window and re-normalised;
+   overlapping windows are summed and normalised again. Images smaller than a window are not padded
    (the reference pads to 512 x 512 with zeros; padding would change the borders' embeddings).
 2. **Pixel sorting at full resolution**, as the reference's inference does (it resizes the
    embedding to the input size before k-means): :func:`~segsort_unsup.embed.sorting.pixel_sort`,
@@ -166,6 +166,9 @@ def embed_image(model, rgb: np.ndarray, *, features: str = "head", window: int =
                 out = model(crop) if features == "head" else model.features(crop)
             out = F.normalize(out.float(), dim=1)
             out = F.interpolate(out, scale_factor=8, mode="bilinear", align_corners=False)[:, :, :ch, :cw]
+            out = F.normalize(out, dim=1)
+            if ch == h and cw == w:
+                return out[0]
             if total is None:
                 total = out.new_zeros(1, out.shape[1], h, w)
             total[:, :, y0:y0 + ch, x0:x0 + cw] += out
@@ -390,6 +393,7 @@ def run(config: EmbedConfig, inputs: Any, output: str | os.PathLike, *,
     threads = config.threads
     if threads is None and executor.local_workers:
         threads = max(1, (os.cpu_count() or 1) // executor.local_workers)
+    _model(str(model_path.resolve()), sha, config.device, config.precision, threads)  # a bad file fails here, once
     jobs = []
     for ref in refs:
         lab = label_files.get(image_id(ref.key))
