@@ -180,3 +180,41 @@ def test_cli_embed_transfer_evaluate(tmp_path, shared, hed_h5):
     assert scores["pixel_accuracy"] > 0.6
     r = runner.invoke(main, ["-q", "transfer", str(tmp_path / "img"), str(tmp_path / "p"), "-o", str(tmp_path / "x")])
     assert r.exit_code != 0 and "not a store" in r.output
+
+
+def test_retrieve_pictures_and_query_errors(tmp_path):
+    import cv2
+
+    from segsort_unsup.embed.retrieve import cutout, parse_query, read_class_names, run_retrieve
+
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(3):
+        img = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
+        cv2.imwrite(str(tmp_path / f"im{i}.png"), img)
+        paths.append(str(tmp_path / f"im{i}.png"))
+    seg = np.zeros((40, 60), np.int32)
+    seg[:, 30:] = 1
+    with StoreWriter(tmp_path / "s", kind="prototypes", config={"stage": "t"}) as w:
+        for i in range(3):
+            item = _item(f"im{i}", _unit(rng, 2, 8), seg, [0, 1])
+            item.attrs["source"] = paths[i]
+            w.add(item)
+    (tmp_path / "names.txt").write_text("0 Sky\n1 Road\n")
+    written = run_retrieve(tmp_path / "s", tmp_path / "s", tmp_path / "out", queries=[parse_query("im0:1")], top=3,
+                           class_names=read_class_names(tmp_path / "names.txt"))
+    assert [p.name for p in written] == ["im0-1.png"] and (tmp_path / "out" / "index.html").is_file()
+    html = (tmp_path / "out" / "index.html").read_text()
+    assert "im0:" not in html.split("nearest:")[1].split("</p>")[0]  # own image never retrieved
+    # random sample, seeded: same queries twice
+    a = run_retrieve(tmp_path / "s", tmp_path / "s", tmp_path / "r1", n=2, seed=5, min_area=10)
+    b = run_retrieve(tmp_path / "s", tmp_path / "s", tmp_path / "r2", n=2, seed=5, min_area=10)
+    assert [p.name for p in a] == [p.name for p in b] and len(a) == 2
+    tile = cutout(cv2.imread(paths[0])[..., ::-1], seg == 1, height=50)
+    assert tile.shape[0] == 50
+    with pytest.raises(InputError, match="KEY:SEGMENT"):
+        parse_query("nocolon")
+    with pytest.raises(InputError, match="segments 0..1"):
+        run_retrieve(tmp_path / "s", tmp_path / "s", tmp_path / "o", queries=[parse_query("im0:7")])
+    with pytest.raises(InputError, match="no image"):
+        run_retrieve(tmp_path / "s", tmp_path / "s", tmp_path / "o", queries=[parse_query("zz:0")])
