@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", help="only these rows")
     args = parser.parse_args(argv)
 
-    from segsort_unsup.contours.detect import EdgeDetector, cpu_has_fast_bf16
+    from segsort_unsup.contours.detect import EdgeDetector
+    from segsort_unsup.runtime import cpu_has_fast_bf16
     from segsort_unsup.contours.registry import build_network, get_model
 
     if args.threads:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segsort_unsup.contours.edges import edge_nms
+from segsort_unsup.edgemaps import edge_nms
 from segsort_unsup.evaluate import boundaries as B
 from segsort_unsup.evaluate.bsds import BenchOptions, run_benchmark
 from segsort_unsup.parallel import make_executor

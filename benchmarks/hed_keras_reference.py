@@ -72,7 +72,7 @@ def compare(npz: Path, weights: Path) -> float:
     """Max |p_torch - p_keras| over the reference images (torch HED in float32)."""
     import torch
 
-    from segsort_unsup.contours.hed import hed_from_file
+    from segsort_unsup.contours.formats import hed_from_file
 
     net = hed_from_file(None, weights)
     ref = np.load(npz)

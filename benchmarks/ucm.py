@@ -47,7 +47,7 @@ def main() -> None:
     import higra as hg
     from skimage import color, filters, io
 
-    from segsort_unsup.contours.edges import edge_orientation
+    from segsort_unsup.edgemaps import edge_orientation
     from segsort_unsup.ucm.hierarchy import ultrametric_contour_map
     from segsort_unsup.ucm.owt import grid_edge_weights
     from tests.ucm.maps import TEST_IDS, gt_contour_map

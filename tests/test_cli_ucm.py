@@ -60,3 +60,14 @@ def test_bad_levels_is_a_usage_error(tmp_path, bsds):
     _pngs(tmp_path / "edges", bsds, ids=("100007",))
     result = CliRunner().invoke(main, ["ucm", str(tmp_path / "edges"), "-o", str(tmp_path / "s"), "--levels", "0.2,x"])
     assert result.exit_code == 2 and "--levels" in result.output
+
+
+def test_colour_photos_are_refused_as_edge_maps(tmp_path, bsds):
+    """A newcomer's `ucm photos/`: refused per image with the hint to run contours first."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in sorted((bsds / "images" / "test").glob("*.jpg"))[:2]:
+        (photos / path.name).write_bytes(path.read_bytes())
+    result = CliRunner().invoke(main, ["-q", "ucm", str(photos), "-o", str(tmp_path / "seg")])
+    assert result.exit_code == 1 and "2 failed of 2" in result.output
+    assert "colour photo" in result.output and "segsort-unsup contours" in result.output

@@ -32,7 +32,7 @@ def _demo_weights(model: str) -> tuple[str, Path]:
     last: WeightsError | None = None
     for name in tried:
         try:
-            return name, resolve_weights(name)
+            return name, resolve_weights(name)[0]
         except WeightsError:
             pass
         try:

@@ -50,7 +50,7 @@ def boundaries(predictions, ground_truth, out_dir, n_thresholds, max_dist, thin,
                         thin=thin, nms=nms)
     with make_executor(executor, workers=workers, scheduler=scheduler) as pool:
         report = run_benchmark(predictions, ground_truth, out_dir, options=opts, executor=pool,
-                               overwrite=overwrite, label=label or Path(predictions).name)
+                               overwrite=overwrite, label=label)
     click.echo(report.boundary.line())
     _report_missing(report.missing)
     finish(report.stage)
@@ -72,8 +72,7 @@ def regions(predictions, ground_truth, out_dir, n_thresholds, with_boundaries, e
 
     opts = BenchOptions(boundaries=with_boundaries, regions=True, n_thresholds=n_thresholds)
     with make_executor(executor, workers=workers, scheduler=scheduler) as pool:
-        report = run_benchmark(predictions, ground_truth, out_dir, options=opts, executor=pool, overwrite=overwrite,
-                               label=Path(predictions).name)
+        report = run_benchmark(predictions, ground_truth, out_dir, options=opts, executor=pool, overwrite=overwrite)
     if report.boundary is not None:
         click.echo(report.boundary.line())
     click.echo(report.region.line())

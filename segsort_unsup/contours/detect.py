@@ -30,60 +30,15 @@ import torch.nn.functional as F
 
 from ..errors import BadImageError, InputError
 from ..io.images import ImageRef, read_image
+from ..runtime import autocast, resolve_device, resolve_precision
 from .registry import DEFAULT_MODEL, ContourModel, build_network, get_model
-from .weights import resolve_weights, sha256_file
+from .weights import resolve_weights
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MIN_SIDE = 32  # smaller sides are padded by replication: conv5 (1/16) then still has 2 pixels
 TILE_OVERLAP = 256  # pixels shared by neighbouring tiles (HED's deepest side sees ~200 px)
 TILE_MARGIN = 64  # pixels next to an inner tile edge that are not used at all (zero-padding effects)
 TILE_ALIGN = 32  # tile starts and sizes are multiples of this: keeps the networks' pooling grids (/16, /8) in phase
 MAX_BATCH_PIXELS = 4_000_000  # images x pixels per forward pass (bounds activation memory)
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has AMX-BF16 or AVX512-BF16 (where bf16 autocast pays off)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"amx_bf16", "avx512_bf16"})
-    except OSError:
-        pass
-    return False
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise InputError(f"--device {device!r}: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available here (use --device cpu)")
-    return dev
-
-
-def resolve_precision(precision: str, device: torch.device, model: ContourModel | None = None) -> str:
-    """Turn ``auto`` into the fastest accurate precision for ``device`` (and ``model``).
-
-    On CPU, models whose registry entry sets ``cpu_bf16=False`` stay in fp32 (bf16 gains
-    them little and costs accuracy).
-    """
-    if precision not in PRECISIONS:
-        raise InputError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if model is not None and not model.cpu_bf16:
-        return "fp32"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
 @dataclass
@@ -104,7 +59,7 @@ class EdgeDetector:
     weights_path : weights file; ``None`` uses the verified cache file of ``model``.
     device : ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
     precision : ``auto`` (bf16 on CPUs with AMX/AVX512-BF16 and on CUDA, else fp32; see
-        :func:`resolve_precision`), ``fp32``,
+        :func:`segsort_unsup.runtime.resolve_precision`), ``fp32``,
         ``bf16`` or ``fp16``.
     scales : image scales whose probabilities are averaged (``(1.0,)``: single scale).
     batch_size : images per forward pass (same-size images only; also capped by pixel count);
@@ -143,12 +98,11 @@ class EdgeDetector:
         self.tile = tile
         self.tile_overlap = int(tile_overlap)
         self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device, self.entry)
+        self.precision = resolve_precision(precision, self.device, cpu_bf16=self.entry.cpu_bf16)
         # On CPU one image at a time is fastest (measured for HED and PiDiNet: a batch only adds
         # memory traffic); GPUs want batches.
         self.batch_size = int(batch_size) if batch_size is not None else (8 if self.device.type == "cuda" else 1)
-        self.weights_path = resolve_weights(self.entry, weights_path)
-        self.weights_sha256 = sha256_file(self.weights_path)
+        self.weights_path, self.weights_sha256 = resolve_weights(self.entry, weights_path)
         self.network = build_network(self.entry, self.weights_path).to(self.device)
         self.network.requires_grad_(False)
         # channels_last lets oneDNN (CPU) and cuDNN (tensor cores) pick their fast convolutions;
@@ -261,8 +215,7 @@ class EdgeDetector:
     def _run_network(self, x: torch.Tensor) -> torch.Tensor:
         # From HWC images the batch arrives channels-last-strided: make the layout the one chosen.
         x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-        enabled = self.precision != "fp32"
-        with torch.autocast(self.device.type, dtype=_DTYPES.get(self.precision, torch.bfloat16), enabled=enabled):
+        with autocast(self.device, self.precision):
             prob = self.network(x)
         return prob.float().contiguous()
 

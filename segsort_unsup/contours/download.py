@@ -4,7 +4,8 @@
 interrupted download leaves the ``.part`` file behind, and the next attempt (automatic retries, or a
 later call) asks the server for the rest with an HTTP ``Range`` request; a server that ignores
 ``Range`` gets a clean restart. The finished file is checked (size, sha256) and only then moved into
-place with ``os.replace``, so a broken or tampered download never replaces a good file.
+place with :func:`~segsort_unsup.io.atomic.commit_temp` (fsync, rename, fsync of the folder), so a
+broken or tampered download never replaces a good file.
 Uses only the standard library (urllib); proxies from the environment apply as usual.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import os
 import re
 import urllib.error
 import urllib.parse
@@ -20,10 +20,11 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import WeightsError
+from ..io.atomic import commit_temp
 from ..log import get_logger
 from ..log import progress as progress_bar
 
-__all__ = ["download_url", "sha256_file"]
+__all__ = ["download_url"]
 
 _LOG = get_logger("contours.download")
 _CHUNK = 1 << 20
@@ -60,15 +61,6 @@ class _Partial:
             for block in iter(lambda: fh.read(_CHUNK), b""):
                 self.digest.update(block)
                 self.hashed += len(block)
-
-
-def sha256_file(path: str | Path, *, chunk_size: int = _CHUNK) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk_size), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _host(url: str) -> str:
@@ -152,8 +144,6 @@ def _fetch_once(url: str, dest: Path, part: _Partial, *, timeout: float, show: b
                     part.hashed += len(block)
                     received += len(block)
                     bar.update(len(block))
-                fh.flush()
-                os.fsync(fh.fileno())
         finally:
             bar.close()
         if body is not None and received < body:
@@ -176,7 +166,8 @@ def download_url(
     attempt with an HTTP ``Range`` request when the server allows it (a full restart otherwise), and
     retries a dropped connection ``retries`` times the same way. When ``sha256`` (hex) or
     ``expected_size`` is given, a mismatch deletes the partial file and raises; only a complete, verified
-    file is moved over ``dest`` (``os.replace``), so an existing good file is never lost.
+    file is moved over ``dest`` (:func:`~segsort_unsup.io.atomic.commit_temp`), so an existing good file
+    is never lost.
 
     Raises
     ------
@@ -225,5 +216,5 @@ def download_url(
             f"sha256 mismatch for {url}: expected {want}, got {got}; the download is corrupt or the file changed "
             f"upstream (deleted it). Try again; if it persists, check the source, or {_FETCH_ELSEWHERE}",
         )
-    os.replace(part.path, dest)
+    commit_temp(part.path, dest)
     return got

@@ -22,8 +22,6 @@ their logits reach +-20, where bfloat16 would cost up to ~0.01 in probability.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -88,7 +86,7 @@ class HED(nn.Module):
     """HED edge detector: RGB float 0..255 ``(N, 3, H, W)`` -> edge probability ``(N, 1, H, W)``.
 
     State-dict keys: ``block{1..5}.convs.{i}.{weight,bias}``, ``dsn{1..5}.{weight,bias}``,
-    ``fuse.{weight,bias}`` (see :mod:`segsort_unsup.contours.weights` for the file formats).
+    ``fuse.{weight,bias}`` (see :mod:`segsort_unsup.contours.formats` for the file formats).
     """
 
     def __init__(self) -> None:
@@ -133,12 +131,3 @@ class HED(nn.Module):
 def _upsample(side: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Bilinear resize with half-pixel centres (``tf.image.resize`` 'bilinear', antialias off)."""
     return F.interpolate(side, size=(height, width), mode="bilinear", align_corners=False)
-
-
-def hed_from_file(entry, path: str | Path) -> HED:
-    """Registry ``build`` hook: a :class:`HED` with weights read from ``path`` (any supported format)."""
-    from .weights import load_hed_state_dict
-
-    net = HED()
-    net.load_state_dict(load_hed_state_dict(path))
-    return net.eval()

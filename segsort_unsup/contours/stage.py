@@ -26,7 +26,7 @@ from ..io.store import Item
 from ..log import get_logger
 from ..parallel import Executor, InProcess
 from ..stages import Stage, StageRun, StageSummary
-from .edges import edge_nms, edge_orientation
+from ..edgemaps import edge_nms, edge_orientation
 from .registry import DEFAULT_MODEL, MODELS
 
 _log = get_logger("contours")
@@ -128,14 +128,14 @@ def _item(key: str, source: str, edge: np.ndarray, config: ContoursConfig, detec
 
 def _weights_identity(config: ContoursConfig) -> tuple[str, str, str]:
     """(weights file, its sha256, the precision 'auto' resolves to) without building the network."""
-    from .detect import resolve_device, resolve_precision
+    from ..runtime import resolve_device, resolve_precision
     from .registry import get_model
-    from .weights import resolve_weights, sha256_file
+    from .weights import resolve_weights
 
     entry = get_model(config.model)
-    path = resolve_weights(entry, config.weights)
+    path, sha256 = resolve_weights(entry, config.weights)
     device = resolve_device(config.device)
-    return str(path), sha256_file(path), resolve_precision(config.precision, device, entry)
+    return str(path), sha256, resolve_precision(config.precision, device, cpu_bf16=entry.cpu_bf16)
 
 
 def run(config: ContoursConfig, inputs: str | os.PathLike | list[ImageRef], output: str | os.PathLike, *,

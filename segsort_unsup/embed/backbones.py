@@ -25,7 +25,7 @@ Registry (:data:`BACKBONES`, :func:`build_backbone`):
 
 ``vgg16-hed`` (default)
     The VGG16 trunk of HED trained on BSDS500 (HED itself started from ImageNet VGG16), read by
-    :func:`segsort_unsup.contours.weights.load_hed_state_dict` (any HED format). Input handling
+    :func:`segsort_unsup.contours.formats.load_hed_state_dict` (any HED format). Input handling
     as HED: RGB -> BGR, minus the Caffe mean.
 ``vgg16``
     torchvision's ImageNet ``vgg16`` checkpoint (``features.N.weight`` keys, e.g.
@@ -247,9 +247,10 @@ def _kaiming_init(trunk: VggTrunk) -> None:
 def _build_vgg16_hed(*, weights: str | os.PathLike | None, feature_layer: str, pretrained: bool) -> VggTrunk:
     trunk = VggTrunk(name="vgg16-hed", feature_layer=feature_layer, mean_rgb=MEAN_BGR[::-1], bgr=True)
     if pretrained:
-        from ..contours.weights import load_hed_state_dict, resolve_weights
+        from ..contours.formats import load_hed_state_dict
+        from ..contours.weights import resolve_weights
 
-        path = resolve_weights("hed-bsds500", weights)
+        path, _ = resolve_weights("hed-bsds500", weights)
         trunk.load_state_dict(trunk_state_from_hed(load_hed_state_dict(path), feature_layer=feature_layer))
     return trunk
 

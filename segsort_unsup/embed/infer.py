@@ -148,6 +148,8 @@ def embed_image(model, rgb: np.ndarray, *, features: str = "head", window: int =
     import torch
     import torch.nn.functional as F
 
+    from ..runtime import autocast
+
     if features not in FEATURES:
         raise InputError(f"features {features!r}: choose one of {', '.join(FEATURES)}")
     h, w = rgb.shape[:2]
@@ -156,13 +158,12 @@ def embed_image(model, rgb: np.ndarray, *, features: str = "head", window: int =
     lowp = precision in ("bf16", "fp16")
     if lowp and dev.type == "cpu":
         x = x.contiguous(memory_format=torch.channels_last)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     total = None
     for y0 in window_starts(h, window, window_stride):
         for x0 in window_starts(w, window, window_stride):
             crop = x[:, :, y0:y0 + window, x0:x0 + window]
             ch, cw = crop.shape[-2:]
-            with torch.no_grad(), torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=lowp):
+            with torch.no_grad(), autocast(dev, precision):
                 out = model(crop) if features == "head" else model.features(crop)
             out = F.normalize(out.float(), dim=1)
             out = F.interpolate(out, scale_factor=8, mode="bilinear", align_corners=False)[:, :, :ch, :cw]
@@ -292,7 +293,7 @@ _MODELS: dict[tuple, _Loaded] = {}
 
 
 def _resolve(device: str, precision: str) -> tuple[Any, str]:
-    from ..contours.detect import resolve_device, resolve_precision
+    from ..runtime import resolve_device, resolve_precision
 
     dev = resolve_device(device)
     return dev, resolve_precision(precision, dev)
@@ -336,7 +337,7 @@ class _Job:
 
 def process_image(job: _Job) -> Item:
     """Segments and prototypes of one image (module-level: worker processes and Dask run it)."""
-    from ..evaluate.inputs import read_label_png
+    from ..io.images import read_label_png
 
     loaded = _model(job.model_path, job.model_sha256, job.config.device, job.config.precision, job.threads)
     rgb = read_image(job.path)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .._heap import heap_pop, heap_push
+
 _INF = np.int64(1) << 60
 
 
@@ -18,50 +20,15 @@ _INF = np.int64(1) << 60
 
 
 @njit(cache=True)
-def _heap_push(keys, vals, size, key, val):
-    i = size
-    keys[i] = key
-    vals[i] = val
-    while i > 0:
-        parent = (i - 1) >> 1
-        if keys[parent] <= keys[i]:
-            break
-        keys[parent], keys[i] = keys[i], keys[parent]
-        vals[parent], vals[i] = vals[i], vals[parent]
-        i = parent
-    return size + 1
-
-
-@njit(cache=True)
-def _heap_pop(keys, vals, size):
-    """Remove the root (caller reads keys[0], vals[0] first); returns the new size."""
-    size -= 1
-    keys[0] = keys[size]
-    vals[0] = vals[size]
-    i = 0
-    while True:
-        left = 2 * i + 1
-        if left >= size:
-            break
-        child = left
-        if left + 1 < size and keys[left + 1] < keys[left]:
-            child = left + 1
-        if keys[i] <= keys[child]:
-            break
-        keys[child], keys[i] = keys[i], keys[child]
-        vals[child], vals[i] = vals[i], vals[child]
-        i = child
-    return size
-
-
-@njit(cache=True)
 def _augment(s, indptr, cols, costs, n_cols, outlier_cost, u, v, row_to_col, col_to_row,
              dist, pred, done, touched, finalized, heap_keys, heap_vals):
     """Assign free row ``s`` by one shortest augmenting path (Dijkstra on reduced costs).
 
     Columns ``0..n_cols-1`` are real; column ``n_cols + i`` is row i's private outlier, which only
     row i can take, at ``outlier_cost``. Keeps the invariants of successive shortest paths:
-    reduced costs ``c - u - v >= 0``, matched edges tight, free columns at ``v == 0``.
+    reduced costs ``c - u - v >= 0``, matched edges tight, free columns at ``v == 0``. Columns at
+    equal distance are settled in column order (the shared heap breaks ties by id), so among
+    equally cheap augmenting paths the choice never depends on the order of the pushes.
     """
     n_touched = 0
     n_final = 0
@@ -75,19 +42,19 @@ def _augment(s, indptr, cols, costs, n_cols, outlier_cost, u, v, row_to_col, col
                 n_touched += 1
             dist[j] = d
             pred[j] = s
-            size = _heap_push(heap_keys, heap_vals, size, d, j)
+            size = heap_push(heap_keys, heap_vals, size, d, j)
     j = n_cols + s
     dist[j] = outlier_cost - u[s] - v[j]
     pred[j] = s
     touched[n_touched] = j
     n_touched += 1
-    size = _heap_push(heap_keys, heap_vals, size, dist[j], j)
+    size = heap_push(heap_keys, heap_vals, size, dist[j], j)
     end = -1
     end_dist = _INF
     while size > 0:
         dj = heap_keys[0]
         j = heap_vals[0]
-        size = _heap_pop(heap_keys, heap_vals, size)
+        size = heap_pop(heap_keys, heap_vals, size)
         if done[j] or dj != dist[j]:
             continue
         if col_to_row[j] < 0:
@@ -109,7 +76,7 @@ def _augment(s, indptr, cols, costs, n_cols, outlier_cost, u, v, row_to_col, col
                     n_touched += 1
                 dist[jj] = d
                 pred[jj] = q
-                size = _heap_push(heap_keys, heap_vals, size, d, jj)
+                size = heap_push(heap_keys, heap_vals, size, d, jj)
         jj = n_cols + q
         d = dj + outlier_cost - u[q] - v[jj]
         if d < dist[jj]:
@@ -118,7 +85,7 @@ def _augment(s, indptr, cols, costs, n_cols, outlier_cost, u, v, row_to_col, col
                 n_touched += 1
             dist[jj] = d
             pred[jj] = q
-            size = _heap_push(heap_keys, heap_vals, size, d, jj)
+            size = heap_push(heap_keys, heap_vals, size, d, jj)
     # new potentials: finalized columns (dist < D) and their rows; then augment
     u[s] += end_dist
     for t in range(n_final):
@@ -174,13 +141,13 @@ def _repair_after_removal(r, indptr, cols, costs, rev_indptr, rev_rows, rev_cost
     dist[j] = 0
     touched[n_touched] = j
     n_touched += 1
-    size = _heap_push(heap_keys, heap_vals, size, 0, j)
+    size = heap_push(heap_keys, heap_vals, size, 0, j)
     end_dist = bound
     best_col = -1
     while size > 0:
         dx = heap_keys[0]
         x = heap_vals[0]
-        size = _heap_pop(heap_keys, heap_vals, size)
+        size = heap_pop(heap_keys, heap_vals, size)
         if dx >= end_dist:
             break
         if x == sink:
@@ -203,7 +170,7 @@ def _repair_after_removal(r, indptr, cols, costs, rev_indptr, rev_rows, rev_cost
                     n_touched += 1
                 dist[sink] = d
                 pred[sink] = x
-                size = _heap_push(heap_keys, heap_vals, size, d, sink)
+                size = heap_push(heap_keys, heap_vals, size, d, sink)
         # rows i with a free arc i -> x move into x; their own column k follows at the same distance
         if x < n_cols:
             lo = rev_indptr[x]
@@ -221,7 +188,7 @@ def _repair_after_removal(r, indptr, cols, costs, rev_indptr, rev_rows, rev_cost
                         n_touched += 1
                     dist[k] = d
                     pred[k] = x
-                    size = _heap_push(heap_keys, heap_vals, size, d, k)
+                    size = heap_push(heap_keys, heap_vals, size, d, k)
         for kk in range(lo, hi):
             i = rev_rows[kk]
             if not is_active[i] or row_to_col[i] == x:
@@ -236,7 +203,7 @@ def _repair_after_removal(r, indptr, cols, costs, rev_indptr, rev_rows, rev_cost
                     n_touched += 1
                 dist[k] = d
                 pred[k] = x
-                size = _heap_push(heap_keys, heap_vals, size, d, k)
+                size = heap_push(heap_keys, heap_vals, size, d, k)
     # potentials: every finalized column (and the row on it) moves by end_dist - its distance
     for t in range(n_final):
         x = finalized[t]

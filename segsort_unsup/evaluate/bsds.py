@@ -135,6 +135,7 @@ def run_benchmark(
     stage, results = collect(evaluate_image, tasks, executor, stage="evaluate", output=out)
     done_ids = [i for i in ids if i in results]
     out.mkdir(parents=True, exist_ok=True)
+    label = f"{label or method_name(source)} ({len(done_ids)} images)"
     report = BenchReport(stage=stage, missing=missing, image_ids=done_ids)
     summary_json: dict = {"images": len(done_ids), "missing": missing, "failed": stage.failed,
                           "options": asdict(options), "predictions": str(predictions),
@@ -154,6 +155,7 @@ def run_benchmark(
         _same_thresholds([c.thresholds for c in rcounts], "segmentations per image")
         report.region = R.summarize_regions(rcounts)
         R.write_region_results(out, report.region)
+        R.plot_regions(report.region, out / "regions.png", label=label)
         s = report.region
         summary_json["regions"] = {"covering_ods": s.cover_ods, "covering_ois": s.cover_ois,
                                    "covering_best": s.cover_best, "pri_ods": s.ri_ods, "pri_ois": s.ri_ois,
@@ -162,6 +164,23 @@ def run_benchmark(
     (out / "missing.txt").write_text("".join(f"{i}\n" for i in missing))
     (out / "summary.json").write_text(json.dumps(_no_nan(summary_json), indent=2, default=_jsonable))
     return report
+
+
+def method_name(source: Source) -> str:
+    """What made the predictions, for plots: the contour model (+ owt-ucm for segments), else the folder."""
+    if source.kind in ("contours", "segments"):
+        from ..io.store import read_manifest
+
+        meta = read_manifest(source.root).get("meta", {})
+        model = str(meta.get("model", ""))
+        if not model and meta.get("source"):
+            try:
+                model = str(read_manifest(meta["source"]).get("meta", {}).get("model", ""))
+            except Exception:  # noqa: BLE001 - the upstream store may have moved: fall back to the folder
+                model = ""
+        if model:
+            return model + ("-owt-ucm" if source.kind == "segments" else "")
+    return Path(source.root).name
 
 
 def collect(fn, tasks: list, executor: Executor | None, *, stage: str, output: Path) -> tuple[StageSummary, dict]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadImageError, InputError, StoreError
+from ..io.images import read_label_png, read_png
 from ..log import get_logger
 
 PNG_SUFFIXES = (".png",)
@@ -173,35 +174,6 @@ class Prediction:
     labels: np.ndarray | None = None  # (H, W) int label map (semantic)
 
 
-def read_png(path: str | os.PathLike) -> np.ndarray:
-    """A grey PNG as float in [0, 1] (8-bit / 255, 16-bit / 65535)."""
-    arr = read_label_png(path)
-    scale = 65535.0 if arr.dtype == np.uint16 else 255.0
-    return arr.astype(np.float64) / scale
-
-
-def read_label_png(path: str | os.PathLike) -> np.ndarray:
-    """A single-channel PNG's raw values (uint8 / uint16); BadImageError if unreadable or RGB."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            arr = np.array(im)
-    except Exception as exc:  # noqa: BLE001
-        raise BadImageError(path, f"cannot read PNG: {exc}") from None
-    if arr.ndim == 3:
-        if arr.shape[2] in (3, 4) and np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]):
-            arr = arr[..., 0]
-        else:
-            raise BadImageError(path, f"expected a single-channel PNG, got {arr.shape[2]} channels")
-    if arr.dtype == np.int32:  # PIL 'I' mode for 16-bit greys
-        arr = arr.astype(np.uint16)
-    if arr.dtype not in (np.uint8, np.uint16, np.bool_):
-        raise BadImageError(path, f"unsupported PNG pixel type {arr.dtype}")
-    return arr.astype(np.uint8) if arr.dtype == np.bool_ else arr
-
-
 def load_prediction(source: Source, iid: str, *, nms: bool = True) -> Prediction:
     """Read image ``iid`` from ``source``; contours get Dollar's NMS unless ``nms=False``."""
     key = source.items[iid]
@@ -216,7 +188,7 @@ def load_prediction(source: Source, iid: str, *, nms: bool = True) -> Prediction
             item = reader.read(key, ("edge",))
             edge = np.asarray(item.arrays["edge"], np.float32)
             if nms:
-                from ..contours.edges import edge_nms
+                from ..edgemaps import edge_nms
 
                 # The published HED/RCF/PiDiNet protocol: orientation from the smoothed map,
                 # not the stored one (which the ucm stage uses).

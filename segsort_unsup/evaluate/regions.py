@@ -2,8 +2,9 @@
 
 A hierarchy given as a ucm2 (doubled grid, ``(2H+1, 2W+1)``) is cut at each threshold ``t``
 as BSR does: connected components (8-connectivity, MATLAB ``bwlabel``) of ``ucm2 <= t`` on the
-doubled grid, read at the pixel positions ``[1::2, 1::2]``. A list of segmentations is used as
-is (thresholds 1..K). Against the human segmentations of the image:
+doubled grid, read at the pixel positions ``[1::2, 1::2]``
+(:func:`~segsort_unsup.ucm.hierarchy.labels_from_ucm2` with ``connectivity=8``). A list of
+segmentations is used as is (thresholds 1..K). Against the human segmentations of the image:
 
 * Segmentation Covering of the humans by the machine: sum over human regions (all humans) of
   ``area x best Jaccard overlap with a machine region``, over the total human area (``cntR/sumR``);
@@ -23,24 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
+from ..ucm.hierarchy import labels_from_ucm2
 from ._kernels import contingency
-
-_EIGHT = np.ones((3, 3), np.int32)
-
-
-def ucm2_labels(ucm2: np.ndarray, threshold: float) -> np.ndarray:
-    """Regions of a ucm2 cut at ``threshold``: BSR's ``bwlabel(ucm2 <= t)(2:2:end, 2:2:end)``.
-
-    Labels start at 1 in MATLAB's column-major scan order (so ids match BSR's exactly).
-    """
-    ucm2 = np.asarray(ucm2)
-    if ucm2.ndim != 2 or ucm2.shape[0] % 2 != 1 or ucm2.shape[1] % 2 != 1:
-        raise ValueError(f"ucm2 must be (2H+1, 2W+1), got shape {ucm2.shape}")
-    # label the transpose: scipy scans row-major, MATLAB column-major
-    labels, _ = ndimage.label((ucm2 <= threshold).T, structure=_EIGHT)
-    return np.ascontiguousarray(labels.T[1::2, 1::2]).astype(np.int64)
 
 
 def _levels_between(values: np.ndarray, lo: float, hi: float) -> bool:
@@ -58,7 +44,8 @@ def ucm2_segmentations(ucm2: np.ndarray, thresholds: np.ndarray) -> list[np.ndar
         if prev_t is not None and not _levels_between(levels, prev_t, t):
             segs.append(segs[-1])
         else:
-            segs.append(ucm2_labels(ucm2, t))
+            # BSR's bwlabel(ucm2 <= t)(2:2:end, 2:2:end): 8-connected, ids from 1 (0: not labelled)
+            segs.append(labels_from_ucm2(ucm2, t, connectivity=8, order="F").astype(np.int64) + 1)
         prev_t = t
     return segs
 
@@ -275,3 +262,32 @@ def write_region_results(out_dir: str | Path, summary: RegionSummary) -> list[Pa
         path.write_text(text)
         paths.append(path)
     return paths
+
+
+def plot_regions(summary: RegionSummary, path: str | Path, *, label: str = "") -> Path:
+    """Covering, PRI and VI against the ucm threshold, ODS points marked (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = summary
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6), dpi=110)
+    rows = (("Covering", s.covering, s.cover_ods_threshold, s.cover_ods, "higher is better"),
+            ("PRI", s.ri, s.ri_ods_threshold, s.ri_ods, "higher is better"),
+            ("VI", s.voi, s.voi_ods_threshold, s.voi_ods, "lower is better"))
+    for ax, (name, values, t, v, hint) in zip(axes, rows):
+        ax.plot(s.thresholds, values, lw=2)
+        ax.plot([t], [v], "o", color="C3")
+        ax.set(xlabel="ucm threshold (boundaries weaker than this are removed)", ylabel=name,
+               title=f"{name} ODS {v:.3f} at {t:.2f} ({hint})")
+        ax.title.set_fontsize(9)
+        ax.xaxis.label.set_fontsize(8)
+        ax.grid(True, color="0.9")
+    if label:
+        fig.suptitle(f"BSDS region benchmarks: {label}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -84,7 +84,7 @@ def run(config: EvaluateConfig, inputs: Sequence[str | os.PathLike], output: str
                 continue
         try:
             report = run_benchmark(store, config.ground_truth, target, options=options, executor=executor,
-                                   overwrite=True, label=f"{store.name} ({len(report_ids(store))} images)")
+                                   overwrite=True)
         except SegsortError as exc:
             raise InputError(f"[evaluate] {store.name}: {exc}") from None
         data = json.loads(done.read_text(encoding="utf-8"))
@@ -97,11 +97,6 @@ def run(config: EvaluateConfig, inputs: Sequence[str | os.PathLike], output: str
         report.stage.note = _note(data)
         summaries.append(report.stage)
     return summaries
-
-
-def report_ids(store: Path) -> list[str]:
-    with StoreReader(store) as reader:
-        return reader.keys()
 
 
 def _note(data: dict) -> str:

@@ -768,6 +768,12 @@ class StoreReader:
                     raise StoreError(shard, f"item {key!r}: dataset {n!r} has {arr.ndim} dims, expected {spec.ndim}")
         return Item(key, arrays, attrs)
 
+    def layout(self, key: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Dataset name -> (dtype, shape) of one item, without reading its data."""
+        shard, name = self._index[key]
+        group = self._file(shard)[name]
+        return {n: (str(ds.dtype), tuple(ds.shape)) for n, ds in group.items()}
+
     def stack(self, name: str, keys: Iterable[str] | None = None) -> tuple[Stacked, list[tuple[str, str]]]:
         """Dataset ``name`` of every item (or of ``keys``) as one table, and the items that failed to read."""
         arrays, done, failed = [], [], []

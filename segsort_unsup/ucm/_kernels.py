@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .._heap import heap_pop, heap_push
+
 # --------------------------------------------------------------------------------------------
 # 4-adjacency helpers
 # --------------------------------------------------------------------------------------------
@@ -413,50 +415,6 @@ def oriented_reweight(elements, offsets, weights, orientations, h, w, epsilon, m
 # --------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
-def _less(ka, ia, kb, ib):
-    return ka < kb or (ka == kb and ia < ib)
-
-
-@njit(cache=True)
-def _heap_push(keys, ids, size, key, ident):
-    i = size
-    keys[i] = key
-    ids[i] = ident
-    while i > 0:
-        parent = (i - 1) >> 1
-        if _less(keys[i], ids[i], keys[parent], ids[parent]):
-            keys[i], keys[parent] = keys[parent], keys[i]
-            ids[i], ids[parent] = ids[parent], ids[i]
-            i = parent
-        else:
-            break
-    return size + 1
-
-
-@njit(cache=True)
-def _heap_pop(keys, ids, size):
-    size -= 1
-    keys[0] = keys[size]
-    ids[0] = ids[size]
-    i = 0
-    while True:
-        left = 2 * i + 1
-        if left >= size:
-            break
-        child = left
-        right = left + 1
-        if right < size and _less(keys[right], ids[right], keys[left], ids[left]):
-            child = right
-        if _less(keys[child], ids[child], keys[i], ids[i]):
-            keys[i], keys[child] = keys[child], keys[i]
-            ids[i], ids[child] = ids[child], ids[i]
-            i = child
-        else:
-            break
-    return size
-
-
 @njit(cache=True)
 def mean_boundary_merge(n_regions, sources, targets, sums, lengths, parents, altitudes, rag_altitudes):
     """Merge the regions greedily, weakest mean boundary first; fills the binary merge tree.
@@ -500,7 +458,7 @@ def mean_boundary_merge(n_regions, sources, targets, sums, lengths, parents, alt
                 he_next[tail[x]] = h
             tail[x] = h
         current[r] = s[r] / ln[r] if ln[r] > 0 else 0.0
-        size = _heap_push(hkeys, hids, size, current[r], r)
+        size = heap_push(hkeys, hids, size, current[r], r)
     stamp = np.full(n_nodes, -1, np.int64)
     slot = np.empty(n_nodes, np.int64)
     changed = np.zeros(n_rag, np.bool_)
@@ -510,7 +468,7 @@ def mean_boundary_merge(n_regions, sources, targets, sums, lengths, parents, alt
     while size > 0 and next_node < n_nodes:
         key = hkeys[0]
         r = hids[0]
-        size = _heap_pop(hkeys, hids, size)
+        size = heap_pop(hkeys, hids, size)
         if not alive[r] or key != current[r]:
             continue
         a = end0[r]
@@ -570,7 +528,7 @@ def mean_boundary_merge(n_regions, sources, targets, sums, lengths, parents, alt
                 i2[:size] = hids[:size]
                 hkeys = k2
                 hids = i2
-            size = _heap_push(hkeys, hids, size, current[e], e)
+            size = heap_push(hkeys, hids, size, current[e], e)
     # a disconnected RAG (not produced by a grid) leaves several roots: chain them at the top
     top = next_node - 1
     for x in range(next_node):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ..io.atomic import atomic_path, atomic_write
 from ..io.store import Item
 from ..log import get_logger
 from .hierarchy import cut_labels
@@ -20,9 +20,21 @@ def ucm_image(ucm2: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(ucm2[2::2, 2::2], dtype=np.float32)
 
 
-def _to_uint8(values: np.ndarray) -> np.ndarray:
-    top = max(1.0, float(values.max(initial=0.0)))
-    return np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+def ucm_picture(ucm: np.ndarray) -> np.ndarray:
+    """A visible uint8 picture of a ucm: white boundaries on black, stretched by rank.
+
+    Most boundary strengths are small, so a linear map leaves the picture nearly black. Each
+    non-zero strength is mapped through its rank among the image's non-zero strengths to
+    64..255 (the weakest boundary stays visible, the order of strengths is kept); 0 stays black.
+    """
+    out = np.zeros(ucm.shape, np.uint8)
+    nonzero = ucm > 0
+    if nonzero.any():
+        values = ucm[nonzero]
+        levels = np.unique(values)
+        rank = np.searchsorted(levels, values) / max(1, len(levels) - 1)
+        out[nonzero] = np.clip(64 + rank * 191 + 0.5, 64, 255).astype(np.uint8)
+    return out
 
 
 def label_colors(labels: np.ndarray) -> np.ndarray:
@@ -43,9 +55,8 @@ def _overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def _save_png(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")  # format given: the temporary name ends in .tmp
 
 
 def overview_levels(threshold: float, levels: tuple[float, ...]) -> tuple[float, float]:
@@ -78,14 +89,12 @@ def export_item(item: Item, config, *, png_dir=None, mat_dir=None, source_store:
 
         path = Path(mat_dir) / f"{item.key}.mat"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as fh:
+        with atomic_write(path) as fh:
             scipy.io.savemat(fh, {"ucm2": ucm2.astype(np.float64)}, do_compression=True)
-        os.replace(tmp, path)
     if png_dir is None:
         return
     root = Path(png_dir)
-    contours = _to_uint8(ucm_image(ucm2))
+    contours = ucm_picture(ucm_image(ucm2))
     _save_png(root / f"{item.key}_ucm.png", contours)
     _save_png(root / f"{item.key}_labels.png", label_colors(item.arrays["labels"]))
     parents, altitudes, leaves = item.arrays["parents"], item.arrays["altitudes"], item.arrays["leaves"]
@@ -109,12 +118,12 @@ def export_item(item: Item, config, *, png_dir=None, mat_dir=None, source_store:
         panels.append(("image", image))
     if edge is not None and edge.shape == contours.shape:
         edge8 = np.clip(np.clip(edge, 0, 1) * 255 + 0.5, 0, 255).astype(np.uint8)  # probability, not stretched
-        panels.append(("contours", np.repeat(255 - edge8[..., None], 3, axis=2)))
+        panels.append(("contour map", np.repeat(edge8[..., None], 3, axis=2)))  # white on black, as the edge PNGs
     else:
-        panels.append(("ucm", np.repeat(255 - contours[..., None], 3, axis=2)))
+        panels.append(("ucm (rank-stretched)", np.repeat(contours[..., None], 3, axis=2)))
     base = image if image is not None else np.full(contours.shape + (3,), 255, np.uint8)
     for t, labels in zip(levels, cuts):
-        panels.append((f"cut {t:g}: {int(labels.max()) + 1} segments", _overlay(base, labels)))
+        panels.append((f"ucm cut at {t:g}: {int(labels.max()) + 1} segments", _overlay(base, labels)))
     titled = [_titled(panel, title) for title, panel in panels]
     gap = np.full((titled[0].shape[0], 4, 3), 255, np.uint8)
     row = [titled[0]]

@@ -9,7 +9,7 @@ run between pixels, exactly where the BSDS ``ucm2`` layout puts them (odd/even p
 the doubled grid). The watershed arcs are split into approximately straight pieces and each
 boundary edge is re-weighted by the contour strength projected on its piece's normal,
 ``E * |cos(O - pi/2 - theta)|`` with ``O`` the edge-map orientation (normal to the contour,
-as :func:`segsort_unsup.contours.edges.edge_orientation` gives it) and ``theta`` the piece's
+as :func:`segsort_unsup.edgemaps.edge_orientation` gives it) and ``theta`` the piece's
 direction: the single-map form of OWT used by MCG/COB (``contours2OWT``) for edge maps that
 come with one orientation map, such as HED's.
 """

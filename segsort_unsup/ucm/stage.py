@@ -88,7 +88,7 @@ def process_item(job: _Job) -> Item:
     edge, orient, attrs = _load(job)
     cfg = job.config
     if cfg.oriented and orient is None:
-        from ..contours.edges import edge_orientation
+        from ..edgemaps import edge_orientation
 
         orient = edge_orientation(edge)
     ucm = ultrametric_contour_map(edge, orient if cfg.oriented else None, epsilon=cfg.epsilon, min_size=cfg.min_size)

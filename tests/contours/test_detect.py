@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segsort_unsup.contours.detect import EdgeDetector, cpu_has_fast_bf16, resolve_precision
+from segsort_unsup.contours.detect import EdgeDetector
 from segsort_unsup.errors import BadImageError, InputError
 from segsort_unsup.io.images import ImageRef, read_image
+from segsort_unsup.runtime import cpu_has_fast_bf16, resolve_precision
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +83,11 @@ def test_flat_tiny_image_has_no_edges(fp32):
     assert fp32.detect(np.full((4, 9, 3), 90, np.uint8)).max() < 0.05
 
 
-def test_precision_auto(hed_h5):
-    cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_fast_bf16() else "fp32")
-    assert resolve_precision("fp32", cpu) == "fp32"
-    with pytest.raises(InputError):
-        resolve_precision("int8", cpu)
+def test_bad_arguments(hed_h5):
     with pytest.raises(InputError):
         EdgeDetector("hed-bsds500", weights_path=hed_h5, scales=())
+    with pytest.raises(InputError):
+        EdgeDetector("hed-bsds500", weights_path=hed_h5, precision="int8")
 
 
 def test_detect_files_reports_bad_files_and_goes_on(tmp_path, bf16, image):
@@ -107,12 +105,19 @@ def test_detect_files_reports_bad_files_and_goes_on(tmp_path, bf16, image):
     assert isinstance(results["missing"].error, BadImageError)
 
 
-def test_auto_precision_per_model():
+def test_auto_precision_per_model(pidinet_dir):
     from segsort_unsup.contours.registry import get_model
 
     cpu = torch.device("cpu")
     fast = "bf16" if cpu_has_fast_bf16() else "fp32"
-    assert resolve_precision("auto", cpu, get_model("hed-bsds500")) == fast
-    assert resolve_precision("auto", cpu, get_model("pidinet")) == fast
-    assert resolve_precision("auto", cpu, get_model("pidinet-tiny")) == "fp32"
-    assert resolve_precision("bf16", cpu, get_model("pidinet-tiny")) == "bf16"
+
+    def auto(name, precision="auto"):
+        return resolve_precision(precision, cpu, cpu_bf16=get_model(name).cpu_bf16)
+
+    assert auto("hed-bsds500") == fast
+    assert auto("pidinet") == fast
+    assert auto("pidinet-tiny") == "fp32"
+    assert auto("pidinet-tiny", "bf16") == "bf16"
+    # the detector passes its registry entry's cpu_bf16 on
+    tiny = EdgeDetector("pidinet-tiny", weights_path=pidinet_dir / "table5_pidinet-tiny.pth", device="cpu")
+    assert tiny.precision == "fp32"

@@ -10,8 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from segsort_unsup.contours.download import download_url, sha256_file
+from segsort_unsup.contours.download import download_url
 from segsort_unsup.errors import WeightsError
+from segsort_unsup.io.atomic import sha256_file
 
 DATA = bytes(range(256)) * 12_000 + b"tail"  # ~3 MB: several 1 MiB read chunks
 SHA = hashlib.sha256(DATA).hexdigest()

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segsort_unsup.contours.hed import HED, MEAN_BGR, hed_from_file
+from segsort_unsup.contours.formats import hed_from_file
+from segsort_unsup.contours.hed import HED, MEAN_BGR
 from segsort_unsup.io.images import read_image
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from segsort_unsup.contours.hed import hed_from_file
+from segsort_unsup.contours.formats import hed_from_file
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "hed_keras_reference.py"
 

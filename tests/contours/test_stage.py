@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from segsort_unsup.contours.detect import EdgeDetector
-from segsort_unsup.contours.edges import edge_orientation
 from segsort_unsup.contours.stage import ContoursConfig, run
+from segsort_unsup.edgemaps import edge_orientation
 from segsort_unsup.errors import StoreError
 from segsort_unsup.io.store import StoreReader
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from segsort_unsup.contours.hed import MEAN_BGR
-from segsort_unsup.contours.weights import load_hed_state_dict
+from segsort_unsup.contours.formats import load_hed_state_dict
 from segsort_unsup.embed.backbones import BACKBONES, build_backbone
 from segsort_unsup.embed.model import SegSortNet, build_model
 from segsort_unsup.errors import InputError, WeightsError

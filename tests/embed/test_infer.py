@@ -71,7 +71,7 @@ def _np_table(emb: np.ndarray, seg: np.ndarray, lab: np.ndarray | None):
 def test_store_matches_numpy_reference(camvid_small, tmp_path, features):
     """Segments = the reference k-means restated in NumPy on the same full-resolution embeddings;
     prototypes and majority classes = brute force; ignore-label pixels dropped."""
-    from segsort_unsup.evaluate.inputs import read_label_png
+    from segsort_unsup.io.images import read_label_png
 
     cfg = EmbedConfig(features=features, precision="fp32", labels=str(camvid_small / "lab"), ignore_label=IGNORE)
     summary = run(cfg, [camvid_small / "model.pt", camvid_small / "img"], tmp_path / "p")

@@ -92,7 +92,7 @@ def _item(key, protos, seg, label=None):
 
 
 def test_transfer_writes_label_pngs_equal_to_brute_force(real_prototypes, tmp_path):
-    from segsort_unsup.evaluate.inputs import read_label_png
+    from segsort_unsup.io.images import read_label_png
 
     (lab, qry), seg = real_prototypes
     _store(tmp_path / "lab", [_item("a", lab["prototypes"], np.maximum(seg[0], 0), lab["label"])])

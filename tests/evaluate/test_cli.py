@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from segsort_unsup.cli import main
-from segsort_unsup.contours.edges import edge_orientation
+from segsort_unsup.edgemaps import edge_orientation
 from segsort_unsup.io.store import DatasetSpec, Item, StoreSchema, StoreWriter
 
 IDS = ["2018", "3063", "5096", "6046", "8068"]
@@ -108,3 +108,25 @@ def test_no_matching_ids_is_a_usage_error(bsds, tmp_path):
     result = _invoke("boundaries", preds, "--gt", bsds / "bench_sample" / "groundTruth", "-o", tmp_path / "o")
     assert result.exit_code == 2
     assert "no prediction" in result.output
+
+
+def test_failed_run_leaves_no_folder_and_plots_name_the_method(bsds, tmp_path):
+    sample = bsds / "bench_sample"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "2018.png").write_bytes(b"not a png")
+    out = tmp_path / "never"
+    result = _invoke("boundaries", bad, "--gt", sample / "groundTruth", "-o", out, "--thresholds", 5)
+    assert result.exit_code != 0 and not out.exists()
+    store = tmp_path / "segments"
+    ucm2_only = StoreSchema("segments", (DatasetSpec("ucm2", "float32", 2),))
+    with StoreWriter(store, kind="segments", config={"k": 1}, meta={"model": "pidinet"}, schema=ucm2_only) as w:
+        for iid in IDS:
+            w.add(Item(iid, {"ucm2": sio.loadmat(sample / "ucm2" / f"{iid}.mat")["ucm2"].astype(np.float32)}))
+    out = tmp_path / "regions"
+    assert _invoke("regions", store, "--gt", sample / "groundTruth", "-o", out, "--thresholds", 5).exit_code == 0
+    assert (out / "regions.png").is_file()
+    from segsort_unsup.evaluate.bsds import method_name
+    from segsort_unsup.evaluate.inputs import open_source
+
+    assert method_name(open_source(store)) == "pidinet-owt-ucm"

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from segsort_unsup.evaluate import regions as R
+from segsort_unsup.ucm.hierarchy import labels_from_ucm2
 
 
 def _naive_ri(a, b):
@@ -79,11 +80,33 @@ def test_ucm2_cut_recovers_regions():
     ucm2[2:-1:2, 2:-1:2] = np.maximum.reduce([ucm2[1:-2:2, 2:-1:2], ucm2[3::2, 2:-1:2],
                                               ucm2[2:-1:2, 1:-2:2], ucm2[2:-1:2, 3::2]])
     ucm2[0, :] = ucm2[-1, :] = ucm2[:, 0] = ucm2[:, -1] = 1  # image border
-    fine = R.ucm2_labels(ucm2, 0.3)
-    assert len(np.unique(fine)) == 3
-    assert all(len(np.unique(fine[seg == k])) == 1 for k in (1, 2, 3))
-    coarse = R.ucm2_labels(ucm2, 0.5)  # the weak 0.4 border disappears: regions 1 and 3 merge
-    assert len(np.unique(coarse)) == 2 and coarse[0, 0] == coarse[2, 3] != coarse[0, 3]
-    mid = R.ucm2_labels(ucm2, 0.7)  # the 0.6 border goes too: 1 and 2 connect through 3
-    assert len(np.unique(mid)) == 1
-    assert len(np.unique(R.ucm2_labels(ucm2, 0.9))) == 1
+    for connectivity, order in ((8, "F"), (4, "C")):  # BSR's cut, and ours: the same on a proper ucm2
+        def cut(t):
+            return labels_from_ucm2(ucm2, t, connectivity=connectivity, order=order)
+
+        fine = cut(0.3)
+        assert len(np.unique(fine)) == 3
+        assert all(len(np.unique(fine[seg == k])) == 1 for k in (1, 2, 3))
+        coarse = cut(0.5)  # the weak 0.4 border disappears: regions 1 and 3 merge
+        assert len(np.unique(coarse)) == 2 and coarse[0, 0] == coarse[2, 3] != coarse[0, 3]
+        mid = cut(0.7)  # the 0.6 border goes too: 1 and 2 connect through 3
+        assert len(np.unique(mid)) == 1
+        assert len(np.unique(cut(0.9))) == 1
+    # the benchmark's cuts carry BSR's ids: from 1, numbered in MATLAB's column-major scan
+    segs = R.ucm2_segmentations(ucm2, np.array([0.3, 0.5]))
+    np.testing.assert_array_equal(segs[0], [[1, 1, 3, 3], [1, 1, 3, 3], [2, 2, 2, 2]])
+    np.testing.assert_array_equal(segs[1], [[1, 1, 2, 2], [1, 1, 2, 2], [1, 1, 1, 1]])
+
+
+def test_bsr_cut_joins_pixels_through_a_low_corner():
+    """8-connectivity (BSR's bwlabel) joins the pixels around a corner that is below its boundaries;
+    4-connectivity (the merge tree's cut) keeps them apart."""
+    ucm2 = np.ones((5, 5))
+    ucm2[1::2, 1::2] = 0  # pixels
+    ucm2[2, 2] = 0  # a corner lower than its four boundaries (possible in other tools' ucm2 files)
+    four = labels_from_ucm2(ucm2, 0.5)
+    assert len(np.unique(four)) == 4 and four.min() == 0
+    eight = labels_from_ucm2(ucm2, 0.5, connectivity=8)
+    np.testing.assert_array_equal(eight, np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="connectivity"):
+        labels_from_ucm2(ucm2, 0.5, connectivity=6)

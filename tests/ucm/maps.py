@@ -3,7 +3,7 @@
 HED maps are not available to the tests, so the contour map of a BSDS500 test image is the
 mean of its annotators' boundary maps, blurred by a Gaussian (sigma 1.5 px) and scaled to a
 maximum of 1: a real, soft, multi-pixel-wide contour map like an edge detector's output.
-Orientation comes from :func:`segsort_unsup.contours.edges.edge_orientation`.
+Orientation comes from :func:`segsort_unsup.edgemaps.edge_orientation`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import scipy.io
 from scipy import ndimage as ndi
 
-from segsort_unsup.contours.edges import edge_orientation
+from segsort_unsup.edgemaps import edge_orientation
 
 TEST_IDS = ("100007", "100039", "100099", "10081", "101027", "102062", "103006", "103029", "104010", "105027")
 

@@ -55,6 +55,8 @@ def test_store_contents_and_resume(tmp_path, gt_maps, bsds):
     np.testing.assert_allclose(mat["ucm2"], item.arrays["ucm2"])
     for suffix in ("ucm", "labels", "overview"):
         assert (tmp_path / "png" / f"{gt_maps[0][0]}_{suffix}.png").is_file()
+    leftovers = [p for d in ("png", "mat") for p in (tmp_path / d).iterdir() if p.name.startswith(".")]
+    assert not leftovers  # exports are written through a temporary name and renamed
     again = run(config.replace(png_dir=None, mat_dir=None), src, tmp_path / "seg")
     assert (again.done, again.skipped) == (0, 2)
 
@@ -107,7 +109,7 @@ def test_overview_without_readable_photo_and_plain_mean(tmp_path, gt_maps, bsds,
     h, w = maps[0][1].shape
     assert picture.shape[0] == h + 16 and picture.shape[1] == 3 * w + 2 * 4  # titles; contours | two cuts, no photo
     edge = np.asarray(maps[0][1], np.float32)
-    expected = 255 - np.clip(np.clip(edge, 0, 1) * 255 + 0.5, 0, 255).astype(np.uint8)
+    expected = np.clip(np.clip(edge, 0, 1) * 255 + 0.5, 0, 255).astype(np.uint8)  # white on black, as the PNGs
     contours_panel = picture[16:, :w, 0].astype(int)  # the contour map itself, not the ucm
     assert np.abs(contours_panel - expected).max() <= 1
     assert "no image panel" in caplog.text
@@ -116,3 +118,16 @@ def test_overview_without_readable_photo_and_plain_mean(tmp_path, gt_maps, bsds,
 
         expected = ultrametric_contour_map(maps[0][1].astype(np.float16).astype(np.float32)).ucm2
         np.testing.assert_array_equal(store[maps[0][0]].arrays["ucm2"], expected)
+
+
+def test_ucm_picture_is_rank_stretched_and_keeps_order(gt_maps):
+    from segsort_unsup.ucm.export import ucm_image, ucm_picture
+    from segsort_unsup.ucm.hierarchy import ultrametric_contour_map
+
+    ucm = ucm_image(ultrametric_contour_map(gt_maps[0][1]).ucm2)
+    pic = ucm_picture(ucm)
+    nonzero = ucm > 0
+    assert (pic[~nonzero] == 0).all() and pic[nonzero].min() == 64 and pic.max() == 255
+    order = np.argsort(ucm[nonzero], kind="stable")
+    assert (np.diff(pic[nonzero][order].astype(int)) >= 0).all()  # brighter never means weaker
+    assert pic[nonzero].mean() > 1.2 * (255 * ucm[nonzero] / ucm.max()).mean()  # brighter than the old linear map

@@ -1,5 +1,10 @@
 """Edge-map post-processing: orientation (for OWT) and non-maximum suppression (for evaluation).
 
+A package of its own below the stages: ``contours`` (writes thinned PNGs and orientations),
+``ucm`` (orientation for the oriented watershed) and ``evaluate`` (NMS before the boundary
+benchmark) all use it, and none of them needs another stage for it. Kernels live in
+``_kernels`` (numba).
+
 Both follow Dollar's Structured Edge toolbox, as used by the HED, RCF and PiDiNet BSDS500
 evaluations (``convTri``, ``gradient2``, ``edgesNmsMex``), so thinned maps are comparable with
 published numbers.
@@ -11,6 +16,8 @@ import cv2
 import numpy as np
 
 from ._kernels import edge_nms_kernel
+
+__all__ = ["edge_nms", "edge_orientation", "triangle_smooth"]
 
 
 def _as_map(edge: np.ndarray, name: str = "edge") -> np.ndarray:

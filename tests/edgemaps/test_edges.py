@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from segsort_unsup.contours.edges import edge_nms, edge_orientation, triangle_smooth
+from segsort_unsup.edgemaps import edge_nms, edge_orientation, triangle_smooth
 
 
 def _naive_nms(edge, orient, r=1, s=5, m=1.01):

@@ -1,0 +1,117 @@
+"""Runtime helpers: device and precision resolution, autocast, seeding, torchrun environment."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from segsort_unsup import runtime as R
+from segsort_unsup.errors import InputError
+
+CPU = torch.device("cpu")
+
+
+def test_importing_runtime_leaves_the_stages_alone():
+    code = "import sys, segsort_unsup.runtime; print(sorted(m for m in sys.modules if m.startswith('segsort_unsup.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "segsort_unsup.contours" not in out and "segsort_unsup.runtime" in out
+
+
+def test_cpu_bf16_flag_matches_cpuinfo():
+    try:
+        text = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+    assert R.cpu_has_fast_bf16() == bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def test_resolve_device():
+    assert R.resolve_device("cpu") == CPU
+    assert R.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(InputError, match="--device"):
+        R.resolve_device("warp-drive")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_resolve_device_cuda_without_cuda():
+    with pytest.raises(InputError, match="no CUDA device"):
+        R.resolve_device("cuda")
+    with pytest.raises(InputError, match="no CUDA device"):
+        R.resolve_device("cuda:1")
+
+
+def test_resolve_precision():
+    fast = "bf16" if R.cpu_has_fast_bf16() else "fp32"
+    assert R.resolve_precision("auto", CPU) == fast
+    assert R.resolve_precision("auto", CPU, cpu_bf16=False) == "fp32"
+    for given in ("fp32", "bf16", "fp16"):
+        assert R.resolve_precision(given, CPU) == given
+        assert R.resolve_precision(given, CPU, cpu_bf16=False) == given  # an explicit choice is kept
+    with pytest.raises(InputError, match="choose one of"):
+        R.resolve_precision("int8", CPU)
+
+
+def test_autocast_bf16_gives_bf16_matmuls_on_cpu():
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    with R.autocast(CPU, "bf16"):
+        assert (a @ b).dtype == torch.bfloat16
+    with R.autocast("cpu", "fp32"):
+        assert (a @ b).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16), R.autocast(CPU, "fp32"):
+        assert (a @ b).dtype == torch.float32  # fp32 means fp32, also inside an enclosing autocast
+    assert (a @ b).dtype == torch.float32  # nothing leaks out of the block
+    with pytest.raises(InputError, match="resolve it first"):
+        with R.autocast(CPU, "auto"):
+            pass
+
+
+def _draws() -> tuple[float, np.ndarray, torch.Tensor]:
+    return random.random(), np.random.rand(3), torch.rand(3)
+
+
+def test_seed_everything_repeats_draws():
+    R.seed_everything(1234)
+    first = _draws()
+    R.seed_everything(1234)
+    again = _draws()
+    R.seed_everything(4321)
+    other = _draws()
+    assert first[0] == again[0] and np.array_equal(first[1], again[1]) and torch.equal(first[2], again[2])
+    assert first[0] != other[0] and not np.array_equal(first[1], other[1]) and not torch.equal(first[2], other[2])
+    R.seed_everything(2**40 + 7)  # large seeds work for numpy's 32-bit seed too
+
+
+def test_dist_info_from_torchrun_environment(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert R.dist_info() == (0, 1, 0) and R.is_main_process()
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert R.dist_info() == (3, 4, 1) and not R.is_main_process()
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(InputError, match="inconsistent"):
+        R.dist_info()
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(InputError, match="RANK"):
+        R.dist_info()
+
+
+def test_barrier_and_main_process_in_a_process_group(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    R.barrier()  # no group: a no-op
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setenv("RANK", "1")  # once a group is initialised, its rank decides
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert R.is_main_process()
+        R.barrier()
+    finally:
+        dist.destroy_process_group()
