@@ -210,3 +210,44 @@ def test_dask_executor_gives_the_same_store(camvid_small, tmp_path):
     for key in a.keys():
         for name, arr in a[key].arrays.items():
             np.testing.assert_array_equal(arr, b[key].arrays[name])
+
+
+def test_sort_stride_is_pooled_kmeans_then_one_assignment(camvid_small):
+    """sort_stride=s: the reference k-means on the s x s average-pooled embedding (NumPy), then
+    each full-resolution pixel takes the cluster of largest cosine, ids in first-appearance order."""
+    from segsort_unsup.embed.infer import sort_pixels
+    from segsort_unsup.io.images import read_label_png
+
+    from . import np_kmeans, np_grid_labels, np_unique_inverse
+
+    key, s = CAMVID_KEYS[0], 4
+    emb = _embedding(camvid_small, key).numpy().astype(np.float64)
+    valid = read_label_png(camvid_small / "lab" / f"{key}.png") != IGNORE
+    got = sort_pixels(torch.from_numpy(emb).float(), valid=torch.from_numpy(valid)[None], stride=s)
+    d, h, w = emb.shape
+    ph, pw = -(-h // s), -(-w // s)
+    yy, xx = np.meshgrid(np.arange(h) / h, np.arange(w) / w, indexing="ij")
+    feats = np.concatenate([emb, yy[None], xx[None]])
+    pooled = np.zeros((d + 2, ph, pw))
+    pvalid = np.zeros((ph, pw), bool)
+    for i in range(ph):
+        for j in range(pw):
+            cell = feats[:, i * s:(i + 1) * s, j * s:(j + 1) * s].reshape(d + 2, -1).mean(axis=1)
+            e = cell[:d] / np.linalg.norm(cell[:d])
+            pooled[:, i, j] = np.concatenate([e, cell[d:]])
+            pvalid[i, j] = valid[i * s:(i + 1) * s, j * s:(j + 1) * s].all()
+    x = pooled.reshape(d + 2, -1).T
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    keep = pvalid.ravel()
+    small = np_kmeans(x[keep], np_grid_labels(ph, pw).ravel()[keep], 25)
+    small = np_unique_inverse(small)[1]
+    centres = np.stack([x[keep][small == c].sum(0) for c in range(small.max() + 1)])
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    full = feats.reshape(d + 2, -1).T
+    full = full / np.linalg.norm(full, axis=1, keepdims=True)
+    lab = np.argmax(full @ centres.T, axis=1)
+    lab = np.where(valid.ravel(), lab, -1)
+    order = [v for v in dict.fromkeys(lab.tolist()) if v >= 0]
+    remap = {v: i for i, v in enumerate(order)}
+    expected = np.array([remap.get(v, -1) for v in lab.tolist()]).reshape(h, w)
+    assert (got == expected).mean() > 0.999  # float32 vs float64 may flip a near-tie
