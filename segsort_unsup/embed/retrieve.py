@@ -173,7 +173,7 @@ def run_retrieve(labelled: str | os.PathLike, query: str | os.PathLike, output: 
             raise InputError(f"--query {q.key}:{q.segment}: segment has no pixels")
         qlabel = item.arrays["label"][q.segment] if "label" in item.arrays else None
         tiles = [_caption(_frame(cutout(image_of(qry, q.key), view == q.segment)),
-                          [f"query {q.key}:{q.segment}"] + ([name_of(int(qlabel))] if qlabel is not None else []))]
+                          [f"query {q.key}", f"segment {q.segment}"] + ([name_of(int(qlabel))] if qlabel is not None else []))]
         captions = []
         for s, j in hits:
             key = protos.keys[owner[j]]
