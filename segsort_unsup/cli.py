@@ -31,6 +31,9 @@ COMMANDS: dict[str, str] = {
     "demo": "segsort_unsup.commands.demo:demo",
     "run": "segsort_unsup.commands.run:run",
     "inspect": "segsort_unsup.commands.inspect:inspect",
+    "embed": "segsort_unsup.commands.embed:embed",
+    "transfer": "segsort_unsup.commands.transfer:transfer",
+    "retrieve": "segsort_unsup.commands.retrieve:retrieve",
 }
 
 
@@ -45,6 +48,9 @@ SUMMARIES: dict[str, str] = {
     "demo": "The pipeline on bundled photos, with pictures to open.",
     "run": "Every stage of a pipeline TOML file, in order, resuming what exists.",
     "inspect": "What a store, run folder or model file holds (--json for scripts).",
+    "embed": "Segments and one prototype per segment (SegSort embeddings + pixel sorting).",
+    "transfer": "kNN label transfer from labelled prototypes: a label PNG per image.",
+    "retrieve": "Pictures of query segments next to their nearest labelled segments.",
 }
 _GLOBAL_FLAGS = {"-v", "-vv", "-vvv", "--verbose", "-q", "--quiet"}
 EXIT_INTERRUPTED = 130

@@ -139,6 +139,7 @@ PROTOTYPES = register_schema(StoreSchema("prototypes", (
     DatasetSpec("area", "int64", 1),  # pixels per segment
     DatasetSpec("bbox", "int32", 2),  # K x 4: y0, x0, y1, x1 (exclusive)
     DatasetSpec("label", "int32", 1, optional=True),  # majority class per segment (labelled sets)
+    DatasetSpec("views", "int32", 3, optional=True),  # V x H x W segment maps of every view (multi-view embed)
     DatasetSpec("votes", "float32", 2, optional=True),
 )))
 # A FINCH clustering of a prototypes store (the ``discover`` stage): item ``rows`` says which

@@ -1,0 +1,215 @@
+"""Segment retrieval pictures (the paper's figures 5 and 7).
+
+For each chosen query segment: its image with the segment cut out (the rest dimmed, the outline
+drawn), framed, next to its ``top`` nearest labelled segments (cosine, exact faiss search), each
+cut out of its own image, with the class name (when the labelled store has labels) and the
+cosine similarity under each. One PNG per query and an ``index.html`` page listing them.
+
+Queries are ``(key, segment)`` pairs, or a seeded random sample of first-view segments of at
+least ``min_area`` pixels. When the two stores are the same, segments of the query's own image
+are not retrieved.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import BadImageError, InputError
+from ..log import get_logger, progress
+
+log = get_logger("retrieve")
+
+TILE = 160  # tile height in pixels
+FRAME = (220, 40, 40)  # RGB of the query's frame
+OUTLINE = (255, 220, 0)
+
+
+@dataclass(frozen=True)
+class Query:
+    key: str
+    segment: int
+
+
+def parse_query(text: str) -> Query:
+    """``KEY:SEGMENT`` -> :class:`Query` (the key may itself hold colons)."""
+    key, sep, seg = text.rpartition(":")
+    if not sep or not key or not seg.strip().lstrip("-").isdigit():
+        raise InputError(f"--query {text!r}: expected KEY:SEGMENT, e.g. 0001TP_008550:12")
+    return Query(key, int(seg))
+
+
+def read_class_names(path: str | os.PathLike) -> list[str]:
+    """One name per line; a leading integer id (``0 Sky``) is dropped."""
+    names = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        first, _, rest = line.partition(" ")
+        names.append(rest.strip() if first.isdigit() and rest.strip() else line)
+    if not names:
+        raise InputError(f"{path}: no class names (one per line, e.g. '0 Sky')")
+    return names
+
+
+def cutout(rgb: np.ndarray, mask: np.ndarray, *, height: int = TILE, context: float = 0.3,
+           dim: float = 0.3) -> np.ndarray:
+    """The segment ``mask`` of ``rgb``: other pixels dimmed, outline drawn, cropped to its box
+    (plus ``context`` of its size on each side) and resized to ``height`` rows."""
+    import cv2
+
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        raise InputError("empty segment")
+    h, w = mask.shape
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    my, mx = int((y1 - y0) * context) + 4, int((x1 - x0) * context) + 4
+    y0, y1, x0, x1 = max(0, y0 - my), min(h, y1 + my), max(0, x0 - mx), min(w, x1 + mx)
+    out = rgb.astype(np.float32)
+    out[~mask] = out[~mask] * dim + 255 * (1 - dim) * 0.35
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(out, contours, -1, OUTLINE, thickness=max(1, round(min(h, w) / 200)))
+    crop = out[y0:y1, x0:x1]
+    scale = height / crop.shape[0]
+    width = max(8, min(int(round(crop.shape[1] * scale)), 3 * height))
+    return cv2.resize(crop, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def _caption(tile: np.ndarray, lines: list[str]) -> np.ndarray:
+    import cv2
+
+    pad = np.full((16 * len(lines) + 4, tile.shape[1], 3), 255, np.uint8)
+    for i, text in enumerate(lines):
+        cv2.putText(pad, text[: max(4, tile.shape[1] // 7)], (2, 14 + 16 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.42,
+                    (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([tile, pad], axis=0)
+
+
+def _row(tiles: list[np.ndarray], gap: int = 6) -> np.ndarray:
+    height = max(t.shape[0] for t in tiles)
+    parts = []
+    for i, t in enumerate(tiles):
+        if t.shape[0] < height:
+            t = np.concatenate([t, np.full((height - t.shape[0],) + t.shape[1:], 255, np.uint8)])
+        parts.append(t)
+        if i < len(tiles) - 1:
+            parts.append(np.full((height, gap if i else 3 * gap, 3), 255, np.uint8))
+    return np.concatenate(parts, axis=1)
+
+
+def run_retrieve(labelled: str | os.PathLike, query: str | os.PathLike, output: str | os.PathLike, *,
+                 queries: list[Query] | None = None, n: int = 4, seed: int = 0, top: int = 6,
+                 min_area: int = 2000, class_names: list[str] | None = None) -> list[Path]:
+    """Write one retrieval picture per query segment and ``index.html``; returns the PNG paths."""
+    import cv2
+
+    from ..io.atomic import atomic_write_bytes, atomic_write_text
+    from ..io.images import read_image
+    from .transfer import _open, build_index
+
+    lab = _open(labelled, "labelled")
+    qry = _open(query, "query")
+    same = Path(labelled).resolve() == Path(query).resolve()
+    protos, failed = lab.stack("prototypes")
+    if failed:
+        raise InputError(f"{labelled}: item {failed[0][0]} cannot be read ({failed[0][1]})")
+    has_labels = "label" in lab.read(lab.keys()[0]).arrays
+    classes = lab.stack("label")[0].array if has_labels else None
+    owner = np.repeat(np.arange(len(protos.keys)), np.diff(protos.offsets))
+    index = build_index(protos.array)
+    if not queries:
+        rng = np.random.default_rng(seed)
+        pool = []
+        for key in qry.keys():
+            item = qry.read(key, ("area", "segments"))
+            k0 = int(item.arrays["segments"].max()) + 1
+            pool += [Query(key, s) for s in np.flatnonzero(item.arrays["area"][:k0] >= min_area)]
+        if not pool:
+            raise InputError(f"{query}: no segment of at least {min_area} pixels (lower --min-area)")
+        queries = [pool[i] for i in sorted(rng.choice(len(pool), size=min(n, len(pool)), replace=False))]
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    images: dict[str, np.ndarray] = {}
+
+    def image_of(reader, key):
+        cache_key = f"{reader.root}::{key}"
+        if cache_key not in images:
+            source = reader.read(key, ("area",)).attrs.get("source")
+            if not source or not Path(source).is_file():
+                raise BadImageError(str(source), f"the image of {key} is gone; retrieval pictures need it")
+            images[cache_key] = read_image(source)
+        return images[cache_key]
+
+    def name_of(c: int) -> str:
+        return class_names[c] if class_names and 0 <= c < len(class_names) else f"class {c}"
+
+    written, rows_html = [], []
+    for q in progress(queries, desc="retrieve", unit="query"):
+        if q.key not in qry:
+            raise InputError(f"--query {q.key}:{q.segment}: no image {q.key!r} in {query}")
+        item = qry.read(q.key)
+        k = len(item.arrays["prototypes"])
+        if not 0 <= q.segment < k:
+            raise InputError(f"--query {q.key}:{q.segment}: the image has segments 0..{k - 1}")
+        vec = item.arrays["prototypes"][q.segment][None]
+        sims, nn = index.search(np.ascontiguousarray(vec, np.float32), min(index.ntotal, top + 64))
+        hits = []
+        for s, j in zip(sims[0], nn[0]):
+            if j < 0 or (same and protos.keys[owner[j]] == q.key):
+                continue
+            hits.append((float(s), int(j)))
+            if len(hits) == top:
+                break
+        seg_map = item.arrays.get("views", item.arrays["segments"][None])
+        view = next(v for v in seg_map if (v == q.segment).any()) if (seg_map == q.segment).any() else None
+        if view is None:
+            raise InputError(f"--query {q.key}:{q.segment}: segment has no pixels")
+        qlabel = item.arrays["label"][q.segment] if "label" in item.arrays else None
+        tiles = [_caption(_frame(cutout(image_of(qry, q.key), view == q.segment)),
+                          [f"query {q.key}", f"segment {q.segment}"] + ([name_of(int(qlabel))] if qlabel is not None else []))]
+        captions = []
+        for s, j in hits:
+            key = protos.keys[owner[j]]
+            seg = j - int(protos.offsets[owner[j]])
+            maps = lab.read(key, ("segments",)).arrays["segments"]
+            views = lab.read(key).arrays.get("views", maps[None])
+            mask = next((v == seg for v in views if (v == seg).any()), None)
+            if mask is None:
+                continue
+            text = [f"{s:.3f}"] + ([name_of(int(classes[j]))] if classes is not None else [])
+            captions.append((key, seg, text))
+            tiles.append(_caption(cutout(image_of(lab, key), mask), text))
+        picture = _row(tiles)
+        name = f"{q.key.replace('/', '_')}-{q.segment}.png"
+        ok, data = cv2.imencode(".png", picture[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 9])
+        if not ok:
+            raise OSError(f"cannot encode {out / name}")
+        atomic_write_bytes(out / name, data.tobytes())
+        written.append(out / name)
+        rows_html.append(f"<h3>{html.escape(q.key)} segment {q.segment}</h3>"
+                         f"<p>nearest: {html.escape('; '.join(f'{k}:{s} ({t[-1]})' for k, s, t in captions))}</p>"
+                         f"<img src=\"{html.escape(name)}\">")
+    page = ("<!doctype html><meta charset=utf-8><title>segment retrieval</title>"
+            f"<h1>Nearest labelled segments</h1><p>labelled: {html.escape(str(labelled))}; query: "
+            f"{html.escape(str(query))}</p>" + "\n".join(rows_html))
+    atomic_write_text(out / "index.html", page)
+    lab.close()
+    qry.close()
+    return written
+
+
+def _frame(tile: np.ndarray, width: int = 4) -> np.ndarray:
+    out = np.empty((tile.shape[0] + 2 * width, tile.shape[1] + 2 * width, 3), np.uint8)
+    out[:] = FRAME
+    out[width:-width, width:-width] = tile
+    return out
+
+
+__all__: list[Any] = ["Query", "parse_query", "read_class_names", "cutout", "run_retrieve"]

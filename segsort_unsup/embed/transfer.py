@@ -1,0 +1,250 @@
+"""The transfer stage: kNN label transfer from a labelled prototypes store to a query store.
+
+Each query segment takes the vote of its ``k`` (15) nearest labelled prototypes by cosine
+similarity (faiss exact inner-product search, ``IndexFlatIP``; ``index="ivf"`` is an approximate
+inverted-file index for millions of prototypes); every pixel sums the votes of its segments in
+every view (scales, flips) of its image, and takes the class with most votes (ties: the lowest
+class id), as the reference's ``inference_segsort_msc.py`` (one-hot votes of the top-k
+prototypes, summed). The result is a label PNG per image (``<key>.png``, written atomically),
+ready for ``segsort-unsup evaluate semantic``. Pixels no segment covers (none in a query store
+embedded without labels) get ``ignore_label`` when set, else 255.
+
+Output folder: the PNGs and ``transfer.json`` (identity: settings + both stores' identities).
+A re-run with the same identity skips images whose PNG exists; a different one is refused
+unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import StageConfig, config_hash, run_only
+from ..errors import InputError, StoreError
+from ..io.store import StoreReader
+from ..log import get_logger, progress
+from ..parallel import Executor
+from ..stages import Stage, StageSummary, failure_reason
+
+log = get_logger("transfer")
+
+INDEXES = ("flat", "ivf")
+MANIFEST = "transfer.json"
+
+
+@dataclass(frozen=True)
+class TransferConfig(StageConfig):
+    """Settings of the transfer stage.
+
+    k : neighbours that vote (15 in the reference).
+    index : ``flat`` (exact) or ``ivf`` (approximate: ``nlist`` cells, ``nprobe`` searched).
+    ignore_label : labelled prototypes of this class do not vote; unlabelled pixels get it.
+    """
+
+    stage = "transfer"
+
+    k: int = 15
+    index: str = "flat"
+    nlist: int | None = None
+    nprobe: int = 16
+    ignore_label: int | None = None
+    batch: int = run_only(65536, help="query prototypes per search call")
+
+    def validate(self) -> None:
+        if self.k < 1:
+            raise self.bad_value("k", "must be >= 1")
+        if self.index not in INDEXES:
+            raise self.bad_value("index", f"choose one of {', '.join(INDEXES)}")
+        if self.nlist is not None and self.nlist < 1:
+            raise self.bad_value("nlist", "must be >= 1")
+        if self.nprobe < 1 or self.batch < 1:
+            raise self.bad_value("nprobe", "must be >= 1")
+
+
+# --------------------------------------------------------------------------------------------
+# Library functions
+# --------------------------------------------------------------------------------------------
+def build_index(prototypes: np.ndarray, *, index: str = "flat", nlist: int | None = None, nprobe: int = 16,
+                seed: int = 0):
+    """A faiss inner-product index over unit rows ``(N, D)`` float32."""
+    import faiss
+
+    x = np.ascontiguousarray(prototypes, dtype=np.float32)
+    n, d = x.shape
+    if index == "flat" or n < 64:
+        idx = faiss.IndexFlatIP(d)
+    else:
+        cells = nlist or max(1, min(n // 39, int(4 * np.sqrt(n))))
+        idx = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, cells, faiss.METRIC_INNER_PRODUCT)
+        idx.cp.seed = seed
+        idx.train(x)
+        idx.nprobe = min(nprobe, cells)
+    idx.add(x)
+    return idx
+
+
+def knn_votes(query: np.ndarray, index, labels: np.ndarray, *, k: int, num_classes: int,
+              batch: int = 65536) -> np.ndarray:
+    """``(Q, C)`` float32 votes: for each query row, how many of its ``k`` nearest indexed
+    prototypes carry each class (cosine = inner product of unit rows)."""
+    q = np.ascontiguousarray(query, dtype=np.float32)
+    votes = np.zeros((len(q), num_classes), np.float32)
+    k = min(k, index.ntotal)
+    for start in range(0, len(q), batch):
+        _, nn = index.search(q[start:start + batch], k)
+        ok = nn >= 0  # approximate indexes may return fewer than k
+        rows = np.broadcast_to(np.arange(start, start + len(nn))[:, None], nn.shape)
+        np.add.at(votes, (rows[ok], labels[nn[ok]]), 1.0)
+    return votes
+
+
+def pixel_labels(votes: np.ndarray, maps: np.ndarray, *, fill: int = 255) -> np.ndarray:
+    """Per-pixel argmax of the votes summed over views.
+
+    votes : (K, C) votes of an image's segments. maps : (V, H, W) or (H, W) segment ids (-1: none).
+    Returns (H, W) int64 classes (``fill`` where no view has a segment).
+    """
+    maps = np.asarray(maps)
+    if maps.ndim == 2:
+        maps = maps[None]
+    c = votes.shape[1]
+    total = np.zeros(maps.shape[1:] + (c,), np.float32)
+    covered = np.zeros(maps.shape[1:], bool)
+    for m in maps:
+        inside = m >= 0
+        total[inside] += votes[m[inside]]
+        covered |= inside
+    out = total.argmax(axis=-1).astype(np.int64)
+    out[~covered] = fill
+    return out
+
+
+def _open(path: str | os.PathLike, what: str) -> StoreReader:
+    from ..io.store import is_store
+
+    if not is_store(path):
+        raise InputError(f"{path}: not a store folder (the {what} set must be a prototypes store written by "
+                         "`segsort-unsup embed`)")
+    reader = StoreReader(path)
+    if reader.kind != "prototypes":
+        raise StoreError(path, f"is a {reader.kind!r} store; the {what} set must be a prototypes store "
+                               "(run `segsort-unsup embed`)")
+    if len(reader) == 0:
+        raise StoreError(path, f"the {what} prototypes store is empty (its embed run stored no image)")
+    return reader
+
+
+def labelled_table(reader: StoreReader, *, ignore_label: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """All labelled prototypes ``(N, D)`` and their classes ``(N,)`` of a store (``ignore_label`` rows dropped)."""
+    keys = reader.keys()
+    first = reader.read(keys[0])
+    if "label" not in first.arrays:
+        raise StoreError(reader.root, "this prototypes store has no labels: embed the labelled set with "
+                                      "--labels DIR")
+    protos, failed = reader.stack("prototypes")
+    labels, failed2 = reader.stack("label")
+    if failed or failed2 or protos.keys != labels.keys:
+        bad = (failed or failed2)[0]
+        raise StoreError(reader.root, f"item {bad[0]} cannot be read ({bad[1]})")
+    x, y = protos.array, labels.array.astype(np.int64)
+    if ignore_label is not None:
+        keep = y != ignore_label
+        x, y = x[keep], y[keep]
+    if not len(x):
+        raise StoreError(reader.root, "no labelled prototype left (every one has the ignore label)")
+    return x, y
+
+
+def _png(path: Path, labels: np.ndarray) -> None:
+    import cv2
+
+    from ..io.atomic import atomic_write_bytes
+
+    dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
+    ok, data = cv2.imencode(".png", labels.astype(dtype))
+    if not ok:
+        raise OSError(f"cannot encode {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, data.tobytes())
+
+
+def run(config: TransferConfig, inputs: Any, output: str | os.PathLike, *,
+        executor: Executor | None = None, overwrite: bool | str = False) -> StageSummary:
+    """Label PNGs for every image of the query store, by kNN from the labelled store.
+
+    ``inputs`` is ``[labelled, query]``: two prototypes stores (the labelled one embedded with
+    ``--labels``). ``executor`` is unused (one in-process pass; faiss uses the cores).
+    """
+    from ..io.atomic import atomic_write_text
+
+    try:
+        labelled_path, query_path = inputs
+    except (TypeError, ValueError):
+        raise InputError("transfer needs two inputs: a labelled prototypes store and a query prototypes store") from None
+    labelled = _open(labelled_path, "labelled")
+    query = _open(query_path, "query")
+    x, y = labelled_table(labelled, ignore_label=config.ignore_label)
+    num_classes = int(y.max()) + 1
+    known = set(np.unique(y).tolist())
+    if _has_labels(query):
+        qlab, _ = query.stack("label")
+        q_classes = set(np.unique(qlab.array).tolist()) - ({config.ignore_label} if config.ignore_label is not None else set())
+        extra = sorted(q_classes - known)
+        if extra:
+            raise InputError(f"class sets differ: the query store {query_path} has classes {extra} that the "
+                             f"labelled store {labelled_path} lacks (embed both with the same labelling)")
+    if x.shape[1] != query.read(query.keys()[0], ("prototypes",)).arrays["prototypes"].shape[1]:
+        raise InputError(f"prototype dimensions differ between {labelled_path} and {query_path} "
+                         "(embed both with the same model and --features)")
+    out = Path(output)
+    identity = config.identity(labelled=labelled.config_hash, query=query.config_hash)
+    manifest = out / MANIFEST
+    summary = StageSummary("transfer", output=str(out), identity_hash=config_hash(identity))
+    if manifest.is_file() and not overwrite:
+        old = json.loads(manifest.read_text()).get("identity")
+        if old != identity:
+            raise InputError(f"{out} holds labels made with other settings or stores; pass --overwrite to replace them")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(manifest, json.dumps({"identity": identity, "num_classes": num_classes,
+                                            "labelled": str(labelled_path), "query": str(query_path)}, indent=2))
+    index = build_index(x, index=config.index, nlist=config.nlist, nprobe=config.nprobe)
+    keys = query.keys()
+    summary.total = len(keys)
+    fill = config.ignore_label if config.ignore_label is not None else 255
+    log.info("transfer: %d labelled prototypes (%d classes), %d query images, k=%d, %s index", len(x),
+             num_classes, len(keys), config.k, config.index)
+    for key in progress(keys, desc="transfer"):
+        target = out / f"{key}.png"
+        if target.is_file() and not overwrite:
+            summary.skipped += 1
+            continue
+        try:
+            item = query.read(key)
+            maps = item.arrays.get("views", item.arrays["segments"])
+            votes = knn_votes(item.arrays["prototypes"], index, y, k=config.k, num_classes=num_classes,
+                              batch=config.batch)
+            _png(target, pixel_labels(votes, maps, fill=fill))
+            summary.done += 1
+        except Exception as exc:  # noqa: BLE001 - one bad item never stops the run
+            reason = failure_reason(exc)
+            log.warning("transfer: %s: %s", key, reason)
+            summary.failed.append((key, reason))
+    labelled.close()
+    query.close()
+    return summary
+
+
+def _has_labels(reader: StoreReader) -> bool:
+    try:
+        return "label" in reader.read(reader.keys()[0], None).arrays
+    except (StoreError, KeyError):
+        return False
+
+
+STAGE = Stage("transfer", TransferConfig, run, sources=("embed", "embed"), output="predictions",
+              help="kNN label transfer from labelled prototypes, label PNG per image")

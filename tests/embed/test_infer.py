@@ -1,0 +1,253 @@
+"""The embed stage on small real inputs: CamVid crops with their labels, an untrained vgg16-hed model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from segsort_unsup.embed.infer import EmbedConfig, embed_image, image_prototypes, run, window_starts
+from segsort_unsup.errors import InputError
+from segsort_unsup.io.store import StoreReader
+
+from . import np_pixel_sort
+
+CAMVID_KEYS = ("0001TP_006690", "0001TP_006810")
+CROP = (slice(100, 196), slice(160, 296))  # 96 x 136: not a multiple of 8 in width
+IGNORE = 11
+
+
+@pytest.fixture(scope="module")
+def camvid_small(shared, tmp_path_factory, hed_h5):
+    """Two CamVid train crops with their label PNGs, and an untrained conv4_3 model.pt."""
+    import cv2
+
+    from segsort_unsup.embed.model import build_model, save_model
+    from segsort_unsup.io.images import read_image
+
+    root = shared / "data" / "camvid"
+    if not root.is_dir():
+        pytest.skip("CamVid not found")
+    tmp = tmp_path_factory.mktemp("camvid")
+    (tmp / "img").mkdir()
+    (tmp / "lab").mkdir()
+    for key in CAMVID_KEYS:
+        rgb = read_image(root / "train" / f"{key}.png")[CROP]
+        cv2.imwrite(str(tmp / "img" / f"{key}.png"), rgb[..., ::-1])
+        lab = cv2.imread(str(root / "trainannot" / f"{key}.png"), cv2.IMREAD_UNCHANGED)[CROP]
+        cv2.imwrite(str(tmp / "lab" / f"{key}.png"), lab)
+    torch.manual_seed(0)
+    model = build_model({"feature_layer": "conv4_3", "embedding_dim": 16, "hidden": 32}, backbone_weights=hed_h5)
+    save_model(tmp / "model.pt", model)
+    return tmp
+
+
+def _embedding(folder, key, features="head", **kw):
+    from segsort_unsup.embed.model import load_model
+    from segsort_unsup.io.images import read_image
+
+    model, _ = load_model(folder / "model.pt")
+    return embed_image(model, read_image(folder / "img" / f"{key}.png"), features=features, precision="fp32", **kw)
+
+
+def _np_table(emb: np.ndarray, seg: np.ndarray, lab: np.ndarray | None):
+    """Brute force: per segment, majority class, prototype from its majority-class pixels."""
+    k = seg.max() + 1
+    protos, classes = [], []
+    for s in range(k):
+        inside = seg == s
+        vec = emb[:, inside]
+        if lab is not None:
+            values, counts = np.unique(lab[inside], return_counts=True)
+            c = values[np.argmax(counts)]
+            classes.append(c)
+            vec = emb[:, inside & (lab == c)]
+        m = vec.sum(axis=1)
+        protos.append(m / np.linalg.norm(m))
+    return np.array(protos), np.array(classes)
+
+
+@pytest.mark.parametrize("features", ["head", "trunk"])
+def test_store_matches_numpy_reference(camvid_small, tmp_path, features):
+    """Segments = the reference k-means restated in NumPy on the same full-resolution embeddings;
+    prototypes and majority classes = brute force; ignore-label pixels dropped."""
+    from segsort_unsup.io.images import read_label_png
+
+    cfg = EmbedConfig(features=features, precision="fp32", labels=str(camvid_small / "lab"), ignore_label=IGNORE)
+    summary = run(cfg, [camvid_small / "model.pt", camvid_small / "img"], tmp_path / "p")
+    assert summary.done == 2 and summary.ok
+    reader = StoreReader(tmp_path / "p", kind="prototypes")
+    for key in CAMVID_KEYS:
+        item = reader[key]
+        emb = _embedding(camvid_small, key, features).numpy()
+        lab = read_label_png(camvid_small / "lab" / f"{key}.png").astype(np.int64)
+        valid = lab != IGNORE
+        expected = np_pixel_sort(emb, valid)
+        np.testing.assert_array_equal(item.arrays["segments"], expected)
+        protos, classes = _np_table(emb.astype(np.float64), expected, np.where(valid, lab, -1))
+        np.testing.assert_array_equal(item.arrays["label"], classes)
+        np.testing.assert_allclose(item.arrays["prototypes"], protos, atol=1e-5)
+        seg = item.arrays["segments"]
+        for s in range(len(protos)):
+            ys, xs = np.nonzero(seg == s)
+            assert item.arrays["area"][s] == len(ys)
+            assert tuple(item.arrays["bbox"][s]) == (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1)
+    stacked, failed = reader.stack("prototypes")
+    assert not failed and stacked.array.shape[0] == sum(len(reader[k].arrays["area"]) for k in CAMVID_KEYS)
+    # resumable: nothing left to do
+    again = run(cfg, [camvid_small / "model.pt", camvid_small / "img"], tmp_path / "p")
+    assert again.done == 0 and again.skipped == 2
+
+
+def test_embedding_is_upsampled_stride8_output(camvid_small):
+    """Full-resolution embedding = bilinear x8 (half-pixel centres) of the network output, cropped, renormalised."""
+    from segsort_unsup.embed.model import load_model
+    from segsort_unsup.io.images import read_image
+
+    model, _ = load_model(camvid_small / "model.pt")
+    rgb = read_image(camvid_small / "img" / f"{CAMVID_KEYS[0]}.png")
+    emb = embed_image(model, rgb, precision="fp32").numpy()
+    with torch.no_grad():
+        out = model(torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1)[None])[0].numpy()
+    d, h8, w8 = out.shape
+    h, w = rgb.shape[:2]
+    # brute-force bilinear with half-pixel centres and edge clamping
+    ys = np.clip((np.arange(8 * h8) + 0.5) / 8 - 0.5, 0, h8 - 1)
+    xs = np.clip((np.arange(8 * w8) + 0.5) / 8 - 0.5, 0, w8 - 1)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    y1, x1 = np.minimum(y0 + 1, h8 - 1), np.minimum(x0 + 1, w8 - 1)
+    fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
+    up = (out[:, y0][:, :, x0] * (1 - fy) * (1 - fx) + out[:, y1][:, :, x0] * fy * (1 - fx)
+          + out[:, y0][:, :, x1] * (1 - fy) * fx + out[:, y1][:, :, x1] * fy * fx)[:, :h, :w]
+    up /= np.linalg.norm(up, axis=0, keepdims=True)
+    np.testing.assert_allclose(emb, up, atol=1e-5)
+
+
+def test_sliding_windows_sum_each_window(camvid_small):
+    """With windows smaller than the image, each pixel's embedding is the normalised sum of the
+    upsampled embeddings of the windows covering it."""
+    key = CAMVID_KEYS[0]
+    win = _embedding(camvid_small, key, window=64, window_stride=40).numpy()
+    from segsort_unsup.embed.model import load_model
+    from segsort_unsup.io.images import read_image
+
+    model, _ = load_model(camvid_small / "model.pt")
+    rgb = read_image(camvid_small / "img" / f"{key}.png")
+    total = np.zeros_like(win)
+    for y0 in window_starts(rgb.shape[0], 64, 40):
+        for x0 in window_starts(rgb.shape[1], 64, 40):
+            crop = rgb[y0:y0 + 64, x0:x0 + 64]
+            total[:, y0:y0 + 64, x0:x0 + 64] += embed_image(model, crop, precision="fp32").numpy()
+    total /= np.linalg.norm(total, axis=0, keepdims=True)
+    np.testing.assert_allclose(win, total, atol=1e-5)
+
+
+def test_window_starts_cover_like_the_reference():
+    for length, window, stride in [(100, 100, 50), (481, 480, 320), (1000, 480, 320), (2000, 64, 40)]:
+        starts = window_starts(length, window, stride)
+        n = int(np.ceil((length - window) / stride)) + 1 if length > window else 1
+        assert len(starts) == n and starts[0] == 0 and starts[-1] + min(window, length) == length
+        assert all(b - a <= stride for a, b in zip(starts, starts[1:]))
+
+
+def test_views_flip_give_mirrored_segments(camvid_small):
+    """With flip, the second view's map is the sorting of the mirrored image's embedding, mirrored back."""
+    from segsort_unsup.embed.model import load_model
+    from segsort_unsup.io.images import read_image
+
+    model, _ = load_model(camvid_small / "model.pt")
+    rgb = read_image(camvid_small / "img" / f"{CAMVID_KEYS[0]}.png")
+    arrays = image_prototypes(model, rgb, EmbedConfig(flip=True, precision="fp32"))
+    views = arrays["views"]
+    assert views.shape == (2,) + rgb.shape[:2]
+    np.testing.assert_array_equal(views[0], arrays["segments"])
+    k0 = views[0].max() + 1
+    assert views[1].min() == k0 and views[1].max() + 1 == len(arrays["prototypes"])
+    mirrored = embed_image(model, np.ascontiguousarray(rgb[:, ::-1]), precision="fp32").numpy()[:, :, ::-1]
+    np.testing.assert_array_equal(views[1] - k0, np_pixel_sort(np.ascontiguousarray(mirrored)))
+
+
+def test_bad_inputs(camvid_small, tmp_path):
+    cfg = EmbedConfig(precision="fp32")
+    with pytest.raises(InputError, match="no model file"):
+        run(cfg, [tmp_path / "missing.pt", camvid_small / "img"], tmp_path / "p")
+    from segsort_unsup.errors import WeightsError
+
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(WeightsError, match="junk.pt"):
+        run(cfg, [tmp_path / "junk.pt", camvid_small / "img"], tmp_path / "p2")
+    with pytest.raises(InputError, match="features"):
+        EmbedConfig(features="conv9")
+    with pytest.raises(InputError, match="window"):
+        EmbedConfig(window=100)
+    # an image without a label PNG and a broken image: logged and skipped, the rest stored
+    import shutil
+
+    imgs = tmp_path / "imgs"
+    shutil.copytree(camvid_small / "img", imgs)
+    shutil.copy(imgs / f"{CAMVID_KEYS[0]}.png", imgs / "nolabel.png")
+    (imgs / "broken.png").write_bytes(b"\x89PNG garbage")
+    summary = run(EmbedConfig(precision="fp32", labels=str(camvid_small / "lab"), ignore_label=IGNORE),
+                  [camvid_small / "model.pt", imgs], tmp_path / "p3")
+    assert summary.done == 2
+    reasons = dict(summary.failed)
+    assert set(reasons) == {"nolabel", "broken"}
+    assert "no label PNG" in reasons["nolabel"]
+
+
+@pytest.mark.slow
+def test_dask_executor_gives_the_same_store(camvid_small, tmp_path):
+    pytest.importorskip("distributed")
+    from segsort_unsup.parallel import make_executor
+
+    cfg = EmbedConfig(precision="fp32", labels=str(camvid_small / "lab"), ignore_label=IGNORE, threads=1)
+    run(cfg, [camvid_small / "model.pt", camvid_small / "img"], tmp_path / "local")
+    with make_executor("dask-local", workers=2) as pool:
+        summary = run(cfg, [camvid_small / "model.pt", camvid_small / "img"], tmp_path / "dask", executor=pool)
+    assert summary.done == 2
+    a, b = StoreReader(tmp_path / "local"), StoreReader(tmp_path / "dask")
+    assert a.keys() == b.keys()
+    for key in a.keys():
+        for name, arr in a[key].arrays.items():
+            np.testing.assert_array_equal(arr, b[key].arrays[name])
+
+
+def test_sort_stride_is_pooled_kmeans_then_one_assignment(camvid_small):
+    """sort_stride=s: the reference k-means on the s x s average-pooled embedding (NumPy), then
+    each full-resolution pixel takes the cluster of largest cosine, ids in first-appearance order."""
+    from segsort_unsup.embed.infer import sort_pixels
+    from segsort_unsup.io.images import read_label_png
+
+    from . import np_kmeans, np_grid_labels, np_unique_inverse
+
+    key, s = CAMVID_KEYS[0], 4
+    emb = _embedding(camvid_small, key).numpy().astype(np.float64)
+    valid = read_label_png(camvid_small / "lab" / f"{key}.png") != IGNORE
+    got = sort_pixels(torch.from_numpy(emb).float(), valid=torch.from_numpy(valid)[None], stride=s)
+    d, h, w = emb.shape
+    ph, pw = -(-h // s), -(-w // s)
+    yy, xx = np.meshgrid(np.arange(h) / h, np.arange(w) / w, indexing="ij")
+    feats = np.concatenate([emb, yy[None], xx[None]])
+    pooled = np.zeros((d + 2, ph, pw))
+    pvalid = np.zeros((ph, pw), bool)
+    for i in range(ph):
+        for j in range(pw):
+            cell = feats[:, i * s:(i + 1) * s, j * s:(j + 1) * s].reshape(d + 2, -1).mean(axis=1)
+            e = cell[:d] / np.linalg.norm(cell[:d])
+            pooled[:, i, j] = np.concatenate([e, cell[d:]])
+            pvalid[i, j] = valid[i * s:(i + 1) * s, j * s:(j + 1) * s].all()
+    x = pooled.reshape(d + 2, -1).T
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    keep = pvalid.ravel()
+    small = np_kmeans(x[keep], np_grid_labels(ph, pw).ravel()[keep], 25)
+    small = np_unique_inverse(small)[1]
+    centres = np.stack([x[keep][small == c].sum(0) for c in range(small.max() + 1)])
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    full = feats.reshape(d + 2, -1).T
+    full = full / np.linalg.norm(full, axis=1, keepdims=True)
+    lab = np.argmax(full @ centres.T, axis=1)
+    lab = np.where(valid.ravel(), lab, -1)
+    order = [v for v in dict.fromkeys(lab.tolist()) if v >= 0]
+    remap = {v: i for i, v in enumerate(order)}
+    expected = np.array([remap.get(v, -1) for v in lab.tolist()]).reshape(h, w)
+    assert (got == expected).mean() > 0.999  # float32 vs float64 may flip a near-tie

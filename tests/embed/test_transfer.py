@@ -1,0 +1,220 @@
+"""kNN label transfer: votes against a brute-force NumPy kNN, PNGs, and the input errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segsort_unsup.embed.transfer import (TransferConfig, build_index, knn_votes, pixel_labels, run)
+from segsort_unsup.errors import InputError, StoreError
+from segsort_unsup.io.store import Item, StoreWriter
+
+
+def _brute_votes(query, protos, labels, k, num_classes):
+    sim = query.astype(np.float64) @ protos.astype(np.float64).T
+    order = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    votes = np.zeros((len(query), num_classes))
+    for i, row in enumerate(order):
+        for j in row:
+            votes[i, labels[j]] += 1
+    return votes
+
+
+def _unit(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def real_prototypes(bsds, hed_h5):
+    """Real prototypes: pixel-sorted segments of two BSDS500 val images' embeddings (tests/embed
+    real_batch), labelled by their ground-truth regions."""
+    import torch
+
+    from segsort_unsup.embed.infer import segment_table
+    from segsort_unsup.embed.sorting import pixel_sort
+
+    from . import real_batch
+
+    batch = real_batch(bsds, hed_h5)
+    emb = torch.from_numpy(batch["emb"])
+    gt = batch["gt"]
+    valid = torch.from_numpy(gt != 255)
+    seg = pixel_sort(emb, valid=valid, grid=(8, 8)).numpy()
+    tables = [segment_table(emb[i], seg[i], np.where(gt[i] != 255, gt[i] % 7, -1)) for i in range(2)]
+    return tables, seg
+
+
+def test_knn_votes_equal_brute_force_on_real_prototypes(real_prototypes):
+    (lab, qry), _ = real_prototypes
+    protos, labels = lab["prototypes"], lab["label"].astype(np.int64)
+    for k in (1, 5, 15):
+        votes = knn_votes(qry["prototypes"], build_index(protos), labels, k=k, num_classes=7)
+        np.testing.assert_array_equal(votes, _brute_votes(qry["prototypes"], protos, labels, k, 7))
+
+
+def test_ivf_index_finds_the_same_neighbours_with_every_cell_probed():
+    rng = np.random.default_rng(0)
+    protos, query = _unit(rng, 2000, 32), _unit(rng, 100, 32)
+    labels = rng.integers(0, 5, 2000)
+    exact = knn_votes(query, build_index(protos), labels, k=15, num_classes=5)
+    approx = knn_votes(query, build_index(protos, index="ivf", nlist=8, nprobe=8), labels, k=15, num_classes=5)
+    np.testing.assert_array_equal(exact, approx)
+
+
+def test_pixel_labels_sum_votes_over_views():
+    rng = np.random.default_rng(1)
+    votes = rng.integers(0, 15, (7, 4)).astype(np.float32)
+    views = np.stack([rng.integers(0, 3, (6, 5)), rng.integers(3, 7, (6, 5))]).astype(np.int32)
+    views[0, 0, 0] = views[1, 0, 0] = -1
+    out = pixel_labels(votes, views, fill=11)
+    for y in range(6):
+        for x in range(5):
+            if y == 0 and x == 0:
+                assert out[y, x] == 11
+                continue
+            assert out[y, x] == np.argmax(votes[views[0, y, x]] + votes[views[1, y, x]])
+
+
+def _store(path, items, kind="prototypes"):
+    with StoreWriter(path, kind=kind, config={"stage": "test", "name": str(path)}) as w:
+        for item in items:
+            w.add(item)
+
+
+def _item(key, protos, seg, label=None):
+    k = len(protos)
+    arrays = {"prototypes": protos.astype(np.float32), "segments": seg.astype(np.int32),
+              "area": np.bincount(seg[seg >= 0].ravel(), minlength=k).astype(np.int64), "bbox": np.zeros((k, 4), np.int32)}
+    if label is not None:
+        arrays["label"] = np.asarray(label, np.int32)
+    return Item(key, arrays)
+
+
+def test_transfer_writes_label_pngs_equal_to_brute_force(real_prototypes, tmp_path):
+    from segsort_unsup.io.images import read_label_png
+
+    (lab, qry), seg = real_prototypes
+    _store(tmp_path / "lab", [_item("a", lab["prototypes"], np.maximum(seg[0], 0), lab["label"])])
+    _store(tmp_path / "q", [_item("dir/b", qry["prototypes"], seg[1])])
+    summary = run(TransferConfig(k=15), [tmp_path / "lab", tmp_path / "q"], tmp_path / "out")
+    assert summary.done == 1 and summary.ok
+    got = read_label_png(tmp_path / "out" / "dir" / "b.png")
+    votes = _brute_votes(qry["prototypes"], lab["prototypes"], lab["label"], 15, int(lab["label"].max()) + 1)
+    expected = np.where(seg[1] >= 0, votes.argmax(axis=1)[np.maximum(seg[1], 0)], 255)
+    np.testing.assert_array_equal(got, expected)
+    # same settings: resumes (skips); other settings: refused without --overwrite
+    assert run(TransferConfig(k=15), [tmp_path / "lab", tmp_path / "q"], tmp_path / "out").skipped == 1
+    with pytest.raises(InputError, match="overwrite"):
+        run(TransferConfig(k=3), [tmp_path / "lab", tmp_path / "q"], tmp_path / "out")
+
+
+def test_transfer_input_errors(tmp_path):
+    rng = np.random.default_rng(2)
+    seg = np.zeros((4, 4), np.int32)
+    seg[2:] = 1
+    _store(tmp_path / "lab", [_item("a", _unit(rng, 2, 8), seg, [0, 1])])
+    _store(tmp_path / "nolab", [_item("a", _unit(rng, 2, 8), seg)])
+    _store(tmp_path / "q", [_item("b", _unit(rng, 2, 8), seg)])
+    _store(tmp_path / "q3", [_item("b", _unit(rng, 2, 8), seg, [0, 3])])
+    _store(tmp_path / "empty", [])
+    with StoreWriter(tmp_path / "contours", kind="contours", config={"stage": "contours"}) as w:
+        w.add(Item("a", {"edge": np.zeros((4, 4), np.float16), "orientation": np.zeros((4, 4), np.float16)}))
+    (tmp_path / "plain").mkdir()
+    cfg = TransferConfig()
+    with pytest.raises(StoreError, match="contours"):
+        run(cfg, [tmp_path / "contours", tmp_path / "q"], tmp_path / "o1")
+    with pytest.raises(InputError, match="not a store"):
+        run(cfg, [tmp_path / "lab", tmp_path / "plain"], tmp_path / "o2")
+    with pytest.raises(StoreError, match="empty"):
+        run(cfg, [tmp_path / "lab", tmp_path / "empty"], tmp_path / "o3")
+    with pytest.raises(StoreError, match="no labels"):
+        run(cfg, [tmp_path / "nolab", tmp_path / "q"], tmp_path / "o4")
+    with pytest.raises(InputError, match="class sets differ"):
+        run(cfg, [tmp_path / "lab", tmp_path / "q3"], tmp_path / "o5")
+    with pytest.raises(InputError, match="k"):
+        TransferConfig(k=0)
+
+
+def test_cli_embed_transfer_evaluate(tmp_path, shared, hed_h5):
+    """The three commands chained on two CamVid crops (labelled = query here)."""
+    from click.testing import CliRunner
+
+    from segsort_unsup.cli import main
+
+    from .test_infer import CAMVID_KEYS, CROP
+
+    import cv2
+    import torch
+
+    from segsort_unsup.embed.model import build_model, save_model
+    from segsort_unsup.io.images import read_image
+
+    root = shared / "data" / "camvid"
+    if not root.is_dir():
+        pytest.skip("CamVid not found")
+    for sub in ("img", "lab"):
+        (tmp_path / sub).mkdir()
+    for key in CAMVID_KEYS:
+        cv2.imwrite(str(tmp_path / "img" / f"{key}.png"), read_image(root / "train" / f"{key}.png")[CROP][..., ::-1])
+        cv2.imwrite(str(tmp_path / "lab" / f"{key}.png"),
+                    cv2.imread(str(root / "trainannot" / f"{key}.png"), cv2.IMREAD_UNCHANGED)[CROP])
+    torch.manual_seed(0)
+    save_model(tmp_path / "model.pt", build_model({"feature_layer": "conv4_3", "embedding_dim": 8, "hidden": 16},
+                                                  backbone_weights=hed_h5))
+    runner = CliRunner()
+    r = runner.invoke(main, ["-q", "embed", str(tmp_path / "model.pt"), str(tmp_path / "img"), "-o",
+                             str(tmp_path / "p"), "--labels", str(tmp_path / "lab"), "--ignore-label", "11",
+                             "--features", "trunk"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["-q", "transfer", str(tmp_path / "p"), str(tmp_path / "p"), "-o", str(tmp_path / "pred"),
+                             "--k", "1"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["-q", "evaluate", "semantic", str(tmp_path / "pred"), "--gt", str(tmp_path / "lab"),
+                             "-o", str(tmp_path / "ev"), "--ignore-label", "11", "--num-classes", "11"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    scores = json.loads((tmp_path / "ev" / "semantic.json").read_text())
+    # k = 1 against its own prototypes: every segment takes its own majority class
+    assert scores["pixel_accuracy"] > 0.6
+    r = runner.invoke(main, ["-q", "transfer", str(tmp_path / "img"), str(tmp_path / "p"), "-o", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "not a store" in r.output
+
+
+def test_retrieve_pictures_and_query_errors(tmp_path):
+    import cv2
+
+    from segsort_unsup.embed.retrieve import cutout, parse_query, read_class_names, run_retrieve
+
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(3):
+        img = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
+        cv2.imwrite(str(tmp_path / f"im{i}.png"), img)
+        paths.append(str(tmp_path / f"im{i}.png"))
+    seg = np.zeros((40, 60), np.int32)
+    seg[:, 30:] = 1
+    with StoreWriter(tmp_path / "s", kind="prototypes", config={"stage": "t"}) as w:
+        for i in range(3):
+            item = _item(f"im{i}", _unit(rng, 2, 8), seg, [0, 1])
+            item.attrs["source"] = paths[i]
+            w.add(item)
+    (tmp_path / "names.txt").write_text("0 Sky\n1 Road\n")
+    written = run_retrieve(tmp_path / "s", tmp_path / "s", tmp_path / "out", queries=[parse_query("im0:1")], top=3,
+                           class_names=read_class_names(tmp_path / "names.txt"))
+    assert [p.name for p in written] == ["im0-1.png"] and (tmp_path / "out" / "index.html").is_file()
+    html = (tmp_path / "out" / "index.html").read_text()
+    assert "im0:" not in html.split("nearest:")[1].split("</p>")[0]  # own image never retrieved
+    # random sample, seeded: same queries twice
+    a = run_retrieve(tmp_path / "s", tmp_path / "s", tmp_path / "r1", n=2, seed=5, min_area=10)
+    b = run_retrieve(tmp_path / "s", tmp_path / "s", tmp_path / "r2", n=2, seed=5, min_area=10)
+    assert [p.name for p in a] == [p.name for p in b] and len(a) == 2
+    tile = cutout(cv2.imread(paths[0])[..., ::-1], seg == 1, height=50)
+    assert tile.shape[0] == 50
+    with pytest.raises(InputError, match="KEY:SEGMENT"):
+        parse_query("nocolon")
+    with pytest.raises(InputError, match="segments 0..1"):
+        run_retrieve(tmp_path / "s", tmp_path / "s", tmp_path / "o", queries=[parse_query("im0:7")])
+    with pytest.raises(InputError, match="no image"):
+        run_retrieve(tmp_path / "s", tmp_path / "s", tmp_path / "o", queries=[parse_query("zz:0")])
