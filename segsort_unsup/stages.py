@@ -248,6 +248,8 @@ STAGE_MODULES: tuple[str, ...] = (
     "segsort_unsup.contours.stage",
     "segsort_unsup.ucm.stage",
     "segsort_unsup.embed.train",
+    "segsort_unsup.embed.infer",
+    "segsort_unsup.discover.stage",
     "segsort_unsup.evaluate.stage",
 )
 

@@ -79,7 +79,7 @@ def demo(out_dir: Path, model: str, overwrite: bool) -> None:
     pipeline = load_pipeline(demo_pipeline_file(), input=str(out_dir / "images"), output=out_dir,
                              sections={"contours": {"model": model, "weights": weights}})
     summaries = run_pipeline(pipeline, overwrite=overwrite)
-    gallery = out_dir / "groups" / "gallery.html"
+    gallery = out_dir / "groups" / "gallery" / "gallery.html"
     try:
         finish(*summaries)
     finally:

@@ -394,5 +394,5 @@ def _cluster(reader: StoreReader, config: DiscoverConfig) -> list[Item]:
     return items
 
 
-STAGE = Stage("discover", DiscoverConfig, run, sources=("embed",), output="groups",
+STAGE = Stage("discover", DiscoverConfig, run, sources=("embed",), output="groups", optional=True,
               help="FINCH groups of the prototypes, a gallery and a 2-D map")

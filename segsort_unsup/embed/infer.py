@@ -455,5 +455,5 @@ def run(config: EmbedConfig, inputs: Any, output: str | os.PathLike, *,
     return run.summary
 
 
-STAGE = Stage("embed", EmbedConfig, run, sources=("train", "input"), output="prototypes",
+STAGE = Stage("embed", EmbedConfig, run, sources=("train", "input"), output="prototypes", optional=True,
               input_paths=("labels",), help="segments + one prototype per segment, per image")

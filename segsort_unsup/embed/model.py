@@ -181,8 +181,10 @@ def save_model(path: str | os.PathLike, model: SegSortNet, *, provenance: Mappin
     ``provenance`` holds plain values (the training config and its identity hash, the segments
     store's identity, the package version...). Returns the file's sha256 (what downstream stores record).
     """
+    import io
+
     from .. import __version__
-    from ..io.atomic import atomic_path, sha256_file
+    from ..io.atomic import atomic_write_bytes
 
     payload = {
         "format": MODEL_FORMAT,
@@ -191,9 +193,13 @@ def save_model(path: str | os.PathLike, model: SegSortNet, *, provenance: Mappin
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "provenance": {"package_version": __version__, **dict(provenance or {})},
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return sha256_file(path)
+    buffer = io.BytesIO()  # a file name would go into the archive (and the hash): save to memory first
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    atomic_write_bytes(path, data)
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
 
 
 def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> tuple[SegSortNet, dict[str, Any]]:

@@ -283,7 +283,7 @@ def run(config: TrainConfig, inputs: str | os.PathLike, output: str | os.PathLik
         started_dist = True
     try:
         return _run(config, Path(inputs), Path(output), device=device, precision=precision, rank=rank,
-                    world=world, overwrite=bool(overwrite))
+                    world=world, overwrite=overwrite)
     finally:
         if started_dist:
             torch.distributed.destroy_process_group()
@@ -297,7 +297,7 @@ def _barrier(world: int) -> None:
 
 
 def _run(config: TrainConfig, segments: Path, out: Path, *, device, precision: str, rank: int, world: int,
-         overwrite: bool) -> StageSummary:
+         overwrite: bool | str) -> StageSummary:
     import torch
 
     from ..embed.losses import PrototypeMemory, segments_to_grid, supervised_segsort_loss, unsupervised_segsort_loss
@@ -317,6 +317,12 @@ def _run(config: TrainConfig, segments: Path, out: Path, *, device, precision: s
     summary = StageSummary("train", total=config.steps, output=str(out), identity_hash=ident_hash)
 
     # -- run folder, resume point ----------------------------------------------------------------
+    if overwrite == "changed":  # pipelines: start over only when the settings or the input changed
+        previous = checkpoint_paths(out)
+        overwrite = bool(previous) and bool(changed_keys(json.loads(load_checkpoint(previous[-1])["identity"]),
+                                                         identity))
+        if overwrite:
+            log.info("train: settings or input changed; %s starts over", out)
     if overwrite and main and out.exists():
         for name in ("checkpoints", "metrics.jsonl", "model.pt", "config.toml"):
             target = out / name

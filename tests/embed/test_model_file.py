@@ -14,6 +14,7 @@ def test_roundtrip_and_bad_files(tmp_path):
     sha = save_model(tmp_path / "model.pt", model, provenance={"identity_hash": "abc"})
     again, provenance = load_model(tmp_path / "model.pt")
     assert len(sha) == 64 and provenance["identity_hash"] == "abc"
+    assert save_model(tmp_path / "again.pt", model, provenance={"identity_hash": "abc"}) == sha  # same bytes
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
     (tmp_path / "cut.pt").write_bytes((tmp_path / "model.pt").read_bytes()[:2000])
