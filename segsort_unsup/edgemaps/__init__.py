@@ -99,7 +99,9 @@ def _orientation(edge: np.ndarray, radius: float) -> np.ndarray:
     del ox, _
     oyy, oxy = np.gradient(oy)
     del oy
-    orient = np.arctan(oyy * np.sign(-oxy) / (oxx + 1e-5))
+    with np.errstate(divide="ignore", invalid="ignore"):  # oxx = -1e-5 exactly happens on quantised maps
+        orient = np.arctan(oyy * np.sign(-oxy) / (oxx + 1e-5))
+    orient[np.isnan(orient)] = 0.0  # 0 / 0: a flat spot has no orientation
     orient = np.mod(orient[:h, :w], np.pi).astype(np.float32)
     orient[orient >= np.float32(np.pi)] = 0.0  # float32 rounding can land exactly on pi
     return orient
