@@ -240,3 +240,74 @@ def test_sigterm_within_a_tiled_image_stops_fast_and_resumes(tmp_path, tiny_weig
     with StoreReader(out, kind="contours", required=("edge", "orientation")) as store:
         assert set(store.keys()) == {"a_small", "b_big", "c_small"}
         assert store["b_big"].arrays["edge"].shape == (4096, 4096)
+
+
+@pytest.fixture(scope="module")
+def tiny_detector(tiny_weights):
+    from segsort_unsup.contours.detect import EdgeDetector
+
+    return EdgeDetector("pidinet-tiny", tiny_weights, device="cpu", precision="fp32", max_side=384)
+
+
+def test_banded_tiling_equals_full_size_blend(tiny_detector):
+    """The float16 band blend against the straightforward one: full-size float32 sums of weight x
+    probability and of weights, divided at the end (what the detector did before)."""
+    import torch
+
+    from segsort_unsup.contours.detect import _edge_weights, _tile_spans
+
+    image = _photo_rows(0, 700, 900, 3)
+    h, w = image.shape[:2]
+    acc = np.zeros((h, w), np.float64)
+    norm = np.zeros((h, w), np.float64)
+    for y0, y1 in _tile_spans(h, 384, tiny_detector.tile_overlap):
+        wy = _edge_weights(y1 - y0, y0 > 0, y1 < h, tiny_detector.tile_overlap, torch.device("cpu")).numpy()
+        for x0, x1 in _tile_spans(w, 384, tiny_detector.tile_overlap):
+            wx = _edge_weights(x1 - x0, x0 > 0, x1 < w, tiny_detector.tile_overlap, torch.device("cpu")).numpy()
+            with torch.inference_mode():
+                tile = torch.from_numpy(np.ascontiguousarray(image[y0:y1, x0:x1])).permute(2, 0, 1)[None].float()
+                prob = tiny_detector.network(tile)[0, 0].numpy()
+            acc[y0:y1, x0:x1] += prob * np.outer(wy, wx)
+            norm[y0:y1, x0:x1] += np.outer(wy, wx)
+    expected = np.clip(acc / norm, 0, 1)
+    got = tiny_detector.detect(image)
+    assert got.dtype == np.float16 and got.shape == (h, w)
+    assert np.abs(got.astype(np.float64) - expected).max() < 1e-3  # float16 rounding (<= 2^-11 at 1)
+
+
+def test_stop_request_is_honoured_between_tiles(tiny_detector, monkeypatch):
+    from segsort_unsup import parallel
+
+    calls = []
+    network = tiny_detector.network
+
+    def counting(x):
+        calls.append(x.shape)
+        if len(calls) == 2:
+            parallel.request_stop()  # what the CLI's SIGTERM handler does
+        return network(x)
+
+    monkeypatch.setattr(tiny_detector, "network", counting)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tiny_detector.detect(_photo_rows(0, 1200, 1200, 3))  # 4 x 4 tiles of 384
+    finally:
+        monkeypatch.setitem(parallel._stop, "requested", False)
+    assert len(calls) == 2  # the tile running when the stop came finished; no other started
+
+
+def test_orientation_in_strips_equals_whole_map(monkeypatch):
+    """Strips with halos give exactly the full-map orientation (float32 and float16)."""
+    import cv2
+
+    from segsort_unsup import edgemaps
+
+    rng = np.random.default_rng(0)
+    edge = cv2.GaussianBlur(rng.random((403, 517), np.float32), (0, 0), 2)
+    whole = edgemaps.edge_orientation(edge)
+    whole16 = edgemaps.edge_orientation(edge, dtype=np.float16)
+    monkeypatch.setattr(edgemaps, "STRIP_PIXELS", 517 * 50)  # strips of 50 rows
+    assert np.array_equal(edgemaps.edge_orientation(edge), whole)
+    strips16 = edgemaps.edge_orientation(edge, dtype=np.float16)
+    assert strips16.dtype == np.float16 and np.array_equal(strips16, whole16)
+    assert 0 <= whole16.min() and whole16.astype(np.float32).max() < np.pi
