@@ -181,8 +181,8 @@ class EdgeDetector:
         ``max_pixels`` (after ``resize_to``; see :func:`~segsort_unsup.io.images.read_image`) come
         back at once as a :class:`Detection` with ``error`` set, before anything is decoded. The
         rest are read in windows of at most ``prefetch`` images and :data:`MAX_WINDOW_PIXELS` pixels
-        (a larger image has a window of its own); the next window is decoded while the current one
-        runs. Results come in window order, and within a window grouped by image size.
+        (a larger image has a window of its own, decoded only when its turn comes: two huge images
+        are never in memory together); the next window is decoded while the current one runs. Results come in window order, and within a window grouped by image size.
         """
         window = prefetch or max(2 * self.batch_size, 8)
         sized: list[tuple[ImageRef, int]] = []
@@ -196,10 +196,12 @@ class EdgeDetector:
             rw, rh = resized_size(w, h, resize_to)
             sized.append((ref, rw * rh))
         chunks: list[list[ImageRef]] = []
+        alone: list[bool] = []  # a window holding one image above MAX_WINDOW_PIXELS: not decoded ahead
         pixels = 0
         for ref, n in sized:
             if not chunks or len(chunks[-1]) >= window or pixels + n > MAX_WINDOW_PIXELS:
                 chunks.append([])
+                alone.append(n > MAX_WINDOW_PIXELS)
                 pixels = 0
             chunks[-1].append(ref)
             pixels += n
@@ -213,8 +215,10 @@ class EdgeDetector:
         try:
             pending = [pool.submit(read, ref) for ref in chunks[0]]
             for k, chunk in enumerate(chunks):
-                current = pending
-                pending = [pool.submit(read, ref) for ref in chunks[k + 1]] if k + 1 < len(chunks) else []
+                # a huge image is decoded only when its turn comes, so two never share memory
+                current = pending or [pool.submit(read, ref) for ref in chunk]
+                ahead = k + 1 < len(chunks) and not alone[k + 1]
+                pending = [pool.submit(read, ref) for ref in chunks[k + 1]] if ahead else []
                 loaded = []
                 for i, ref in enumerate(chunk):
                     try:
