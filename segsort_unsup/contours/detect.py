@@ -182,7 +182,8 @@ class EdgeDetector:
         back at once as a :class:`Detection` with ``error`` set, before anything is decoded. The
         rest are read in windows of at most ``prefetch`` images and :data:`MAX_WINDOW_PIXELS` pixels
         (a larger image has a window of its own, decoded only when its turn comes: two huge images
-        are never in memory together); the next window is decoded while the current one runs. Results come in window order, and within a window grouped by image size.
+        are never in memory together); the next window is decoded while the current one runs.
+        Results come in window order, and within a window grouped by image size.
         """
         window = prefetch or max(2 * self.batch_size, 8)
         sized: list[tuple[ImageRef, int]] = []

@@ -195,7 +195,8 @@ def test_lifted_limit_peak_memory_within_goal(tmp_path, tiny_weights):
     out = tmp_path / "store"
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     proc = subprocess.run(_cli(str(folder), "-o", str(out), "--model", "pidinet-tiny", "--weights", str(tiny_weights),
-                               "--max-pixels", "0", "--max-side", "1024"), cwd=REPO, capture_output=True, text=True, timeout=900)
+                               "--max-pixels", "0", "--max-side", "1024"),
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB
     assert peak > before * 1024, "another child's peak hides this one"
@@ -256,7 +257,7 @@ def test_banded_tiling_equals_full_size_blend(tiny_detector):
 
     from segsort_unsup.contours.detect import _edge_weights, _tile_spans
 
-    image = _photo_rows(0, 700, 900, 3)
+    image = _photo_rows(0, 500, 600, 3)  # 2 x 3 tiles of 384
     h, w = image.shape[:2]
     acc = np.zeros((h, w), np.float64)
     norm = np.zeros((h, w), np.float64)
