@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..contours.registry import DEFAULT_MODEL, MODELS
+from ..io.images import DEFAULT_MAX_PIXELS
 from .options import executor_options, finish, float_list, output_option, overwrite_option, shard_size_option
 
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -28,6 +29,11 @@ PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 @click.option("--max-side", type=click.IntRange(min=320), default=2048, show_default=True,
               help="Images with a longer side are processed in overlapping tiles.")
 @click.option("--no-tile", is_flag=True, help="Refuse images above --max-side instead of tiling them.")
+@click.option("--max-pixels", type=click.IntRange(min=0), default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Refuse images with more pixels (after --resize-to), read from the header before decoding; "
+                   "0: no limit. Memory needed: about 2 GiB + 5 bytes per pixel of the largest image.")
+@click.option("--resize-to", type=click.IntRange(min=32), default=None, metavar="SIDE",
+              help="Scale images whose longer side is above SIDE down to SIDE (maps are stored at that size).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads (default: all cores).")
 @click.option("--png-dir", type=click.Path(file_okay=False),
               help="Also write 8-bit edge PNGs here (<key>.png).")
@@ -36,7 +42,7 @@ PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 @overwrite_option
 @shard_size_option
 def contours(inputs, output, model, weights_path, precision, scales, device, batch_size, max_side, no_tile,
-             threads, png_dir, nms_png, executor, workers, scheduler, overwrite, shard_size):
+             max_pixels, resize_to, threads, png_dir, nms_png, executor, workers, scheduler, overwrite, shard_size):
     """Edge probability + orientation for every image in INPUT (folder, glob, list file or image).
 
     Resumable: re-running skips images already in OUTPUT. Bad images are reported and skipped;
@@ -48,7 +54,8 @@ def contours(inputs, output, model, weights_path, precision, scales, device, bat
     if nms_png and png_dir is None:
         raise click.UsageError("--nms-png needs --png-dir")
     config = ContoursConfig(model=model, precision=precision, scales=scales, device=device, batch_size=batch_size,
-                            max_side=max_side, tile=not no_tile, threads=threads, shard_size=shard_size,
+                            max_side=max_side, tile=not no_tile, max_pixels=max_pixels, resize_to=resize_to,
+                            threads=threads, shard_size=shard_size,
                             weights=weights_path, png_dir=png_dir, nms_png=nms_png)
     with make_executor(executor, workers=workers, scheduler=scheduler) as pool:
         summary = run(config, inputs, output, executor=pool, overwrite=overwrite)

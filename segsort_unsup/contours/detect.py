@@ -10,15 +10,21 @@ probability ``(N, 1, H, W)``) with what makes it fast and robust on real folders
 * **multiscale**: ``scales=(0.5, 1, 1.5)`` resizes the image, runs, resizes the probability back
   and averages;
 * **large images**: above ``max_side`` the image is cut into overlapping tiles whose results are
-  blended with linear ramps (or refused with a clear error when ``tile=False``);
+  blended with linear ramps (or refused with a clear error when ``tile=False``); tiles are cut
+  from the uint8 image and blended one band of tile rows at a time into a float16 map, so the
+  working memory is a few tiles, not full-size float copies; a stop request (Ctrl-C, SIGTERM) is
+  honoured between tiles;
 * **tiny images**: sides below :data:`MIN_SIDE` are padded by edge replication and cropped back;
-* **overlapped decoding**: :meth:`EdgeDetector.detect_files` reads the next images in a thread
-  pool while the network runs.
+* **overlapped decoding**: :meth:`EdgeDetector.detect_files` checks every file's header first
+  (unreadable, empty or too large files are reported at once, before any image is decoded), then
+  reads the next window of images (bounded in count and pixels) in a thread pool while the
+  network runs.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BadImageError, InputError
-from ..io.images import ImageRef, read_image
+from ..io.images import ImageRef, check_image_size, image_size, read_image, resized_size
+from ..parallel import check_stop
 from ..runtime import autocast, resolve_device, resolve_precision
 from .registry import DEFAULT_MODEL, ContourModel, build_network, get_model
 from .weights import resolve_weights
@@ -39,6 +46,7 @@ TILE_OVERLAP = 256  # pixels shared by neighbouring tiles (HED's deepest side se
 TILE_MARGIN = 64  # pixels next to an inner tile edge that are not used at all (zero-padding effects)
 TILE_ALIGN = 32  # tile starts and sizes are multiples of this: keeps the networks' pooling grids (/16, /8) in phase
 MAX_BATCH_PIXELS = 4_000_000  # images x pixels per forward pass (bounds activation memory)
+MAX_WINDOW_PIXELS = 16_000_000  # pixels decoded ahead together (an image above it is read on its own)
 
 
 @dataclass
@@ -46,7 +54,7 @@ class Detection:
     """Result for one input: the probability map, or the error that prevented it."""
 
     ref: ImageRef
-    edge: np.ndarray | None = None  # float32 (H, W), 0..1
+    edge: np.ndarray | None = None  # (H, W), 0..1: float32, or float16 for tiled images
     error: Exception | None = None
 
 
@@ -117,7 +125,11 @@ class EdgeDetector:
 
     # -- arrays -------------------------------------------------------------------------------
     def detect(self, image: np.ndarray) -> np.ndarray:
-        """Edge probability (float32 (H, W), 0..1) of one RGB uint8 ``(H, W, 3)`` image."""
+        """Edge probability ``(H, W)``, 0..1, of one RGB uint8 ``(H, W, 3)`` image.
+
+        float32; float16 for single-scale images above ``max_side`` (tiled: a float32 map of a
+        huge image would be its largest array).
+        """
         return self.detect_many([image])[0]
 
     def detect_many(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -130,64 +142,115 @@ class EdgeDetector:
         return out  # type: ignore[return-value]
 
     def _run_grouped(self, items: list[tuple[object, np.ndarray]]) -> Iterator[tuple[object, np.ndarray | Exception]]:
+        """Probabilities of ``items``, same-size images batched. ``items`` is consumed (emptied), and
+        each image is released before its result is yielded: a huge image does not outlive its run."""
         groups: dict[tuple[int, int], list[tuple[object, np.ndarray]]] = defaultdict(list)
         for tag, image in items:
             groups[_check_image(image)].append((tag, image))
-        for (h, w), members in groups.items():
+        items.clear()
+        while groups:
+            h, w = next(iter(groups))
+            members = groups.pop((h, w))
             per_batch = max(1, min(self.batch_size, MAX_BATCH_PIXELS // max(1, h * w)))
-            for start in range(0, len(members), per_batch):
-                batch = members[start : start + per_batch]
+            while members:
+                batch, members[:per_batch] = members[:per_batch], []
+                results: list[tuple[object, np.ndarray | Exception]] = []
+                stacked = None
                 try:
-                    probs = self._probabilities(np.stack([img for _, img in batch]))
+                    stacked = batch[0][1][None] if len(batch) == 1 else np.stack([img for _, img in batch])
+                    results = list(zip([tag for tag, _ in batch], self._probabilities(stacked), strict=True))
                 except (RuntimeError, BadImageError) as exc:
                     if len(batch) == 1:
-                        yield batch[0][0], exc
-                        continue
-                    for tag, img in batch:  # retry one by one so one failure does not sink the batch
-                        try:
-                            yield tag, self._probabilities(np.stack([img]))[0]
-                        except (RuntimeError, BadImageError) as exc1:
-                            yield tag, exc1
-                    continue
-                for (tag, _), prob in zip(batch, probs, strict=True):
-                    yield tag, prob
+                        results = [(batch[0][0], exc)]
+                    else:  # retry one by one so one failure does not sink the batch
+                        for tag, img in batch:
+                            try:
+                                results.append((tag, self._probabilities(img[None])[0]))
+                            except (RuntimeError, BadImageError) as exc1:
+                                results.append((tag, exc1))
+                del batch, stacked
+                yield from results
+                results.clear()
 
     # -- files --------------------------------------------------------------------------------
-    def detect_files(self, refs: Iterable[ImageRef], *, prefetch: int | None = None,
-                     read_workers: int = 2) -> Iterator[Detection]:
+    def detect_files(self, refs: Iterable[ImageRef], *, prefetch: int | None = None, read_workers: int = 2,
+                     max_pixels: int | None = None, resize_to: int | None = None) -> Iterator[Detection]:
         """Detections for image files, in batches, decoding the next window of images in threads.
 
-        Unreadable images come back as a :class:`Detection` with ``error`` set; the rest go on.
+        Every header is checked first: missing, empty, unrecognised files and images above
+        ``max_pixels`` (after ``resize_to``; see :func:`~segsort_unsup.io.images.read_image`) come
+        back at once as a :class:`Detection` with ``error`` set, before anything is decoded. The
+        rest are read in windows of at most ``prefetch`` images and :data:`MAX_WINDOW_PIXELS` pixels
+        (a larger image has a window of its own, decoded only when its turn comes: two huge images
+        are never in memory together); the next window is decoded while the current one runs.
         Results come in window order, and within a window grouped by image size.
         """
-        refs = list(refs)
         window = prefetch or max(2 * self.batch_size, 8)
-        chunks = [refs[i : i + window] for i in range(0, len(refs), window)]
+        sized: list[tuple[ImageRef, int]] = []
+        for ref in refs:
+            try:
+                w, h = image_size(ref.path)
+                check_image_size(ref.path, w, h, max_pixels=max_pixels, resize_to=resize_to)
+            except BadImageError as exc:
+                yield Detection(ref, error=exc)
+                continue
+            rw, rh = resized_size(w, h, resize_to)
+            sized.append((ref, rw * rh))
+        chunks: list[list[ImageRef]] = []
+        alone: list[bool] = []  # a window holding one image above MAX_WINDOW_PIXELS: not decoded ahead
+        pixels = 0
+        for ref, n in sized:
+            if not chunks or len(chunks[-1]) >= window or pixels + n > MAX_WINDOW_PIXELS:
+                chunks.append([])
+                alone.append(n > MAX_WINDOW_PIXELS)
+                pixels = 0
+            chunks[-1].append(ref)
+            pixels += n
         if not chunks:
             return
-        with ThreadPoolExecutor(max_workers=read_workers, thread_name_prefix="segsort-read") as pool:
-            pending = [pool.submit(read_image, ref.path) for ref in chunks[0]]
+
+        def read(ref: ImageRef) -> np.ndarray:
+            return read_image(ref.path, max_pixels=max_pixels, resize_to=resize_to)
+
+        pool = ThreadPoolExecutor(max_workers=read_workers, thread_name_prefix="segsort-read")
+        try:
+            pending = [pool.submit(read, ref) for ref in chunks[0]]
             for k, chunk in enumerate(chunks):
-                current = pending
-                pending = [pool.submit(read_image, ref.path) for ref in chunks[k + 1]] if k + 1 < len(chunks) else []
+                # a huge image is decoded only when its turn comes, so two never share memory
+                current = pending or [pool.submit(read, ref) for ref in chunk]
+                ahead = k + 1 < len(chunks) and not alone[k + 1]
+                pending = [pool.submit(read, ref) for ref in chunks[k + 1]] if ahead else []
                 loaded = []
-                for ref, future in zip(chunk, current, strict=True):
+                for i, ref in enumerate(chunk):
                     try:
-                        loaded.append((ref, future.result()))
+                        loaded.append((ref, current[i].result()))
                     except Exception as exc:  # noqa: BLE001 - reported per image
                         yield Detection(ref, error=exc)
+                    current[i] = None  # a finished future keeps its image alive
                 for ref, prob in self._run_grouped(loaded):
                     if isinstance(prob, Exception):
                         yield Detection(ref, error=prob)
                     else:
                         yield Detection(ref, edge=prob)
+        finally:  # Ctrl-C / SIGTERM: do not wait for images still being decoded
+            pool.shutdown(wait=False, cancel_futures=True)
 
     # -- the network --------------------------------------------------------------------------
     @torch.inference_mode()
     def _probabilities(self, images: np.ndarray) -> np.ndarray:
-        """``(N, H, W, 3)`` uint8 -> ``(N, H, W)`` float32, averaged over the scales."""
+        """``(N, H, W, 3)`` uint8 -> ``(N, H, W)`` probabilities, averaged over the scales.
+
+        float32; float16 for single-scale tiled images, whose tiles are cut from the uint8 array
+        (no full-size float copy of the image or of the map is made).
+        """
         n, h, w, _ = images.shape
-        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float()
+        if self.scales == (1.0,) and max(h, w) > self.max_side:
+            self._check_tiling(h, w)
+            out = np.empty((n, h, w), np.float16)
+            self._run_tiled(lambda y0, y1, x0, x1: _tensor(images[:, y0:y1, x0:x1]).to(self.device)
+                            .permute(0, 3, 1, 2).float(), n, h, w, out)
+            return out
+        x = _tensor(images).to(self.device).permute(0, 3, 1, 2).float()
         total = torch.zeros((n, 1, h, w), dtype=torch.float32, device=self.device)
         for scale in self.scales:
             if scale == 1.0:
@@ -201,13 +264,18 @@ class EdgeDetector:
         total /= len(self.scales)
         return total[:, 0].clamp_(0.0, 1.0).cpu().numpy()
 
+    def _check_tiling(self, h: int, w: int) -> None:
+        if not self.tile:
+            raise BadImageError(
+                "<image>", f"{w}x{h} pixels exceeds --max-side {self.max_side}; raise --max-side or allow tiling")
+
     def _run_any_size(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
+        n, _, h, w = x.shape
         if max(h, w) > self.max_side:
-            if not self.tile:
-                raise BadImageError(
-                    "<image>", f"{w}x{h} pixels exceeds --max-side {self.max_side}; raise --max-side or allow tiling")
-            return self._run_tiled(x)
+            self._check_tiling(h, w)
+            out = np.empty((n, h, w), np.float32)
+            self._run_tiled(lambda y0, y1, x0, x1: x[..., y0:y1, x0:x1], n, h, w, out)
+            return torch.from_numpy(out)[:, None].to(x.device)
         if min(h, w) < MIN_SIDE:
             return self._run_padded(x)
         return self._run_network(x)
@@ -227,25 +295,58 @@ class EdgeDetector:
         padded = F.pad(x, (left, pw - left, top, ph - top), mode="replicate")
         return self._run_network(padded)[..., top : top + h, left : left + w]
 
-    def _run_tiled(self, x: torch.Tensor) -> torch.Tensor:
-        """Overlapping tiles of at most ``max_side``, blended over their overlaps.
+    def _run_tiled(self, tile_of, n: int, h: int, w: int, out: np.ndarray) -> None:
+        """Overlapping tiles of at most ``max_side``, blended over their overlaps, into ``out`` (n, h, w).
 
+        ``tile_of(y0, y1, x0, x1)`` gives the float ``(n, 3, y1 - y0, x1 - x0)`` input of one tile.
         Near an inner tile edge HED sees zero padding instead of the image, so each tile drops
         ``margin`` pixels there and ramps its weight up linearly over the rest of the overlap.
+        The weights are separable, so their sum is an outer product of two 1-D sums; tiles are
+        accumulated in float32 one band of tile rows at a time, and rows no later band reaches
+        are normalised and written to ``out``. Working memory: one band plus one tile.
         """
-        n, _, h, w = x.shape
-        acc = torch.zeros((n, 1, h, w), dtype=torch.float32, device=x.device)
-        norm = torch.zeros((1, 1, h, w), dtype=torch.float32, device=x.device)
-        for y0, y1 in _tile_spans(h, self.max_side, self.tile_overlap):
-            wy = _edge_weights(y1 - y0, y0 > 0, y1 < h, self.tile_overlap, x.device)
-            for x0, x1 in _tile_spans(w, self.max_side, self.tile_overlap):
-                wx = _edge_weights(x1 - x0, x0 > 0, x1 < w, self.tile_overlap, x.device)
-                weight = wy[:, None] * wx[None, :]
-                tile = x[..., y0:y1, x0:x1]
+        device = self.device
+        ys, xs = _tile_spans(h, self.max_side, self.tile_overlap), _tile_spans(w, self.max_side, self.tile_overlap)
+        wys = [_edge_weights(y1 - y0, y0 > 0, y1 < h, self.tile_overlap, device) for y0, y1 in ys]
+        wxs = [_edge_weights(x1 - x0, x0 > 0, x1 < w, self.tile_overlap, device) for x0, x1 in xs]
+        norm_y = torch.zeros(h, dtype=torch.float32, device=device)
+        for (y0, y1), wy in zip(ys, wys, strict=True):
+            norm_y[y0:y1] += wy
+        norm_x = torch.zeros(w, dtype=torch.float32, device=device)
+        for (x0, x1), wx in zip(xs, wxs, strict=True):
+            norm_x[x0:x1] += wx
+        band = torch.zeros((n, 0, w), dtype=torch.float32, device=device)
+        band_start = 0  # image row of band[:, 0]
+
+        def flush(upto: int) -> None:  # rows band_start..upto are final
+            nonlocal band, band_start
+            rows = upto - band_start
+            if rows <= 0:
+                return
+            done = band[:, :rows] / (norm_y[band_start:upto, None] * norm_x[None, :])
+            out[:, band_start:upto] = done.clamp_(0.0, 1.0).cpu().numpy()
+            band, band_start = band[:, rows:], upto
+
+        for (y0, y1), wy in zip(ys, wys, strict=True):
+            flush(y0)
+            if band_start + band.shape[1] < y1:  # grow the band down to this tile row's end
+                grow = torch.zeros((n, y1 - band_start - band.shape[1], w), dtype=torch.float32, device=device)
+                band = torch.cat([band, grow], dim=1)
+            for (x0, x1), wx in zip(xs, wxs, strict=True):
+                check_stop()  # Ctrl-C / SIGTERM within a huge image: stop within one tile
+                tile = tile_of(y0, y1, x0, x1)
                 prob = self._run_padded(tile) if min(y1 - y0, x1 - x0) < MIN_SIDE else self._run_network(tile)
-                acc[..., y0:y1, x0:x1] += prob * weight
-                norm[..., y0:y1, x0:x1] += weight
-        return acc / norm
+                band[:, y0 - band_start : y1 - band_start, x0:x1] += prob[:, 0] * (wy[:, None] * wx[None, :])
+                del tile, prob
+        flush(h)
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing ``array``'s memory, read-only arrays included (decoded images often are:
+    they are only read, and copying a huge image just to silence torch's warning would double it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def _check_image(image: np.ndarray) -> tuple[int, int]:

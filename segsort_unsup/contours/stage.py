@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from ..config import StageConfig, run_only
+from ..config import StageConfig, run_only, setting
 from ..io.atomic import atomic_write_bytes
-from ..io.images import ImageRef, list_images, read_image
+from ..io.images import DEFAULT_MAX_PIXELS, ImageRef, list_images, read_image
 from ..io.store import Item
 from ..log import get_logger
 from ..parallel import Executor, InProcess
@@ -38,8 +38,9 @@ class ContoursConfig(StageConfig):
     """Settings of the contours stage.
 
     ``model``, ``precision``, ``scales``, ``max_side``/``tile`` (tiling changes results for large
-    images) and ``orientation_radius`` change the stored maps and form the store's identity with
-    the weights' sha256; the run-only rest does not.
+    images), ``resize_to`` and ``orientation_radius`` change the stored maps and form the store's
+    identity with the weights' sha256; the run-only rest does not (``max_pixels`` only decides
+    which images are refused, never what an accepted image gives).
     """
 
     stage = "contours"
@@ -50,6 +51,8 @@ class ContoursConfig(StageConfig):
     max_side: int = 2048
     tile: bool = True
     orientation_radius: float = 4.0
+    resize_to: int | None = setting(None, help="scale images whose longer side is above this down to it")
+    max_pixels: int = run_only(DEFAULT_MAX_PIXELS, help="refuse images above this many pixels (0: no limit)")
     weights: str | None = run_only(None, help="weights file instead of the model's cached one")
     device: str = run_only("auto")
     batch_size: int | None = run_only(None)  # None: 1 on CPU, 8 on CUDA
@@ -72,6 +75,10 @@ class ContoursConfig(StageConfig):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise self.bad_value(key, "must be >= 1")
+        if self.max_pixels < 0:
+            raise self.bad_value("max_pixels", "must be >= 0 (0: no limit)")
+        if self.resize_to is not None and self.resize_to < 32:
+            raise self.bad_value("resize_to", "must be >= 32 (a longer side in pixels)")
         if self.nms_png and not self.png_dir:
             raise self.bad_value("nms_png", "needs png_dir")
 
@@ -107,19 +114,17 @@ def _detector(config: ContoursConfig, threads: int | None):
 def process_image(job: _Job) -> Item:
     """Edge map of one image (module-level: local worker processes and Dask tasks run it)."""
     detector = _detector(job.config, job.threads)
-    edge = detector.detect(read_image(job.path))
+    edge = detector.detect(read_image(job.path, max_pixels=job.config.max_pixels, resize_to=job.config.resize_to))
     return _item(job.key, job.path, edge, job.config, detector)
 
 
 def _item(key: str, source: str, edge: np.ndarray, config: ContoursConfig, detector) -> Item:
     """Orientation, optional PNGs, and the stored item for one edge map."""
-    orientation = edge_orientation(edge, radius=config.orientation_radius)
+    orientation = edge_orientation(edge, radius=config.orientation_radius, dtype=np.float16)
     if config.png_dir:
         _write_pngs(Path(config.png_dir), key, edge, nms=config.nms_png, compression=config.png_compression)
-    return Item(key, {
-        "edge": edge.astype(np.float16),
-        "orientation": orientation_float16(orientation),
-    }, {
+    edge = edge.astype(np.float16, copy=False)  # what is stored (tiled maps already are)
+    return Item(key, {"edge": edge, "orientation": orientation}, {
         "source": source, "height": int(edge.shape[0]), "width": int(edge.shape[1]),
         "model": config.model, "weights_sha256": detector.weights_sha256,
         "precision": detector.precision, "scales": ",".join(f"{s:g}" for s in config.scales),
@@ -175,7 +180,7 @@ def _run_batched(run: StageRun, config: ContoursConfig, refs: list[ImageRef]) ->
         return
     detector = _detector(config, config.threads)
     with progress(total=len(todo), desc="contours") as bar:
-        for det in detector.detect_files(todo):
+        for det in detector.detect_files(todo, max_pixels=config.max_pixels, resize_to=config.resize_to):
             bar.update(1)
             if det.error is not None:
                 run.fail(det.ref.key, det.error)

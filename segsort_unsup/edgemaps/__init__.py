@@ -50,20 +50,58 @@ def triangle_smooth(image: np.ndarray, radius: float) -> np.ndarray:
     return np.ascontiguousarray(out[pad:-pad, pad:-pad])
 
 
-def edge_orientation(edge: np.ndarray, *, radius: float = 4) -> np.ndarray:
+STRIP_PIXELS = 4_000_000  # maps above this are oriented in strips of rows (bounded working memory)
+
+
+def edge_orientation(edge: np.ndarray, *, radius: float = 4, dtype: type = np.float32) -> np.ndarray:
     """Orientation (radians in ``[0, pi)``) of the normal to the edges, from second derivatives.
 
     ``O = mod(atan(Oyy * sign(-Oxy) / (Oxx + 1e-5)), pi)`` on the map smoothed by a triangle
-    filter of ``radius``; x runs along columns, y along rows.
+    filter of ``radius``; x runs along columns, y along rows. ``dtype`` float32 or float16 (values
+    that round up to pi wrap to 0, the same line). Maps above :data:`STRIP_PIXELS` are done in
+    strips of rows with a halo wide enough that every row sees exactly the full-map computation,
+    so the working memory is a few strips, not a dozen full-size float32 arrays.
     """
+    if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float16)):
+        raise ValueError(f"dtype must be float32 or float16, got {np.dtype(dtype)}")
+    edge = np.asarray(edge)
+    if edge.ndim != 2 or min(edge.shape) < 1:
+        raise ValueError(f"edge must be a 2-D (H, W) array, got shape {edge.shape}")
+    h, w = edge.shape
+    halo = int(np.ceil(radius)) + 4  # triangle filter reach + two nested central differences (+1 spare)
+    rows = max(4 * halo, STRIP_PIXELS // max(1, w))
+    if h * w <= STRIP_PIXELS or h <= rows:
+        return _wrap_cast(_orientation(edge, radius), dtype)
+    out = np.empty((h, w), dtype)
+    for a in range(0, h, rows):
+        b = min(h, a + rows)
+        lo, hi = max(0, a - halo), min(h, b + halo)
+        out[a:b] = _wrap_cast(_orientation(edge[lo:hi], radius)[a - lo : b - lo], dtype)
+    return out
+
+
+def _wrap_cast(orient: np.ndarray, dtype: type) -> np.ndarray:
+    if np.dtype(dtype) == np.float32:
+        return orient
+    out = orient.astype(dtype)
+    out[out.astype(np.float32) >= np.float32(np.pi)] = 0
+    return out
+
+
+def _orientation(edge: np.ndarray, radius: float) -> np.ndarray:
     smoothed = triangle_smooth(edge, radius)
     h, w = smoothed.shape
     if h < 3 or w < 3:  # np.gradient needs 2+ samples per axis: replicate, then crop back
         smoothed = np.pad(smoothed, ((0, max(0, 3 - h)), (0, max(0, 3 - w))), mode="edge")
     oy, ox = np.gradient(smoothed)
+    del smoothed
     _, oxx = np.gradient(ox)
+    del ox, _
     oyy, oxy = np.gradient(oy)
-    orient = np.arctan(oyy * np.sign(-oxy) / (oxx + 1e-5))
+    del oy
+    with np.errstate(divide="ignore", invalid="ignore"):  # oxx = -1e-5 exactly happens on quantised maps
+        orient = np.arctan(oyy * np.sign(-oxy) / (oxx + 1e-5))
+    orient[np.isnan(orient)] = 0.0  # 0 / 0: a flat spot has no orientation
     orient = np.mod(orient[:h, :w], np.pi).astype(np.float32)
     orient[orient >= np.float32(np.pi)] = 0.0  # float32 rounding can land exactly on pi
     return orient

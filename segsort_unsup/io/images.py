@@ -24,6 +24,9 @@ LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
 # Images above this many pixels are refused by PIL's bomb check; we allow large photos
 # (stages tile or refuse them explicitly) but keep a guard against absurd headers.
 MAX_PIXELS = 40_000 * 40_000
+# The default limit of the stages that decode photos: PIL's own warning level (~89 Mpx, a
+# 9459 x 9459 image). Checked on the header, before anything is decoded.
+DEFAULT_MAX_PIXELS = 89_478_485
 # PIL modes numpy cannot take directly (palette, CMYK, ...): converted to RGB(A) first.
 _CONVERT_MODES = frozenset({"P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"})
 
@@ -106,13 +109,69 @@ def list_images(source: str | os.PathLike) -> list[ImageRef]:
     raise InputError(f"{text}: no such folder, image, list file or glob")
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def resized_size(width: int, height: int, resize_to: int | None) -> tuple[int, int]:
+    """``(width, height)`` after scaling the longer side down to ``resize_to`` (never up)."""
+    longer = max(width, height)
+    if resize_to is None or longer <= resize_to:
+        return width, height
+    scale = resize_to / longer
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def check_image_size(path: str | os.PathLike, width: int, height: int, *, max_pixels: int | None,
+                     resize_to: int | None = None) -> None:
+    """Refuse an image of ``width x height`` whose processed size is above ``max_pixels``.
+
+    The processed size is the size after ``resize_to``; ``max_pixels`` ``None`` or 0 means no limit.
+    The error names the file, its size, the limit and the two options that get it processed.
+    """
+    if not max_pixels:
+        return
+    w, h = resized_size(width, height, resize_to)
+    if w * h <= max_pixels:
+        return
+    side = max(1, int(max(w, h) * (max_pixels / (w * h)) ** 0.5))
+    raise BadImageError(path, f"{width}x{height} pixels ({width * height / 1e6:.1f} Mpx"
+                              + (f", {w}x{h} after --resize-to {resize_to}" if (w, h) != (width, height) else "")
+                              + f") is above the limit of {max_pixels / 1e6:.1f} Mpx; use --max-pixels {w * h} to "
+                              f"process it (needs about {2 + 5 * w * h / 2**30:.0f} GiB of memory) or "
+                              f"--resize-to {side} to process it smaller")
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` of an image file from its header alone (nothing is decoded).
+
+    Raises :class:`BadImageError` for missing, empty, unrecognised files and absurd headers.
+    EXIF orientation may swap the two; the pixel count is the same.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise BadImageError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise BadImageError(path, "empty file")
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        with Image.open(path) as im:  # reads the header only
+            return im.size
+    except UnidentifiedImageError:
+        raise BadImageError(path, "not an image file (format not recognised)") from None
+    except Image.DecompressionBombError as exc:
+        raise BadImageError(path, f"image too large to read ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadImageError(path, f"cannot read image header: {exc or type(exc).__name__}") from None
+
+
+def read_image(path: str | os.PathLike, *, max_pixels: int | None = None,
+               resize_to: int | None = None) -> np.ndarray:
     """Read an image as an ``(H, W, 3)`` uint8 RGB array.
 
     Grayscale is replicated to three channels, alpha is dropped (composited on white),
     16-bit and float images are scaled to 0..255, and EXIF orientation is applied.
+    ``resize_to`` scales images whose longer side is above it down to that side (Lanczos).
+    ``max_pixels`` (``None``/0: no limit) refuses images whose (resized) size is above it, from
+    the header, before decoding: see :func:`check_image_size`.
     Raises :class:`BadImageError` naming the file and the reason for anything unreadable,
-    truncated, empty or absurdly large.
+    truncated, empty, too large or absurdly large.
     """
     path = Path(path)
     if not path.exists():
@@ -122,11 +181,17 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
         with Image.open(path) as im:
+            check_image_size(path, *im.size, max_pixels=max_pixels, resize_to=resize_to)  # header only so far
+            size = resized_size(*im.size, resize_to)
+            if size != im.size:
+                im.draft(im.mode, size)  # JPEG: decode at a reduced scale already (no-op elsewhere)
             im.load()  # forces a full decode: truncated files raise here
             im = ImageOps.exif_transpose(im)
             if im.mode in _CONVERT_MODES:
                 keep_alpha = im.mode == "PA" or "transparency" in im.info
                 im = im.convert("RGBA" if keep_alpha else "RGB")
+            if resize_to is not None and max(im.size) > resize_to:
+                im = _resize(im, resized_size(*im.size, resize_to))
             return _to_rgb8(np.asarray(im), path)
     except BadImageError:
         raise
@@ -139,6 +204,15 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         if "truncated" in reason.lower():
             reason = "truncated image file (incomplete download or copy?)"
         raise BadImageError(path, f"cannot decode image: {reason}") from None
+
+
+def _resize(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Lanczos downscale; modes PIL cannot resample (16-bit...) go through 32-bit first."""
+    try:
+        return im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    except ValueError:
+        return im.convert("I" if im.mode.startswith("I") else "F" if im.mode == "F" else "RGBA").resize(
+            size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
 def _to_rgb8(arr: np.ndarray, path: Path) -> np.ndarray:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _kernels as k
-from .owt import OrientedWatershed, oriented_watershed
+from .owt import OrientedWatershed, oriented_watershed, rag_index_dtype
 
 
 def _check_tree(parents: np.ndarray, altitudes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +80,7 @@ def ucm2_from_tree(parents: np.ndarray, altitudes: np.ndarray, leaves: np.ndarra
     if leaves.size and (leaves.min() < 0 or leaves.max() >= n):
         raise ValueError(f"leaves holds labels outside 0..{n - 1} (the tree's leaves)")
     h, w = leaves.shape
-    edge_rag = np.empty(2 * h * w, np.int64)
+    edge_rag = np.empty(2 * h * w, rag_index_dtype(h, w))
     sources, targets = k.region_adjacency(leaves.ravel(), h, w, n, edge_rag)
     values = np.empty(sources.size, np.float64)
     k.lca_altitudes(parents, altitudes, sources, targets, values)

@@ -34,7 +34,7 @@ class OrientedWatershed:
     n_regions : int
     sources, targets : (R,) int32 ndarray
         The RAG edges (``sources < targets``), sorted.
-    edge_rag : (2 * H * W,) int64 ndarray
+    edge_rag : (2 * H * W,) int32 ndarray (int64 above 2**30 pixels)
         RAG edge of each grid edge on a boundary, -1 elsewhere (ids as in ``_kernels``).
     weights : (2 * H * W,) float32 ndarray
         Boundary strength of each grid edge after the oriented watershed transform.
@@ -59,6 +59,11 @@ class OrientedWatershed:
     def mean_strength(self) -> np.ndarray:
         """Mean boundary strength of each RAG edge."""
         return self.sums / np.maximum(self.lengths, 1.0)
+
+
+def rag_index_dtype(h: int, w: int) -> type:
+    """int32 for the per-grid-edge RAG ids (8 bytes per pixel less than int64) while they fit."""
+    return np.int32 if 2 * h * w < 2**31 else np.int64
 
 
 def _check_map(values: np.ndarray, name: str) -> np.ndarray:
@@ -157,12 +162,13 @@ def oriented_watershed(
     h, w = np.shape(edge)
     labels = np.empty(h * w, np.int32)
     n = int(k.watershed_cut(weights, h, w, labels))
-    edge_rag = np.empty(2 * h * w, np.int64)
+    edge_rag = np.empty(2 * h * w, rag_index_dtype(h, w))
     sources, targets = k.region_adjacency(labels, h, w, max(n, 1), edge_rag)
     if orientations is not None and sources.size:
         elements, offsets = k.trace_contours(edge_rag, h, w)
         final = np.zeros_like(weights)
         k.oriented_reweight(elements, offsets, weights, orientations, h, w, float(epsilon), float(min_size), single, final)
+        del elements, offsets, orientations, weights  # full-size temporaries: gone before the next step
     else:
         final = weights
     sums = np.empty(sources.size, np.float64)
