@@ -193,13 +193,6 @@ def _run_batched(run: StageRun, config: ContoursConfig, refs: list[ImageRef]) ->
             run.add(item)
 
 
-def orientation_float16(orientation: np.ndarray) -> np.ndarray:
-    """Orientation in float16, still in ``[0, pi)``: values that round up to pi wrap to 0 (same line)."""
-    out = orientation.astype(np.float16)
-    out[out.astype(np.float32) >= np.float32(np.pi)] = 0
-    return out
-
-
 def _write_pngs(root: Path, key: str, edge: np.ndarray, *, nms: bool, compression: int) -> None:
     """8-bit PNGs, each appearing whole (a killed run leaves no half file)."""
     import cv2
