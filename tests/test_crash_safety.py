@@ -29,9 +29,8 @@ def _pipeline(tmp_path: Path, bsds: Path, pidinet_dir: Path, hed_h5: Path, name:
     images = tmp_path / "images"
     if not images.exists():
         images.mkdir()
-        for path in sorted((bsds / "images" / "val").glob("*.jpg"))[:5]:
-            im = Image.open(path).convert("RGB")
-            im.resize((im.width // 2, im.height // 2), Image.BILINEAR).save(images / f"{path.stem}.png")
+        for path in sorted((bsds / "images" / "val").glob("*.jpg"))[:12]:
+            Image.open(path).convert("RGB").save(images / f"{path.stem}.png")
     toml = tmp_path / f"{name}.toml"
     toml.write_text(f"""
 [pipeline]
@@ -49,11 +48,11 @@ mode = "cached"
 backbone_weights = "{hed_h5}"
 feature_layer = "conv4_3"
 head = "conv1"
-steps = 60
+steps = 200
 batch_size = 4
-crop = 96
+crop = 128
 feature_scales = [1.0]
-checkpoint_every = 3
+checkpoint_every = 5
 [embed]
 shard_size = 1
 [discover]
@@ -115,7 +114,7 @@ def test_random_kills_across_the_whole_pipeline(tmp_path, bsds, pidinet_dir, hed
         with open(log, "w") as err:
             proc = _run(killed, stdout=subprocess.DEVNULL, stderr=err)
             try:
-                proc.wait(timeout=float(rng.uniform(2.0, 7.0)) if sum(kills.values()) < MIN_KILLS + 5 else 900)
+                proc.wait(timeout=float(rng.uniform(2.5, 6.0)) if sum(kills.values()) < MIN_KILLS + 5 else 900)
                 break
             except subprocess.TimeoutExpired:
                 proc.send_signal(signal.SIGKILL)

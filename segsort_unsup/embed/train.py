@@ -591,7 +591,8 @@ def _feature_pass(config: TrainConfig, model, samples, store: Path, *, grouping,
              "backbone_weights_sha256": provenance["backbone_weights_sha256"]}
     jobs = D.feature_jobs(samples, config.feature_scales, flip=config.flip)
     trunk = None
-    with StageRun("features", store, kind="features", identity=ident, overwrite="changed", shard_size=16) as run:
+    # small shards: each map costs about a second on a CPU, and a killed pass keeps all but the last few
+    with StageRun("features", store, kind="features", identity=ident, overwrite="changed", shard_size=4) as run:
         todo = run.todo(jobs)
         if not todo:
             return
