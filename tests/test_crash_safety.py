@@ -20,7 +20,16 @@ from segsort_unsup.io.store import StoreReader, is_store
 
 REPO = Path(__file__).resolve().parents[1]
 MIN_KILLS = 20
-STAGE_RE = re.compile(r"(contours|ucm|features|train|embed|discover)\w*:\s+\d+%")
+KILLS_PER_STAGE = 4
+STAGE_RE = re.compile(r"(contours|ucm|features|train|embed|discover|gallery)[\w ]*:\s+\d+%")
+ORDER = ["contours", "ucm", "features", "train", "embed", "discover"]
+
+
+def _stage_now(log: Path) -> str | None:
+    found = STAGE_RE.findall(log.read_text(errors="replace"))
+    if not found:
+        return None
+    return "discover" if found[-1] == "gallery" else found[-1]
 
 
 def _pipeline(tmp_path: Path, bsds: Path, pidinet_dir: Path, hed_h5: Path, name: str) -> Path:
@@ -110,24 +119,40 @@ def test_random_kills_across_the_whole_pipeline(tmp_path, bsds, pidinet_dir, hed
     rng = np.random.default_rng(20261126)
     kills: collections.Counter[str] = collections.Counter()
     log = tmp_path / "killed.log"
-    for attempt in range(120):
+    finished = False
+    # Targets: each stage KILLS_PER_STAGE times, in pipeline order. An attempt runs until the
+    # pipeline is in the current target stage, is killed a random moment later, and resumes in the
+    # next attempt; a target the pipeline has already passed is skipped.
+    targets = [stage for stage in ORDER for _ in range(KILLS_PER_STAGE)]
+    i = 0
+    while i < len(targets) and not finished:
         with open(log, "w") as err:
             proc = _run(killed, stdout=subprocess.DEVNULL, stderr=err)
-            try:
-                proc.wait(timeout=float(rng.uniform(2.5, 6.0)) if sum(kills.values()) < MIN_KILLS + 5 else 900)
-                break
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-        stages = STAGE_RE.findall(log.read_text(errors="replace"))
-        kills[stages[-1] if stages else "start-up"] += 1
+            while proc.poll() is None:
+                now = _stage_now(log)
+                while now is not None and i < len(targets) and ORDER.index(now) > ORDER.index(targets[i]):
+                    i += 1
+                if now is not None and i < len(targets) and now == targets[i]:
+                    time.sleep(float(rng.uniform(0.0, 0.6)))
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGKILL)
+                        proc.wait()
+                        kills[_stage_now(log) or now] += 1
+                        i += 1
+                    break
+                time.sleep(0.02)
+            proc.wait()
+        finished = proc.returncode == 0
         for name, store in _stores(out).items():  # every store opens after every kill
             with StoreReader(store.parent) as reader:
                 assert not reader.damaged, (name, reader.damaged)
+    if not finished:
+        proc = _run(killed, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+        proc.wait(timeout=900)
     assert proc.returncode == 0, log.read_text()[-2000:]
     print(f"kills per stage: {dict(kills)}; uninterrupted run {uninterrupted:.0f} s")
     assert sum(kills.values()) >= MIN_KILLS
-    assert len([s for s in kills if s != "start-up"]) >= 4, kills  # the kills reached most stages
+    assert len(kills) >= 5 and max(kills.values()) <= 2 * KILLS_PER_STAGE, kills  # spread over the stages
 
     ref_stores = _stores(tmp_path / "reference")
     assert set(_stores(out)) == set(ref_stores) and ref_stores
