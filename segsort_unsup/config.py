@@ -177,8 +177,13 @@ class StageConfig:
         return {f.name: data[f.name] for f in dataclasses.fields(self) if not f.metadata.get(_RUN_ONLY)}
 
     def identity(self, **provenance: Any) -> dict[str, Any]:
-        """What a store made by this stage is: stage, result settings and input provenance."""
-        return {"stage": self.stage, **self.result_fields(), **{k: v for k, v in provenance.items()}}
+        """What a store made by this stage is: stage, result settings and input provenance.
+
+        Settings left at ``None`` (off) are left out, so adding an optional setting to a stage does
+        not change the identity of the stores it made before.
+        """
+        fields = {k: v for k, v in self.result_fields().items() if v is not None}
+        return {"stage": self.stage, **fields, **provenance}
 
     def identity_hash(self, **provenance: Any) -> str:
         return config_hash(self.identity(**provenance))
@@ -194,5 +199,6 @@ class StageConfig:
 
 
 def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Keys whose values differ between two identities."""
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    """Keys whose values differ between two identities (a key present in only one counts)."""
+    missing = object()
+    return sorted(k for k in set(old) | set(new) if old.get(k, missing) != new.get(k, missing))

@@ -39,3 +39,11 @@ def test_run_only_fields_stay_out_of_the_identity():
     assert a.identity_hash() != a.replace(alpha=0.7).identity_hash()
     assert a.identity_hash(weights_sha256="a") != a.identity_hash(weights_sha256="b")
     assert a.identity()["stage"] == "demo"
+
+
+def test_optional_settings_left_off_keep_old_identities():
+    """A store made before an optional setting existed keeps resuming: None is left out."""
+    assert "limit" not in _Demo().identity() and _Demo(limit=3).identity()["limit"] == 3
+    from segsort_unsup.config import changed_keys
+
+    assert changed_keys({"a": 1}, {"a": 1, "b": None}) == ["b"]
