@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from segsort_unsup.evaluate.bsds import BenchOptions, run_benchmark
 from segsort_unsup.io.images import list_images
 from segsort_unsup.log import setup_logging
 from segsort_unsup.parallel import make_executor
+from segsort_unsup.sysinfo import cpu_model
 from segsort_unsup.ucm import stage as ucm_stage
 from segsort_unsup.ucm.stage import UcmConfig
 
@@ -38,14 +38,6 @@ GPB_OWT_UCM = {"ods": 0.73, "ois": 0.76, "ap": 0.73, "covering_ods": 0.59, "cove
                "pri_ods": 0.83, "pri_ois": 0.86, "vi_ods": 1.69, "vi_ois": 1.48}
 
 
-def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -87,7 +79,7 @@ def main() -> None:
                                     options=BenchOptions(regions=True), executor=pool, overwrite=True,
                                     label=f"{name}-owt-ucm")
                 ucm_rows.append((f"{name}-owt-ucm", rep.boundary, rep.region, t_ucm))
-    print(f"\nBSDS500 test, {len(refs)} images, CPU: {_cpu()}\n")
+    print(f"\nBSDS500 test, {len(refs)} images, CPU: {cpu_model()}\n")
     print("| model | scales | ODS | OIS | AP | R50 | published ODS / OIS / AP | contours s/img | eval s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, scales, ods, ois, apv, r50, pub, n, tc, te in rows:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -97,11 +96,9 @@ def main() -> None:
         wall = time.perf_counter() - t0
         t_inc, t_fresh, same = compare_matching(pred_dir, gt_dir, ids[: args.compare])
     s = report.boundary
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from segsort_unsup.sysinfo import cpu_model
+
+    cpu = cpu_model()
     print(f"\nBSDS500 test boundary benchmark, Sobel+NMS edge maps ({cpu}, {os.cpu_count()} cores visible)")
     print(f"{'measure':<44} {'value':>12}")
     rows = [

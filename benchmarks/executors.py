@@ -21,15 +21,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from segsort_unsup.sysinfo import cpu_model  # noqa: E402
 
-def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+
 
 
 def main() -> None:
@@ -77,7 +71,7 @@ def main() -> None:
 
     n = len(images)
     local = rows[1][2]
-    print(f"ucm over {n} BSDS500 contour maps (PiDiNet-tiny, 481x321), {_cpu()}, {os.cpu_count()} cores")
+    print(f"ucm over {n} BSDS500 contour maps (PiDiNet-tiny, 481x321), {cpu_model()}, {os.cpu_count()} cores")
     print(f"{'executor':<26} {'start-up s':>10} {'run s':>8} {'img/s':>7} {'vs local processes':>19}")
     for name, start, run in rows:
         print(f"{name:<26} {start:>10.2f} {run:>8.2f} {n / run:>7.2f} {run / local:>18.2f}x")

@@ -45,6 +45,12 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(REPO))
 
 
+def cpu_model() -> str:
+    from segsort_unsup.sysinfo import cpu_model as model
+
+    return model()
+
+
 def mixture(n: int, d: int, seed: int, chunk: int = 100_000) -> np.ndarray:
     """n x d float32 rows: n // 1000 (at least 10) directions + noise, normalised; built in chunks."""
     rng = np.random.default_rng(seed)
@@ -210,14 +216,6 @@ def run_rows(rows: list[Row], seed: int, out: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _counts(counts: list[int], width: int = 30) -> str:

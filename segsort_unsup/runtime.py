@@ -35,15 +35,9 @@ __all__ = [
 
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU has AMX-BF16 or AVX512-BF16 (where bf16 autocast pays off)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"amx_bf16", "avx512_bf16"})
-    except OSError:
-        pass
-    return False
+    from .sysinfo import cpu_flags
+
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -138,18 +138,24 @@ def check_image_size(path: str | os.PathLike, width: int, height: int, *, max_pi
                               f"--resize-to {side} to process it smaller")
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """``(width, height)`` of an image file from its header alone (nothing is decoded).
-
-    Raises :class:`BadImageError` for missing, empty, unrecognised files and absurd headers.
-    EXIF orientation may swap the two; the pixel count is the same.
-    """
+def _existing_file(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, or BadImageError for a missing or empty file (and PIL's bomb guard set)."""
     path = Path(path)
     if not path.exists():
         raise BadImageError(path, "file not found")
     if path.stat().st_size == 0:
         raise BadImageError(path, "empty file")
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    return path
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` of an image file from its header alone (nothing is decoded).
+
+    Raises :class:`BadImageError` for missing, empty, unrecognised files and absurd headers.
+    EXIF orientation may swap the two; the pixel count is the same.
+    """
+    path = _existing_file(path)
     try:
         with Image.open(path) as im:  # reads the header only
             return im.size
@@ -173,12 +179,7 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = None,
     Raises :class:`BadImageError` naming the file and the reason for anything unreadable,
     truncated, empty, too large or absurdly large.
     """
-    path = Path(path)
-    if not path.exists():
-        raise BadImageError(path, "file not found")
-    if path.stat().st_size == 0:
-        raise BadImageError(path, "empty file")
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    path = _existing_file(path)
     try:
         with Image.open(path) as im:
             check_image_size(path, *im.size, max_pixels=max_pixels, resize_to=resize_to)  # header only so far
