@@ -152,7 +152,10 @@ def _quiet_interrupts(unraisable) -> None:
 
 def run(args: list[str] | None = None) -> int:
     """The console entry point: exit 130 after Ctrl-C or SIGTERM (finished work is saved), no traceback."""
+    from .parallel import clear_stop
+
     args = _hoist_global_flags(list(sys.argv[1:] if args is None else args))
+    clear_stop()
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     sys.unraisablehook = _quiet_interrupts

@@ -53,6 +53,11 @@ def request_stop() -> None:
     _stop["requested"] = True
 
 
+def clear_stop() -> None:
+    """Forget a stop request (a new run in the same process starts afresh)."""
+    _stop["requested"] = False
+
+
 def check_stop() -> None:
     """Raise KeyboardInterrupt if a stop was requested."""
     if _stop["requested"]:

@@ -36,3 +36,12 @@ def hed_h5(shared) -> Path:
 @pytest.fixture(scope="session")
 def pidinet_dir(shared) -> Path:
     return _need(shared / "weights" / "pidinet")
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_stop_request():
+    """The stop flag set by Ctrl-C/SIGTERM handlers is process-wide: no test may leave it set."""
+    yield
+    from segsort_unsup.parallel import clear_stop
+
+    clear_stop()
