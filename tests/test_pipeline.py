@@ -42,6 +42,8 @@ def test_repo_pipelines_parse():
     from pathlib import Path
 
     for path in sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.toml")):
+        if (path.with_suffix(".py")).is_file():
+            continue  # read by its own driver script (camvid.toml: two trains and two embeds)
         pipe = load_pipeline(path)
         assert pipe.configs["contours"] is not None and pipe.output.is_absolute()
 
