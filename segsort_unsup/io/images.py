@@ -7,8 +7,10 @@ single-channel PNGs (label maps, boundary maps) as stored.
 
 from __future__ import annotations
 
+import contextlib
 import glob as _glob
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +140,24 @@ def check_image_size(path: str | os.PathLike, width: int, height: int, *, max_pi
                               f"--resize-to {side} to process it smaller")
 
 
+@contextlib.contextmanager
+def _pil_errors(path: Path, doing: str, *, truncated_hint: bool = False) -> Iterator[None]:
+    """PIL's ways of failing on a bad file, as one :class:`BadImageError` naming ``path``."""
+    try:
+        yield
+    except BadImageError:
+        raise
+    except UnidentifiedImageError:
+        raise BadImageError(path, "not an image file (format not recognised)") from None
+    except Image.DecompressionBombError as exc:
+        raise BadImageError(path, f"image too large to read ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        reason = str(exc) or type(exc).__name__
+        if truncated_hint and "truncated" in reason.lower():
+            reason = "truncated image file (incomplete download or copy?)"
+        raise BadImageError(path, f"{doing}: {reason}") from None
+
+
 def _existing_file(path: str | os.PathLike) -> Path:
     """``path`` as a Path, or BadImageError for a missing or empty file (and PIL's bomb guard set)."""
     path = Path(path)
@@ -156,15 +176,8 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     EXIF orientation may swap the two; the pixel count is the same.
     """
     path = _existing_file(path)
-    try:
-        with Image.open(path) as im:  # reads the header only
-            return im.size
-    except UnidentifiedImageError:
-        raise BadImageError(path, "not an image file (format not recognised)") from None
-    except Image.DecompressionBombError as exc:
-        raise BadImageError(path, f"image too large to read ({exc})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise BadImageError(path, f"cannot read image header: {exc or type(exc).__name__}") from None
+    with _pil_errors(path, "cannot read image header"), Image.open(path) as im:  # reads the header only
+        return im.size
 
 
 def read_image(path: str | os.PathLike, *, max_pixels: int | None = None,
@@ -180,31 +193,19 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = None,
     truncated, empty, too large or absurdly large.
     """
     path = _existing_file(path)
-    try:
-        with Image.open(path) as im:
-            check_image_size(path, *im.size, max_pixels=max_pixels, resize_to=resize_to)  # header only so far
-            size = resized_size(*im.size, resize_to)
-            if size != im.size:
-                im.draft(im.mode, size)  # JPEG: decode at a reduced scale already (no-op elsewhere)
-            im.load()  # forces a full decode: truncated files raise here
-            im = ImageOps.exif_transpose(im)
-            if im.mode in _CONVERT_MODES:
-                keep_alpha = im.mode == "PA" or "transparency" in im.info
-                im = im.convert("RGBA" if keep_alpha else "RGB")
-            if resize_to is not None and max(im.size) > resize_to:
-                im = _resize(im, resized_size(*im.size, resize_to))
-            return _to_rgb8(np.asarray(im), path)
-    except BadImageError:
-        raise
-    except UnidentifiedImageError:
-        raise BadImageError(path, "not an image file (format not recognised)") from None
-    except Image.DecompressionBombError as exc:
-        raise BadImageError(path, f"image too large to read ({exc})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        reason = str(exc) or type(exc).__name__
-        if "truncated" in reason.lower():
-            reason = "truncated image file (incomplete download or copy?)"
-        raise BadImageError(path, f"cannot decode image: {reason}") from None
+    with _pil_errors(path, "cannot decode image", truncated_hint=True), Image.open(path) as im:
+        check_image_size(path, *im.size, max_pixels=max_pixels, resize_to=resize_to)  # header only so far
+        size = resized_size(*im.size, resize_to)
+        if size != im.size:
+            im.draft(im.mode, size)  # JPEG: decode at a reduced scale already (no-op elsewhere)
+        im.load()  # forces a full decode: truncated files raise here
+        im = ImageOps.exif_transpose(im)
+        if im.mode in _CONVERT_MODES:
+            keep_alpha = im.mode == "PA" or "transparency" in im.info
+            im = im.convert("RGBA" if keep_alpha else "RGB")
+        if resize_to is not None and max(im.size) > resize_to:
+            im = _resize(im, resized_size(*im.size, resize_to))
+        return _to_rgb8(np.asarray(im), path)
 
 
 def _resize(im: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -275,18 +276,11 @@ def read_edge_png(path: str | os.PathLike) -> np.ndarray:
     if not path.exists():
         raise BadImageError(path, "file not found")
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in _CONVERT_MODES - {"1"}:  # palette, CMYK...: to RGB(A) first
-                im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
-            arr = np.asarray(im)
-    except UnidentifiedImageError:
-        raise BadImageError(path, "not an image file (format not recognised)") from None
-    except Image.DecompressionBombError as exc:
-        raise BadImageError(path, f"image too large to read ({exc})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise BadImageError(path, f"cannot decode edge map: {exc or type(exc).__name__}") from None
+    with _pil_errors(path, "cannot decode edge map"), Image.open(path) as im:
+        im.load()
+        if im.mode in _CONVERT_MODES - {"1"}:  # palette, CMYK...: to RGB(A) first
+            im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
+        arr = np.asarray(im)
     if arr.ndim == 3 and arr.shape[2] in (3, 4):
         if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
             raise BadImageError(path, _COLOUR_PHOTO)
