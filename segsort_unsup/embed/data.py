@@ -19,14 +19,16 @@ Groupings
 Feature cache (kind ``features``)
     One item per (image, scale, flip): ``features`` float16 (C, h, w) of the frozen trunk on the
     rescaled (and flipped) image, ``segments`` int32 (h, w) the grouping resized to that grid by
-    nearest neighbour (:func:`segments_to_grid`), optional ``labels`` int32 (h, w) the classes.
+    nearest neighbour (:func:`segments_to_grid`). Class labels are not cached: supervised runs
+    resize them to each map's grid as they read it (:func:`grid_labels`), so the unsupervised and
+    the supervised counterpart can share one cache (``features_dir``).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import BadImageError, InputError, StoreError
-from ..io.images import IMAGE_EXTENSIONS, read_image
+from ..io.images import IMAGE_EXTENSIONS, image_size, read_image
 from ..io.store import DatasetSpec, Item, StoreReader, StoreSchema, cached_reader, register_schema
 from ..log import get_logger
 from .losses import PAD_SEGMENT, segments_to_grid
@@ -45,7 +47,6 @@ log = get_logger("train")
 FEATURES = register_schema(StoreSchema("features", (
     DatasetSpec("features", "float16", 3),  # (C, h, w) frozen-trunk features at stride 8
     DatasetSpec("segments", "int32", 2),  # (h, w) grouping on the feature grid
-    DatasetSpec("labels", "int32", 2, optional=True),  # (h, w) classes (supervised)
 )))
 
 STRIDE = 8
@@ -135,6 +136,15 @@ def list_samples(segments: str | os.PathLike, *, images: str | os.PathLike | Non
                 lp = _lookup(label_index, key, source)
                 if lp is None:
                     dropped.append((key, f"no label PNG for {key!r} in {labels}"))
+                    continue
+                try:
+                    lw, lh = image_size(lp)
+                except BadImageError as exc:
+                    dropped.append((key, str(exc)))
+                    continue
+                sh, sw = item.arrays["labels"].shape[-2:]
+                if (lh, lw) != (sh, sw):
+                    dropped.append((key, f"{lp}: label map is {lw}x{lh}, its segments {sw}x{sh}"))
                     continue
                 label = str(lp)
             samples.append(Sample(key, str(path), str(root.resolve()), label))
@@ -313,13 +323,12 @@ def compute_features(model: Any, job: FeatureJob, *, grouping: tuple[str, int | 
     """The frozen trunk's features of one rescaled (flipped) image and its grouping on that grid."""
     from ..runtime import autocast
 
-    rgb, seg, cls = load_sample(job.sample, grouping=grouping)
+    rgb, seg, _ = load_sample(replace(job.sample, label=None), grouping=grouping)
     h, w = seg.shape
     nh, nw = max(1, round(h * job.scale)), max(1, round(w * job.scale))
     img = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LINEAR) if (nh, nw) != (h, w) else rgb
     if job.flip:
         img, seg = img[:, ::-1], seg[:, ::-1]
-        cls = cls[:, ::-1] if cls is not None else None
     x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float()[None].to(device)
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), autocast(device, precision):
@@ -328,8 +337,6 @@ def compute_features(model: Any, job: FeatureJob, *, grouping: tuple[str, int | 
     grid = feats.shape[1:]
     arrays = {"features": feats,
               "segments": segments_to_grid(torch.from_numpy(np.ascontiguousarray(seg))[None], grid)[0].numpy()}
-    if cls is not None:
-        arrays["labels"] = segments_to_grid(torch.from_numpy(np.ascontiguousarray(cls))[None], grid)[0].numpy()
     return Item(job.key, arrays, {"image": job.sample.key, "scale": float(job.scale), "flip": bool(job.flip),
                                   "source": job.sample.image})
 
@@ -353,25 +360,42 @@ def crop_features(feats: np.ndarray, seg: np.ndarray, cls: np.ndarray | None, rn
     return f, s, k
 
 
+def grid_labels(label_png: str | os.PathLike, grid: tuple[int, int], *, flip: bool) -> np.ndarray:
+    """Classes of a label PNG on a cached map's feature grid (flipped with the map), int32 ``(h, w)``.
+
+    The grid of a rescaled image is reached from the full-size labels directly by nearest
+    neighbour (:func:`segments_to_grid`), as the map's grouping is.
+    """
+    cls = read_label_png(label_png)
+    if flip:
+        cls = cls[:, ::-1]
+    return segments_to_grid(torch.from_numpy(np.ascontiguousarray(cls))[None], grid)[0].numpy()
+
+
 class FeatureBatches:
     """Cached-mode data: this rank's share of step ``step`` from a features store.
 
     Sample ``i`` takes image ``sample_image(seed, i, n)``, then one of its cached (scale, flip)
-    variants and a crop offset, all from ``sample_rng(seed, i)``.
+    variants and a crop offset, all from ``sample_rng(seed, i)``. With ``labels`` (image key ->
+    label PNG) each map also gets its classes on its grid (supervised).
     """
 
     def __init__(self, store: str | os.PathLike, keys: list[str], variants: dict[str, list[str]], *, seed: int,
-                 batch: int, rank: int, world: int, cells: int, ignore_label: int, supervised: bool):
+                 batch: int, rank: int, world: int, cells: int, ignore_label: int,
+                 labels: dict[str, str] | None = None):
         self.store, self.keys, self.variants = os.fspath(store), keys, variants
         self.seed, self.batch, self.rank, self.world = seed, batch, rank, world
-        self.cells, self.ignore_label, self.supervised = cells, ignore_label, supervised
+        self.cells, self.ignore_label, self.labels = cells, ignore_label, labels
+        self.supervised = labels is not None
         self._cache: dict[str, Item] = {}
 
     def _read(self, key: str) -> Item:
         item = self._cache.get(key)
         if item is None:
-            names = ("features", "segments", "labels") if self.supervised else ("features", "segments")
-            item = cached_reader(self.store, kind="features").read(key, names=names)
+            item = cached_reader(self.store, kind="features").read(key, names=("features", "segments"))
+            if self.labels is not None:
+                item.arrays["labels"] = grid_labels(self.labels[str(item.attrs["image"])],
+                                                    item.arrays["segments"].shape, flip=bool(item.attrs["flip"]))
             if len(self._cache) < 64:  # a small cache: tiny runs reread nothing
                 self._cache[key] = item
         return item

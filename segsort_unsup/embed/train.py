@@ -385,7 +385,7 @@ def _run(config: TrainConfig, segments: Path, out: Path, *, device, precision: s
             raise InputError(f"{segments}: no image could be read (see the warnings above); nothing to train on")
         data = D.FeatureBatches(store, images, variants, seed=config.seed, batch=config.batch_size, rank=rank,
                                 world=world, cells=cells, ignore_label=config.ignore_label,
-                                supervised=bool(config.labels_dir))
+                                labels={s.key: s.label for s in samples} if config.labels_dir else None)
         batches = (data[step] for step in range(start, config.steps))
         n_images = len(images)
     else:
@@ -587,7 +587,7 @@ def _feature_pass(config: TrainConfig, model, samples, store: Path, *, grouping,
 
     ident = {"stage": "features", "backbone": config.backbone, "feature_layer": config.feature_layer,
              "feature_scales": list(config.feature_scales), "flip": config.flip, "cut": config.cut,
-             "precision": precision, "segments_identity": seg_hash, "labels_dir": provenance["labels_dir"],
+             "precision": precision, "segments_identity": seg_hash,
              "backbone_weights_sha256": provenance["backbone_weights_sha256"]}
     jobs = D.feature_jobs(samples, config.feature_scales, flip=config.flip)
     trunk = None

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -207,3 +208,57 @@ def test_two_process_torchrun_follows_one_process(tiny, tmp_path):
     b = np.array([m["loss"] for m in _metrics(tmp_path / "two")])
     assert len(a) == len(b) == 10
     np.testing.assert_allclose(b, a, rtol=1e-4)
+
+
+def _label_pngs(bsds: Path, images: Path, root: Path) -> Path:
+    """Class maps for the tiny set: the first annotator's BSDS regions (ids mod 6), at the photos' size."""
+    from segsort_unsup.evaluate.inputs import load_ground_truth
+
+    out = root / "labels"
+    out.mkdir(exist_ok=True)
+    for photo in sorted(images.glob("*.png")):
+        seg = load_ground_truth(bsds / "groundTruth" / "test" / f"{photo.stem}.mat").segmentations[0]
+        h, w = cv2.imread(str(photo)).shape[:2]
+        cls = cv2.resize((seg % 6).astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+        cv2.imwrite(str(out / photo.name), cls)
+    return out
+
+
+def test_supervised_counterpart_shares_the_feature_cache_and_learns(tiny, bsds, tmp_path):
+    from segsort_unsup.embed import data as D
+    from segsort_unsup.io.store import StoreReader
+
+    run(_config(tiny), tiny["store"], tmp_path / "unsup")  # fills the shared features store
+    features = Path(tiny["features"])
+    before = {p.name: p.stat().st_mtime_ns for p in features.iterdir()}
+    labels = _label_pngs(bsds, tiny["images"], tmp_path)
+    summary = run(_config(tiny, labels_dir=str(labels), ignore_label=255), tiny["store"], tmp_path / "sup")
+    assert summary.ok and summary.done == 30
+    assert {p.name: p.stat().st_mtime_ns for p in features.iterdir()} == before  # no second feature pass
+    losses = summary.losses
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    # the classes each cached map gets: the label PNG, flipped with the map, sampled at floor(i * H / h)
+    samples, _ = D.list_samples(tiny["store"], images=tiny["images"], labels=labels)
+    paths = {s.key: s.label for s in samples}
+    with StoreReader(features, kind="features") as reader:
+        keys = reader.keys()
+        data = D.FeatureBatches(features, [], {}, seed=0, batch=1, rank=0, world=1, cells=12, ignore_label=255,
+                                labels=paths)
+        for key in keys:
+            item = reader.read(key)
+            h, w = item.arrays["segments"].shape
+            cls = cv2.imread(paths[item.attrs["image"]], cv2.IMREAD_UNCHANGED).astype(np.int32)
+            if item.attrs["flip"]:
+                cls = cls[:, ::-1]
+            ys = np.arange(h) * cls.shape[0] // h
+            xs = np.arange(w) * cls.shape[1] // w
+            np.testing.assert_array_equal(data._read(key).arrays["labels"], cls[ys][:, xs])
+
+
+def test_label_map_of_another_size_is_skipped_naming_it(tiny, bsds, tmp_path, caplog):
+    labels = _label_pngs(bsds, tiny["images"], tmp_path)
+    bad = sorted(labels.glob("*.png"))[0]
+    cv2.imwrite(str(bad), np.zeros((10, 12), np.uint8))
+    summary = run(_config(tiny, labels_dir=str(labels), ignore_label=255, steps=2), tiny["store"], tmp_path / "sup")
+    assert [k for k, _ in summary.failed] == [bad.stem]
+    assert f"{bad}: label map is 12x10" in caplog.text
