@@ -1,13 +1,14 @@
 """Staged pipelines from TOML: ``segsort-unsup run pipelines/<name>.toml``.
 
-A pipeline file names an input and an output folder, how to execute per-image work, and one
+A pipeline file names its inputs and an output folder, how to execute per-image work, and one
 section per stage of the registry (:func:`segsort_unsup.stages.registry`), whose keys are that
 stage's config fields. Stages run in registry order into ``output/<stage folder>``; optional
-stages (evaluate) run only when their section is present. Every stage resumes its store; a
-stage whose settings (or whose input) changed is recomputed, and so is everything downstream
-of it, while unchanged upstream stages are kept. Paths of inputs (weights, ground truth) are
-relative to the TOML file's folder; ``png_dir``/``mat_dir`` are relative to the output folder.
-Unknown sections or keys, wrong types and missing paths are errors naming file, section and key::
+stages (train, embed, transfer, semantic, discover, evaluate) run only when their section is
+present. Every stage resumes its store; a stage whose settings (or whose input) changed is
+recomputed, and so is everything downstream of it, while unchanged upstream stages are kept.
+Paths of inputs (weights, ground truth) are relative to the TOML file's folder;
+``png_dir``/``mat_dir`` are relative to the output folder. Unknown sections or keys, wrong types
+and missing paths are errors naming file, section and key::
 
     [pipeline]
     input = "photos"            # folder, glob or list file
@@ -18,16 +19,33 @@ Unknown sections or keys, wrong types and missing paths are errors naming file, 
 
     [contours]
     model = "pidinet"
-    scales = [1.0]
     png_dir = "png/contours"
 
     [ucm]
     threshold = 0.5
-    levels = [0.3, 0.7]
-    png_dir = "png/segments"
 
     [evaluate]                  # optional: BSDS ground truth -> boundary and region benchmarks
     ground_truth = "BSDS500/groundTruth/test"
+
+A stage may run several times with other settings: sub-sections ``[train.unsup]``,
+``[train.sup]`` are instances of ``train`` (the keys of ``[train]`` itself are their shared
+defaults), each writing ``output/<stage folder>/<instance>``. A section takes its inputs from
+the stages before it as the registry says (``embed`` reads ``train`` and the input); ``from =
+[...]`` names them instead: earlier sections (``"train.sup"``) or named inputs. Named inputs are
+declared in ``[pipeline.inputs]`` (``input`` is the default one), can be given as ``"@name"`` to
+path keys (``labels = "@labelled_annotations"``), and are replaced on the command line with
+``run --input name=PATH``::
+
+    [pipeline.inputs]
+    scored = "camvid/val"
+    scored_labels = "camvid/valannot"
+
+    [embed.unsup-scored]
+    from = ["train.unsup", "scored"]
+
+    [semantic.unsup]
+    from = ["transfer.unsup"]
+    ground_truth = "@scored_labels"
 """
 
 from __future__ import annotations
@@ -47,25 +65,45 @@ from .stages import Stage, StageSummary, registry, run_stage
 log = get_logger("pipeline")
 
 _HEAD_KEYS = {"input": str, "output": str, "name": str, "description": str, "executor": str, "workers": int,
-              "scheduler": str, "seed": int}
-_OUTPUT_PATHS = ("png_dir", "mat_dir")
+              "scheduler": str, "seed": int, "inputs": dict}
+_OUTPUT_PATHS = ("png_dir", "mat_dir", "features_dir")  # relative to the output folder
+_SECTION_KEYS = ("from",)  # per-section keys of the pipeline, not of the stage's config
+
+
+@dataclass
+class Section:
+    """One stage run of a pipeline: ``train`` or an instance such as ``train.sup``."""
+
+    name: str
+    stage: Stage
+    config: StageConfig
+    sources: tuple[str, ...]  # section names or input names
+    output: Path
 
 
 @dataclass
 class Pipeline:
-    """A parsed pipeline file: where from, where to, how to execute, and each stage's config."""
+    """A parsed pipeline file: where from, where to, how to execute, and each section's config."""
 
     path: Path
     input: str
     output: Path
-    configs: dict[str, StageConfig] = field(default_factory=dict)
+    sections: list[Section] = field(default_factory=list)
     executor: str = "local"
     workers: int = 1
     scheduler: str = ""
+    inputs: dict[str, str] = field(default_factory=dict)
 
     @property
-    def stages(self) -> dict[str, StageConfig]:
-        return self.configs
+    def configs(self) -> dict[str, StageConfig]:
+        """Each section's config by section name."""
+        return {s.name: s.config for s in self.sections}
+
+    def source_paths(self, section: Section) -> str | list[str]:
+        """The paths a section reads: named inputs, or the folders of earlier sections."""
+        outputs = {s.name: str(s.output) for s in self.sections}
+        paths = [self.inputs[n] if n in self.inputs else outputs[n] for n in section.sources]
+        return paths[0] if len(paths) == 1 else paths
 
 
 def _resolve(base: Path, value: str) -> str:
@@ -83,33 +121,54 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise InputError(f"{path}: not valid TOML ({exc})") from None
 
 
+def _instances(stage: Stage, raw: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``[(section name, keys)]`` of a stage's section: itself, or its sub-sections over its own keys."""
+    subs = {k: v for k, v in raw.items() if isinstance(v, dict)}
+    if not subs:
+        return [(stage.name, dict(raw))]
+    shared = {k: v for k, v in raw.items() if not isinstance(v, dict)}
+    return [(f"{stage.name}.{name}", {**shared, **keys}) for name, keys in subs.items()]
+
+
 def load_pipeline(path: str | os.PathLike, *, input: str | None = None,  # noqa: A002
-                  output: str | os.PathLike | None = None, sections: dict[str, dict[str, Any]] | None = None
-                  ) -> Pipeline:
+                  output: str | os.PathLike | None = None, sections: dict[str, dict[str, Any]] | None = None,
+                  inputs: dict[str, str] | None = None) -> Pipeline:
     """Parse and validate a pipeline TOML file (a clear error names the file, section and key).
 
     ``input``/``output`` replace the file's (the demo points its packaged pipeline at a folder of
-    its own); ``sections`` update stage sections key by key (e.g. the contour model the demo found).
+    its own); ``inputs`` replace named inputs (``run --input name=PATH``); ``sections`` update
+    stage sections key by key (e.g. the contour model the demo found).
     """
     path = Path(path)
     data = _read_toml(path)
     head = data.setdefault("pipeline", {})
+    for key, tp in _HEAD_KEYS.items():
+        if key in head and not isinstance(head[key], tp) or (tp is int and isinstance(head.get(key), bool)):
+            raise InputError(f"{path}: [pipeline] key {key!r} expects {'table' if tp is dict else tp.__name__}, "
+                             f"got {head[key]!r}")
+    named = dict(head.get("inputs", {}))
     if input is not None:
         head["input"] = os.path.abspath(input)
     if output is not None:
         head["output"] = os.path.abspath(output)
+    for name, value in (inputs or {}).items():
+        if name == "input":
+            head["input"] = os.path.abspath(value)
+        elif name not in named:
+            raise InputError(f"{path}: no input named {name!r} to replace; its inputs: "
+                             f"{', '.join(['input', *named]) if 'input' in head else ', '.join(named) or 'none'}")
+        else:
+            named[name] = os.path.abspath(value)
     for name, values in (sections or {}).items():
         data.setdefault(name, {}).update(values)
     stages = {stage.name: stage for stage in registry()}
     unknown = sorted(set(data) - {"pipeline", *stages})
     if unknown:
         raise InputError(f"{path}: unknown section(s) {unknown}; known: pipeline, {', '.join(stages)}")
-    for key, tp in _HEAD_KEYS.items():
-        if key in head and not isinstance(head[key], tp) or (tp is int and isinstance(head.get(key), bool)):
-            raise InputError(f"{path}: [pipeline] key {key!r} expects {tp.__name__}, got {head[key]!r}")
-    for key in ("input", "output"):
-        if not isinstance(head.get(key), str):
-            raise InputError(f"{path}: [pipeline] needs {key} = \"...\" (a path)")
+    if not isinstance(head.get("output"), str):
+        raise InputError(f"{path}: [pipeline] needs output = \"...\" (a path)")
+    if not isinstance(head.get("input"), str) and not named:
+        raise InputError(f"{path}: [pipeline] needs input = \"...\" (a path)")
     extra = sorted(set(head) - set(_HEAD_KEYS))
     if extra:
         raise InputError(f"{path}: unknown key(s) in [pipeline]: {extra}; known: {', '.join(sorted(_HEAD_KEYS))}")
@@ -120,58 +179,119 @@ def load_pipeline(path: str | os.PathLike, *, input: str | None = None,  # noqa:
     output = Path(_resolve(base, head["output"]))
     if output.exists() and not output.is_dir():
         raise InputError(f"{path}: [pipeline] output {output} is a file, not a folder")
-    configs: dict[str, StageConfig] = {}
-    for name, stage in stages.items():
-        if name not in data:
+    all_inputs: dict[str, str] = {}
+    if isinstance(head.get("input"), str):
+        all_inputs["input"] = _resolve(base, head["input"])
+    for name, value in named.items():
+        if not isinstance(value, str):
+            raise InputError(f"{path}: [pipeline.inputs] {name!r} expects a path string, got {value!r}")
+        all_inputs[name] = _resolve(base, value)
+    clash = sorted(set(all_inputs) & {n for n in data if n != "pipeline"})
+    if clash:
+        raise InputError(f"{path}: input name(s) {clash} are also stage names; rename the input(s)")
+
+    pipeline = Pipeline(path, all_inputs.get("input", ""), output, executor=executor,
+                        workers=int(head.get("workers", 1)), scheduler=head.get("scheduler", ""), inputs=all_inputs)
+    for stage in stages.values():
+        raw = data.get(stage.name)
+        if raw is None:
             if stage.optional:
                 continue
-            section: dict[str, Any] = {}
-        else:
-            section = dict(data[name])
-        where = f"{path} [{name}]"
-        for key in stage.input_paths:
-            if isinstance(section.get(key), str):
-                section[key] = _resolve(base, section[key])
-                if not os.path.exists(section[key]):
-                    raise InputError(f"{where}: key {key!r}: {section[key]} does not exist")
-        for key in _OUTPUT_PATHS:
-            if isinstance(section.get(key), str):
-                section[key] = _resolve(output, section[key])
-        configs[name] = stage.config.from_mapping(section, where=where)
-    return Pipeline(path, _resolve(base, head["input"]), output, configs, executor=executor,
-                    workers=int(head.get("workers", 1)), scheduler=head.get("scheduler", ""))
+            raw = {}
+        instances = _instances(stage, raw)
+        for name, section in instances:
+            where = f"{path} [{name}]"
+            sources = _section_sources(stage, section.pop("from", None), pipeline, where)
+            for key in stage.input_paths:
+                value = section.get(key)
+                if isinstance(value, str):
+                    if value.startswith("@"):
+                        if value[1:] not in all_inputs:
+                            raise InputError(f"{where}: key {key!r}: no input named {value[1:]!r} "
+                                             f"(declare it in [pipeline.inputs])")
+                        section[key] = all_inputs[value[1:]]
+                    else:
+                        section[key] = _resolve(base, value)
+                    if not os.path.exists(section[key]):
+                        raise InputError(f"{where}: key {key!r}: {section[key]} does not exist")
+            for key in _OUTPUT_PATHS:
+                if isinstance(section.get(key), str):
+                    section[key] = _resolve(output, section[key])
+            config = stage.config.from_mapping(section, where=where)
+            folder = output / stage.output if len(instances) == 1 and name == stage.name else \
+                output / stage.output / name.split(".", 1)[1]
+            pipeline.sections.append(Section(name, stage, config, sources, folder))
+    return pipeline
 
 
-def _sources(stage: Stage, stages: dict[str, Stage], pipeline: Pipeline) -> Any:
-    paths = [pipeline.input if s == "input" else str(pipeline.output / stages[s].output) for s in stage.sources]
-    return paths[0] if len(paths) == 1 else paths
+def _section_sources(stage: Stage, given: Any, pipeline: Pipeline, where: str) -> tuple[str, ...]:
+    """A section's sources: ``from`` (checked) or the registry's, mapped to the sections before it."""
+    earlier = {s.name for s in pipeline.sections}
+    if given is not None:
+        if isinstance(given, str):
+            given = [given]
+        if not isinstance(given, list) or not all(isinstance(g, str) for g in given):
+            raise InputError(f"{where}: key 'from' expects a list of section or input names, got {given!r}")
+        if len(given) != len(stage.sources):
+            raise InputError(f"{where}: key 'from' needs {len(stage.sources)} name(s) ({', '.join(stage.sources)}), "
+                             f"got {len(given)}")
+        for name in given:
+            if name not in earlier and name not in pipeline.inputs:
+                raise InputError(f"{where}: key 'from': {name!r} is neither an input nor a section before this one "
+                                 f"(known: {', '.join([*pipeline.inputs, *earlier]) or 'none'})")
+        return tuple(given)
+    sources = []
+    for source in stage.sources:
+        if source == "input":
+            if "input" not in pipeline.inputs:
+                raise InputError(f"{where}: reads the pipeline's input, but [pipeline] has no input; "
+                                 "name one with from = [...]")
+            sources.append("input")
+            continue
+        candidates = [s.name for s in pipeline.sections if s.stage.name == source]
+        if len(candidates) > 1:
+            raise InputError(f"{where}: reads '{source}', which runs {len(candidates)} times "
+                             f"({', '.join(candidates)}); say which with from = [...]")
+        if not candidates:
+            raise InputError(f"{where}: reads '{source}', which this pipeline does not run; add a [{source}] "
+                             "section, or name what to read with from = [...]")
+        sources.append(candidates[0])
+    return tuple(sources)
+
+
+def _span(pipeline: Pipeline, from_stage: str | None, until_stage: str | None) -> list[Section]:
+    sections = pipeline.sections
+    names = [s.name for s in sections]
+
+    def position(bound: str, last: bool) -> int:
+        hits = [i for i, s in enumerate(sections) if bound in (s.name, s.stage.name)]
+        if not hits:
+            raise InputError(f"no stage {bound!r} in {pipeline.path}; its stages: {', '.join(names)}")
+        return hits[-1] if last else hits[0]
+
+    lo = position(from_stage, False) if from_stage else 0
+    hi = position(until_stage, True) if until_stage else len(sections) - 1
+    return sections[lo:hi + 1]
 
 
 def run_pipeline(pipeline: Pipeline, *, overwrite: bool = False, from_stage: str | None = None,
                  until_stage: str | None = None) -> list[StageSummary]:
-    """Run the configured stages in order; each resumes its store, changed ones are recomputed.
+    """Run the configured sections in order; each resumes its store, changed ones are recomputed.
 
-    ``from_stage``/``until_stage`` limit the run to a span of the registry (upstream outputs
-    must then exist). Stops at a stage that cannot go on (its error names it).
+    ``from_stage``/``until_stage`` (a stage or section name) limit the run to a span (upstream
+    outputs must then exist). Stops at a stage that cannot go on (its error names it).
     """
-    stages = {stage.name: stage for stage in registry()}
-    names = [n for n in stages if n in pipeline.configs]
-    for bound in (from_stage, until_stage):
-        if bound is not None and bound not in names:
-            raise InputError(f"no stage {bound!r} in {pipeline.path}; its stages: {', '.join(names)}")
-    if from_stage:
-        names = names[names.index(from_stage):]
-    if until_stage:
-        names = names[: names.index(until_stage) + 1]
+    span = _span(pipeline, from_stage, until_stage)
     summaries: list[StageSummary] = []
     with make_executor(pipeline.executor, workers=pipeline.workers, scheduler=pipeline.scheduler or None) as executor:
-        for name in names:
-            stage = stages[name]
-            output = pipeline.output / stage.output
+        for section in span:
             try:
-                results = run_stage(stage, pipeline.configs[name], _sources(stage, stages, pipeline), output,
+                results = run_stage(section.stage, section.config, pipeline.source_paths(section), section.output,
                                     executor=executor, overwrite=True if overwrite else "changed")
             except InputError as exc:
-                raise InputError(f"{pipeline.path} [{name}]: {exc}") from None
+                raise InputError(f"{pipeline.path} [{section.name}]: {exc}") from None
+            if section.name != section.stage.name:
+                for summary in results:
+                    summary.stage = summary.stage.replace(section.stage.name, section.name, 1)
             summaries.extend(results)
     return summaries

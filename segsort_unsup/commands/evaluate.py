@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..errors import InputError
 from ..parallel import make_executor
 from .options import executor_options, finish, output_option, overwrite_option
 
@@ -102,34 +103,21 @@ def semantic(predictions, ground_truth, out_dir, num_classes, ignore_label, hung
 
     PREDICTIONS: a folder of label PNGs or a segments store ('labels'), matched by image id.
     """
-    from ..evaluate.semantic import infer_num_classes, run_semantic
+    from ..evaluate.semantic import infer_num_classes, read_class_names, run_semantic
 
     ignore = None if ignore_label < 0 else ignore_label
     if num_classes is None:
         num_classes = infer_num_classes(ground_truth, ignore_label=ignore)
-    names = _read_class_names(class_names, num_classes, ignore) if class_names else None
+    try:
+        names = read_class_names(class_names, num_classes, ignore) if class_names else None
+    except InputError as exc:
+        raise click.BadParameter(str(exc), param_hint="--class-names") from None
     with make_executor(executor, workers=workers, scheduler=scheduler) as pool:
         report = run_semantic(predictions, ground_truth, out_dir, num_classes=num_classes, ignore_label=ignore,
                               hungarian=hungarian, class_names=names, executor=pool, overwrite=overwrite)
     click.echo(report.scores.line())
     _report_missing(report.missing)
     finish(report.stage)
-
-
-def _read_class_names(path: str, num_classes: int, ignore: int | None) -> list[str]:
-    names = []
-    for line in Path(path).read_text().splitlines():
-        parts = line.split()
-        if not parts:
-            continue
-        if parts[0].isdigit() and len(parts) > 1:
-            if int(parts[0]) == ignore or int(parts[0]) >= num_classes:
-                continue
-            parts = parts[1:]
-        names.append(" ".join(parts))
-    if len(names) != num_classes:
-        raise click.BadParameter(f"{len(names)} names for {num_classes} classes", param_hint="--class-names")
-    return names
 
 
 def _report_missing(missing: list[str]) -> None:

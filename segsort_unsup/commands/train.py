@@ -30,7 +30,8 @@ from .options import finish, float_list, output_option, overwrite_option, seed_o
 @click.option("--freeze-blocks", type=click.IntRange(0, 5), default=0, show_default=True,
               help="Trunk blocks kept frozen in full mode.")
 @click.option("--head", type=click.Choice(["conv3", "conv1"]), default="conv3", show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--steps", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Optimiser steps; 0 writes the untrained initialisation (trunk + seeded random head) as a baseline.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Global batch (split over torchrun processes).")
 @click.option("--crop", type=click.IntRange(min=8), default=320, show_default=True, help="Crop side in pixels.")

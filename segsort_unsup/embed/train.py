@@ -113,7 +113,9 @@ class TrainConfig(StageConfig):
             raise self.bad_value("mode", f"choose one of {', '.join(MODES)}")
         if self.feature_layer not in ("conv5_3", "conv4_3"):
             raise self.bad_value("feature_layer", "choose conv5_3 or conv4_3")
-        for key in ("steps", "batch_size", "embedding_dim", "hidden", "checkpoint_every", "keep", "log_every",
+        if self.steps < 0:
+            raise self.bad_value("steps", "must be >= 0 (0: the untrained initialisation)")
+        for key in ("batch_size", "embedding_dim", "hidden", "checkpoint_every", "keep", "log_every",
                     "memory_banks"):
             if getattr(self, key) < 1:
                 raise self.bad_value(key, "must be >= 1")
@@ -366,7 +368,9 @@ def _run(config: TrainConfig, segments: Path, out: Path, *, device, precision: s
         model = model.to(memory_format=torch.channels_last)
     cells = math.ceil(config.crop / D.STRIDE)
 
-    if config.mode == "cached":
+    if config.steps == 0:  # the untrained initialisation (a baseline): no data needed
+        batches, n_images = iter(()), len(samples)
+    elif config.mode == "cached":
         store = Path(config.features_dir) if config.features_dir else out / "features"
         if main:
             _feature_pass(config, model, samples, store, grouping=grouping, device=device, precision=precision,

@@ -205,11 +205,16 @@ def run(config: TransferConfig, inputs: Any, output: str | os.PathLike, *,
     identity = config.identity(labelled=labelled.config_hash, query=query.config_hash)
     manifest = out / MANIFEST
     summary = StageSummary("transfer", output=str(out), identity_hash=config_hash(identity))
-    if manifest.is_file() and not overwrite:
-        old = json.loads(manifest.read_text()).get("identity")
-        if old != identity:
-            raise InputError(f"{out} holds labels made with other settings or stores; pass --overwrite to replace them")
+    old = _manifest_identity(manifest)
+    redo = overwrite is True or (old is not None and old != identity)
+    if redo and overwrite is False:
+        raise InputError(f"{out} holds labels made with other settings or stores; pass --overwrite to replace them")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a folder; choose another output path")
     out.mkdir(parents=True, exist_ok=True)
+    if redo:  # labels of the old settings go before the new manifest: no mix survives a crash
+        for old_png in out.glob("*.png"):
+            old_png.unlink()
     atomic_write_text(manifest, json.dumps({"identity": identity, "num_classes": num_classes,
                                             "labelled": str(labelled_path), "query": str(query_path)}, indent=2))
     index = build_index(x, index=config.index, nlist=config.nlist, nprobe=config.nprobe)
@@ -220,7 +225,7 @@ def run(config: TransferConfig, inputs: Any, output: str | os.PathLike, *,
              num_classes, len(keys), config.k, config.index)
     for key in progress(keys, desc="transfer"):
         target = out / f"{key}.png"
-        if target.is_file() and not overwrite:
+        if target.is_file():
             summary.skipped += 1
             continue
         try:
@@ -239,6 +244,15 @@ def run(config: TransferConfig, inputs: Any, output: str | os.PathLike, *,
     return summary
 
 
+def _manifest_identity(manifest: Path) -> Any:
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("identity")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError):
+        return "unreadable"  # a damaged manifest: its labels are of unknown origin
+
+
 def _has_labels(reader: StoreReader) -> bool:
     try:
         return "label" in reader.read(reader.keys()[0], None).arrays
@@ -246,5 +260,5 @@ def _has_labels(reader: StoreReader) -> bool:
         return False
 
 
-STAGE = Stage("transfer", TransferConfig, run, sources=("embed", "embed"), output="predictions",
+STAGE = Stage("transfer", TransferConfig, run, sources=("embed", "embed"), output="predictions", optional=True,
               help="kNN label transfer from labelled prototypes, label PNG per image")

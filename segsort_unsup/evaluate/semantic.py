@@ -21,6 +21,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from ..errors import BadImageError, InputError
+from ..io.atomic import atomic_path, atomic_write_text
 from ..log import get_logger
 from ..parallel import Executor
 from ..stages import StageSummary
@@ -208,17 +209,39 @@ def write_semantic_results(out_dir: str | os.PathLike, scores: SemanticScores, *
         "iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, scores.iou)},
         "mapping": None if scores.mapping is None else {str(k): int(c) for k, c in enumerate(scores.mapping)},
     }
-    (out / "semantic.json").write_text(json.dumps(data, indent=2))
+    atomic_write_text(out / "semantic.json", json.dumps(data, indent=2))
     lines = [f"{'class':<16} {'IoU':>8}"]
     lines += [f"{n:<16} {'-' if np.isnan(v) else f'{v:8.4f}':>8}" for n, v in zip(names, scores.iou)]
     lines += [f"{'mIoU':<16} {scores.miou:8.4f}", f"{'pixel accuracy':<16} {scores.pixel_accuracy:8.4f}"]
-    (out / "per_class.txt").write_text("\n".join(lines) + "\n")
-    with open(out / "confusion.csv", "w", newline="") as fh:
+    atomic_write_text(out / "per_class.txt", "\n".join(lines) + "\n")
+    with atomic_path(out / "confusion.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         header = names + (["invalid"] if scores.confusion.shape[1] > len(names) else [])
         writer.writerow(["gt \\ pred"] + header)
         for n, row in zip(names, scores.confusion):
             writer.writerow([n] + [int(x) for x in row])
+
+
+def read_class_names(path: str | os.PathLike, num_classes: int, ignore: int | None = None) -> list[str]:
+    """Class names from a text file, one per line (``Sky`` or ``0 Sky``; numbered lines of the
+    ignore label or beyond ``num_classes`` are left out)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read class names ({exc})") from None
+    names = []
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if parts[0].isdigit() and len(parts) > 1:
+            if int(parts[0]) == ignore or int(parts[0]) >= num_classes:
+                continue
+            parts = parts[1:]
+        names.append(" ".join(parts))
+    if len(names) != num_classes:
+        raise InputError(f"{path}: {len(names)} class names for {num_classes} classes")
+    return names
 
 
 def infer_num_classes(ground_truth: str | os.PathLike, *, ignore_label: int | None = 255) -> int:
