@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -106,3 +107,137 @@ thresholds = 9
     assert "contours: 0 done, 3 already complete" in changed.output
     assert "ucm: 3 done, 0 already complete" in changed.output
     assert "evaluate segments: 3 done" in changed.output and "evaluate contours: 0 done, 3 already complete" in changed.output
+
+
+SECTIONS = """
+[pipeline]
+input = "photos"
+output = "out"
+[pipeline.inputs]
+scored = "val"
+scored_labels = "valannot"
+[train]
+steps = 7
+crop = 64
+[train.a]
+[train.b]
+steps = 3
+"""
+
+
+def _tree(tmp_path):
+    for name in ("photos", "val", "valannot"):
+        (tmp_path / name).mkdir(exist_ok=True)
+
+
+def test_sub_sections_are_instances_sharing_the_stage_keys(tmp_path):
+    _tree(tmp_path)
+    pipe = load_pipeline(_write(tmp_path, SECTIONS + """
+[embed.a-scored]
+from = ["train.a", "scored"]
+[semantic]
+ground_truth = "@scored_labels"
+from = "transfer"
+[transfer]
+from = ["embed.a-scored", "embed.a-scored"]
+"""))
+    by_name = {s.name: s for s in pipe.sections}
+    assert [n for n in by_name if n.startswith("train")] == ["train.a", "train.b"]
+    assert by_name["train.a"].config.steps == 7 and by_name["train.b"].config.steps == 3
+    assert by_name["train.a"].config.crop == by_name["train.b"].config.crop == 64
+    assert by_name["train.b"].output == tmp_path / "out" / "train" / "b"
+    assert by_name["ucm"].output == tmp_path / "out" / "segments"  # a stage run once keeps its folder
+    assert pipe.source_paths(by_name["embed.a-scored"]) == [str(tmp_path / "out" / "train" / "a"), str(tmp_path / "val")]
+    assert pipe.source_paths(by_name["train.b"]) == str(tmp_path / "out" / "segments")
+    assert by_name["semantic"].config.ground_truth == str(tmp_path / "valannot")
+    # a named input replaced as `run --input scored=...` does
+    (tmp_path / "test").mkdir()
+    other = load_pipeline(tmp_path / "p.toml", inputs={"scored": str(tmp_path / "test")})
+    section = next(s for s in other.sections if s.name == "embed.a-scored")
+    assert other.source_paths(section)[1] == str(tmp_path / "test")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("[embed]\n", r"\[embed\]: reads 'train', which runs 2 times \(train.a, train.b\); say which with from"),
+    ("[embed.x]\nfrom = ['train.c', 'input']\n", r"\[embed.x\]: key 'from': 'train.c' is neither an input nor a section before"),
+    ("[embed.x]\nfrom = ['train.a']\n", r"key 'from' needs 2 name\(s\) \(train, input\), got 1"),
+    ("[embed.x]\nfrom = [3, 'input']\n", "key 'from' expects a list of section or input names"),
+    ("[embed.x]\nfrom = ['train.a', 'input']\nlabels = '@nothing'\n", r"key 'labels': no input named 'nothing'"),
+    ("[embed.x]\nfrom = ['train.a', 'input']\nlabels = 'missing'\n", r"key 'labels': .*missing does not exist"),
+    ("[transfer.t]\nfrom = ['embed.x', 'embed.x']\n[embed.x]\nfrom = ['transfer.t', 'input']\n",
+     "'transfer.t' is neither an input nor a section before"),  # registry order: embed runs before transfer
+])
+def test_bad_sections_name_the_problem(tmp_path, extra, message):
+    _tree(tmp_path)
+    with pytest.raises(InputError, match=message):
+        load_pipeline(_write(tmp_path, SECTIONS + extra))
+
+
+def test_named_inputs_errors(tmp_path):
+    _tree(tmp_path)
+    with pytest.raises(InputError, match="no input named 'scord' to replace; its inputs: input, scored, scored_labels"):
+        load_pipeline(_write(tmp_path, SECTIONS), inputs={"scord": "x"})
+    with pytest.raises(InputError, match=r"input name\(s\) \['train'\] are also stage names"):
+        load_pipeline(_write(tmp_path, SECTIONS.replace("scored = ", "train = ")))
+    with pytest.raises(InputError, match=r"\[pipeline.inputs\] 'scored' expects a path string"):
+        load_pipeline(_write(tmp_path, SECTIONS.replace('scored = "val"', "scored = 3")))
+
+
+def test_run_option_input_replaces_a_named_input(tmp_path):
+    _tree(tmp_path)
+    path = _write(tmp_path, SECTIONS)
+    result = CliRunner().invoke(main, ["run", str(path), "--input", "nope=x"])
+    assert result.exit_code != 0 and "no input named 'nope'" in result.output
+    result = CliRunner().invoke(main, ["run", str(path), "--input", "=x"])
+    assert result.exit_code != 0 and "give PATH or NAME=PATH" in result.output
+
+
+@pytest.mark.slow
+def test_camvid_pipeline_file_runs_end_to_end_and_takes_another_scored_set(tmp_path, shared, pidinet_dir, hed_h5):
+    """The repository's camvid.toml on 3 labelled + 2 scored CamVid images (a few steps): every
+    section runs, a re-run recomputes nothing, and another scored set given by path recomputes only
+    what reads it."""
+    camvid = shared / "data" / "camvid"
+    sets = {"tr": ("train", 3, 0), "tra": ("trainannot", 3, 0), "va": ("val", 2, 0), "vaa": ("valannot", 2, 0),
+            "te": ("val", 2, 2), "tea": ("valannot", 2, 2)}
+    for name, (split, n, skip) in sets.items():
+        (tmp_path / name).mkdir()
+        for f in sorted((camvid / split).glob("*.png"))[skip:skip + n]:
+            (tmp_path / name / f.name).symlink_to(f)
+    repo = Path(__file__).resolve().parents[1]
+    inputs = {"input": tmp_path / "tr", "labelled": tmp_path / "tr", "labelled_labels": tmp_path / "tra",
+              "scored": tmp_path / "va", "scored_labels": tmp_path / "vaa", "class_names": camvid / "classes.txt"}
+    sections = {"contours": {"model": "pidinet-tiny", "weights": str(pidinet_dir / "table5_pidinet-tiny.pth")},
+                "train": {"steps": 4, "batch_size": 2, "feature_scales": [1.0], "backbone_weights": str(hed_h5)}}
+
+    def run(**changed):
+        pipe = load_pipeline(repo / "pipelines" / "camvid.toml", output=tmp_path / "out", sections=sections,
+                             inputs={k: str(v) for k, v in {**inputs, **changed}.items()})
+        return {s.stage: s for s in run_pipeline(pipe)}
+
+    from segsort_unsup.pipeline import run_pipeline
+
+    first = run()
+    rows = ("init", "raw", "unsup", "sup")
+    assert all(first[f"semantic.{r}"].done == 2 for r in rows), first
+    assert first["train.init"].done == 0 and first["train.sup"].done == 4
+    for r in rows:
+        scores = json.loads((tmp_path / "out" / "semantic" / r / "semantic.json").read_text())
+        assert 0 < scores["miou"] < 1 and len(scores["iou"]) == 11
+    assert sorted(p.name for p in (tmp_path / "out" / "predictions" / "sup").glob("*.png")) == \
+        sorted(p.name for p in (tmp_path / "va").iterdir())
+    again = run()
+    assert all(s.done == 0 for s in again.values()), [s.line() for s in again.values() if s.done]
+    other = run(scored=tmp_path / "te", scored_labels=tmp_path / "tea")
+    redone = {name for name, s in other.items() if s.done}
+    assert redone == {f"{stage}.{r}{suffix}" for r in rows
+                      for stage, suffix in (("embed", "-scored"), ("transfer", ""), ("semantic", ""))}
+    # the scored stores gain the new set's images; the scores are those of the new set alone
+    assert {p.name for p in (tmp_path / "out" / "predictions" / "sup").glob("*.png")} == \
+        {p.name for p in (tmp_path / "te").iterdir()} | {p.name for p in (tmp_path / "va").iterdir()}
+    scores = json.loads((tmp_path / "out" / "semantic" / "sup" / "semantic.json").read_text())
+    assert scores["images"] == 2 and scores["missing"] == []
+    # a label map rewritten in place is scored again
+    (tmp_path / "tea" / sorted(p.name for p in (tmp_path / "tea").iterdir())[0]).unlink()
+    last = run(scored=tmp_path / "te", scored_labels=tmp_path / "tea")
+    assert last["semantic.sup"].done == 1 and last["embed.sup-scored"].done == 0

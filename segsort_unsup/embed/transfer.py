@@ -213,7 +213,7 @@ def run(config: TransferConfig, inputs: Any, output: str | os.PathLike, *,
         raise InputError(f"{out} exists and is not a folder; choose another output path")
     out.mkdir(parents=True, exist_ok=True)
     if redo:  # labels of the old settings go before the new manifest: no mix survives a crash
-        for old_png in out.glob("*.png"):
+        for old_png in out.rglob("*.png"):
             old_png.unlink()
     atomic_write_text(manifest, json.dumps({"identity": identity, "num_classes": num_classes,
                                             "labelled": str(labelled_path), "query": str(query_path)}, indent=2))

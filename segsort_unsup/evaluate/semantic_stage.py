@@ -49,19 +49,25 @@ class SemanticConfig(StageConfig):
             raise self.bad_value("num_classes", "must be >= 1")
 
 
-def _predictions_identity(path: Path) -> str:
-    """What the predictions were made from: the transfer manifest, a store's identity, or the file list."""
-    manifest = path / "transfer.json"
+def _folder_listing(path: Path) -> list[tuple[str, int, int]]:
+    return sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*.png"))
+
+
+def _inputs_identity(predictions: Path, ground_truth: Path) -> str:
+    """What is scored: the predictions (transfer manifest or store identity, and their files) and the
+    ground-truth files; a label PNG added, removed or rewritten on either side changes it."""
+    made_by = None
+    manifest = predictions / "transfer.json"
     if manifest.is_file():
         try:
-            return config_hash(json.loads(manifest.read_text(encoding="utf-8")).get("identity"))
+            made_by = json.loads(manifest.read_text(encoding="utf-8")).get("identity")
         except ValueError:
-            pass
-    if is_store(path):
-        with StoreReader(path) as reader:
-            return config_hash({"store": reader.config_hash, "keys": reader.keys()})
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.glob("*.png"))
-    return config_hash({"files": files})
+            made_by = "unreadable"
+    elif is_store(predictions):
+        with StoreReader(predictions) as reader:
+            made_by = {"store": reader.config_hash, "keys": reader.keys()}
+    return config_hash({"made_by": made_by, "files": _folder_listing(predictions),
+                        "ground_truth": _folder_listing(ground_truth)})
 
 
 def run(config: SemanticConfig, inputs: str | os.PathLike, output: str | os.PathLike, *,
@@ -72,7 +78,7 @@ def run(config: SemanticConfig, inputs: str | os.PathLike, output: str | os.Path
     predictions, out = Path(inputs), Path(output)
     if not predictions.is_dir():
         raise InputError(f"{predictions}: no predictions to score (run the transfer stage first)")
-    identity = config_hash({**config.identity(), "predictions": _predictions_identity(predictions)})
+    identity = config_hash({**config.identity(), "inputs": _inputs_identity(predictions, Path(config.ground_truth))})
     done = out / RESULT
     if overwrite is not True and done.is_file():
         try:

@@ -107,6 +107,15 @@ def test_transfer_writes_label_pngs_equal_to_brute_force(real_prototypes, tmp_pa
     assert run(TransferConfig(k=15), [tmp_path / "lab", tmp_path / "q"], tmp_path / "out").skipped == 1
     with pytest.raises(InputError, match="overwrite"):
         run(TransferConfig(k=3), [tmp_path / "lab", tmp_path / "q"], tmp_path / "out")
+    # under `run` ("changed"): the same settings resume, other settings start over with the new k
+    assert run(TransferConfig(k=15), [tmp_path / "lab", tmp_path / "q"], tmp_path / "out",
+               overwrite="changed").skipped == 1
+    (tmp_path / "out" / "stale.png").write_bytes(b"labels of the old settings")
+    again = run(TransferConfig(k=3), [tmp_path / "lab", tmp_path / "q"], tmp_path / "out", overwrite="changed")
+    assert again.done == 1 and not (tmp_path / "out" / "stale.png").exists()
+    votes = _brute_votes(qry["prototypes"], lab["prototypes"], lab["label"], 3, int(lab["label"].max()) + 1)
+    expected = np.where(seg[1] >= 0, votes.argmax(axis=1)[np.maximum(seg[1], 0)], 255)
+    np.testing.assert_array_equal(read_label_png(tmp_path / "out" / "dir" / "b.png"), expected)
 
 
 def test_transfer_input_errors(tmp_path):
