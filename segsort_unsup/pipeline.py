@@ -51,6 +51,7 @@ path keys (``labels = "@labelled_annotations"``), and are replaced on the comman
 from __future__ import annotations
 
 import os
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,6 +286,7 @@ def run_pipeline(pipeline: Pipeline, *, overwrite: bool = False, from_stage: str
     summaries: list[StageSummary] = []
     with make_executor(pipeline.executor, workers=pipeline.workers, scheduler=pipeline.scheduler or None) as executor:
         for section in span:
+            started = time.perf_counter()
             try:
                 results = run_stage(section.stage, section.config, pipeline.source_paths(section), section.output,
                                     executor=executor, overwrite=True if overwrite else "changed")
@@ -293,5 +295,6 @@ def run_pipeline(pipeline: Pipeline, *, overwrite: bool = False, from_stage: str
             if section.name != section.stage.name:
                 for summary in results:
                     summary.stage = summary.stage.replace(section.stage.name, section.name, 1)
+            results[-1].seconds = time.perf_counter() - started
             summaries.extend(results)
     return summaries

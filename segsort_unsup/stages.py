@@ -46,6 +46,7 @@ class StageSummary:
     output: str = ""
     identity_hash: str = ""
     note: str = ""  # e.g. the scores of an evaluation, shown after the counts
+    seconds: float | None = None  # wall time, when the caller measured it (pipelines do)
 
     @property
     def ok(self) -> bool:
@@ -58,6 +59,9 @@ class StageSummary:
             text += f" -> {self.output}"
         if self.note:
             text += f": {self.note}"
+        if self.seconds is not None:
+            minutes, seconds = divmod(round(self.seconds), 60)
+            text += f" [{minutes} min {seconds:02d} s]" if minutes else f" [{self.seconds:.1f} s]"
         return text
 
 
