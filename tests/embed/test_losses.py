@@ -222,6 +222,31 @@ def test_supervised_loss_memory_bank_of_two_batches(batch):
     assert not memory.prototypes.requires_grad
 
 
+@pytest.mark.parametrize("kappa", [KAPPA, 35.0])
+def test_supervised_loss_paths_agree_in_value_and_gradient(batch, kappa):
+    """The class-sum path (kappa < 40) and the masked log-sum-exp path (any kappa) give the same
+    loss and gradient; at kappa 10 both equal the NumPy reference."""
+    from segsort_unsup.embed import losses
+
+    emb, gt = batch["emb"], batch["gt"]
+    ref, _ = np_supervised_loss(emb, gt, kappa, IGNORE)
+    grads, values = [], []
+    for safe in (losses._EXP_SAFE, 0.0):  # 0.0 forces the masked log-sum-exp path
+        x = torch.from_numpy(emb).double().requires_grad_(True)
+        original, losses._EXP_SAFE = losses._EXP_SAFE, safe
+        try:
+            loss = supervised_segsort_loss(x, torch.from_numpy(gt), kappa=kappa, ignore_label=IGNORE)
+        finally:
+            losses._EXP_SAFE = original
+        if kappa == KAPPA:
+            assert abs(loss.item() - ref) < 1e-5
+        loss.backward()
+        grads.append(x.grad)
+        values.append(loss.item())
+    assert abs(values[0] - values[1]) < 1e-10
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-7, atol=1e-12)
+
+
 def test_memory_capacity_keeps_a_random_subset():
     mem = PrototypeMemory(2, capacity=3, generator=torch.Generator().manual_seed(0))
     p = torch.nn.functional.normalize(torch.randn(10, 4), dim=1)
