@@ -47,7 +47,7 @@ import numpy as np
 
 from ..config import StageConfig, run_only
 from ..errors import BadImageError, InputError
-from ..io.images import ImageRef, list_images, read_image
+from ..io.images import list_images, read_image
 from ..io.store import Item
 from ..log import get_logger
 from ..parallel import Executor, InProcess

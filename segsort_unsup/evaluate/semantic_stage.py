@@ -15,10 +15,10 @@ from pathlib import Path
 
 from ..config import StageConfig, config_hash
 from ..errors import InputError, SegsortError
-from ..io.atomic import atomic_write_text
 from ..io.store import StoreReader, is_store
 from ..parallel import Executor
 from ..stages import Stage, StageSummary
+from .stage import previous_result, stamp_identity
 
 RESULT = "semantic.json"
 
@@ -80,17 +80,13 @@ def run(config: SemanticConfig, inputs: str | os.PathLike, output: str | os.Path
         raise InputError(f"{predictions}: no predictions to score (run the transfer stage first)")
     identity = config_hash({**config.identity(), "inputs": _inputs_identity(predictions, Path(config.ground_truth))})
     done = out / RESULT
-    if overwrite is not True and done.is_file():
-        try:
-            previous = json.loads(done.read_text(encoding="utf-8"))
-        except ValueError:
-            previous = {}
-        if previous.get("identity") == identity:
-            n = int(previous.get("images", 0))
-            return StageSummary("semantic", total=n, skipped=n, output=str(out), identity_hash=identity,
-                                note=_note(previous))
-        if overwrite is False and previous:
-            raise InputError(f"{out} holds results of other predictions or settings; pass --overwrite to replace them")
+    previous = previous_result(done) if overwrite is not True else {}
+    if previous.get("identity") == identity:
+        n = int(previous.get("images", 0))
+        return StageSummary("semantic", total=n, skipped=n, output=str(out), identity_hash=identity,
+                            note=_note(previous))
+    if overwrite is False and previous:
+        raise InputError(f"{out} holds results of other predictions or settings; pass --overwrite to replace them")
     try:
         num_classes = config.num_classes or infer_num_classes(config.ground_truth, ignore_label=config.ignore_label)
         names = (read_class_names(config.class_names, num_classes, config.ignore_label)
@@ -100,9 +96,7 @@ def run(config: SemanticConfig, inputs: str | os.PathLike, output: str | os.Path
                               executor=executor, overwrite=True)
     except SegsortError as exc:
         raise InputError(f"[semantic] {exc}") from None
-    data = json.loads(done.read_text(encoding="utf-8"))
-    data["identity"] = identity
-    atomic_write_text(done, json.dumps(data, indent=2))  # last: a result without its identity is redone
+    data = stamp_identity(done, identity)
     report.stage.stage = "semantic"
     report.stage.identity_hash = identity
     report.stage.note = _note(data)

@@ -71,32 +71,42 @@ def run(config: EvaluateConfig, inputs: Sequence[str | os.PathLike], output: str
         target = Path(output) / store.name
         identity = _identity(config, store, what)
         done = target / "summary.json"
-        if overwrite is not True and done.is_file():
-            try:
-                previous = json.loads(done.read_text(encoding="utf-8"))
-            except ValueError:
-                previous = {}
-            if previous.get("identity") == identity:
-                summary = StageSummary(f"evaluate {store.name}", total=int(previous.get("images", 0)),
-                                       skipped=int(previous.get("images", 0)), output=str(target),
-                                       identity_hash=identity, note=_note(previous))
-                summaries.append(summary)
-                continue
+        previous = previous_result(done) if overwrite is not True else {}
+        if previous.get("identity") == identity:
+            n = int(previous.get("images", 0))
+            summaries.append(StageSummary(f"evaluate {store.name}", total=n, skipped=n, output=str(target),
+                                          identity_hash=identity, note=_note(previous)))
+            continue
         try:
             report = run_benchmark(store, config.ground_truth, target, options=options, executor=executor,
                                    overwrite=True)
         except SegsortError as exc:
             raise InputError(f"[evaluate] {store.name}: {exc}") from None
-        data = json.loads(done.read_text(encoding="utf-8"))
-        data["identity"] = identity
-        from ..io.atomic import atomic_write_text
-
-        atomic_write_text(done, json.dumps(data, indent=2))
+        data = stamp_identity(done, identity)
         report.stage.stage = f"evaluate {store.name}"
         report.stage.identity_hash = identity
         report.stage.note = _note(data)
         summaries.append(report.stage)
     return summaries
+
+
+def previous_result(done: Path) -> dict:
+    """An evaluation's result file (``{}`` when missing or unreadable: it is then redone)."""
+    try:
+        data = json.loads(done.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def stamp_identity(done: Path, identity: str) -> dict:
+    """Record the identity in a result file just written; last, so a result without it is redone."""
+    from ..io.atomic import atomic_write_text
+
+    data = json.loads(done.read_text(encoding="utf-8"))
+    data["identity"] = identity
+    atomic_write_text(done, json.dumps(data, indent=2))
+    return data
 
 
 def _note(data: dict) -> str:
