@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..errors import BadImageError, InputError
 from ..io.images import ImageRef, check_image_size, image_size, read_image, resized_size
 from ..parallel import check_stop
-from ..runtime import autocast, resolve_device, resolve_precision
+from ..runtime import autocast, release_free_memory, resolve_device, resolve_precision
 from .registry import DEFAULT_MODEL, ContourModel, build_network, get_model
 from .weights import resolve_weights
 
@@ -161,8 +161,9 @@ class EdgeDetector:
         """Probabilities of ``items``, same-size images batched. ``items`` is consumed (emptied), and
         each image is released before its result is yielded: a huge image does not outlive its run."""
         groups: dict[tuple[int, int], list[tuple[object, np.ndarray]]] = defaultdict(list)
-        for tag, image in items:
-            groups[_check_image(image)].append((tag, image))
+        for item in items:
+            groups[_check_image(item[1])].append(item)
+        item = None  # the loop variable would keep the last image alive as long as this generator
         items.clear()
         while groups:
             h, w = next(iter(groups))
@@ -354,6 +355,7 @@ class EdgeDetector:
                 prob = self._run_padded(tile) if min(y1 - y0, x1 - x0) < MIN_SIDE else self._run_network(tile)
                 band[:, y0 - band_start : y1 - band_start, x0:x1] += prob[:, 0] * (wy[:, None] * wx[None, :])
                 del tile, prob
+            release_free_memory()  # freed activations, so that they do not stay resident for later steps
         flush(h)
 
 
