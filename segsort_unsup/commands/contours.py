@@ -11,6 +11,18 @@ from .options import executor_options, finish, float_list, output_option, overwr
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
+def _tile_side(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        side = int(value)
+    except ValueError:
+        side = 0
+    if side < 320:
+        raise click.BadParameter(f"{value!r}: give auto or a side in pixels >= 320, e.g. 1024")
+    return side
+
+
 @click.command()
 @click.argument("inputs", metavar="INPUT")
 @output_option("Contours store (a folder) to write or resume.")
@@ -27,7 +39,10 @@ PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
               help="Same-size images per forward pass (default: 1 on CPU, where batches only add memory "
                    "traffic; 8 on CUDA).")
 @click.option("--max-side", type=click.IntRange(min=320), default=2048, show_default=True,
-              help="Images with a longer side are processed in overlapping tiles.")
+              help="Images with a longer side are processed in overlapping tiles; smaller ones run whole.")
+@click.option("--tile-side", default="auto", show_default=True, callback=_tile_side, metavar="auto|SIDE",
+              help="Side of those tiles (at most --max-side). auto: the largest whose forward pass needs at most "
+                   "512 MiB for the model and precision (smaller tiles: less memory, a little more compute).")
 @click.option("--no-tile", is_flag=True, help="Refuse images above --max-side instead of tiling them.")
 @click.option("--max-pixels", type=click.IntRange(min=0), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Refuse images with more pixels (after --resize-to), read from the header before decoding; "
@@ -41,7 +56,7 @@ PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 @executor_options
 @overwrite_option
 @shard_size_option
-def contours(inputs, output, model, weights_path, precision, scales, device, batch_size, max_side, no_tile,
+def contours(inputs, output, model, weights_path, precision, scales, device, batch_size, max_side, tile_side, no_tile,
              max_pixels, resize_to, threads, png_dir, nms_png, executor, workers, scheduler, overwrite, shard_size):
     """Edge probability + orientation for every image in INPUT (folder, glob, list file or image).
 
@@ -54,8 +69,8 @@ def contours(inputs, output, model, weights_path, precision, scales, device, bat
     if nms_png and png_dir is None:
         raise click.UsageError("--nms-png needs --png-dir")
     config = ContoursConfig(model=model, precision=precision, scales=scales, device=device, batch_size=batch_size,
-                            max_side=max_side, tile=not no_tile, max_pixels=max_pixels, resize_to=resize_to,
-                            threads=threads, shard_size=shard_size,
+                            max_side=max_side, tile_side=tile_side, tile=not no_tile, max_pixels=max_pixels,
+                            resize_to=resize_to, threads=threads, shard_size=shard_size,
                             weights=weights_path, png_dir=png_dir, nms_png=nms_png)
     with make_executor(executor, workers=workers, scheduler=scheduler) as pool:
         summary = run(config, inputs, output, executor=pool, overwrite=overwrite)

@@ -12,8 +12,9 @@ probability ``(N, 1, H, W)``) with what makes it fast and robust on real folders
 * **large images**: above ``max_side`` the image is cut into overlapping tiles whose results are
   blended with linear ramps (or refused with a clear error when ``tile=False``); tiles are cut
   from the uint8 image and blended one band of tile rows at a time into a float16 map, so the
-  working memory is a few tiles, not full-size float copies; a stop request (Ctrl-C, SIGTERM) is
-  honoured between tiles;
+  working memory is a few tiles, not full-size float copies; the tile side is chosen so that one
+  tile's forward pass needs at most :data:`TILE_MEMORY_BUDGET` (:func:`auto_tile_side`, from the
+  model's measured bytes per tile pixel); a stop request (Ctrl-C, SIGTERM) is honoured between tiles;
 * **tiny images**: sides below :data:`MIN_SIDE` are padded by edge replication and cropped back;
 * **overlapped decoding**: :meth:`EdgeDetector.detect_files` checks every file's header first
   (unreadable, empty or too large files are reported at once, before any image is decoded), then
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from ..errors import BadImageError, InputError
 from ..io.images import ImageRef, check_image_size, image_size, read_image, resized_size
 from ..parallel import check_stop
-from ..runtime import autocast, resolve_device, resolve_precision
+from ..runtime import autocast, release_free_memory, resolve_device, resolve_precision
 from .registry import DEFAULT_MODEL, ContourModel, build_network, get_model
 from .weights import resolve_weights
 
@@ -45,6 +46,11 @@ MIN_SIDE = 32  # smaller sides are padded by replication: conv5 (1/16) then stil
 TILE_OVERLAP = 256  # pixels shared by neighbouring tiles (HED's deepest side sees ~200 px)
 TILE_MARGIN = 64  # pixels next to an inner tile edge that are not used at all (zero-padding effects)
 TILE_ALIGN = 32  # tile starts and sizes are multiples of this: keeps the networks' pooling grids (/16, /8) in phase
+MIN_TILE_SIDE = TILE_OVERLAP + 2 * TILE_ALIGN  # smaller tiles would be mostly overlap
+# Working memory allowed for one tile's forward pass (activations, scratch). With the process and
+# the model (~0.4 GiB) and 4.5 bytes per image pixel (the RGB image, the float16 map) it keeps a
+# tiled run within 1 GiB + 8 bytes per pixel of the largest image.
+TILE_MEMORY_BUDGET = 512 << 20
 MAX_BATCH_PIXELS = 4_000_000  # images x pixels per forward pass (bounds activation memory)
 MAX_WINDOW_PIXELS = 16_000_000  # pixels decoded ahead together (an image above it is read on its own)
 
@@ -72,7 +78,10 @@ class EdgeDetector:
     scales : image scales whose probabilities are averaged (``(1.0,)``: single scale).
     batch_size : images per forward pass (same-size images only; also capped by pixel count);
         ``None``: 1 on CPU, 8 on CUDA.
-    max_side : images (after scaling) with a longer side are tiled, or refused if ``tile=False``.
+    max_side : images (after scaling) with a longer side are tiled, or refused if ``tile=False``;
+        images at or below it run whole.
+    tile_side : side of those tiles (at most ``max_side``); ``None``: :func:`auto_tile_side` for the
+        model and the resolved precision.
     tile_overlap : pixels shared by neighbouring tiles.
     threads : torch intra-op threads (``None``: torch's default).
     """
@@ -87,6 +96,7 @@ class EdgeDetector:
         scales: Sequence[float] = (1.0,),
         batch_size: int | None = None,
         max_side: int = 2048,
+        tile_side: int | None = None,
         tile: bool = True,
         tile_overlap: int = TILE_OVERLAP,
         threads: int | None = None,
@@ -96,9 +106,13 @@ class EdgeDetector:
             raise InputError(f"scales {tuple(scales)}: give one or more factors between 0.05 and 8")
         if batch_size is not None and batch_size < 1:
             raise InputError("batch size must be >= 1")
-        if tile_overlap < 4 or max_side < tile_overlap + 2 * TILE_ALIGN:
-            raise InputError(f"max side {max_side} is too small for tiles overlapping by {tile_overlap} px "
-                             f"(use at least {tile_overlap + 2 * TILE_ALIGN})")
+        if tile_overlap < 4:
+            raise InputError(f"tile overlap {tile_overlap} is too small (use at least 4 px)")
+        smallest = tile_overlap + 2 * TILE_ALIGN
+        for name, side in (("max side", max_side), ("tile side", tile_side)):
+            if side is not None and side < smallest:
+                raise InputError(f"{name} {side} is too small for tiles overlapping by {tile_overlap} px "
+                                 f"(use at least {smallest})")
         if threads is not None:
             torch.set_num_threads(int(threads))
         self.scales = tuple(float(s) for s in scales)
@@ -107,6 +121,8 @@ class EdgeDetector:
         self.tile_overlap = int(tile_overlap)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device, cpu_bf16=self.entry.cpu_bf16)
+        self.tile_side = min(self.max_side, int(tile_side) if tile_side is not None
+                             else auto_tile_side(self.entry, self.precision))
         # On CPU one image at a time is fastest (measured for HED and PiDiNet: a batch only adds
         # memory traffic); GPUs want batches.
         self.batch_size = int(batch_size) if batch_size is not None else (8 if self.device.type == "cuda" else 1)
@@ -145,8 +161,9 @@ class EdgeDetector:
         """Probabilities of ``items``, same-size images batched. ``items`` is consumed (emptied), and
         each image is released before its result is yielded: a huge image does not outlive its run."""
         groups: dict[tuple[int, int], list[tuple[object, np.ndarray]]] = defaultdict(list)
-        for tag, image in items:
-            groups[_check_image(image)].append((tag, image))
+        for item in items:
+            groups[_check_image(item[1])].append(item)
+        item = None  # the loop variable would keep the last image alive as long as this generator
         items.clear()
         while groups:
             h, w = next(iter(groups))
@@ -296,7 +313,7 @@ class EdgeDetector:
         return self._run_network(padded)[..., top : top + h, left : left + w]
 
     def _run_tiled(self, tile_of, n: int, h: int, w: int, out: np.ndarray) -> None:
-        """Overlapping tiles of at most ``max_side``, blended over their overlaps, into ``out`` (n, h, w).
+        """Overlapping tiles of at most ``tile_side``, blended over their overlaps, into ``out`` (n, h, w).
 
         ``tile_of(y0, y1, x0, x1)`` gives the float ``(n, 3, y1 - y0, x1 - x0)`` input of one tile.
         Near an inner tile edge HED sees zero padding instead of the image, so each tile drops
@@ -306,7 +323,7 @@ class EdgeDetector:
         are normalised and written to ``out``. Working memory: one band plus one tile.
         """
         device = self.device
-        ys, xs = _tile_spans(h, self.max_side, self.tile_overlap), _tile_spans(w, self.max_side, self.tile_overlap)
+        ys, xs = _tile_spans(h, self.tile_side, self.tile_overlap), _tile_spans(w, self.tile_side, self.tile_overlap)
         wys = [_edge_weights(y1 - y0, y0 > 0, y1 < h, self.tile_overlap, device) for y0, y1 in ys]
         wxs = [_edge_weights(x1 - x0, x0 > 0, x1 < w, self.tile_overlap, device) for x0, x1 in xs]
         norm_y = torch.zeros(h, dtype=torch.float32, device=device)
@@ -338,7 +355,24 @@ class EdgeDetector:
                 prob = self._run_padded(tile) if min(y1 - y0, x1 - x0) < MIN_SIDE else self._run_network(tile)
                 band[:, y0 - band_start : y1 - band_start, x0:x1] += prob[:, 0] * (wy[:, None] * wx[None, :])
                 del tile, prob
+            release_free_memory()  # freed activations, so that they do not stay resident for later steps
         flush(h)
+
+
+def auto_tile_side(model: str | ContourModel, precision: str, *, budget: int = TILE_MEMORY_BUDGET) -> int:
+    """The largest tile side (a multiple of ``TILE_ALIGN``, at least ``MIN_TILE_SIDE``) whose
+    forward pass needs at most ``budget`` bytes, from the model's measured bytes per tile pixel
+    (``ContourModel.tile_bytes``; ``bf16`` stands for ``fp16`` too).
+
+    A function of the model and the precision only, so a store's identity does not depend on the
+    machine. A model without a figure gets 2048, the fixed side used before.
+    """
+    entry = get_model(model)
+    per_pixel = entry.tile_bytes.get("fp32" if precision == "fp32" else "bf16")
+    if not per_pixel:
+        return 2048
+    side = int((budget / per_pixel) ** 0.5) // TILE_ALIGN * TILE_ALIGN
+    return max(MIN_TILE_SIDE, side)
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -359,12 +393,12 @@ def _check_image(image: np.ndarray) -> tuple[int, int]:
     return image.shape[0], image.shape[1]
 
 
-def _tile_spans(length: int, max_side: int, overlap: int) -> list[tuple[int, int]]:
+def _tile_spans(length: int, tile_side: int, overlap: int) -> list[tuple[int, int]]:
     """``(start, end)`` of tiles covering ``0..length``: starts and sizes are multiples of TILE_ALIGN
     (the last tile ends at ``length``), neighbours share at least ``overlap`` pixels."""
-    if length <= max_side:
+    if length <= tile_side:
         return [(0, length)]
-    size = max(TILE_ALIGN, max_side // TILE_ALIGN * TILE_ALIGN)
+    size = max(TILE_ALIGN, tile_side // TILE_ALIGN * TILE_ALIGN)
     step = max(TILE_ALIGN, (size - overlap) // TILE_ALIGN * TILE_ALIGN)
     spans = [(0, size)]
     while spans[-1][1] < length:

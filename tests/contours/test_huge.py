@@ -250,30 +250,113 @@ def tiny_detector(tiny_weights):
     return EdgeDetector("pidinet-tiny", tiny_weights, device="cpu", precision="fp32", max_side=384)
 
 
-def test_banded_tiling_equals_full_size_blend(tiny_detector):
+@pytest.fixture(scope="module")
+def small_tiles(tiny_weights):
+    """Images above 512 px tiled, in tiles of 352 (smaller than the threshold)."""
+    from segsort_unsup.contours.detect import EdgeDetector
+
+    return EdgeDetector("pidinet-tiny", tiny_weights, device="cpu", precision="fp32", max_side=512, tile_side=352)
+
+
+@pytest.mark.parametrize("which, side", [("tiny_detector", 384), ("small_tiles", 352)])
+def test_banded_tiling_equals_full_size_blend(request, which, side):
     """The float16 band blend against the straightforward one: full-size float32 sums of weight x
-    probability and of weights, divided at the end (what the detector did before)."""
+    probability and of weights, divided at the end (what the detector did before), over tiles of
+    the detector's tile side (which may be below the side above which images are tiled)."""
     import torch
 
     from segsort_unsup.contours.detect import _edge_weights, _tile_spans
 
-    image = _photo_rows(0, 500, 600, 3)  # 2 x 3 tiles of 384
+    detector = request.getfixturevalue(which)
+    assert detector.tile_side == side
+    image = _photo_rows(0, 500, 600, 3)
     h, w = image.shape[:2]
     acc = np.zeros((h, w), np.float64)
     norm = np.zeros((h, w), np.float64)
-    for y0, y1 in _tile_spans(h, 384, tiny_detector.tile_overlap):
-        wy = _edge_weights(y1 - y0, y0 > 0, y1 < h, tiny_detector.tile_overlap, torch.device("cpu")).numpy()
-        for x0, x1 in _tile_spans(w, 384, tiny_detector.tile_overlap):
-            wx = _edge_weights(x1 - x0, x0 > 0, x1 < w, tiny_detector.tile_overlap, torch.device("cpu")).numpy()
-            with torch.inference_mode():
-                tile = torch.from_numpy(np.ascontiguousarray(image[y0:y1, x0:x1])).permute(2, 0, 1)[None].float()
-                prob = tiny_detector.network(tile)[0, 0].numpy()
-            acc[y0:y1, x0:x1] += prob * np.outer(wy, wx)
-            norm[y0:y1, x0:x1] += np.outer(wy, wx)
+    overlap = detector.tile_overlap
+    spans = [(y, x) for y in _tile_spans(h, side, overlap) for x in _tile_spans(w, side, overlap)]
+    assert len(spans) == {384: 6, 352: 12}[side]  # 2 x 3 tiles of 384, 3 x 4 of 352
+    assert max(max(y1 - y0, x1 - x0) for (y0, y1), (x0, x1) in spans) == side
+    for (y0, y1), (x0, x1) in spans:
+        wy = _edge_weights(y1 - y0, y0 > 0, y1 < h, detector.tile_overlap, torch.device("cpu")).numpy()
+        wx = _edge_weights(x1 - x0, x0 > 0, x1 < w, detector.tile_overlap, torch.device("cpu")).numpy()
+        with torch.inference_mode():
+            tile = torch.from_numpy(np.ascontiguousarray(image[y0:y1, x0:x1])).permute(2, 0, 1)[None].float()
+            prob = detector.network(tile)[0, 0].numpy()
+        acc[y0:y1, x0:x1] += prob * np.outer(wy, wx)
+        norm[y0:y1, x0:x1] += np.outer(wy, wx)
     expected = np.clip(acc / norm, 0, 1)
-    got = tiny_detector.detect(image)
+    got = detector.detect(image)
     assert got.dtype == np.float16 and got.shape == (h, w)
     assert np.abs(got.astype(np.float64) - expected).max() < 1e-3  # float16 rounding (<= 2^-11 at 1)
+
+
+def test_tile_side_leaves_untiled_images_alone(small_tiles, tiny_weights):
+    """An image at or below max_side runs whole whatever the tile side: bit for bit the network's
+    own float32 output, as with the default (automatic) tiles."""
+    import torch
+
+    from segsort_unsup.contours.detect import EdgeDetector
+
+    image = _photo_rows(0, 480, 512, 3)
+    default = EdgeDetector("pidinet-tiny", tiny_weights, device="cpu", precision="fp32", max_side=512)
+    assert default.tile_side == 512 and small_tiles.tile_side == 352
+    got = small_tiles.detect(image)
+    with torch.inference_mode():
+        whole = small_tiles._run_network(torch.from_numpy(image).permute(2, 0, 1)[None].float())[0, 0].numpy()
+    assert got.dtype == np.float32 and np.array_equal(got, whole)
+    assert np.array_equal(got, default.detect(image))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_auto_tile_side_is_the_largest_within_budget(precision):
+    from segsort_unsup.contours.detect import MIN_TILE_SIDE, TILE_ALIGN, TILE_MEMORY_BUDGET, auto_tile_side
+    from segsort_unsup.contours.registry import MODELS
+
+    for name, entry in MODELS.items():
+        side = auto_tile_side(name, precision)
+        per_pixel = entry.tile_bytes[precision]
+        assert side % TILE_ALIGN == 0 and side >= MIN_TILE_SIDE, name
+        assert per_pixel * side**2 <= TILE_MEMORY_BUDGET < per_pixel * (side + TILE_ALIGN) ** 2, name
+    assert auto_tile_side("pidinet", "fp16") == auto_tile_side("pidinet", "bf16")
+
+
+def test_tile_side_option_is_checked(tmp_path):
+    result = CliRunner().invoke(main, ["contours", str(tmp_path), "-o", str(tmp_path / "s"), "--tile-side", "100"])
+    assert result.exit_code == 2 and "--tile-side" in result.output
+    assert "auto or a side in pixels >= 320" in result.output
+
+
+def _load_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tile_memory", REPO / "benchmarks" / "tile_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("model", ["hed-bsds500", "pidinet", "pidinet-small", "pidinet-tiny"])
+def test_tile_working_memory_within_budget(model, precision, pidinet_dir, hed_h5):
+    """One tile of the automatic side, run three times in a fresh process (cut from a uint8
+    image, through the network, times the blend weights): its peak resident-memory growth stays
+    within the budget the side was chosen for. A model whose activations grow (or whose
+    ``tile_bytes`` figure is too low) fails here."""
+    from segsort_unsup.contours.detect import TILE_MEMORY_BUDGET, auto_tile_side
+    from segsort_unsup.contours.registry import get_model
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident size")
+    entry = get_model(model)
+    weights = hed_h5 if entry.arch == "hed" else pidinet_dir / entry.upstream_name
+    got = _load_benchmark().measure(model, weights, precision, "auto")
+    side = auto_tile_side(model, precision)
+    assert got["pixels"] == side * side and got["precision"] == precision
+    assert got["bytes"] <= TILE_MEMORY_BUDGET, (
+        f"{model} {precision}: a {side} px tile needs {got['bytes'] / 2**20:.0f} MiB "
+        f"({got['bytes'] / side**2:.0f} B/px; registry {entry.tile_bytes[precision]})")
 
 
 def test_stop_request_is_honoured_between_tiles(tiny_detector, monkeypatch):

@@ -80,3 +80,22 @@ def test_config_hash_covers_results_only():
     assert hashed["precision"] == "bf16" and config.to_dict()["batch_size"] is None
     assert config.identity_hash(weights_sha256="ab" * 32) == config.replace(
         batch_size=4, threads=1, shard_size=2).identity_hash(weights_sha256="ab" * 32)
+
+
+def test_tile_side_is_part_of_the_identity(tmp_path, folder, pidinet_dir):
+    """The store records the tile side 'auto' resolves to: naming the same side resumes, another
+    side (which changes tiled images) is refused."""
+    from segsort_unsup.contours.detect import auto_tile_side
+
+    out = tmp_path / "store"
+    base = ContoursConfig(model="pidinet-tiny", precision="fp32", device="cpu",
+                          weights=str(pidinet_dir / "table5_pidinet-tiny.pth"))
+    assert run(base, str(folder), out).done == 3
+    side = auto_tile_side("pidinet-tiny", "fp32")
+    with StoreReader(out, kind="contours") as store:
+        assert store.meta["tile_side"] == side and store.config["tile_side"] == side
+    assert run(base.replace(tile_side=side), str(folder), out).skipped == 3
+    with pytest.raises(StoreError, match="tile_side"):
+        run(base.replace(tile_side=640), str(folder), out)
+    with pytest.raises(StoreError, match="max_side, .*tile_side"):  # max_side caps the tiles
+        run(base.replace(max_side=640), str(folder), out)

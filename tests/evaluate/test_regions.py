@@ -93,9 +93,34 @@ def test_ucm2_cut_recovers_regions():
         assert len(np.unique(mid)) == 1
         assert len(np.unique(cut(0.9))) == 1
     # the benchmark's cuts carry BSR's ids: from 1, numbered in MATLAB's column-major scan
-    segs = R.ucm2_segmentations(ucm2, np.array([0.3, 0.5]))
+    segs = [seg.copy() for seg in R.ucm2_segmentations(ucm2, np.array([0.3, 0.5]))]
     np.testing.assert_array_equal(segs[0], [[1, 1, 3, 3], [1, 1, 3, 3], [2, 2, 2, 2]])
     np.testing.assert_array_equal(segs[1], [[1, 1, 2, 2], [1, 1, 2, 2], [1, 1, 1, 1]])
+
+
+def test_float32_ucm2_cuts_as_float64():
+    """A stored (float32) ucm2 is cut without a float64 copy, and exactly as its float64 copy is:
+    also at thresholds just below a float32 level (float32(0.3) > 0.3)."""
+    rng = np.random.default_rng(5)
+    h, w = 30, 40
+    ucm2 = np.zeros((2 * h + 1, 2 * w + 1), np.float32)
+    levels = np.array([0.1, 0.3, 0.3 + 1e-9, 0.5, 0.7], np.float32)
+    ucm2[::2, :] = rng.choice(levels, ucm2[::2, :].shape)
+    ucm2[:, ::2] = rng.choice(levels, ucm2[:, ::2].shape)
+    thresholds = np.array([0.05, 0.1, 0.2, 0.25, 0.3, np.float64(np.float32(0.3)), 0.31, 0.5, 0.69, 0.9])
+    got = list(R.ucm2_segmentations(ucm2, thresholds))
+    want = list(R.ucm2_segmentations(ucm2.astype(np.float64), thresholds))
+    assert len(got) == len(want) == len(thresholds)
+    for g, x in zip(got, want):
+        assert g.dtype == np.int32 and np.array_equal(g, x)
+    assert got[3] is got[2]  # no level between 0.2 and 0.25: the same cut again
+    assert not np.array_equal(got[4], got[5])  # 0.3 < float32(0.3): the cut at 0.3 keeps those borders
+    gts = [rng.integers(1, 4, (h, w)), rng.integers(1, 6, (h, w)).astype(np.uint16)]
+    a = R.region_counts_ucm2(ucm2, gts, thresholds=thresholds)
+    b = R.region_counts([s.astype(np.int64) for s in want], [g.astype(np.int64) for g in gts], thresholds=thresholds)
+    for name in ("cnt_r", "sum_r", "cnt_p", "sum_p", "ri", "voi"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    assert a.cnt_r_best == b.cnt_r_best
 
 
 def test_bsr_cut_joins_pixels_through_a_low_corner():

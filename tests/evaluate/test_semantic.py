@@ -30,6 +30,28 @@ def test_hand_checked_example():
     assert scores.pixel_accuracy == pytest.approx(7 / 10)
 
 
+@pytest.mark.parametrize("dtypes", [(np.uint8, np.uint8), (np.int32, np.uint16)])
+def test_chunked_counts_equal_a_pixel_loop(monkeypatch, dtypes):
+    """Counting a chunk at a time in the maps' own types gives every pixel's (gt, pred) pair once."""
+    from segsort_unsup.evaluate import semantic
+
+    rng = np.random.default_rng(3)
+    gt = rng.integers(0, 5, (37, 53)).astype(dtypes[1])
+    gt[rng.random(gt.shape) < 0.2] = 255 if dtypes[1] == np.uint8 else 1000
+    pred = rng.integers(-1 if dtypes[0] == np.int32 else 0, 7, gt.shape).astype(dtypes[0])
+    ignore = int(gt.max())
+    expected = np.zeros((5, 6), np.int64)
+    for g, p in zip(gt.ravel().tolist(), pred.ravel().tolist()):
+        if g != ignore:
+            expected[g, p if 0 <= p < 5 else 5] += 1
+    monkeypatch.setattr(semantic, "CHUNK_PIXELS", 100)  # 20 chunks, the last one partial
+    assert np.array_equal(confusion_matrix(pred, gt, num_classes=5, ignore_label=ignore), expected)
+    monkeypatch.setattr(semantic, "CHUNK_PIXELS", 1 << 20)
+    assert np.array_equal(confusion_matrix(pred, gt, num_classes=5, ignore_label=ignore), expected)
+    with pytest.raises(ValueError, match="ground-truth label"):
+        confusion_matrix(pred, gt, num_classes=4, ignore_label=ignore)
+
+
 def test_hungarian_recovers_a_permutation():
     rng = np.random.default_rng(0)
     gt = rng.integers(0, 4, (30, 30))

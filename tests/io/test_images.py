@@ -35,6 +35,32 @@ def test_modes_become_rgb8(tmp_path):
     assert one.shape == (1, 1, 3)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "I;16", "RGBA", "LA"])
+def test_large_images_are_copied_out_in_strips_exactly(tmp_path, monkeypatch, mode):
+    """Above a size, pixels leave PIL strip by strip (no whole-image tobytes): the same array as
+    np.asarray gives, for every mode, also with EXIF orientation applied (a transposed copy)."""
+    from PIL import ImageOps
+
+    from segsort_unsup.io import images
+
+    rng = np.random.default_rng(1)
+    base = Image.fromarray(rng.integers(0, 256, (53, 71, 3), dtype=np.uint8)).convert(mode)
+    if mode == "I;16":
+        base = Image.fromarray(rng.integers(0, 65536, (53, 71), dtype=np.uint16))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: read_image must turn it
+    path = tmp_path / f"im_{mode.replace(';', '')}.png"
+    base.save(path, exif=exif)
+    whole = read_image(path)
+    monkeypatch.setattr(images, "STRIP_BYTES", 64)  # a handful of rows per strip, the last one partial
+    stripped = read_image(path)
+    assert np.array_equal(stripped, whole) and stripped.shape[:2] == (71, 53)
+    with Image.open(path) as im:
+        im.load()
+        turned = ImageOps.exif_transpose(im)
+        assert np.array_equal(images._pixels(turned), np.asarray(turned))
+
+
 @pytest.mark.parametrize(
     "content, reason",
     [(b"", "empty"), (b"this is not an image", "not an image"), (None, "truncated")],

@@ -15,7 +15,7 @@ import pytest
 import scipy.io
 
 from segsort_unsup.io.store import Item, StoreReader, StoreWriter
-from segsort_unsup.ucm.hierarchy import cut_labels, labels_from_ucm2
+from segsort_unsup.ucm.hierarchy import cut_labels, labels_from_ucm2, ultrametric_contour_map
 from segsort_unsup.ucm.stage import UcmConfig, run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,6 +46,13 @@ def test_store_contents_and_resume(tmp_path, gt_maps, bsds):
         assert item.arrays["labels"].dtype == np.int32 and item.arrays["labels"].shape == (h, w)
         assert item.arrays["labels_levels"].shape == (2, h, w)
         np.testing.assert_array_equal(item.arrays["labels"], labels_from_ucm2(item.arrays["ucm2"], 0.3))
+        # the stage's step-by-step path (arrays dropped early) gives the library function's result
+        stored = [np.asarray(m.astype(np.float16), np.float32) for m in gt_maps[0][1:]]
+        direct = ultrametric_contour_map(*stored)
+        for name in ("ucm2", "parents", "altitudes", "leaves"):
+            got = item.arrays[name]
+            assert got.dtype == getattr(direct, name).dtype and np.array_equal(got, getattr(direct, name)), name
+        np.testing.assert_array_equal(item.arrays["labels"], direct.labels(0.3))
         leaf_labels = cut_labels(item.arrays["parents"], item.arrays["altitudes"], threshold=0.5)
         np.testing.assert_array_equal(leaf_labels[item.arrays["leaves"]], item.arrays["labels_levels"][1])
         assert store.meta["source"] == str(src.resolve()) and item.attrs["threshold"] == 0.3
