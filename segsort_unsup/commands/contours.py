@@ -46,7 +46,7 @@ def _tile_side(ctx: click.Context, param: click.Parameter, value: str) -> int | 
 @click.option("--no-tile", is_flag=True, help="Refuse images above --max-side instead of tiling them.")
 @click.option("--max-pixels", type=click.IntRange(min=0), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Refuse images with more pixels (after --resize-to), read from the header before decoding; "
-                   "0: no limit. Memory needed: about 2 GiB + 5 bytes per pixel of the largest image.")
+                   "0: no limit. Memory needed: about 1 GiB + 8 bytes per pixel of the largest tiled image.")
 @click.option("--resize-to", type=click.IntRange(min=32), default=None, metavar="SIDE",
               help="Scale images whose longer side is above SIDE down to SIDE (maps are stored at that size).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads (default: all cores).")

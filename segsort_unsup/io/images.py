@@ -136,7 +136,7 @@ def check_image_size(path: str | os.PathLike, width: int, height: int, *, max_pi
     raise BadImageError(path, f"{width}x{height} pixels ({width * height / 1e6:.1f} Mpx"
                               + (f", {w}x{h} after --resize-to {resize_to}" if (w, h) != (width, height) else "")
                               + f") is above the limit of {max_pixels / 1e6:.1f} Mpx; use --max-pixels {w * h} to "
-                              f"process it (needs about {2 + 5 * w * h / 2**30:.0f} GiB of memory) or "
+                              f"process it (needs about {1 + 8 * w * h / 2**30:.0f} GiB of memory) or "
                               f"--resize-to {side} to process it smaller")
 
 
