@@ -105,7 +105,7 @@ MODELS: dict[str, ContourModel] = {
             licence=_PIDINET_LICENCE,
             summary="PiDiNet (Su et al. ICCV 2021), BSDS500 + VOC, C=60 with CDCM/CSAM",
             published={"ods": 0.807, "ois": 0.823},
-            tile_bytes={"fp32": 1040, "bf16": 640},
+            tile_bytes={"fp32": 1220, "bf16": 640},  # fp32: 1110 seen in a CI run beside another job, + 10%
         ),
         ContourModel(
             name="pidinet-small",
