@@ -87,13 +87,17 @@ class Pipeline:
     """A parsed pipeline file: where from, where to, how to execute, and each section's config."""
 
     path: Path
-    input: str
     output: Path
     sections: list[Section] = field(default_factory=list)
     executor: str = "local"
     workers: int = 1
     scheduler: str = ""
     inputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def input(self) -> str:
+        """The default input (``[pipeline] input``), or "" when only named inputs are declared."""
+        return self.inputs.get("input", "")
 
     @property
     def configs(self) -> dict[str, StageConfig]:
@@ -191,7 +195,7 @@ def load_pipeline(path: str | os.PathLike, *, input: str | None = None,  # noqa:
     if clash:
         raise InputError(f"{path}: input name(s) {clash} are also stage names; rename the input(s)")
 
-    pipeline = Pipeline(path, all_inputs.get("input", ""), output, executor=executor,
+    pipeline = Pipeline(path, output, executor=executor,
                         workers=int(head.get("workers", 1)), scheduler=head.get("scheduler", ""), inputs=all_inputs)
     for stage in stages.values():
         raw = data.get(stage.name)
