@@ -23,7 +23,7 @@ as in Dollar's ``edgesEvalPlot``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,6 +208,31 @@ def binary_maps(pb: np.ndarray, thresholds: np.ndarray, *, thin_maps: bool = Tru
     return maps
 
 
+def _flat_maps(maps: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """Sorted flat indices of each binary map's pixels (int32 below 2**31 pixels); a map that is
+    the same array as the previous one gives the same index array again."""
+    previous = flat = None
+    for bmap in maps:
+        if bmap is not previous:
+            previous = bmap
+            flat = np.flatnonzero(bmap)
+            flat = flat.astype(np.int32) if bmap.size < 2**31 else flat
+        yield flat
+
+
+def _flat_binary_maps(pb: np.ndarray, thresholds: np.ndarray, *, thin_maps: bool) -> Iterator[np.ndarray]:
+    """:func:`binary_maps` one threshold at a time, each map as :func:`_flat_maps` gives it."""
+    prev_count = -1
+    flat = None
+    for t in thresholds:
+        bmap = pb >= t
+        count = int(bmap.sum())
+        if flat is None or count != prev_count:  # nested maps: the same count means the same map
+            flat = next(_flat_maps([thin(bmap) if thin_maps else bmap]))
+            prev_count = count
+        yield flat
+
+
 def boundary_counts(
     maps: Sequence[np.ndarray],
     humans: Sequence[np.ndarray],
@@ -219,25 +244,42 @@ def boundary_counts(
     """Counts for a sequence of binary machine maps (one per threshold) against human boundaries."""
     if len(maps) != len(thresholds):
         raise ValueError("one binary map per threshold is needed")
+    if not maps:
+        raise ValueError("no machine maps")
+    return _boundary_counts_flat(list(_flat_maps(maps)), maps[0].shape, humans, thresholds=thresholds,
+                                 max_dist=max_dist, outlier_cost=outlier_cost)
+
+
+def _boundary_counts_flat(
+    flats: Sequence[np.ndarray],
+    shape: tuple[int, int],
+    humans: Sequence[np.ndarray],
+    *,
+    thresholds: np.ndarray,
+    max_dist: float = MAX_DIST,
+    outlier_cost: float = OUTLIER_COST,
+) -> BoundaryCounts:
+    """:func:`boundary_counts` for maps given as sorted flat pixel indices: a thinned map is a few
+    percent of the pixels, so 99 thresholds no longer hold 99 full-size bool maps."""
+    if len(flats) != len(thresholds):
+        raise ValueError("one binary map per threshold is needed")
     if not humans:
         raise ValueError("no human boundary maps")
-    shape = maps[0].shape
     radius = match_radius(shape, max_dist)
     ow = _outlier_weight(radius, outlier_cost)
-    n_steps = len(maps)
-    # all pixels that appear at any threshold, and which are present at each step
-    union = np.zeros(shape, np.bool_)
-    for bmap in maps:
-        union |= bmap
-    ys, xs = np.nonzero(union)
-    ys = ys.astype(np.int64)
-    xs = xs.astype(np.int64)
+    n_steps = len(flats)
+    # all pixels that appear at any threshold (in raster order), and which are present at each step
+    distinct = list({id(f): f for f in flats}.values())
+    union = np.unique(np.concatenate(distinct)) if distinct else np.zeros(0, np.int64)
+    del distinct
+    ys, xs = np.divmod(union.astype(np.int64), shape[1])
     # visit the thresholds from the sparsest map down
-    sizes = np.array([int(m.sum()) for m in maps])
+    sizes = np.array([f.size for f in flats])
     order = np.argsort(sizes, kind="stable")
-    active = np.empty((n_steps, len(ys)), np.bool_)
+    active = np.zeros((n_steps, len(ys)), np.bool_)
     for step, idx in enumerate(order):
-        active[step] = maps[idx][ys, xs]
+        active[step, np.searchsorted(union, flats[idx])] = True
+    del union
     acc = np.zeros((n_steps, len(ys)), np.bool_)
     cnt_r = np.zeros(n_steps, np.int64)
     sum_r = np.zeros(n_steps, np.int64)
@@ -275,8 +317,8 @@ def boundary_counts_pb(
     """BSR ``evaluation_bdry_image`` for a soft boundary map ``pb`` in [0, 1]."""
     pb = np.asarray(pb, np.float64)
     thresholds = default_thresholds() if thresholds is None else np.asarray(thresholds, np.float64)
-    maps = binary_maps(pb, thresholds, thin_maps=thin_maps)
-    return boundary_counts(maps, humans, thresholds=thresholds, max_dist=max_dist)
+    flats = list(_flat_binary_maps(pb, thresholds, thin_maps=thin_maps))
+    return _boundary_counts_flat(flats, pb.shape, humans, thresholds=thresholds, max_dist=max_dist)
 
 
 def boundary_counts_segs(
@@ -287,12 +329,14 @@ def boundary_counts_segs(
     thin_maps: bool = True,
 ) -> BoundaryCounts:
     """BSR ``evaluation_bdry_image`` for a list of segmentations (thresholds 1..len(segs))."""
-    maps = []
+    flats = []
     for seg in segs:
         bmap = seg_boundaries(seg)
-        maps.append(thin(bmap) if thin_maps else bmap)
+        flats.append(next(_flat_maps([thin(bmap) if thin_maps else bmap])))
+    if not flats:
+        raise ValueError("no segmentations")
     thresholds = np.arange(1, len(segs) + 1, dtype=np.float64)
-    return boundary_counts(maps, humans, thresholds=thresholds, max_dist=max_dist)
+    return _boundary_counts_flat(flats, np.shape(segs[0]), humans, thresholds=thresholds, max_dist=max_dist)
 
 
 def ucm2_to_pb(ucm2: np.ndarray) -> np.ndarray:
