@@ -13,8 +13,11 @@ Grid conventions shared by every kernel (``H`` rows, ``W`` columns, ``N = H * W`
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from .._heap import heap_pop, heap_push
 
@@ -483,7 +486,8 @@ def _mean(sums, lengths, r):
 
 
 @njit(cache=True)
-def mean_boundary_merge(n_regions, sources, targets, sums, lengths, parents, altitudes, rag_altitudes, index):
+def mean_boundary_merge(n_regions, sources, targets, sums, lengths, parents, altitudes, rag_altitudes, index,
+                        in_place):
     """Merge the regions greedily, weakest mean boundary first; fills the binary merge tree.
 
     ``parents``/``altitudes`` have ``2 * n_regions - 1`` entries: leaves ``0..n-1``, then one node
@@ -494,7 +498,8 @@ def mean_boundary_merge(n_regions, sources, targets, sums, lengths, parents, alt
     Altitudes are made non-decreasing against float rounding. Returns the number of nodes
     used (``2n - 1`` for a connected RAG; components left apart are joined at the top).
     Node and edge indices are held in ``index``'s dtype (an empty int32 array while
-    ``2 * R + 16 < 2**31``): with the strengths in float64, about 100 bytes per RAG edge.
+    ``2 * R + 16 < 2**31``): with the strengths in float64, about 70 bytes per RAG edge, 16 less
+    with ``in_place`` (``sums`` and ``lengths`` are then merged in place: the caller's are spent).
     """
     n_rag = sources.size
     n_nodes = 2 * n_regions - 1
@@ -510,9 +515,9 @@ def mean_boundary_merge(n_regions, sources, targets, sums, lengths, parents, alt
     end1 = targets.astype(idx)
     alive = np.ones(n_rag, np.bool_)
     merged_into = np.full(n_rag, -1, idx)
-    popped_alt = np.zeros(n_rag, np.float64)
-    s = sums.copy()
-    ln = lengths.copy()
+    # rag_altitudes[r] holds the altitude of popped edge r (float32, as returned) until the end
+    s = sums if in_place else sums.copy()
+    ln = lengths if in_place else lengths.copy()
     capacity = n_rag + 16  # every edge once; grown below when updates outnumber the pops
     hkeys = np.empty(capacity, np.float64)
     hids = np.empty(capacity, idx)
@@ -549,7 +554,7 @@ def mean_boundary_merge(n_regions, sources, targets, sums, lengths, parents, alt
         parents[b] = c
         altitudes[c] = alt
         alive[r] = False
-        popped_alt[r] = alt
+        rag_altitudes[r] = alt
         n_touched = 0
         for side in range(2):
             x = a if side == 0 else b
@@ -610,7 +615,9 @@ def mean_boundary_merge(n_regions, sources, targets, sums, lengths, parents, alt
         q = r
         while merged_into[q] >= 0:
             q = merged_into[q]
-        rag_altitudes[r] = popped_alt[q] if not alive[q] else last_alt
+        # a chain ends at a popped or still alive edge; merged edges are never chain ends, so their
+        # slots (overwritten here) are not read again, and a popped edge's slot keeps its altitude
+        rag_altitudes[r] = rag_altitudes[q] if not alive[q] else last_alt
     return next_node
 
 
@@ -694,3 +701,456 @@ def paint_ucm2(edge_rag, rag_values, h, w, ucm2):
     ucm2[2 * h, :] = ucm2[2 * h - 1, :]
     ucm2[:, 0] = ucm2[:, 1]
     ucm2[:, 2 * w] = ucm2[:, 2 * w - 1]
+
+
+# --------------------------------------------------------------------------------------------
+# Lean path for huge maps: no per-grid-edge arrays
+# --------------------------------------------------------------------------------------------
+#
+# The kernels below give the same results as ``pixel_edge_weights`` -> ``watershed_cut`` ->
+# ``region_adjacency`` -> ``trace_contours`` -> ``oriented_reweight`` -> ``rag_mean`` ->
+# ``paint_ucm2`` without the 2N-long ``weights`` and ``edge_rag`` arrays (8 + 8 bytes per pixel):
+# an edge's weight is recomputed from its two pixels, whether it is a boundary edge from the
+# two pixels' labels, and its RAG edge is found by binary search in the sorted RAG. Pixel maps
+# are float32, or float16 passed as their uint16 bits and decoded exactly here (``_value``), so
+# a stored float16 map needs no float32 copy.
+
+
+@njit(cache=True, inline="always")
+def _half(bits):
+    """The float32 value of float16 ``bits`` (exact; inf/NaN are refused before the kernels run)."""
+    b = np.int64(bits)
+    e = (b >> 10) & 0x1F
+    m = b & 0x3FF
+    if e == 0:
+        v = math.ldexp(np.float64(m), -24)
+    else:
+        v = math.ldexp(np.float64(m + 1024), e - 25)
+    return np.float32(-v if b & 0x8000 else v)
+
+
+def _value(values, p):  # pragma: no cover - replaced by the overload in compiled code
+    raise NotImplementedError
+
+
+@overload(_value, inline="always")
+def _value_impl(values, p):
+    """Pixel ``p`` of a float32 map, or of a float16 map given as its uint16 bits, as float32."""
+    if values.dtype == types.uint16:
+        return lambda values, p: _half(values[p])
+    return lambda values, p: np.float32(values[p])
+
+
+@njit(cache=True, inline="always")
+def _edge_pixels(e, h, w):
+    """The two pixels of grid edge ``e`` (a valid edge)."""
+    n = h * w
+    if e < n:
+        return e, e + 1
+    return e - n, e - n + w
+
+
+@njit(cache=True, inline="always")
+def _edge_weight(values, e, h, w):
+    """Weight of grid edge ``e``: as ``pixel_edge_weights`` gives it."""
+    p, q = _edge_pixels(e, h, w)
+    return np.float32(0.5 * (_value(values, p) + _value(values, q)))
+
+
+@njit(cache=True, inline="always")
+def _is_cut(labels, e, h, w):
+    """Whether valid grid edge ``e`` joins two regions of ``labels``."""
+    p, q = _edge_pixels(e, h, w)
+    return labels[p] != labels[q]
+
+
+@njit(cache=True, inline="always")
+def _lowest_pixel_edge(values, p, h, w):
+    best = np.float32(np.inf)
+    for k in range(4):
+        q, e = _pixel_neighbor(p, k, h, w)
+        if q >= 0:
+            v = _edge_weight(values, e, h, w)
+            if v < best:
+                best = v
+    return best
+
+
+@njit(cache=True)
+def watershed_cut_pixels(values, h, w, labels):
+    """:func:`watershed_cut` with each edge weight recomputed from the pixel map ``values``."""
+    n = h * w
+    labels[:] = -1
+    stream = np.empty(min(n, 4096), np.int32)
+    stack = np.empty(min(n, 4096), np.int32)
+    n_labels = 0
+    for x in range(n):
+        if labels[x] >= 0:
+            continue
+        n_stream = 1
+        stream[0] = x
+        n_stack = 1
+        stack[0] = x
+        labels[x] = -2
+        found = -1
+        while n_stack > 0 and found < 0:
+            n_stack -= 1
+            y = stack[n_stack]
+            fy = _lowest_pixel_edge(values, y, h, w)
+            for k in range(4):
+                z, e = _pixel_neighbor(y, k, h, w)
+                if z < 0 or labels[z] == -2 or _edge_weight(values, e, h, w) != fy:
+                    continue
+                if labels[z] >= 0:
+                    found = labels[z]
+                    break
+                if n_stream == stream.size:
+                    stream = _grown(stream, n_stream)
+                stream[n_stream] = z
+                n_stream += 1
+                labels[z] = -2
+                if _lowest_pixel_edge(values, z, h, w) < fy:
+                    stack[0] = z
+                    n_stack = 1
+                    break
+                if n_stack == stack.size:
+                    stack = _grown(stack, n_stack)
+                stack[n_stack] = z
+                n_stack += 1
+        if found < 0:
+            found = n_labels
+            n_labels += 1
+        for t in range(n_stream):
+            labels[stream[t]] = found
+    return n_labels
+
+
+@njit(cache=True)
+def rag_from_labels(labels, h, w, n_regions, index):
+    """The RAG of a label map: ``(sources, targets, offsets)``, sorted as :func:`region_adjacency`
+    numbers them; RAG edges of region ``a`` (as source) are ``offsets[a]:offsets[a + 1]``, their
+    targets increasing. Counts are held in ``index``'s dtype; working memory 4 bytes per cut edge."""
+    n = h * w
+    idx = index.dtype
+    count = np.zeros(n_regions + 1, idx)
+    for p in range(n):
+        if (p % w) < w - 1 and labels[p] != labels[p + 1]:
+            count[min(labels[p], labels[p + 1]) + 1] += 1
+        if p + w < n and labels[p] != labels[p + w]:
+            count[min(labels[p], labels[p + w]) + 1] += 1
+    for r in range(n_regions):
+        count[r + 1] += count[r]
+    other = np.empty(count[n_regions], np.int32)
+    fill = count[:-1].copy()
+    for p in range(n):
+        if (p % w) < w - 1 and labels[p] != labels[p + 1]:
+            a = min(labels[p], labels[p + 1])
+            other[fill[a]] = max(labels[p], labels[p + 1])
+            fill[a] += 1
+        if p + w < n and labels[p] != labels[p + w]:
+            a = min(labels[p], labels[p + w])
+            other[fill[a]] = max(labels[p], labels[p + w])
+            fill[a] += 1
+    seen = np.full(n_regions, -1, idx)
+    offsets = np.zeros(n_regions + 1, idx)
+    n_rag = 0
+    # the sorted distinct targets are written over ``other``: a bucket's entries are read in
+    # order and targets only go to [first, n_rag), where n_rag - 1 <= the entry just read
+    for a in range(n_regions):
+        first = n_rag
+        for t in range(count[a], count[a + 1]):
+            b = other[t]
+            if seen[b] < first:  # new neighbour of a (seen[b] >= first: b is in this bucket)
+                i = n_rag
+                n_rag += 1
+                while i > first and other[i - 1] > b:
+                    other[i] = other[i - 1]
+                    seen[other[i]] = i
+                    i -= 1
+                other[i] = b
+                seen[b] = i
+        offsets[a + 1] = n_rag
+    targets = other[:n_rag].copy()
+    sources = np.empty(n_rag, np.int32)
+    for a in range(n_regions):
+        for r in range(offsets[a], offsets[a + 1]):
+            sources[r] = a
+    return sources, targets, offsets
+
+
+@njit(cache=True, inline="always")
+def _rag_id(offsets, targets, a, b):
+    """RAG edge of regions ``a < b``: binary search among ``a``'s targets."""
+    lo = offsets[a]
+    hi = offsets[a + 1]
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if targets[mid] < b:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@njit(cache=True)
+def cut_edge_ranks(labels, h, w):
+    """Rank structure of the cut edges in grid order: ``(bits, base)``, one bit per grid edge in
+    uint64 words and the number of cut edges before each word (0.375 bytes per pixel)."""
+    n = h * w
+    words = (2 * n + 63) >> 6
+    bits = np.zeros(words, np.uint64)
+    base = np.zeros(words + 1, np.int64)
+    for e in range(2 * n):
+        p = e if e < n else e - n
+        if e < n:
+            ok = (p % w) < w - 1
+        else:
+            ok = p + w < n
+        if ok and _is_cut(labels, e, h, w):
+            bits[e >> 6] |= np.uint64(1) << np.uint64(e & 63)
+    for k in range(words):
+        base[k + 1] = base[k] + _popcount(bits[k])
+    return bits, base
+
+
+@njit(cache=True, inline="always")
+def _popcount(x):
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return np.int64((x * np.uint64(0x0101010101010101)) >> np.uint64(56))
+
+
+@njit(cache=True, inline="always")
+def _rank(bits, base, e):
+    """Number of cut edges before grid edge ``e`` (in grid order)."""
+    k = e >> 6
+    mask = (np.uint64(1) << np.uint64(e & 63)) - np.uint64(1)
+    return base[k] + _popcount(bits[k] & mask)
+
+
+@njit(cache=True, inline="always")
+def _vertex_degree_l(labels, a, b, h, w):
+    d = 0
+    for k in range(4):
+        e, _, _ = _vertex_edge(a, b, k, h, w)
+        if e >= 0 and _is_cut(labels, e, h, w):
+            d += 1
+    return d
+
+
+@njit(cache=True)
+def _walk_l(labels, h, w, visited, e, a2, b2, elements, n_el):
+    """:func:`_walk` with cut edges read from the label map."""
+    while True:
+        elements[n_el] = e
+        n_el += 1
+        _see(visited, e)
+        if _vertex_degree_l(labels, a2, b2, h, w) != 2:
+            return n_el
+        nxt = -1
+        na = 0
+        nb = 0
+        for k2 in range(4):
+            e2, a3, b3 = _vertex_edge(a2, b2, k2, h, w)
+            if e2 >= 0 and _is_cut(labels, e2, h, w) and not _seen(visited, e2):
+                nxt = e2
+                na = a3
+                nb = b3
+                break
+        if nxt < 0:
+            return n_el
+        e = nxt
+        a2 = na
+        b2 = nb
+
+
+@njit(cache=True)
+def trace_contours_labels(labels, h, w, total, index):
+    """:func:`trace_contours` with cut edges read from the label map (``total`` cut edges; ids in
+    ``index``'s dtype). Offsets are grown as needed rather than sized for one edge per polyline."""
+    elements = np.empty(total, index.dtype)
+    offsets = np.empty(min(total + 1, 1024), index.dtype)
+    visited = np.zeros((2 * h * w + 7) // 8, np.uint8)
+    order = (1, 2, 0, 3)
+    n_el = 0
+    n_poly = 0
+    for a in range(h + 1):
+        for b in range(w + 1):
+            d = _vertex_degree_l(labels, a, b, h, w)
+            if d == 0:
+                continue
+            if d != 2:
+                for k in order:
+                    e, a2, b2 = _vertex_edge(a, b, k, h, w)
+                    if e >= 0 and _is_cut(labels, e, h, w) and not _seen(visited, e):
+                        if n_poly + 1 >= offsets.size:
+                            offsets = _grown(offsets, n_poly)
+                        offsets[n_poly] = n_el
+                        n_poly += 1
+                        n_el = _walk_l(labels, h, w, visited, e, a2, b2, elements, n_el)
+                continue
+            first = True
+            for k in order:
+                e, a2, b2 = _vertex_edge(a, b, k, h, w)
+                if e < 0 or not _is_cut(labels, e, h, w) or _seen(visited, e):
+                    continue
+                if first:
+                    if n_poly + 1 >= offsets.size:
+                        offsets = _grown(offsets, n_poly)
+                    offsets[n_poly] = n_el
+                    n_poly += 1
+                    start = n_el
+                    n_el = _walk_l(labels, h, w, visited, e, a2, b2, elements, n_el)
+                    elements[start:n_el] = elements[start:n_el][::-1].copy()
+                    first = False
+                else:
+                    n_el = _walk_l(labels, h, w, visited, e, a2, b2, elements, n_el)
+    offsets[n_poly] = n_el
+    return elements, offsets[: n_poly + 1].copy()
+
+
+@njit(cache=True)
+def oriented_weights(elements, offsets, values, orientation, h, w, epsilon, min_size, single_angle, bits, base, out):
+    """:func:`oriented_reweight` writing each cut edge's new weight to ``out[rank]`` (cut edges in
+    grid order) and reading the original weights from the pixel map ``values``."""
+    half_pi = np.pi / 2
+    split = np.zeros(elements.size, np.bool_)
+    longest = 0
+    for t in range(offsets.size - 1):
+        longest = max(longest, offsets[t + 1] - offsets[t])
+    stack = np.empty((longest + 2, 2), offsets.dtype)
+    for t in range(offsets.size - 1):
+        s = offsets[t]
+        f = offsets[t + 1] - 1
+        split[s] = True
+        split[f] = True
+        stack[0, 0] = s
+        stack[0, 1] = f
+        n_stack = 1
+        while n_stack > 0:
+            n_stack -= 1
+            first = stack[n_stack, 0]
+            last = stack[n_stack, 1]
+            if last - first < 2:
+                continue
+            r0, c0 = _edge_point(elements[first], h, w)
+            r1, c1 = _edge_point(elements[last], h, w)
+            best = epsilon * np.sqrt((r1 - r0) ** 2 + (c1 - c0) ** 2)
+            at = -1
+            for i in range(first + 1, last):
+                r, c = _edge_point(elements[i], h, w)
+                d = _chord_distance(r0, c0, r1, c1, r, c)
+                if d >= best and d > min_size:
+                    best = d
+                    at = i
+            if at >= 0:
+                split[at] = True
+                stack[n_stack, 0] = first
+                stack[n_stack, 1] = at
+                stack[n_stack + 1, 0] = at
+                stack[n_stack + 1, 1] = last
+                n_stack += 2
+        first = s
+        for i in range(s + 1, f + 1):
+            if not split[i]:
+                continue
+            r0, c0 = _edge_point(elements[first], h, w)
+            r1, c1 = _edge_point(elements[i], h, w)
+            angle = np.arctan2(r0 - r1, c0 - c1) % np.pi
+            for q in range(first, i + 1):
+                e = elements[q]
+                v = _edge_weight(values, e, h, w) * abs(
+                    np.cos(_edge_orientation_v(values, orientation, e, h, w) - half_pi - angle))
+                slot = _rank(bits, base, e)
+                if q == first and first != s:  # shared with the previous piece: keep the larger
+                    if v > out[slot]:
+                        out[slot] = v
+                else:
+                    out[slot] = v if v > 0.0 else 0.0
+            first = i
+        if f == s:
+            e = elements[s]
+            angle = single_angle if single_angle >= 0.0 else (half_pi if e < h * w else 0.0)
+            v = _edge_weight(values, e, h, w) * abs(
+                np.cos(_edge_orientation_v(values, orientation, e, h, w) - half_pi - angle))
+            out[_rank(bits, base, e)] = v if v > 0.0 else 0.0
+
+
+@njit(cache=True, inline="always")
+def _edge_orientation_v(values, orientation, e, h, w):
+    """:func:`_edge_orientation` on maps that may be float16 bits."""
+    p, q = _edge_pixels(e, h, w)
+    return _value(orientation, p) if _value(values, p) >= _value(values, q) else _value(orientation, q)
+
+
+@njit(cache=True)
+def rag_mean_labels(labels, values, h, w, offsets, targets, oriented, out, sums, lengths):
+    """:func:`rag_mean` in the same grid order, the RAG edge of each cut edge found by search and its
+    weight taken from ``out`` (``oriented``; cut edges in grid order) or from the pixel map."""
+    n = h * w
+    sums[:] = 0.0
+    lengths[:] = 0.0
+    k = 0
+    for e in range(2 * n):
+        p = e if e < n else e - n
+        if e < n:
+            ok = (p % w) < w - 1
+        else:
+            ok = p + w < n
+        if not ok:
+            continue
+        q = p + 1 if e < n else p + w
+        a = labels[p]
+        b = labels[q]
+        if a == b:
+            continue
+        if a > b:
+            a, b = b, a
+        r = _rag_id(offsets, targets, a, b)
+        wv = out[k] if oriented else _edge_weight(values, e, h, w)
+        k += 1
+        sums[r] += wv
+        lengths[r] += 1.0
+
+
+@njit(cache=True)
+def paint_ucm2_labels(labels, offsets, targets, rag_values, h, w, ucm2):
+    """:func:`paint_ucm2` with each boundary's RAG edge found from the label map."""
+    n = h * w
+    for p in range(n):
+        i = p // w
+        j = p - i * w
+        if j < w - 1 and labels[p] != labels[p + 1]:
+            a = min(labels[p], labels[p + 1])
+            b = max(labels[p], labels[p + 1])
+            ucm2[2 * i + 1, 2 * j + 2] = rag_values[_rag_id(offsets, targets, a, b)]
+        if i < h - 1 and labels[p] != labels[p + w]:
+            a = min(labels[p], labels[p + w])
+            b = max(labels[p], labels[p + w])
+            ucm2[2 * i + 2, 2 * j + 1] = rag_values[_rag_id(offsets, targets, a, b)]
+    for a in range(1, h):
+        for b in range(1, w):
+            y = 2 * a
+            x = 2 * b
+            v = ucm2[y - 1, x]
+            if ucm2[y + 1, x] > v:
+                v = ucm2[y + 1, x]
+            if ucm2[y, x - 1] > v:
+                v = ucm2[y, x - 1]
+            if ucm2[y, x + 1] > v:
+                v = ucm2[y, x + 1]
+            ucm2[y, x] = v
+    ucm2[0, :] = ucm2[1, :]
+    ucm2[2 * h, :] = ucm2[2 * h - 1, :]
+    ucm2[:, 0] = ucm2[:, 1]
+    ucm2[:, 2 * w] = ucm2[:, 2 * w - 1]
+
+
+@njit(cache=True)
+def any_half_nonfinite(bits):
+    """Whether float16 ``bits`` hold an inf or NaN (exponent all ones)."""
+    for i in range(bits.size):
+        if (bits[i] & 0x7C00) == 0x7C00:
+            return True
+    return False

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _kernels as k
-from .owt import OrientedWatershed, oriented_watershed, rag_index_dtype
+from .owt import OrientedWatershed, WatershedRag, rag_index_dtype, watershed_rag
 
 
 def _check_tree(parents: np.ndarray, altitudes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -43,8 +43,12 @@ def _n_leaves(parents: np.ndarray) -> int:
     return (parents.size + 1) // 2
 
 
-def mean_boundary_hierarchy(ows: OrientedWatershed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def mean_boundary_hierarchy(ows: OrientedWatershed | WatershedRag, *,
+                            consume: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Merge tree of the watershed regions, weakest mean boundary first (BSR's ``ucm_mean_pb``).
+
+    ``consume=True`` merges in ``ows.sums``/``ows.lengths`` themselves (16 bytes per RAG edge
+    less; they hold no meaning afterwards).
 
     Returns ``(parents int32, altitudes float32, boundary_altitudes float32)``; the last gives,
     for each RAG edge of ``ows``, the altitude at which its two regions merge.
@@ -56,7 +60,8 @@ def mean_boundary_hierarchy(ows: OrientedWatershed) -> tuple[np.ndarray, np.ndar
     altitudes = np.empty(2 * n - 1, np.float32)
     rag_alt = np.empty(ows.sources.size, np.float32)
     index = np.empty(0, np.int32 if 2 * max(ows.sources.size, 2 * n) + 16 < 2**31 else np.int64)
-    k.mean_boundary_merge(n, ows.sources, ows.targets, ows.sums, ows.lengths, parents, altitudes, rag_alt, index)
+    k.mean_boundary_merge(n, ows.sources, ows.targets, ows.sums, ows.lengths, parents, altitudes, rag_alt, index,
+                          bool(consume))
     return parents, altitudes, rag_alt
 
 
@@ -112,6 +117,20 @@ def ucm2_from_rag(edge_rag: np.ndarray, rag_values: np.ndarray, shape: tuple[int
         raise ValueError(f"edge_rag refers to RAG edge {int(edge_rag.max())} but rag_values has {rag_values.size}")
     ucm2 = np.zeros((2 * h + 1, 2 * w + 1), np.float32)
     k.paint_ucm2(np.ascontiguousarray(edge_rag), rag_values, h, w, ucm2)
+    return ucm2
+
+
+def ucm2_from_regions(rag: WatershedRag, rag_values: np.ndarray) -> np.ndarray:
+    """:func:`ucm2_from_rag` for a :class:`~segsort_unsup.ucm.owt.WatershedRag`: each boundary's RAG
+    edge is found from the two regions it separates, so no per-grid-edge array is needed; the
+    same float32 ucm2."""
+    leaves = np.ascontiguousarray(rag.leaves, dtype=np.int32)
+    h, w = leaves.shape
+    rag_values = np.ascontiguousarray(rag_values, dtype=np.float32)
+    if rag_values.shape != rag.targets.shape:
+        raise ValueError(f"rag_values must hold one value per RAG edge ({rag.targets.size}), got {rag_values.shape}")
+    ucm2 = np.zeros((2 * h + 1, 2 * w + 1), np.float32)
+    k.paint_ucm2_labels(leaves.reshape(-1), rag.offsets, rag.targets, rag_values, h, w, ucm2)
     return ucm2
 
 
@@ -181,8 +200,6 @@ def ultrametric_contour_map(
     :func:`~segsort_unsup.ucm.owt.oriented_watershed`. Altitudes are mean boundary strengths on the
     scale of ``edge`` (no sigmoid calibration as in BSR's gPb ``normalize_output``).
     """
-    ows = oriented_watershed(edge, orientation, epsilon=epsilon, min_size=min_size, single_edge_angle=single_edge_angle)
-    parents, altitudes, rag_alt = mean_boundary_hierarchy(ows)
-    leaves, edge_rag = ows.leaves, ows.edge_rag
-    del ows  # its per-edge weights (8 bytes per pixel) are not needed for the ucm2
-    return Ucm(ucm2_from_rag(edge_rag, rag_alt, leaves.shape), parents, altitudes, leaves)
+    rag = watershed_rag(edge, orientation, epsilon=epsilon, min_size=min_size, single_edge_angle=single_edge_angle)
+    parents, altitudes, rag_alt = mean_boundary_hierarchy(rag)
+    return Ucm(ucm2_from_regions(rag, rag_alt), parents, altitudes, rag.leaves)

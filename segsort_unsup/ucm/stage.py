@@ -23,8 +23,9 @@ from ..io.store import Item, StoreReader, cached_reader, is_store
 from ..log import get_logger
 from ..parallel import Executor, InProcess
 from ..stages import Stage, StageRun, StageSummary
-from .hierarchy import cut_labels, mean_boundary_hierarchy, ucm2_from_rag
-from .owt import oriented_watershed
+from ._kernels import any_half_nonfinite
+from .hierarchy import cut_labels, mean_boundary_hierarchy, ucm2_from_regions
+from .owt import watershed_rag
 
 log = get_logger("ucm")
 
@@ -71,14 +72,21 @@ class _Job:
     config: UcmConfig
 
 
+def _finite(arr: np.ndarray) -> bool:
+    if arr.dtype == np.float16:
+        return not any_half_nonfinite(np.ascontiguousarray(arr).reshape(-1).view(np.uint16))
+    return bool(np.isfinite(arr).all())
+
+
 def _load(job: _Job) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     if job.kind == "store":
         item = cached_reader(job.path, kind="contours").read(job.key)
-        edge = np.asarray(item.arrays["edge"], dtype=np.float32)
+        # float16 as stored: the kernels decode it exactly, so no float32 copies of the maps
+        edge = np.asarray(item.arrays["edge"])
         orient = item.arrays.get("orientation")
         if orient is not None:
-            orient = np.asarray(orient, dtype=np.float32)
-        if not np.isfinite(edge).all():
+            orient = np.asarray(orient)
+        if not _finite(edge):
             raise BadImageError(f"{job.path}:{job.key}", "stored edge map holds NaN or inf values")
         return edge, orient, {"source": str(item.attrs.get("source", ""))}
     return read_edge_png(job.path), None, {"source": job.path}
@@ -87,9 +95,9 @@ def _load(job: _Job) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
 def process_item(job: _Job) -> Item:
     """OWT-UCM of one contour map (module-level so worker processes and Dask tasks can run it).
 
-    The steps of :func:`ultrametric_contour_map`, each full-size array dropped as soon as it is no
-    longer needed: the input maps after the watershed, the per-edge weights before the ucm2 is
-    painted, the per-edge RAG ids before the labels are cut (a huge map's peak memory is set here).
+    The steps of :func:`ultrametric_contour_map` on the lean path (:func:`watershed_rag`: no
+    per-grid-edge arrays, float16 maps read as stored), each full-size array dropped as soon as it
+    is no longer needed: the input maps after the watershed, the RAG's per-edge sums once merged.
     """
     edge, orient, attrs = _load(job)
     cfg = job.config
@@ -98,14 +106,13 @@ def process_item(job: _Job) -> Item:
         from ..edgemaps import edge_orientation
 
         orient = edge_orientation(edge)
-    ows = oriented_watershed(edge, orient if cfg.oriented else None, epsilon=cfg.epsilon, min_size=cfg.min_size)
+    rag = watershed_rag(edge, orient if cfg.oriented else None, epsilon=cfg.epsilon, min_size=cfg.min_size)
     exported_edge = edge if cfg.png_dir or cfg.mat_dir else None
     del edge, orient
-    parents, altitudes, rag_alt = mean_boundary_hierarchy(ows)
-    leaves, edge_rag = ows.leaves, ows.edge_rag
-    del ows
-    ucm2 = ucm2_from_rag(edge_rag, rag_alt, (h, w))
-    del edge_rag, rag_alt
+    parents, altitudes, rag_alt = mean_boundary_hierarchy(rag, consume=True)
+    leaves = rag.leaves
+    ucm2 = ucm2_from_regions(rag, rag_alt)
+    del rag, rag_alt
     arrays: dict[str, np.ndarray] = {
         "ucm2": ucm2,
         "parents": parents,
