@@ -82,6 +82,7 @@ class DatasetSpec:
     dtype: str  # numpy dtype name: float16, float32, int32, int64, uint8...
     ndim: int
     optional: bool = False
+    also: tuple[str, ...] = ()  # other dtypes accepted (e.g. a quantised form)
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class StoreSchema:
             spec = self.spec(name)
             if spec is None:
                 raise ValueError(f"{self.kind} item {key!r}: dataset {name!r} is not in the {self.kind} schema")
-            if np.dtype(arr.dtype) != np.dtype(spec.dtype) or arr.ndim != spec.ndim:
+            if np.dtype(arr.dtype) not in {np.dtype(d) for d in (spec.dtype, *spec.also)} or arr.ndim != spec.ndim:
                 raise ValueError(f"{self.kind} item {key!r}: dataset {name!r} is {arr.dtype} with {arr.ndim} dims; "
                                  f"the schema says {spec.dtype} with {spec.ndim}")
 
@@ -126,7 +127,8 @@ CONTOURS = register_schema(StoreSchema("contours", (
     DatasetSpec("orientation", "float16", 2),  # radians in [0, pi)
 )))
 SEGMENTS = register_schema(StoreSchema("segments", (
-    DatasetSpec("ucm2", "float32", 2),  # BSDS doubled grid (2H+1, 2W+1)
+    # BSDS doubled grid (2H+1, 2W+1); uint16-quantised for huge maps (read it with ucm.ucm2_values)
+    DatasetSpec("ucm2", "float32", 2, also=("uint16",)),
     DatasetSpec("parents", "int32", 1),  # merge tree
     DatasetSpec("altitudes", "float32", 1),
     DatasetSpec("leaves", "int32", 2),  # pixel -> leaf region
