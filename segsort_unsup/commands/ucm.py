@@ -15,6 +15,9 @@ from .options import executor_options, finish, float_list, output_option, overwr
 @click.option("--levels", callback=float_list(low=0.0, example="0.3,0.5,0.7", allow_empty=True), default="",
               metavar="T1,T2,...", help="More cuts stored as `labels_levels`, e.g. 0.3,0.5,0.7.")
 @click.option("--no-owt", is_flag=True, help="Skip the oriented watershed transform (plain mean boundary strength).")
+@click.option("--ucm2-dtype", type=click.Choice(["float32", "uint16"]), default=None,
+              help="Stored ucm2 type; default float32, uint16-quantised (65535 steps of the largest altitude) "
+                   "above 16.8 Mpx. The tree and labels are exact either way.")
 @executor_options
 @shard_size_option
 @click.option("--png-dir", type=click.Path(file_okay=False),
@@ -22,7 +25,7 @@ from .options import executor_options, finish, float_list, output_option, overwr
 @click.option("--mat-dir", type=click.Path(file_okay=False),
               help="Also write BSDS-compatible .mat files (variable ucm2) here.")
 @overwrite_option
-def ucm(source, output, threshold, levels, no_owt, executor, workers, scheduler, shard_size, png_dir, mat_dir,
+def ucm(source, output, threshold, levels, no_owt, ucm2_dtype, executor, workers, scheduler, shard_size, png_dir, mat_dir,
         overwrite):
     """Hierarchical segments (OWT-UCM) from contour maps.
 
@@ -32,7 +35,8 @@ def ucm(source, output, threshold, levels, no_owt, executor, workers, scheduler,
     from ..parallel import make_executor
     from ..ucm.stage import UcmConfig, run
 
-    config = UcmConfig(threshold=threshold, levels=levels, oriented=not no_owt, shard_size=shard_size,
+    config = UcmConfig(threshold=threshold, levels=levels, oriented=not no_owt, ucm2_dtype=ucm2_dtype,
+                       shard_size=shard_size,
                        png_dir=png_dir, mat_dir=mat_dir)
     with make_executor(executor, workers=workers, scheduler=scheduler) as pool:
         summary = run(config, source, output, executor=pool, overwrite=overwrite)

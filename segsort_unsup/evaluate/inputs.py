@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import BadImageError, InputError, StoreError
 from ..io.images import read_label_png, read_png
 from ..log import get_logger
+from ..ucm.hierarchy import ucm2_values
 
 PNG_SUFFIXES = (".png",)
 
@@ -195,7 +196,8 @@ def load_prediction(source: Source, iid: str, *, nms: bool = True) -> Prediction
                 edge = edge_nms(edge)
             return Prediction(name, pb=np.clip(edge.astype(np.float64), 0.0, 1.0))
         item = reader.read(key, ("ucm2",))
-        return Prediction(name, ucm2=np.asarray(item.arrays["ucm2"]))  # float32 as stored: cut without a float64 copy
+        # float32 as stored (a uint16-quantised one dequantised): cut without a float64 copy
+        return Prediction(name, ucm2=ucm2_values(item.arrays["ucm2"], item.attrs))
     except StoreError:
         raise
     except KeyError as exc:

@@ -5,20 +5,24 @@ mean boundary strength, ``ucm2``, cuts), ``stage`` (the ``ucm`` stage over a sto
 (PNGs, overview pictures, BSDS ``.mat`` files). Kernels live in ``_kernels`` (numba).
 """
 
-from .hierarchy import (Ucm, cut_labels, labels_from_ucm2, mean_boundary_hierarchy, ucm2_from_rag, ucm2_from_tree,
-                        ultrametric_contour_map)
-from .owt import OrientedWatershed, grid_edge_weights, oriented_watershed, watershed_regions
+from .hierarchy import (Ucm, cut_labels, labels_from_ucm2, mean_boundary_hierarchy, ucm2_from_rag, ucm2_from_regions,
+                        ucm2_from_tree, ucm2_values, ultrametric_contour_map)
+from .owt import OrientedWatershed, WatershedRag, grid_edge_weights, oriented_watershed, watershed_rag, watershed_regions
 
 __all__ = [
     "OrientedWatershed",
     "Ucm",
+    "WatershedRag",
     "cut_labels",
     "grid_edge_weights",
     "labels_from_ucm2",
     "mean_boundary_hierarchy",
     "oriented_watershed",
     "ucm2_from_rag",
+    "ucm2_from_regions",
     "ucm2_from_tree",
+    "ucm2_values",
     "ultrametric_contour_map",
+    "watershed_rag",
     "watershed_regions",
 ]

@@ -486,7 +486,7 @@ def _mean(sums, lengths, r):
 
 
 @njit(cache=True)
-def mean_boundary_merge(n_regions, sources, targets, sums, lengths, parents, altitudes, rag_altitudes, index,
+def mean_boundary_merge(n_regions, end0, end1, sums, lengths, parents, altitudes, rag_altitudes, index,
                         in_place):
     """Merge the regions greedily, weakest mean boundary first; fills the binary merge tree.
 
@@ -498,10 +498,11 @@ def mean_boundary_merge(n_regions, sources, targets, sums, lengths, parents, alt
     Altitudes are made non-decreasing against float rounding. Returns the number of nodes
     used (``2n - 1`` for a connected RAG; components left apart are joined at the top).
     Node and edge indices are held in ``index``'s dtype (an empty int32 array while
-    ``2 * R + 16 < 2**31``): with the strengths in float64, about 70 bytes per RAG edge, 16 less
-    with ``in_place`` (``sums`` and ``lengths`` are then merged in place: the caller's are spent).
+    ``2 * R + 16 < 2**31``), as are ``end0``/``end1`` (the RAG edges' two regions: overwritten as
+    regions merge). With the strengths in float64, about 50 bytes per RAG edge, 16 less with
+    ``in_place`` (``sums`` and ``lengths`` are then merged in place: the caller's are spent).
     """
-    n_rag = sources.size
+    n_rag = end0.size
     n_nodes = 2 * n_regions - 1
     for x in range(n_nodes):
         parents[x] = x
@@ -511,8 +512,6 @@ def mean_boundary_merge(n_regions, sources, targets, sums, lengths, parents, alt
     he_next = np.full(2 * n_rag, -1, idx)
     head = np.full(n_nodes, -1, idx)
     tail = np.full(n_nodes, -1, idx)
-    end0 = sources.astype(idx)
-    end1 = targets.astype(idx)
     alive = np.ones(n_rag, np.bool_)
     merged_into = np.full(n_rag, -1, idx)
     # rag_altitudes[r] holds the altitude of popped edge r (float32, as returned) until the end
@@ -535,7 +534,7 @@ def mean_boundary_merge(n_regions, sources, targets, sums, lengths, parents, alt
     stamp = np.full(n_nodes, -1, idx)
     slot = np.empty(n_nodes, idx)
     changed = np.zeros(n_rag, np.bool_)
-    touched = np.empty(n_rag, idx)
+    touched = np.empty(min(n_rag, 1024), idx)  # grown as needed (a merge touches few edges)
     next_node = n_regions
     last_alt = 0.0
     while size > 0 and next_node < n_nodes:
@@ -586,6 +585,8 @@ def mean_boundary_merge(n_regions, sources, targets, sums, lengths, parents, alt
                         merged_into[e] = keep
                         if not changed[keep]:
                             changed[keep] = True
+                            if n_touched == touched.size:
+                                touched = _grown(touched, n_touched)
                             touched[n_touched] = keep
                             n_touched += 1
                 h = nxt

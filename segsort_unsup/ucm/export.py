@@ -10,7 +10,7 @@ from PIL import Image
 from ..io.atomic import atomic_path, atomic_write
 from ..io.store import Item
 from ..log import get_logger
-from .hierarchy import cut_labels
+from .hierarchy import cut_labels, ucm2_values
 
 log = get_logger("ucm")
 
@@ -79,7 +79,7 @@ def export_item(item: Item, config, *, png_dir=None, mat_dir=None, source_store:
 
     The overview is image | contours (``edge``, else the ucm) | segments at two cuts, titled.
     """
-    ucm2 = item.arrays["ucm2"]
+    ucm2 = ucm2_values(item.arrays["ucm2"], item.attrs)  # float32 (a quantised one dequantised)
     if mat_dir is not None:
         import scipy.io
 

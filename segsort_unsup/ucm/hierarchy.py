@@ -13,7 +13,9 @@ frame repeats its neighbouring row/column, as in BSR's ucm2 files and higra's Kh
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -47,8 +49,8 @@ def mean_boundary_hierarchy(ows: OrientedWatershed | WatershedRag, *,
                             consume: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Merge tree of the watershed regions, weakest mean boundary first (BSR's ``ucm_mean_pb``).
 
-    ``consume=True`` merges in ``ows.sums``/``ows.lengths`` themselves (16 bytes per RAG edge
-    less; they hold no meaning afterwards).
+    ``consume=True`` merges in ``ows.sums``/``ows.lengths``/``ows.sources`` themselves (20 bytes per
+    RAG edge less; they hold no meaning afterwards; ``targets`` and ``offsets`` are kept).
 
     Returns ``(parents int32, altitudes float32, boundary_altitudes float32)``; the last gives,
     for each RAG edge of ``ows``, the altitude at which its two regions merge.
@@ -60,8 +62,10 @@ def mean_boundary_hierarchy(ows: OrientedWatershed | WatershedRag, *,
     altitudes = np.empty(2 * n - 1, np.float32)
     rag_alt = np.empty(ows.sources.size, np.float32)
     index = np.empty(0, np.int32 if 2 * max(ows.sources.size, 2 * n) + 16 < 2**31 else np.int64)
-    k.mean_boundary_merge(n, ows.sources, ows.targets, ows.sums, ows.lengths, parents, altitudes, rag_alt, index,
-                          bool(consume))
+    # the kernel overwrites the edges' ends as regions merge: a consumed RAG lends its sources
+    end0 = ows.sources if consume and ows.sources.dtype == index.dtype else ows.sources.astype(index.dtype)
+    end1 = ows.targets.astype(index.dtype)
+    k.mean_boundary_merge(n, end0, end1, ows.sums, ows.lengths, parents, altitudes, rag_alt, index, bool(consume))
     return parents, altitudes, rag_alt
 
 
@@ -120,18 +124,68 @@ def ucm2_from_rag(edge_rag: np.ndarray, rag_values: np.ndarray, shape: tuple[int
     return ucm2
 
 
-def ucm2_from_regions(rag: WatershedRag, rag_values: np.ndarray) -> np.ndarray:
-    """:func:`ucm2_from_rag` for a :class:`~segsort_unsup.ucm.owt.WatershedRag`: each boundary's RAG
-    edge is found from the two regions it separates, so no per-grid-edge array is needed; the
-    same float32 ucm2."""
-    leaves = np.ascontiguousarray(rag.leaves, dtype=np.int32)
+def ucm2_from_regions(leaves: np.ndarray, offsets: np.ndarray, targets: np.ndarray,
+                      rag_values: np.ndarray) -> np.ndarray:
+    """:func:`ucm2_from_rag` from the regions and sorted RAG of a
+    :class:`~segsort_unsup.ucm.owt.WatershedRag` (its ``leaves``, ``offsets``, ``targets``): each
+    boundary's RAG edge is found from the two regions it separates, so no per-grid-edge array is needed; the
+    same float32 ucm2. uint16 ``rag_values`` (:func:`quantise_ucm2`) paint a uint16 ucm2 (8 bytes
+    per pixel instead of 16), equal to the quantised float32 ucm2 (corners: max of quantised =
+    quantised max)."""
+    leaves = np.ascontiguousarray(leaves, dtype=np.int32)
+    if leaves.ndim != 2:
+        raise ValueError(f"leaves must be a 2-D (H, W) label map, got shape {leaves.shape}")
     h, w = leaves.shape
-    rag_values = np.ascontiguousarray(rag_values, dtype=np.float32)
-    if rag_values.shape != rag.targets.shape:
-        raise ValueError(f"rag_values must hold one value per RAG edge ({rag.targets.size}), got {rag_values.shape}")
-    ucm2 = np.zeros((2 * h + 1, 2 * w + 1), np.float32)
-    k.paint_ucm2_labels(leaves.reshape(-1), rag.offsets, rag.targets, rag_values, h, w, ucm2)
+    targets = np.ascontiguousarray(targets, dtype=np.int32)
+    offsets = np.asarray(offsets)
+    if offsets.ndim != 1 or offsets.dtype.kind != "i" or offsets.size < 2 or offsets[-1] != targets.size:
+        raise ValueError("offsets must index targets by source region (WatershedRag.offsets)")
+    if leaves.size and (leaves.min() < 0 or leaves.max() >= offsets.size - 1):
+        raise ValueError(f"leaves holds labels outside 0..{offsets.size - 2} (the RAG's regions)")
+    rag_values = np.asarray(rag_values)
+    dtype = np.uint16 if rag_values.dtype == np.uint16 else np.float32
+    rag_values = np.ascontiguousarray(rag_values, dtype=dtype)
+    if rag_values.shape != targets.shape:
+        raise ValueError(f"rag_values must hold one value per RAG edge ({targets.size}), got {rag_values.shape}")
+    ucm2 = np.zeros((2 * h + 1, 2 * w + 1), dtype)
+    k.paint_ucm2_labels(leaves.reshape(-1), offsets, targets, rag_values, h, w, ucm2)
     return ucm2
+
+
+#: Item attribute of a uint16-quantised ucm2: the altitude of one quantisation step.
+UCM2_SCALE_ATTR = "ucm2_scale"
+UCM2_LEVELS = 65535
+
+
+def ucm2_scale(altitudes: np.ndarray) -> float:
+    """Quantisation step of a tree's ucm2: altitudes ``[0, max]`` map to ``0..65535`` (1.0 when all are 0)."""
+    top = float(np.max(altitudes)) if np.size(altitudes) else 0.0
+    return top / UCM2_LEVELS if top > 0 else 1.0
+
+
+def quantise_ucm2(values: np.ndarray, scale: float) -> np.ndarray:
+    """uint16 ``round(values / scale)`` (values in ``[0, 65535 * scale]``; negatives clip to 0)."""
+    q = np.rint(np.asarray(values, np.float64) / scale)
+    return np.clip(q, 0, UCM2_LEVELS).astype(np.uint16)
+
+
+def ucm2_values(ucm2: np.ndarray, attrs: Mapping[str, Any] | None = None) -> np.ndarray:
+    """The float32 altitudes of a stored ucm2: the one accessor for every reader of ``ucm2``.
+
+    A float32 ucm2 is returned as it is (no copy); a uint16-quantised one (huge maps, see
+    ``UcmConfig.ucm2_dtype``) as ``q * attrs["ucm2_scale"]`` in float32: within half a step
+    (``scale / 2``, ``max altitude / 131070``) of the float altitudes, so a cut at ``t`` agrees with the
+    float ucm2's except for boundaries within half a step of ``t``. Exact cuts at any threshold come
+    from the stored tree: ``cut_labels(parents, altitudes, threshold=t)[leaves]``.
+    """
+    ucm2 = np.asarray(ucm2)
+    if ucm2.dtype != np.uint16:
+        return ucm2
+    if attrs is None or UCM2_SCALE_ATTR not in attrs:
+        raise ValueError(f"a uint16 ucm2 needs its {UCM2_SCALE_ATTR!r} attribute (the quantisation step)")
+    out = np.empty(ucm2.shape, np.float32)
+    np.multiply(ucm2, np.float32(attrs[UCM2_SCALE_ATTR]), out=out, dtype=np.float32)
+    return out
 
 
 def labels_from_ucm2(ucm2: np.ndarray, threshold: float, *, connectivity: int = 4, order: str = "C") -> np.ndarray:
@@ -202,4 +256,4 @@ def ultrametric_contour_map(
     """
     rag = watershed_rag(edge, orientation, epsilon=epsilon, min_size=min_size, single_edge_angle=single_edge_angle)
     parents, altitudes, rag_alt = mean_boundary_hierarchy(rag)
-    return Ucm(ucm2_from_regions(rag, rag_alt), parents, altitudes, rag.leaves)
+    return Ucm(ucm2_from_regions(rag.leaves, rag.offsets, rag.targets, rag_alt), parents, altitudes, rag.leaves)

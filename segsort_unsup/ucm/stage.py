@@ -2,7 +2,8 @@
 
 Input is a contours store (``segsort-unsup contours``) or edge-probability images (a folder,
 glob, list file or one PNG: 8-bit maps are scaled by 1/255, 16-bit by 1/65535). Each item
-gets ``ucm2`` (float32, BSDS doubled grid), the merge tree ``parents``/``altitudes``, the
+gets ``ucm2`` (BSDS doubled grid; float32, or uint16-quantised for huge maps: read it with
+:func:`~segsort_unsup.ucm.hierarchy.ucm2_values`), the merge tree ``parents``/``altitudes``, the
 pixel-to-leaf map ``leaves`` (so any cut is ``cut_labels(parents, altitudes, threshold=t)[leaves]``),
 ``labels`` at the configured threshold and, with levels, ``labels_levels``.
 """
@@ -24,10 +25,23 @@ from ..log import get_logger
 from ..parallel import Executor, InProcess
 from ..stages import Stage, StageRun, StageSummary
 from ._kernels import any_half_nonfinite
-from .hierarchy import cut_labels, mean_boundary_hierarchy, ucm2_from_regions
+from .hierarchy import (UCM2_SCALE_ATTR, cut_labels, mean_boundary_hierarchy, quantise_ucm2, ucm2_from_regions,
+                        ucm2_scale)
 from .owt import watershed_rag
 
 log = get_logger("ucm")
+
+
+#: With ``ucm2_dtype`` unset, maps above this many pixels get a uint16 ucm2 (a float32 one would
+#: take 256 MiB and more); BSDS500 and CamVid images stay far below it.
+UINT16_ABOVE_PIXELS = 1 << 24
+
+
+def ucm2_dtype_for(config: "UcmConfig", pixels: int) -> str:
+    """The ucm2 dtype ``config`` gives a map of ``pixels`` pixels."""
+    if config.ucm2_dtype is not None:
+        return config.ucm2_dtype
+    return "uint16" if pixels > UINT16_ABOVE_PIXELS else "float32"
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,10 @@ class UcmConfig(StageConfig):
     oriented : apply the oriented watershed transform (needs an orientation; computed from the
         edge map with ``edge_orientation`` when the input has none).
     epsilon, min_size : arc splitting of the oriented watershed transform.
+    ucm2_dtype : ``"float32"``, ``"uint16"`` (quantised: altitudes ``[0, max]`` to ``0..65535``, the
+        step in the item attribute ``ucm2_scale``; read it with :func:`~segsort_unsup.ucm.ucm2_values`)
+        or unset: float32 up to :data:`UINT16_ABOVE_PIXELS` pixels, uint16 above (8 bytes per pixel
+        less for huge images). The tree, ``leaves`` and ``labels`` are exact either way.
     """
 
     stage = "ucm"
@@ -48,6 +66,7 @@ class UcmConfig(StageConfig):
     oriented: bool = True
     epsilon: float = 0.1
     min_size: float = 2.0
+    ucm2_dtype: str | None = None
     shard_size: int = run_only(64)
     png_dir: str | None = run_only(None, help="ucm, label and overview PNGs per image")
     mat_dir: str | None = run_only(None, help="BSDS-compatible .mat files (ucm2)")
@@ -60,6 +79,8 @@ class UcmConfig(StageConfig):
             raise self.bad_value("epsilon", "must be >= 0")
         if self.min_size < 0:
             raise self.bad_value("min_size", "must be >= 0")
+        if self.ucm2_dtype not in (None, "float32", "uint16"):
+            raise self.bad_value("ucm2_dtype", "must be 'float32' or 'uint16' (unset: uint16 for huge images only)")
         if self.shard_size < 1:
             raise self.bad_value("shard_size", "must be >= 1")
 
@@ -110,9 +131,14 @@ def process_item(job: _Job) -> Item:
     exported_edge = edge if cfg.png_dir or cfg.mat_dir else None
     del edge, orient
     parents, altitudes, rag_alt = mean_boundary_hierarchy(rag, consume=True)
-    leaves = rag.leaves
-    ucm2 = ucm2_from_regions(rag, rag_alt)
-    del rag, rag_alt
+    leaves, offsets, targets = rag.leaves, rag.offsets, rag.targets
+    del rag  # its spent per-edge sums, lengths and sources (20 bytes per RAG edge) before the ucm2
+    if ucm2_dtype_for(cfg, h * w) == "uint16":
+        scale = ucm2_scale(altitudes)
+        attrs[UCM2_SCALE_ATTR] = scale
+        rag_alt = quantise_ucm2(rag_alt, scale)  # painted straight into a uint16 ucm2
+    ucm2 = ucm2_from_regions(leaves, offsets, targets, rag_alt)
+    del offsets, targets, rag_alt
     arrays: dict[str, np.ndarray] = {
         "ucm2": ucm2,
         "parents": parents,

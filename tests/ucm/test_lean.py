@@ -32,7 +32,7 @@ def _assert_same(edge, orient, **kw):
     lean_parents, lean_alt, lean_rag_alt = mean_boundary_hierarchy(rag, consume=True)
     np.testing.assert_array_equal(lean_parents, parents)
     np.testing.assert_array_equal(lean_alt, altitudes)
-    lean_ucm2 = ucm2_from_regions(rag, lean_rag_alt)
+    lean_ucm2 = ucm2_from_regions(rag.leaves, rag.offsets, rag.targets, lean_rag_alt)
     assert lean_ucm2.dtype == ucm2.dtype and np.array_equal(lean_ucm2, ucm2)
 
 
@@ -85,3 +85,53 @@ def test_stage_item_from_a_float16_store_matches_grid_path(tmp_path, sobel_maps)
     np.testing.assert_array_equal(item.arrays["labels"], cut_labels(parents, altitudes, threshold=0.2)[ows.leaves])
     np.testing.assert_array_equal(item.arrays["labels_levels"][1],
                                   cut_labels(parents, altitudes, threshold=0.3)[ows.leaves])
+
+
+def test_uint16_ucm2_is_the_quantised_float32_ucm2(tmp_path, sobel_maps, monkeypatch):
+    from segsort_unsup.ucm import stage
+    from segsort_unsup.ucm.hierarchy import labels_from_ucm2, ucm2_values
+
+    _, edge, orient = sobel_maps[1]
+    with StoreWriter(tmp_path / "c", kind="contours", config={"test": 2}) as writer:
+        writer.add(Item("a", {"edge": edge.astype(np.float16), "orientation": orient.astype(np.float16)}, {}))
+    root = str(tmp_path / "c")
+    ref = process_item(_Job("a", "store", root, UcmConfig(ucm2_dtype="float32")))
+    auto = process_item(_Job("a", "store", root, UcmConfig()))  # a small map: float32, bit for bit
+    assert auto.arrays["ucm2"].dtype == np.float32 and np.array_equal(auto.arrays["ucm2"], ref.arrays["ucm2"])
+    monkeypatch.setattr(stage, "UINT16_ABOVE_PIXELS", edge.size - 1)  # as a huge map
+    q = process_item(_Job("a", "store", root, UcmConfig()))
+    assert q.arrays["ucm2"].dtype == np.uint16
+    f = ref.arrays["ucm2"].astype(np.float64)
+    scale = q.attrs["ucm2_scale"]
+    assert scale == pytest.approx(f.max() / 65535)
+    # the painted uint16 map is the float32 map quantised, cell by cell (corners included)
+    np.testing.assert_array_equal(q.arrays["ucm2"], np.rint(f / scale).astype(np.uint16))
+    assert q.arrays["ucm2"].max() == 65535
+    values = ucm2_values(q.arrays["ucm2"], q.attrs)
+    assert values.dtype == np.float32 and np.abs(values - f).max() <= scale / 2 * (1 + 1e-5)
+    for name in ("parents", "altitudes", "leaves", "labels"):  # exact either way
+        np.testing.assert_array_equal(q.arrays[name], ref.arrays[name])
+    # a cut of the quantised map between levels of the float map is the float map's cut
+    levels = np.unique(f[f > 0])
+    t = float(levels[len(levels) // 2])
+    gap = float(levels[len(levels) // 2 + 1]) - t
+    if gap > scale:
+        np.testing.assert_array_equal(labels_from_ucm2(values, t + gap / 2), labels_from_ucm2(f, t + gap / 2))
+    # written to and read back from a segments store, then through the evaluation reader
+    with StoreWriter(tmp_path / "s", kind="segments", config={"test": 3}) as writer:
+        writer.add(q)
+    from segsort_unsup.io.store import StoreReader
+
+    with StoreReader(tmp_path / "s", kind="segments") as reader:
+        back = reader.read("a")
+    np.testing.assert_array_equal(ucm2_values(back.arrays["ucm2"], back.attrs), values)
+    with pytest.raises(ValueError, match="ucm2_scale"):
+        ucm2_values(back.arrays["ucm2"], {})
+
+
+def test_ucm2_dtype_is_checked():
+    from segsort_unsup.errors import InputError
+
+    with pytest.raises(InputError, match="ucm2_dtype"):
+        UcmConfig(ucm2_dtype="float16")
+    assert "ucm2_dtype" not in UcmConfig().identity()  # unset: stores made before keep their identity
