@@ -71,3 +71,25 @@ def test_colour_photos_are_refused_as_edge_maps(tmp_path, bsds):
     result = CliRunner().invoke(main, ["-q", "ucm", str(photos), "-o", str(tmp_path / "seg")])
     assert result.exit_code == 1 and "2 failed of 2" in result.output
     assert "colour photo" in result.output and "segsort-unsup contours" in result.output
+
+
+def test_uint16_ucm2_reads_back_through_evaluation_within_half_a_step(tmp_path, bsds):
+    from segsort_unsup.evaluate.inputs import load_prediction, open_source
+
+    maps = bsds_maps(bsds, ids=("100007",))
+    src = make_contours_store(tmp_path / "contours", maps, bsds)
+    values = {}
+    for dtype in ("float32", "uint16"):
+        out = tmp_path / dtype
+        result = CliRunner().invoke(main, ["-q", "ucm", str(src), "-o", str(out), "--ucm2-dtype", dtype])
+        assert result.exit_code == 0, result.output
+        with StoreReader(out, kind="segments") as store:
+            item = store["100007"]
+        assert item.arrays["ucm2"].dtype == np.dtype(dtype)
+        source = open_source(out)
+        values[dtype] = (load_prediction(source, next(iter(source.items))).ucm2, item)
+    (f, ref), (q, item) = values["float32"], values["uint16"]
+    assert q.dtype == np.float32
+    step = item.attrs["ucm2_scale"]
+    assert step == np.float64(f.max()) / 65535 and np.abs(q - f).max() <= step / 2 * (1 + 1e-5)
+    np.testing.assert_array_equal(item.arrays["labels"], ref.arrays["labels"])  # exact either way
