@@ -23,7 +23,7 @@ from .._heap import heap_pop, heap_push
 # --------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _pixel_neighbor(p, k, h, w):
     """Neighbour ``k`` (0 up, 1 left, 2 right, 3 down) of pixel ``p``: (pixel, edge id) or (-1, -1)."""
     n = h * w
@@ -46,7 +46,7 @@ def _pixel_neighbor(p, k, h, w):
     return p + w, n + p
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _vertex_edge(a, b, k, h, w):
     """Contour edge ``k`` (0 up, 1 left, 2 right, 3 down) at vertex ``(a, b)``: (edge id, a2, b2) or (-1, 0, 0)."""
     n = h * w
@@ -65,7 +65,7 @@ def _vertex_edge(a, b, k, h, w):
     return -1, 0, 0
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _edge_point(e, h, w):
     """Position (row, col) of an edge: the midpoint of the two pixel centres it links."""
     n = h * w
@@ -77,7 +77,7 @@ def _edge_point(e, h, w):
     return np.float64(i) + 0.5, np.float64(p - i * w)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def pixel_edge_weights(values, h, w, out):
     """Edge weight = mean of the two pixel values (``values`` flat, length N; ``out`` length 2N)."""
     n = h * w
@@ -87,7 +87,7 @@ def pixel_edge_weights(values, h, w, out):
         out[n + p] = 0.5 * (values[p] + values[p + w]) if p + w < n else 0.0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def pixel_edge_orientations(values, orientation, h, w, out):
     """Edge orientation = orientation of the stronger of its two pixels (ties: the first pixel)."""
     n = h * w
@@ -108,7 +108,7 @@ def pixel_edge_orientations(values, orientation, h, w, out):
 # --------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _lowest_edge(weights, p, h, w):
     """The smallest weight of the edges at pixel ``p`` (``inf`` for a pixel without neighbours)."""
     best = np.float32(np.inf)
@@ -119,7 +119,7 @@ def _lowest_edge(weights, p, h, w):
     return best
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _grown(buffer, used):
     """``buffer`` with twice the room, its first ``used`` entries kept."""
     bigger = np.empty(2 * buffer.size, buffer.dtype)
@@ -127,7 +127,7 @@ def _grown(buffer, used):
     return bigger
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def watershed_cut(weights, h, w, labels):
     """Label the catchment basins of an edge-weighted 4-adjacency graph; returns the region count.
 
@@ -193,7 +193,7 @@ def watershed_cut(weights, h, w, labels):
 # --------------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def region_adjacency(labels, h, w, n_regions, edge_rag):
     """Fill ``edge_rag`` (length 2N) with the RAG edge of each cut edge (-1 elsewhere).
 
@@ -250,7 +250,7 @@ def region_adjacency(labels, h, w, n_regions, edge_rag):
     return sources[:n_rag].copy(), targets[:n_rag].copy()
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def rag_mean(edge_rag, weights, n_rag, sums, lengths):
     """Sum and count the weights of each RAG edge's cut edges."""
     sums[:] = 0.0
@@ -267,7 +267,7 @@ def rag_mean(edge_rag, weights, n_rag, sums, lengths):
 # --------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _vertex_degree(edge_rag, a, b, h, w):
     """Number of cut edges at contour vertex ``(a, b)``."""
     d = 0
@@ -278,18 +278,18 @@ def _vertex_degree(edge_rag, a, b, h, w):
     return d
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _seen(visited, e):
     """Bit ``e`` of the packed flags ``visited`` (one bit per grid edge: N / 4 bytes in all)."""
     return (visited[e >> 3] >> (e & 7)) & 1 == 1
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _see(visited, e):
     visited[e >> 3] |= np.uint8(1 << (e & 7))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _walk(edge_rag, h, w, visited, e, a2, b2, elements, n_el):
     """Follow a contour from edge ``e`` (arriving at vertex ``(a2, b2)``) to a junction or back to its start."""
     while True:
@@ -315,7 +315,7 @@ def _walk(edge_rag, h, w, visited, e, a2, b2, elements, n_el):
         b2 = nb
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def trace_contours(edge_rag, h, w):
     """Split the cut edges into polylines running between junctions (or around closed loops).
 
@@ -370,7 +370,7 @@ def trace_contours(edge_rag, h, w):
     return elements, offsets[: n_poly + 1]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _chord_distance(r0, c0, r1, c1, r, c):
     length = np.sqrt((r1 - r0) ** 2 + (c1 - c0) ** 2)
     if length == 0.0:
@@ -378,7 +378,7 @@ def _chord_distance(r0, c0, r1, c1, r, c):
     return abs((r1 - r0) * c - (c1 - c0) * r + c1 * r0 - r1 * c0) / length
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _edge_orientation(values, orientation, e, h, w):
     """Orientation of grid edge ``e``: that of the stronger of its two pixels (ties: the first),
     as :func:`pixel_edge_orientations` gives it."""
@@ -388,7 +388,7 @@ def _edge_orientation(values, orientation, e, h, w):
     return orientation[p] if values[p] >= values[q] else orientation[q]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def oriented_reweight(elements, offsets, weights, values, orientation, h, w, epsilon, min_size, single_angle, edge_rag):
     """Oriented watershed transform of the traced polylines (Arbelaez et al. PAMI 2011, sec. 4.1), in place.
 
@@ -476,13 +476,13 @@ def oriented_reweight(elements, offsets, weights, values, orientation, h, w, eps
 # --------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _mean(sums, lengths, r):
     """Mean strength of RAG edge ``r`` (recomputed rather than stored: the same float64 every time)."""
     return sums[r] / lengths[r] if lengths[r] > 0 else 0.0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def mean_boundary_merge(n_regions, sources, targets, sums, lengths, parents, altitudes, rag_altitudes, index):
     """Merge the regions greedily, weakest mean boundary first; fills the binary merge tree.
 
@@ -619,7 +619,7 @@ def mean_boundary_merge(n_regions, sources, targets, sums, lengths, parents, alt
 # --------------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def cut_leaves(parents, altitudes, threshold, n_leaves, out):
     """Label leaves by the highest ancestor reachable through nodes of altitude <= threshold.
 
@@ -644,7 +644,7 @@ def cut_leaves(parents, altitudes, threshold, n_leaves, out):
     return k
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def lca_altitudes(parents, altitudes, sources, targets, out):
     """Altitude of the lowest common ancestor of each (source, target) leaf pair."""
     n_nodes = parents.size
@@ -665,7 +665,7 @@ def lca_altitudes(parents, altitudes, sources, targets, out):
         out[t] = altitudes[u]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def paint_ucm2(edge_rag, rag_values, h, w, ucm2):
     """Write RAG edge values on the doubled grid: 1-faces from edges, 0-faces = max of their 1-faces, frame = copy of its neighbours."""
     n = h * w
