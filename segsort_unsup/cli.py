@@ -169,6 +169,9 @@ def _start_stop_watchdog(grace: float = STOP_GRACE_SECONDS) -> None:
         os.close(write_end)
         return
     stops = {signal.SIGINT.value, signal.SIGTERM.value}
+    # A forked child (a data-loader worker) would write its own signals into this pipe and stop
+    # the parent: forked children get no wakeup pipe.
+    os.register_at_fork(after_in_child=_no_wakeup_fd)
 
     def watch() -> None:
         while True:
@@ -186,6 +189,13 @@ def _start_stop_watchdog(grace: float = STOP_GRACE_SECONDS) -> None:
                 os._exit(EXIT_INTERRUPTED)
 
     threading.Thread(target=watch, name="stop-watchdog", daemon=True).start()
+
+
+def _no_wakeup_fd() -> None:
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:  # forked from another thread than the main one
+        pass
 
 
 def _quiet_interrupts(unraisable) -> None:

@@ -125,3 +125,28 @@ def test_the_long_running_kernels_release_the_gil():
         assert kernels, module
         held = sorted(name for name, f in kernels.items() if not f.targetoptions.get("nogil"))
         assert not held, f"{module}: {held} hold the GIL"
+
+
+_FORK = """
+import os, signal, time
+from segsort_unsup import cli
+
+signal.signal(signal.SIGTERM, lambda *a: None)  # a forked child keeps its parent's Python handlers
+cli._start_stop_watchdog(grace=0.5)
+pid = os.fork()
+if pid == 0:
+    time.sleep(30)
+    os._exit(0)
+time.sleep(0.3)
+os.kill(pid, signal.SIGTERM)  # what a data loader does to a worker that does not exit in time
+os.waitpid(pid, 0)
+time.sleep(2)
+print("parent still running", flush=True)
+"""
+
+
+def test_a_forked_childs_signal_does_not_stop_the_parent(tmp_path):
+    script = tmp_path / "fork.py"
+    script.write_text(_FORK)
+    done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "parent still running" in done.stdout, done.stderr
