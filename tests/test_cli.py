@@ -134,9 +134,10 @@ from segsort_unsup import cli
 signal.signal(signal.SIGTERM, lambda *a: None)  # a forked child keeps its parent's Python handlers
 cli._start_stop_watchdog(grace=0.5)
 pid = os.fork()
-if pid == 0:
+if pid == 0:  # still a Python handler: its C part writes the signal into any wakeup pipe
+    signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
     time.sleep(30)
-    os._exit(0)
+    os._exit(1)
 time.sleep(0.3)
 os.kill(pid, signal.SIGTERM)  # what a data loader does to a worker that does not exit in time
 os.waitpid(pid, 0)
