@@ -14,13 +14,13 @@ from numba import njit
 __all__ = ["heap_pop", "heap_push"]
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _before(ka, ia, kb, ib):
     """Whether entry ``(ka, ia)`` pops before ``(kb, ib)``."""
     return ka < kb or (ka == kb and ia < ib)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def heap_push(keys, ids, size, key, ident):
     """Add ``(key, ident)``; returns the new size (the arrays must have room for it)."""
     i = size
@@ -37,7 +37,7 @@ def heap_push(keys, ids, size, key, ident):
     return size + 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def heap_pop(keys, ids, size):
     """Remove the smallest entry (read ``keys[0]``, ``ids[0]`` first); returns the new size."""
     size -= 1

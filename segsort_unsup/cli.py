@@ -142,6 +142,62 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+STOP_GRACE_SECONDS = 5.0  # after Ctrl-C / SIGTERM, how long a long computation may take to reach a check point
+
+
+def _start_stop_watchdog(grace: float = STOP_GRACE_SECONDS) -> None:
+    """Make Ctrl-C / SIGTERM end the process within ``grace`` seconds even inside a long compiled
+    kernel (a huge image's watershed or matching), where Python's own handler cannot run.
+
+    Python's C-level handler writes each signal's number to a wakeup pipe at once; a daemon thread
+    reads it, waits ``grace`` seconds for the ordinary stop (KeyboardInterrupt, stores closed,
+    exit 130), and if the process is still here, leaves with exit 130 itself. That is as safe as a
+    kill: every store write is atomic and an unfinished item is simply redone by the next run.
+    The kernels release the GIL (numba ``nogil``), so this thread runs while they do.
+    """
+    import threading
+    import time
+
+    if any(t.name == "stop-watchdog" for t in threading.enumerate()):
+        return  # one per process (the CLI may be run several times in one interpreter)
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    try:
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread (the CLI called from a library's thread): no watchdog
+        os.close(read_end)
+        os.close(write_end)
+        return
+    stops = {signal.SIGINT.value, signal.SIGTERM.value}
+    # A forked child (a data-loader worker) would write its own signals into this pipe and stop
+    # the parent: forked children get no wakeup pipe.
+    os.register_at_fork(after_in_child=_no_wakeup_fd)
+
+    def watch() -> None:
+        while True:
+            received = os.read(read_end, 64)
+            if not received:
+                return
+            if stops.intersection(received):
+                time.sleep(grace)
+                import multiprocessing
+
+                for child in multiprocessing.active_children():  # worker processes must not run on
+                    child.kill()
+                os.write(2, b"\nInterrupted inside a long computation: finished items are saved; "
+                            b"run the same command again to resume.\n")
+                os._exit(EXIT_INTERRUPTED)
+
+    threading.Thread(target=watch, name="stop-watchdog", daemon=True).start()
+
+
+def _no_wakeup_fd() -> None:
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:  # forked from another thread than the main one
+        pass
+
+
 def _quiet_interrupts(unraisable) -> None:
     """A KeyboardInterrupt raised where Python cannot propagate it (a finaliser, a weakref callback) is
     not a crash: the stop flag ends the run at its next step. Anything else is reported as usual."""
@@ -158,6 +214,7 @@ def run(args: list[str] | None = None) -> int:
     clear_stop()
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
+    _start_stop_watchdog()
     sys.unraisablehook = _quiet_interrupts
     try:
         main.main(args=args, prog_name="segsort-unsup", standalone_mode=False)

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from . import __version__
 from .config import StageConfig
 from .errors import SegsortError
-from .io.store import SCHEMAS, Item, ShardInfo, StoreWriter, close_readers, write_shard
+from .io.store import FLUSH_BYTES, SCHEMAS, Item, ShardInfo, StoreWriter, close_readers, item_nbytes, write_shard
 from .log import get_logger
 from .parallel import Executor, InProcess
 
@@ -97,20 +97,39 @@ class ChunkTask:
 class ChunkResult:
     """What a distributed task returns: the shard it wrote (if any) and its failures."""
 
-    shard: ShardInfo | None
+    shards: list[ShardInfo]
     failed: list[tuple[str, str]]
 
 
 def run_chunk(task: ChunkTask) -> ChunkResult:
-    """Process a chunk and write its shard (runs on a worker; module-level so it pickles by reference)."""
-    items, failed = [], []
+    """Process a chunk and write its shards (runs on a worker; module-level so it pickles by reference).
+
+    Items are written as one shard, or several when their arrays pass ``FLUSH_BYTES`` (a chunk of
+    huge images is not held in the worker's memory until its last image is done).
+    """
+    items: list[Item] = []
+    shards: list[ShardInfo] = []
+    failed: list[tuple[str, str]] = []
+    pending = 0
+
+    def write() -> None:
+        name = task.shard if not shards else f"{task.shard[:-len('.h5')]}-{len(shards)}.h5"
+        shards.append(write_shard(task.root, name, items, schema=SCHEMAS.get(task.kind), epoch=task.epoch))
+        items.clear()
+
     for job in task.jobs:
         try:
             items.append(task.process(job))
         except Exception as exc:  # noqa: BLE001 - one bad image never fails its chunk
             failed.append((job.key, failure_reason(exc)))
-    shard = write_shard(task.root, task.shard, items, schema=SCHEMAS.get(task.kind), epoch=task.epoch) if items else None
-    return ChunkResult(shard, failed)
+            continue
+        pending += item_nbytes(items[-1])
+        if pending >= FLUSH_BYTES:
+            write()
+            pending = 0
+    if items:
+        write()
+    return ChunkResult(shards, failed)
 
 
 class StageRun:
@@ -188,9 +207,9 @@ class StageRun:
 
     def record_chunk(self, result: ChunkResult) -> None:
         """Record what a distributed task wrote and what failed in it."""
-        if result.shard is not None:
-            self.writer.register_shard(result.shard)
-            self.summary.done += len(result.shard.keys)
+        for shard in result.shards:
+            self.writer.register_shard(shard)
+            self.summary.done += len(shard.keys)
         for key, reason in result.failed:
             self.fail(key, reason)
 

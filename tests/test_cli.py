@@ -66,3 +66,88 @@ def test_interrupt_exits_130_without_tracebacks_and_resumes(tmp_path, bsds, sig)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err and "Interrupted" in err
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "already complete" in again.stderr, again.stderr
+
+
+_BUSY = """
+import sys, signal
+from numba import njit
+from segsort_unsup import cli
+
+@njit(nogil=True)
+def spin(n):  # a long compiled loop that never returns to Python: no signal handler runs in it
+    acc = 0.0
+    for i in range(n):
+        acc += (i % 7) * 1e-9
+    return acc
+
+spin(10)
+signal.signal(signal.SIGTERM, cli._interrupt)
+cli._start_stop_watchdog(grace=1.0)
+print("ready", flush=True)
+spin(10**12)
+print("kernel finished", flush=True)
+"""
+
+
+def test_a_stop_request_ends_a_long_kernel_within_the_grace_period(tmp_path):
+    """Inside a compiled kernel Python's SIGTERM handler cannot run; the watchdog still ends the
+    process (exit 130, one line, no traceback) about a grace period after the signal."""
+    script = tmp_path / "busy.py"
+    script.write_text(_BUSY)
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_INTERRUPTED and "kernel finished" not in out
+    assert 0.9 < took < 5, f"stopped after {took:.1f} s"
+    assert "Interrupted" in err and "Traceback" not in err
+
+
+def test_the_long_running_kernels_release_the_gil():
+    """The stop watchdog (and Dask's threads) can only run beside kernels compiled with nogil."""
+    import importlib
+
+    from numba.core.registry import CPUDispatcher
+
+    for module in ("segsort_unsup.ucm._kernels", "segsort_unsup.evaluate._kernels",
+                   "segsort_unsup.edgemaps._kernels", "segsort_unsup.discover.finch", "segsort_unsup._heap"):
+        mod = importlib.import_module(module)
+        kernels = {name: f for name, f in vars(mod).items()
+                   if isinstance(f, CPUDispatcher) and f.__module__ == module}
+        assert kernels, module
+        held = sorted(name for name, f in kernels.items() if not f.targetoptions.get("nogil"))
+        assert not held, f"{module}: {held} hold the GIL"
+
+
+_FORK = """
+import os, signal, time
+from segsort_unsup import cli
+
+signal.signal(signal.SIGTERM, lambda *a: None)  # a forked child keeps its parent's Python handlers
+cli._start_stop_watchdog(grace=0.5)
+pid = os.fork()
+if pid == 0:  # still a Python handler: its C part writes the signal into any wakeup pipe
+    signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+    time.sleep(30)
+    os._exit(1)
+time.sleep(0.3)
+os.kill(pid, signal.SIGTERM)  # what a data loader does to a worker that does not exit in time
+os.waitpid(pid, 0)
+time.sleep(2)
+print("parent still running", flush=True)
+"""
+
+
+def test_a_forked_childs_signal_does_not_stop_the_parent(tmp_path):
+    script = tmp_path / "fork.py"
+    script.write_text(_FORK)
+    done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "parent still running" in done.stdout, done.stderr

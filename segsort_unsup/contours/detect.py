@@ -257,18 +257,41 @@ class EdgeDetector:
     def _probabilities(self, images: np.ndarray) -> np.ndarray:
         """``(N, H, W, 3)`` uint8 -> ``(N, H, W)`` probabilities, averaged over the scales.
 
-        float32; float16 for single-scale tiled images, whose tiles are cut from the uint8 array
-        (no full-size float copy of the image or of the map is made).
+        float32; float16 for tiled images (above ``max_side``), whose tiles are cut from the uint8
+        array (no full-size float copy of the image or of the map is made). Multi-scale tiled
+        images are tiled first and each tile is run at every scale (tiles of
+        :attr:`multi_scale_tile_side`, so the largest scale's pass keeps to the memory budget).
         """
         n, h, w, _ = images.shape
-        if self.scales == (1.0,) and max(h, w) > self.max_side:
+        if max(h, w) > self.max_side:
             self._check_tiling(h, w)
             out = np.empty((n, h, w), np.float16)
-            self._run_tiled(lambda y0, y1, x0, x1: _tensor(images[:, y0:y1, x0:x1]).to(self.device)
-                            .permute(0, 3, 1, 2).float(), n, h, w, out)
+
+            def tile_of(y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+                return _tensor(images[:, y0:y1, x0:x1]).to(self.device).permute(0, 3, 1, 2).float()
+
+            if self.scales == (1.0,):
+                self._run_tiled(tile_of, n, h, w, out)
+            else:
+                self._run_tiled(tile_of, n, h, w, out, run=self._run_scales, tile_side=self.multi_scale_tile_side)
             return out
         x = _tensor(images).to(self.device).permute(0, 3, 1, 2).float()
-        total = torch.zeros((n, 1, h, w), dtype=torch.float32, device=self.device)
+        return self._run_scales(x)[:, 0].clamp_(0.0, 1.0).cpu().numpy()
+
+    @property
+    def multi_scale_tile_side(self) -> int:
+        """Tile side of multi-scale tiled images: ``tile_side`` over the largest upscale (the
+        scaled tiles are at most ``tile_side``), on the tile grid, at least the overlap plus two
+        grid steps."""
+        side = int(self.tile_side / max(1.0, *self.scales)) // TILE_ALIGN * TILE_ALIGN
+        return max(self.tile_overlap + 2 * TILE_ALIGN, side)
+
+    def _run_scales(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, H, W)`` float -> ``(N, 1, H, W)`` float32 probabilities averaged over the scales."""
+        n, _, h, w = x.shape
+        if self.scales == (1.0,):
+            return self._run_any_size(x)
+        total = torch.zeros((n, 1, h, w), dtype=torch.float32, device=x.device)
         for scale in self.scales:
             if scale == 1.0:
                 prob = self._run_any_size(x)
@@ -279,7 +302,7 @@ class EdgeDetector:
                 prob = F.interpolate(self._run_any_size(scaled), size=(h, w), mode="bilinear", align_corners=False)
             total += prob
         total /= len(self.scales)
-        return total[:, 0].clamp_(0.0, 1.0).cpu().numpy()
+        return total
 
     def _check_tiling(self, h: int, w: int) -> None:
         if not self.tile:
@@ -304,6 +327,9 @@ class EdgeDetector:
             prob = self.network(x)
         return prob.float().contiguous()
 
+    def _run_tile(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run_padded(x) if min(x.shape[-2:]) < MIN_SIDE else self._run_network(x)
+
     def _run_padded(self, x: torch.Tensor) -> torch.Tensor:
         """Pad sides below MIN_SIDE by replicating the border pixels, run, crop back."""
         h, w = x.shape[-2:]
@@ -312,10 +338,13 @@ class EdgeDetector:
         padded = F.pad(x, (left, pw - left, top, ph - top), mode="replicate")
         return self._run_network(padded)[..., top : top + h, left : left + w]
 
-    def _run_tiled(self, tile_of, n: int, h: int, w: int, out: np.ndarray) -> None:
-        """Overlapping tiles of at most ``tile_side``, blended over their overlaps, into ``out`` (n, h, w).
+    def _run_tiled(self, tile_of, n: int, h: int, w: int, out: np.ndarray, *, run=None,
+                   tile_side: int | None = None) -> None:
+        """Overlapping tiles of at most ``tile_side`` (default: the detector's), blended over their
+        overlaps, into ``out`` (n, h, w).
 
-        ``tile_of(y0, y1, x0, x1)`` gives the float ``(n, 3, y1 - y0, x1 - x0)`` input of one tile.
+        ``tile_of(y0, y1, x0, x1)`` gives the float ``(n, 3, y1 - y0, x1 - x0)`` input of one tile,
+        ``run(tile)`` its ``(n, 1, ...)`` probabilities (default: one pass of the network).
         Near an inner tile edge HED sees zero padding instead of the image, so each tile drops
         ``margin`` pixels there and ramps its weight up linearly over the rest of the overlap.
         The weights are separable, so their sum is an outer product of two 1-D sums; tiles are
@@ -323,7 +352,9 @@ class EdgeDetector:
         are normalised and written to ``out``. Working memory: one band plus one tile.
         """
         device = self.device
-        ys, xs = _tile_spans(h, self.tile_side, self.tile_overlap), _tile_spans(w, self.tile_side, self.tile_overlap)
+        side = tile_side or self.tile_side
+        run = run or self._run_tile
+        ys, xs = _tile_spans(h, side, self.tile_overlap), _tile_spans(w, side, self.tile_overlap)
         wys = [_edge_weights(y1 - y0, y0 > 0, y1 < h, self.tile_overlap, device) for y0, y1 in ys]
         wxs = [_edge_weights(x1 - x0, x0 > 0, x1 < w, self.tile_overlap, device) for x0, x1 in xs]
         norm_y = torch.zeros(h, dtype=torch.float32, device=device)
@@ -352,7 +383,7 @@ class EdgeDetector:
             for (x0, x1), wx in zip(xs, wxs, strict=True):
                 check_stop()  # Ctrl-C / SIGTERM within a huge image: stop within one tile
                 tile = tile_of(y0, y1, x0, x1)
-                prob = self._run_padded(tile) if min(y1 - y0, x1 - x0) < MIN_SIDE else self._run_network(tile)
+                prob = run(tile)
                 band[:, y0 - band_start : y1 - band_start, x0:x1] += prob[:, 0] * (wy[:, None] * wx[None, :])
                 del tile, prob
             release_free_memory()  # freed activations, so that they do not stay resident for later steps

@@ -618,7 +618,7 @@ def _requested_partition(x: np.ndarray, partitions: np.ndarray, counts: np.ndarr
     return _first_occurrence(root[start]).astype(np.int32)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _score(v, a, b, cosine):
     """Similarity of rows a and b: dot product (cosine) or minus squared distance.
 
@@ -660,7 +660,7 @@ def _score(v, a, b, cosine):
     return s if cosine else -s
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _set_vector(v, sums, sizes, i, cosine):
     d = v.shape[1]
     norm = 0.0
@@ -673,7 +673,7 @@ def _set_vector(v, sums, sizes, i, cosine):
             v[i, j] /= norm
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _rescan(v, active, i, cosine):
     """Best other active row for row i: (index, score); ties -> lowest index; (-1, -inf) if none."""
     best = -np.inf
@@ -687,13 +687,13 @@ def _rescan(v, active, i, cosine):
     return arg, best
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _initial_neighbours(v, active, nn, best, cosine):
     for i in prange(v.shape[0]):
         nn[i], best[i] = _rescan(v, active, i, cosine)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _merge_closest_pairs_kernel(sums, sizes, target, cosine, parent):
     k, d = sums.shape
     v = np.empty((k, d))

@@ -6,7 +6,7 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _bilinear(img, y, x):
     h, w = img.shape
     # Clamp as Dollar's edgesNms does: stay strictly inside the last cell.
@@ -26,7 +26,7 @@ def _bilinear(img, y, x):
             + img[y0 + 1, x0] * (1.0 - dx) * dy + img[y0 + 1, x0 + 1] * dx * dy)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def edge_nms_kernel(edge, orientation, radius, border, multiplier, out):
     """Suppress pixels not maximal along the orientation's normal, then fade the border."""
     h, w = edge.shape

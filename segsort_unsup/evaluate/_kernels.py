@@ -19,7 +19,7 @@ _INF = np.int64(1) << 60
 # --------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _augment(s, indptr, cols, costs, n_cols, outlier_cost, u, v, row_to_col, col_to_row,
              dist, pred, done, touched, finalized, heap_keys, heap_vals):
     """Assign free row ``s`` by one shortest augmenting path (Dijkstra on reduced costs).
@@ -109,7 +109,7 @@ def _augment(s, indptr, cols, costs, n_cols, outlier_cost, u, v, row_to_col, col
         done[j] = False
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _repair_after_removal(r, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols, outlier_cost,
                           is_active, u, v, row_to_col, col_to_row,
                           dist, pred, done, touched, finalized, heap_keys, heap_vals):
@@ -232,7 +232,7 @@ def _repair_after_removal(r, indptr, cols, costs, rev_indptr, rev_rows, rev_cost
         done[x] = False
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def match_incremental(active, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols, outlier_cost, acc,
                       objective):
     """Optimal outlier assignments for a sequence of row subsets, reusing work between them.
@@ -297,7 +297,7 @@ def match_incremental(active, indptr, cols, costs, rev_indptr, rev_rows, rev_cos
     return counts
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def assign_with_outliers(indptr, cols, costs, n_cols, outlier_cost, row_to_col):
     """Min-cost assignment where every row may instead take a private outlier at ``outlier_cost``.
 
@@ -333,7 +333,7 @@ def assign_with_outliers(indptr, cols, costs, n_cols, outlier_cost, row_to_col):
     return matched
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def candidate_edges(ys, xs, human_index, off_y, off_x, off_cost):
     """CSR edges from machine pixels (ys, xs) to human pixels within the offset disk.
 
@@ -379,7 +379,7 @@ def candidate_edges(ys, xs, human_index, off_y, off_x, off_cost):
 # --------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _thin_lut():
     """Deletion tables of the two sub-iterations, indexed by the 8-neighbourhood code.
 
@@ -413,7 +413,7 @@ def _thin_lut():
     return lut1, lut2
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def thin_kernel(image, lut1, lut2):
     """Thin a boolean image in place until stable (zero padding outside)."""
     height, width = image.shape
@@ -478,7 +478,7 @@ def thin_kernel(image, lut1, lut2):
 # --------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def contingency(a, b, na, nb):
     """Joint histogram of two int64 label maps with labels in [0, na) and [0, nb)."""
     table = np.zeros((na, nb), np.int64)

@@ -67,6 +67,7 @@ INDEX_NAME = "index.jsonl"
 FAILURES_NAME = "failures.tsv"
 LOCK_NAME = ".lock"
 QUARANTINE_DIR = "quarantine"
+FLUSH_BYTES = 256 * 2**20  # queued item bytes that close a shard (huge images are written at once)
 _SHARD_RE = re.compile(r"^part-[A-Za-z0-9_-]+\.h5$")
 _GZIP_MIN = 4096  # values; smaller datasets are stored uncompressed (still chunked and checksummed)
 
@@ -389,6 +390,11 @@ class StoreLock:
             self._fh = None
 
 
+def item_nbytes(item: Item) -> int:
+    """Bytes held by an item's arrays (what a queued item keeps in memory)."""
+    return sum(int(getattr(a, "nbytes", 0)) for a in item.arrays.values())
+
+
 class StoreWriter:
     """Append items to a store in atomically renamed, checksummed shards; resumable.
 
@@ -402,6 +408,9 @@ class StoreWriter:
     schema : the kind's datasets; default: the registered schema of ``kind``, if any.
     shard_size : items per shard; a killed run loses at most this many finished items.
     flush_seconds : also close a shard when it has been open this long.
+    flush_bytes : also close a shard when its queued arrays reach this many bytes, so a huge
+        image's outputs are written (and made durable) at once instead of held in memory beside
+        the next image's work.
     overwrite : ``False`` (resume; refuse another configuration), ``True`` (start over) or
         ``"changed"`` (start over only when the configuration differs: pipelines).
     verify : check every complete shard's sha256 before trusting it on resume.
@@ -417,6 +426,7 @@ class StoreWriter:
         schema: StoreSchema | None = None,
         shard_size: int = 64,
         flush_seconds: float = 120.0,
+        flush_bytes: int = FLUSH_BYTES,
         overwrite: bool | str = False,
         verify: bool = True,
     ):
@@ -427,6 +437,7 @@ class StoreWriter:
         self.schema = schema if schema is not None else SCHEMAS.get(kind)
         self.shard_size = shard_size
         self.flush_seconds = flush_seconds
+        self.flush_bytes = flush_bytes
         self.config = dict(config)
         self.config_hash = config_hash(self.config)
         self.completed: set[str] = set()
@@ -434,6 +445,7 @@ class StoreWriter:
         self.replaced_keys: list[str] = []  # with overwrite="changed": what differed
         self._pending: list[Item] = []
         self._pending_since = 0.0
+        self._pending_bytes = 0
         self._failures: dict[str, tuple[str, str]] = {}
         self._failures_dirty = False
         self._next_shard = 0
@@ -588,9 +600,11 @@ class StoreWriter:
         if not self._pending:
             self._pending_since = time.monotonic()
         self._pending.append(item)
+        self._pending_bytes += item_nbytes(item)
         if self._failures.pop(item.key, None) is not None:
             self._failures_dirty = True
-        if len(self._pending) >= self.shard_size or time.monotonic() - self._pending_since >= self.flush_seconds:
+        if (len(self._pending) >= self.shard_size or self._pending_bytes >= self.flush_bytes
+                or time.monotonic() - self._pending_since >= self.flush_seconds):
             self.flush()
 
     def register_shard(self, info: ShardInfo) -> None:
@@ -618,10 +632,12 @@ class StoreWriter:
                 info = write_shard(self.root, self.new_shard_name(), self._pending, schema=self.schema)
             except BaseException:
                 self._pending.clear()  # not durable: these items are redone by the next run
+                self._pending_bytes = 0
                 raise
             self._append_index(info)
             self.completed.update(info.keys)
             self._pending.clear()
+            self._pending_bytes = 0
         self._write_failures()
 
     def _write_failures(self) -> None:

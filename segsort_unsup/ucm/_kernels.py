@@ -26,7 +26,7 @@ from .._heap import heap_pop, heap_push
 # --------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _pixel_neighbor(p, k, h, w):
     """Neighbour ``k`` (0 up, 1 left, 2 right, 3 down) of pixel ``p``: (pixel, edge id) or (-1, -1)."""
     n = h * w
@@ -49,7 +49,7 @@ def _pixel_neighbor(p, k, h, w):
     return p + w, n + p
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _vertex_edge(a, b, k, h, w):
     """Contour edge ``k`` (0 up, 1 left, 2 right, 3 down) at vertex ``(a, b)``: (edge id, a2, b2) or (-1, 0, 0)."""
     n = h * w
@@ -68,7 +68,7 @@ def _vertex_edge(a, b, k, h, w):
     return -1, 0, 0
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _edge_point(e, h, w):
     """Position (row, col) of an edge: the midpoint of the two pixel centres it links."""
     n = h * w
@@ -80,7 +80,7 @@ def _edge_point(e, h, w):
     return np.float64(i) + 0.5, np.float64(p - i * w)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def pixel_edge_weights(values, h, w, out):
     """Edge weight = mean of the two pixel values (``values`` flat, length N; ``out`` length 2N)."""
     n = h * w
@@ -90,7 +90,7 @@ def pixel_edge_weights(values, h, w, out):
         out[n + p] = 0.5 * (values[p] + values[p + w]) if p + w < n else 0.0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def pixel_edge_orientations(values, orientation, h, w, out):
     """Edge orientation = orientation of the stronger of its two pixels (ties: the first pixel)."""
     n = h * w
@@ -111,7 +111,7 @@ def pixel_edge_orientations(values, orientation, h, w, out):
 # --------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _lowest_edge(weights, p, h, w):
     """The smallest weight of the edges at pixel ``p`` (``inf`` for a pixel without neighbours)."""
     best = np.float32(np.inf)
@@ -122,7 +122,7 @@ def _lowest_edge(weights, p, h, w):
     return best
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _grown(buffer, used):
     """``buffer`` with twice the room, its first ``used`` entries kept."""
     bigger = np.empty(2 * buffer.size, buffer.dtype)
@@ -130,7 +130,7 @@ def _grown(buffer, used):
     return bigger
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def watershed_cut(weights, h, w, labels):
     """Label the catchment basins of an edge-weighted 4-adjacency graph; returns the region count.
 
@@ -196,7 +196,7 @@ def watershed_cut(weights, h, w, labels):
 # --------------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def region_adjacency(labels, h, w, n_regions, edge_rag):
     """Fill ``edge_rag`` (length 2N) with the RAG edge of each cut edge (-1 elsewhere).
 
@@ -253,7 +253,7 @@ def region_adjacency(labels, h, w, n_regions, edge_rag):
     return sources[:n_rag].copy(), targets[:n_rag].copy()
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def rag_mean(edge_rag, weights, n_rag, sums, lengths):
     """Sum and count the weights of each RAG edge's cut edges."""
     sums[:] = 0.0
@@ -270,7 +270,7 @@ def rag_mean(edge_rag, weights, n_rag, sums, lengths):
 # --------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _vertex_degree(edge_rag, a, b, h, w):
     """Number of cut edges at contour vertex ``(a, b)``."""
     d = 0
@@ -281,18 +281,18 @@ def _vertex_degree(edge_rag, a, b, h, w):
     return d
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _seen(visited, e):
     """Bit ``e`` of the packed flags ``visited`` (one bit per grid edge: N / 4 bytes in all)."""
     return (visited[e >> 3] >> (e & 7)) & 1 == 1
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _see(visited, e):
     visited[e >> 3] |= np.uint8(1 << (e & 7))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _walk(edge_rag, h, w, visited, e, a2, b2, elements, n_el):
     """Follow a contour from edge ``e`` (arriving at vertex ``(a2, b2)``) to a junction or back to its start."""
     while True:
@@ -318,7 +318,7 @@ def _walk(edge_rag, h, w, visited, e, a2, b2, elements, n_el):
         b2 = nb
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def trace_contours(edge_rag, h, w):
     """Split the cut edges into polylines running between junctions (or around closed loops).
 
@@ -373,7 +373,7 @@ def trace_contours(edge_rag, h, w):
     return elements, offsets[: n_poly + 1]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _chord_distance(r0, c0, r1, c1, r, c):
     length = np.sqrt((r1 - r0) ** 2 + (c1 - c0) ** 2)
     if length == 0.0:
@@ -381,7 +381,7 @@ def _chord_distance(r0, c0, r1, c1, r, c):
     return abs((r1 - r0) * c - (c1 - c0) * r + c1 * r0 - r1 * c0) / length
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _edge_orientation(values, orientation, e, h, w):
     """Orientation of grid edge ``e``: that of the stronger of its two pixels (ties: the first),
     as :func:`pixel_edge_orientations` gives it."""
@@ -391,7 +391,7 @@ def _edge_orientation(values, orientation, e, h, w):
     return orientation[p] if values[p] >= values[q] else orientation[q]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def oriented_reweight(elements, offsets, weights, values, orientation, h, w, epsilon, min_size, single_angle, edge_rag):
     """Oriented watershed transform of the traced polylines (Arbelaez et al. PAMI 2011, sec. 4.1), in place.
 
@@ -479,13 +479,13 @@ def oriented_reweight(elements, offsets, weights, values, orientation, h, w, eps
 # --------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _mean(sums, lengths, r):
     """Mean strength of RAG edge ``r`` (recomputed rather than stored: the same float64 every time)."""
     return sums[r] / lengths[r] if lengths[r] > 0 else 0.0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def mean_boundary_merge(n_regions, end0, end1, sums, lengths, parents, altitudes, rag_altitudes, index,
                         in_place):
     """Merge the regions greedily, weakest mean boundary first; fills the binary merge tree.
@@ -627,7 +627,7 @@ def mean_boundary_merge(n_regions, end0, end1, sums, lengths, parents, altitudes
 # --------------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def cut_leaves(parents, altitudes, threshold, n_leaves, out):
     """Label leaves by the highest ancestor reachable through nodes of altitude <= threshold.
 
@@ -652,7 +652,7 @@ def cut_leaves(parents, altitudes, threshold, n_leaves, out):
     return k
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def lca_altitudes(parents, altitudes, sources, targets, out):
     """Altitude of the lowest common ancestor of each (source, target) leaf pair."""
     n_nodes = parents.size
@@ -673,7 +673,7 @@ def lca_altitudes(parents, altitudes, sources, targets, out):
         out[t] = altitudes[u]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def paint_ucm2(edge_rag, rag_values, h, w, ucm2):
     """Write RAG edge values on the doubled grid: 1-faces from edges, 0-faces = max of their 1-faces, frame = copy of its neighbours."""
     n = h * w
@@ -717,7 +717,7 @@ def paint_ucm2(edge_rag, rag_values, h, w, ucm2):
 # a stored float16 map needs no float32 copy.
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _half(bits):
     """The float32 value of float16 ``bits`` (exact; inf/NaN are refused before the kernels run)."""
     b = np.int64(bits)
@@ -742,7 +742,7 @@ def _value_impl(values, p):
     return lambda values, p: np.float32(values[p])
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _edge_pixels(e, h, w):
     """The two pixels of grid edge ``e`` (a valid edge)."""
     n = h * w
@@ -751,21 +751,21 @@ def _edge_pixels(e, h, w):
     return e - n, e - n + w
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _edge_weight(values, e, h, w):
     """Weight of grid edge ``e``: as ``pixel_edge_weights`` gives it."""
     p, q = _edge_pixels(e, h, w)
     return np.float32(0.5 * (_value(values, p) + _value(values, q)))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _is_cut(labels, e, h, w):
     """Whether valid grid edge ``e`` joins two regions of ``labels``."""
     p, q = _edge_pixels(e, h, w)
     return labels[p] != labels[q]
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _lowest_pixel_edge(values, p, h, w):
     best = np.float32(np.inf)
     for k in range(4):
@@ -777,7 +777,7 @@ def _lowest_pixel_edge(values, p, h, w):
     return best
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def watershed_cut_pixels(values, h, w, labels):
     """:func:`watershed_cut` with each edge weight recomputed from the pixel map ``values``."""
     n = h * w
@@ -826,7 +826,7 @@ def watershed_cut_pixels(values, h, w, labels):
     return n_labels
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def rag_from_labels(labels, h, w, n_regions, index):
     """The RAG of a label map: ``(sources, targets, offsets)``, sorted as :func:`region_adjacency`
     numbers them; RAG edges of region ``a`` (as source) are ``offsets[a]:offsets[a + 1]``, their
@@ -879,7 +879,7 @@ def rag_from_labels(labels, h, w, n_regions, index):
     return sources, targets, offsets
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _rag_id(offsets, targets, a, b):
     """RAG edge of regions ``a < b``: binary search among ``a``'s targets."""
     lo = offsets[a]
@@ -893,7 +893,7 @@ def _rag_id(offsets, targets, a, b):
     return lo
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def cut_edge_ranks(labels, h, w):
     """Rank structure of the cut edges in grid order: ``(bits, base)``, one bit per grid edge in
     uint64 words and the number of cut edges before each word (0.375 bytes per pixel)."""
@@ -914,7 +914,7 @@ def cut_edge_ranks(labels, h, w):
     return bits, base
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _popcount(x):
     x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
     x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
@@ -922,7 +922,7 @@ def _popcount(x):
     return np.int64((x * np.uint64(0x0101010101010101)) >> np.uint64(56))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _rank(bits, base, e):
     """Number of cut edges before grid edge ``e`` (in grid order)."""
     k = e >> 6
@@ -930,7 +930,7 @@ def _rank(bits, base, e):
     return base[k] + _popcount(bits[k] & mask)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _vertex_degree_l(labels, a, b, h, w):
     d = 0
     for k in range(4):
@@ -940,7 +940,7 @@ def _vertex_degree_l(labels, a, b, h, w):
     return d
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _walk_l(labels, h, w, visited, e, a2, b2, elements, n_el):
     """:func:`_walk` with cut edges read from the label map."""
     while True:
@@ -966,7 +966,7 @@ def _walk_l(labels, h, w, visited, e, a2, b2, elements, n_el):
         b2 = nb
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def trace_contours_labels(labels, h, w, total, index):
     """:func:`trace_contours` with cut edges read from the label map (``total`` cut edges; ids in
     ``index``'s dtype). Offsets are grown as needed rather than sized for one edge per polyline."""
@@ -1011,7 +1011,7 @@ def trace_contours_labels(labels, h, w, total, index):
     return elements, offsets[: n_poly + 1].copy()
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def oriented_weights(elements, offsets, values, orientation, h, w, epsilon, min_size, single_angle, bits, base, out):
     """:func:`oriented_reweight` writing each cut edge's new weight to ``out[rank]`` (cut edges in
     grid order) and reading the original weights from the pixel map ``values``."""
@@ -1078,14 +1078,14 @@ def oriented_weights(elements, offsets, values, orientation, h, w, epsilon, min_
             out[_rank(bits, base, e)] = v if v > 0.0 else 0.0
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _edge_orientation_v(values, orientation, e, h, w):
     """:func:`_edge_orientation` on maps that may be float16 bits."""
     p, q = _edge_pixels(e, h, w)
     return _value(orientation, p) if _value(values, p) >= _value(values, q) else _value(orientation, q)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def rag_mean_labels(labels, values, h, w, offsets, targets, oriented, out, sums, lengths):
     """:func:`rag_mean` in the same grid order, the RAG edge of each cut edge found by search and its
     weight taken from ``out`` (``oriented``; cut edges in grid order) or from the pixel map."""
@@ -1115,7 +1115,7 @@ def rag_mean_labels(labels, values, h, w, offsets, targets, oriented, out, sums,
         lengths[r] += 1.0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def paint_ucm2_labels(labels, offsets, targets, rag_values, h, w, ucm2):
     """:func:`paint_ucm2` with each boundary's RAG edge found from the label map."""
     n = h * w
@@ -1148,7 +1148,7 @@ def paint_ucm2_labels(labels, offsets, targets, rag_values, h, w, ucm2):
     ucm2[:, 2 * w] = ucm2[:, 2 * w - 1]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def any_half_nonfinite(bits):
     """Whether float16 ``bits`` hold an inf or NaN (exponent all ones)."""
     for i in range(bits.size):

@@ -121,3 +121,22 @@ def test_auto_precision_per_model(pidinet_dir):
     # the detector passes its registry entry's cpu_bf16 on
     tiny = EdgeDetector("pidinet-tiny", weights_path=pidinet_dir / "table5_pidinet-tiny.pth", device="cpu")
     assert tiny.precision == "fp32"
+
+
+def test_multiscale_tiles_match_the_whole_image_and_keep_scaled_tiles_small(hed_h5, image, monkeypatch):
+    """Multi-scale images above max_side are tiled first, each tile run at every scale: close to
+    the whole-image multi-scale map, float16 like single-scale tiles, and no network pass is
+    larger than the tile side (the largest upscale divides it)."""
+    crop = np.ascontiguousarray(image[:320, :480])
+    kw = dict(weights_path=hed_h5, precision="bf16", device="cpu", scales=(0.5, 1.0, 1.5))
+    whole = EdgeDetector("hed-bsds500", **kw).detect(crop)
+    tiled = EdgeDetector("hed-bsds500", max_side=448, tile_side=448, tile_overlap=128, **kw)
+    assert tiled.multi_scale_tile_side == 288  # 448 / 1.5 on the 32-px grid
+    sides = []
+    run_network = tiled._run_network
+    monkeypatch.setattr(tiled, "_run_network", lambda x: sides.append(max(x.shape[-2:])) or run_network(x))
+    pieces = tiled.detect(crop)
+    assert pieces.dtype == np.float16 and pieces.shape == whole.shape
+    assert max(sides) <= 448 and len(sides) > 3 * 2  # several tiles, three scales each
+    assert np.abs(whole - pieces.astype(np.float32)).mean() < 0.01
+    assert np.abs(whole - pieces.astype(np.float32)).max() < 0.1

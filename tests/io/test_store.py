@@ -375,3 +375,51 @@ def test_fuzz_random_damage_never_gives_a_wrong_value(tmp_path, bsds):
         shutil.rmtree(root)
     print("fuzz outcomes:", counts)
     assert counts["identical"] > 0 and counts["named"] + counts["lost_shard"] > 0
+
+
+def test_a_big_item_is_written_at_once_not_held_for_the_next(tmp_path):
+    """A queued item whose arrays reach ``flush_bytes`` closes its shard at once: durable and out of
+    memory before the next (possibly long) item starts; small items still share shards."""
+    root = tmp_path / "store"
+    small = _item(0)
+    limit = 3 * sum(a.nbytes for a in small.arrays.values())
+    big = Item("big", {"edge": np.ones((64, 64), np.float32), "tree": np.arange(3, dtype=np.int32)}, {})
+    with StoreWriter(root, kind="k", config={}, shard_size=64, flush_bytes=limit) as w:
+        w.add(_item(0))
+        w.add(_item(1))
+        assert not w.completed  # two small items stay queued
+        w.add(big)
+        assert w.completed == {"dir/img0", "dir/img1", "big"}
+        with StoreReader(root, kind="k") as reader:  # durable while the writer is still open
+            assert sorted(reader.keys()) == ["big", "dir/img0", "dir/img1"]
+        w.add(_item(2))
+        assert "dir/img2" not in w.completed
+    with StoreReader(root, kind="k") as reader:
+        assert len(reader) == 4
+
+
+def test_a_distributed_chunk_of_big_items_writes_several_shards(tmp_path, monkeypatch):
+    """run_chunk splits its shard when the items' bytes pass FLUSH_BYTES; every shard is registered."""
+    from segsort_unsup import stages
+
+    root = tmp_path / "store"
+    monkeypatch.setattr(stages, "FLUSH_BYTES", 2 * sum(a.nbytes for a in _item(0).arrays.values()))
+    with stages.StageRun("k", root, kind="k", identity={}) as run:
+        task = stages.ChunkTask(_item_of_job, tuple(_Job(f"dir/img{i}") for i in range(5)) + (_Job("bad"),),
+                                str(root), "part-abc-t00000.h5", "k", run.writer.epoch)
+        result = stages.run_chunk(task)
+        assert len(result.shards) == 3 and [k for k, _ in result.failed] == ["bad"]
+        run.record_chunk(result)
+    with StoreReader(root, kind="k") as reader:
+        assert sorted(reader.keys()) == [f"dir/img{i}" for i in range(5)]
+
+
+class _Job:
+    def __init__(self, key):
+        self.key = key
+
+
+def _item_of_job(job):
+    if job.key == "bad":
+        raise ValueError("unreadable")
+    return _item(int(job.key[-1]))
