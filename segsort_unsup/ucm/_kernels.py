@@ -717,7 +717,7 @@ def paint_ucm2(edge_rag, rag_values, h, w, ucm2):
 # a stored float16 map needs no float32 copy.
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _half(bits):
     """The float32 value of float16 ``bits`` (exact; inf/NaN are refused before the kernels run)."""
     b = np.int64(bits)
@@ -734,12 +734,19 @@ def _value(values, p):  # pragma: no cover - replaced by the overload in compile
     raise NotImplementedError
 
 
-@overload(_value, inline="always")
+@overload(_value, jit_options={"nogil": True})
 def _value_impl(values, p):
     """Pixel ``p`` of a float32 map, or of a float16 map given as its uint16 bits, as float32."""
     if values.dtype == types.uint16:
-        return lambda values, p: _half(values[p])
-    return lambda values, p: np.float32(values[p])
+        def from_bits(values, p):
+            return _half(values[p])
+
+        return from_bits
+
+    def as_float32(values, p):
+        return np.float32(values[p])
+
+    return as_float32
 
 
 @njit(cache=True, nogil=True, inline="always")
