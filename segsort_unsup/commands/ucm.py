@@ -25,8 +25,8 @@ from .options import executor_options, finish, float_list, output_option, overwr
 @click.option("--mat-dir", type=click.Path(file_okay=False),
               help="Also write BSDS-compatible .mat files (variable ucm2) here.")
 @overwrite_option
-def ucm(source, output, threshold, levels, no_owt, ucm2_dtype, executor, workers, scheduler, shard_size, png_dir, mat_dir,
-        overwrite):
+def ucm(source, output, threshold, levels, no_owt, ucm2_dtype, executor, workers, scheduler, shard_size, png_dir,
+        mat_dir, overwrite):
     """Hierarchical segments (OWT-UCM) from contour maps.
 
     SOURCE is a contours store written by `segsort-unsup contours`, or edge-probability

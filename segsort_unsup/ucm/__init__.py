@@ -7,7 +7,8 @@ mean boundary strength, ``ucm2``, cuts), ``stage`` (the ``ucm`` stage over a sto
 
 from .hierarchy import (Ucm, cut_labels, labels_from_ucm2, mean_boundary_hierarchy, ucm2_from_rag, ucm2_from_regions,
                         ucm2_from_tree, ucm2_values, ultrametric_contour_map)
-from .owt import OrientedWatershed, WatershedRag, grid_edge_weights, oriented_watershed, watershed_rag, watershed_regions
+from .owt import (OrientedWatershed, WatershedRag, grid_edge_weights, oriented_watershed, watershed_rag,
+                  watershed_regions)
 
 __all__ = [
     "OrientedWatershed",

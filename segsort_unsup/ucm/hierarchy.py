@@ -173,10 +173,10 @@ def ucm2_values(ucm2: np.ndarray, attrs: Mapping[str, Any] | None = None) -> np.
     """The float32 altitudes of a stored ucm2: the one accessor for every reader of ``ucm2``.
 
     A float32 ucm2 is returned as it is (no copy); a uint16-quantised one (huge maps, see
-    ``UcmConfig.ucm2_dtype``) as ``q * attrs["ucm2_scale"]`` in float32: within half a step
-    (``scale / 2``, ``max altitude / 131070``) of the float altitudes, so a cut at ``t`` agrees with the
-    float ucm2's except for boundaries within half a step of ``t``. Exact cuts at any threshold come
-    from the stored tree: ``cut_labels(parents, altitudes, threshold=t)[leaves]``.
+    ``UcmConfig.ucm2_dtype``) as ``q * attrs["ucm2_scale"]`` rounded to float32: within half a step
+    (``scale / 2``, ``max altitude / 131070``) of the float altitudes, up to that rounding, so a cut
+    at ``t`` agrees with the float ucm2's except for boundaries within half a step of ``t``. Exact
+    cuts at any threshold come from the stored tree: ``cut_labels(parents, altitudes, threshold=t)[leaves]``.
     """
     ucm2 = np.asarray(ucm2)
     if ucm2.dtype != np.uint16:
@@ -184,7 +184,8 @@ def ucm2_values(ucm2: np.ndarray, attrs: Mapping[str, Any] | None = None) -> np.
     if attrs is None or UCM2_SCALE_ATTR not in attrs:
         raise ValueError(f"a uint16 ucm2 needs its {UCM2_SCALE_ATTR!r} attribute (the quantisation step)")
     out = np.empty(ucm2.shape, np.float32)
-    np.multiply(ucm2, np.float32(attrs[UCM2_SCALE_ATTR]), out=out, dtype=np.float32)
+    # computed in float64 a buffer at a time, rounded once to float32: no full-size float64 copy
+    np.multiply(ucm2, float(attrs[UCM2_SCALE_ATTR]), out=out, casting="unsafe")
     return out
 
 
