@@ -487,3 +487,30 @@ def contingency(a, b, na, nb):
     for k in range(fa.shape[0]):
         table[fa[k], fb[k]] += 1
     return table
+
+
+@njit(cache=True)
+def first_in_column_order(leaves, out):
+    """``out[l]`` = the smallest column-major index ``j * H + i`` of a pixel of leaf ``l`` (``out``
+    comes filled with a value above every index: leaves without pixels keep it)."""
+    h, w = leaves.shape
+    for i in range(h):
+        for j in range(w):
+            leaf = leaves[i, j]
+            v = j * h + i
+            if v < out[leaf]:
+                out[leaf] = v
+
+
+@njit(cache=True)
+def ids_in_visit_order(labels, order, n_valid, ids):
+    """``ids[r]`` = 1, 2, ... for the regions ``labels[leaf]`` in the order their first leaf comes in
+    ``order[:n_valid]``; 0 for regions with no leaf there. Returns the number of regions met."""
+    ids[:] = 0
+    k = 0
+    for i in range(n_valid):
+        r = labels[order[i]]
+        if ids[r] == 0:
+            k += 1
+            ids[r] = k
+    return k
