@@ -18,6 +18,7 @@ from ..io.images import read_label_png, read_png
 from ..log import get_logger
 
 PNG_SUFFIXES = (".png",)
+TREE_DATASETS = ("parents", "altitudes", "leaves")
 
 log = get_logger("evaluate")
 
@@ -172,10 +173,25 @@ class Prediction:
     ucm2: np.ndarray | None = None  # (2H+1, 2W+1)
     segs: list[np.ndarray] | None = None  # label maps
     labels: np.ndarray | None = None  # (H, W) int label map (semantic)
+    tree: MergeTree | None = None  # a segments store's hierarchy (the region benchmarks' fast path)
 
 
-def load_prediction(source: Source, iid: str, *, nms: bool = True) -> Prediction:
-    """Read image ``iid`` from ``source``; contours get Dollar's NMS unless ``nms=False``."""
+@dataclass(frozen=True)
+class MergeTree:
+    """A hierarchy as a segments store holds it: ``parents``, ``altitudes`` and the pixel-to-leaf
+    map ``leaves`` (the cut at ``t`` is ``cut_labels(parents, altitudes, threshold=t)[leaves]``)."""
+
+    parents: np.ndarray
+    altitudes: np.ndarray
+    leaves: np.ndarray
+
+
+def load_prediction(source: Source, iid: str, *, nms: bool = True, ucm2: bool = True, tree: bool = False) -> Prediction:
+    """Read image ``iid`` from ``source``; contours get Dollar's NMS unless ``nms=False``.
+
+    From a segments store: the ucm2 unless ``ucm2=False``; with ``tree=True`` also the merge tree,
+    where the item has one (else the ucm2 all the same: a store written from BSR's ucm2 files).
+    """
     key = source.items[iid]
     if source.kind == "png":
         return Prediction(key, pb=read_png(key))
@@ -194,12 +210,27 @@ def load_prediction(source: Source, iid: str, *, nms: bool = True) -> Prediction
                 # not the stored one (which the ucm stage uses).
                 edge = edge_nms(edge)
             return Prediction(name, pb=np.clip(edge.astype(np.float64), 0.0, 1.0))
-        item = reader.read(key, ("ucm2",))
-        return Prediction(name, ucm2=np.asarray(item.arrays["ucm2"]))  # float32 as stored: cut without a float64 copy
+        tree = tree and all(n in reader.layout(key) for n in TREE_DATASETS)
+        ucm2 = ucm2 or not tree
+        names = (("ucm2",) if ucm2 else ()) + (TREE_DATASETS if tree else ())
+        arrays = reader.read(key, names).arrays
+        pred = Prediction(name)
+        if ucm2:
+            pred.ucm2 = stored_ucm2(arrays)
+        if tree:
+            pred.tree = MergeTree(np.asarray(arrays["parents"]), np.asarray(arrays["altitudes"]),
+                                  np.asarray(arrays["leaves"]))
+        return pred
     except StoreError:
         raise
     except KeyError as exc:
         raise StoreError(name, f"missing dataset {exc}") from None
+
+
+def stored_ucm2(arrays: dict) -> np.ndarray:
+    """The ucm2 of a segments store item in its stored type (float32: cut without a float64 copy);
+    the one place that knows how a store keeps its ucm2."""
+    return np.asarray(arrays["ucm2"])
 
 
 def load_labels(source: Source, iid: str) -> Prediction:

@@ -31,6 +31,8 @@ from ._kernels import contingency
 
 
 def _levels_between(values: np.ndarray, lo: float, hi: float) -> bool:
+    """Whether a level lies in ``(min(lo, hi), max(lo, hi)]``: whether the cuts at ``lo`` and ``hi`` differ."""
+    lo, hi = min(lo, hi), max(lo, hi)
     i = np.searchsorted(values, lo, side="right")
     return i < len(values) and values[i] <= hi
 
@@ -338,7 +340,7 @@ def tree_region_scores(parents: np.ndarray, altitudes: np.ndarray, leaves: np.nd
     ids = np.empty(n_leaves, np.int64)
     cached = prev_t = None
     for t in thresholds:
-        if cached is None or t < prev_t or _levels_between(levels, prev_t, t):
+        if cached is None or _levels_between(levels, prev_t, t):
             cut = cut_labels(parents, altitudes, threshold=t)
             k = ids_in_visit_order(cut, order, n_valid, ids)
             sid = ids[cut]  # region id (1..k) of every leaf
