@@ -244,24 +244,35 @@ def match_incremental(active, indptr, cols, costs, rev_indptr, rev_rows, rev_cos
     ``rev_indptr``/``rev_rows``/``rev_costs``: column -> rows adjacency. ORs the matched rows
     of step t into ``acc[t]``; returns the matched count of every step. If ``objective`` has
     T entries it receives each step's assignment cost (for checks against a fresh solve).
+    :func:`match_state` and :func:`match_steps` do the same a few steps at a time.
     """
     n_steps, n_rows = active.shape
-    n_all = n_cols + n_rows
-    u = np.zeros(n_rows, np.int64)
-    v = np.zeros(n_all, np.int64)
-    row_to_col = np.full(n_rows, -1, np.int64)
-    col_to_row = np.full(n_all, -1, np.int64)
-    dist = np.full(n_all + 1, _INF, np.int64)  # last slot: the sink of the removal repair
-    pred = np.full(n_all + 1, -1, np.int64)
-    done = np.zeros(n_all + 1, np.bool_)
-    touched = np.empty(n_all + 1, np.int64)
-    finalized = np.empty(n_all + 1, np.int64)
-    heap_cap = 2 * costs.shape[0] + 4 * n_rows + 16
-    heap_keys = np.empty(heap_cap, np.int64)
-    heap_vals = np.empty(heap_cap, np.int64)
-    is_active = np.zeros(n_rows, np.bool_)
+    state = match_state(n_rows, n_cols, costs.shape[0])
     counts = np.zeros(n_steps, np.int64)
-    for t in range(n_steps):
+    match_steps(0, n_steps, active, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols, outlier_cost,
+                acc, objective, counts, state)
+    return counts
+
+
+@njit(cache=True)
+def match_state(n_rows, n_cols, n_edges):
+    """The working arrays of :func:`match_steps`, empty (nothing matched yet)."""
+    n_all = n_cols + n_rows
+    heap_cap = 2 * n_edges + 4 * n_rows + 16
+    return (np.zeros(n_rows, np.int64), np.zeros(n_all, np.int64), np.full(n_rows, -1, np.int64),
+            np.full(n_all, -1, np.int64), np.full(n_all + 1, _INF, np.int64), np.full(n_all + 1, -1, np.int64),
+            np.zeros(n_all + 1, np.bool_), np.empty(n_all + 1, np.int64), np.empty(n_all + 1, np.int64),
+            np.empty(heap_cap, np.int64), np.empty(heap_cap, np.int64), np.zeros(n_rows, np.bool_))
+
+
+@njit(cache=True)
+def match_steps(t0, t1, active, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols, outlier_cost, acc,
+                objective, counts, state):
+    """Steps ``t0 .. t1 - 1`` of :func:`match_incremental`, continuing from ``state``
+    (:func:`match_state`); ``counts[t]`` receives each step's matched count."""
+    u, v, row_to_col, col_to_row, dist, pred, done, touched, finalized, heap_keys, heap_vals, is_active = state
+    n_steps, n_rows = active.shape
+    for t in range(t0, t1):
         for r in range(n_rows):
             if is_active[r] and not active[t, r]:
                 _repair_after_removal(r, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols,
@@ -294,7 +305,6 @@ def match_incremental(active, indptr, cols, costs, rev_indptr, rev_rows, rev_cos
                                 total += costs[k]
                                 break
             objective[t] = total
-    return counts
 
 
 @njit(cache=True, nogil=True)
@@ -417,10 +427,15 @@ def _thin_lut():
 def thin_kernel(image, lut1, lut2):
     """Thin a boolean image in place until stable (zero padding outside)."""
     height, width = image.shape
-    ys = np.empty(height * width, np.int64)
-    xs = np.empty(height * width, np.int64)
-    dele = np.empty(height * width, np.bool_)
-    # candidate list: foreground pixels
+    # candidate list: foreground pixels (sized to them: a boundary map is a few percent of the image)
+    n = 0
+    for y in range(height):
+        for x in range(width):
+            if image[y, x]:
+                n += 1
+    ys = np.empty(n, np.int64)
+    xs = np.empty(n, np.int64)
+    dele = np.empty(n, np.bool_)
     n = 0
     for y in range(height):
         for x in range(width):

@@ -30,12 +30,16 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from ._kernels import _thin_lut, assign_with_outliers, candidate_edges, match_incremental, thin_kernel
+from ..io.atomic import atomic_write_text
+from ..log import progress
+from ..parallel import check_stop
+from ._kernels import _thin_lut, assign_with_outliers, candidate_edges, match_state, match_steps, thin_kernel
 
 MAX_DIST = 0.0075
 OUTLIER_COST = 100.0
 COST_MULTIPLIER = 100
 N_THRESHOLDS = 99
+PROGRESS_PIXELS = 8_000_000  # images from this size show progress bars per threshold / matching step
 
 _NO_OBJECTIVE = np.zeros(0, np.int64)
 _LUTS: tuple[np.ndarray, np.ndarray] | None = None
@@ -224,13 +228,22 @@ def _flat_binary_maps(pb: np.ndarray, thresholds: np.ndarray, *, thin_maps: bool
     """:func:`binary_maps` one threshold at a time, each map as :func:`_flat_maps` gives it."""
     prev_count = -1
     flat = None
-    for t in thresholds:
-        bmap = pb >= t
-        count = int(bmap.sum())
-        if flat is None or count != prev_count:  # nested maps: the same count means the same map
-            flat = next(_flat_maps([thin(bmap) if thin_maps else bmap]))
-            prev_count = count
-        yield flat
+    with _bar(pb.size, len(thresholds), "boundaries: thresholds") as bar:
+        for t in thresholds:
+            check_stop()
+            bmap = pb >= t
+            count = int(bmap.sum())
+            if flat is None or count != prev_count:  # nested maps: the same count means the same map
+                flat = next(_flat_maps([thin(bmap) if thin_maps else bmap]))
+                prev_count = count
+            del bmap
+            bar.update(1)
+            yield flat
+
+
+def _bar(n_pixels: int, total: int, desc: str):
+    """A progress bar (unit: threshold) shown for huge images only."""
+    return progress(total=total, desc=desc, unit="thr", disable=None if n_pixels >= PROGRESS_PIXELS else True)
 
 
 def boundary_counts(
@@ -283,7 +296,8 @@ def _boundary_counts_flat(
     acc = np.zeros((n_steps, len(ys)), np.bool_)
     cnt_r = np.zeros(n_steps, np.int64)
     sum_r = np.zeros(n_steps, np.int64)
-    for human in humans:
+    for k, human in enumerate(humans):
+        check_stop()
         human = _as_mask(human, "human boundaries")
         if human.shape != shape:
             raise ValueError(f"human boundaries {human.shape} differ from the machine map {shape}")
@@ -296,8 +310,17 @@ def _boundary_counts_flat(
             continue
         indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols = _graph(ys[sel], xs[sel], human, radius)
         sub_acc = np.zeros((n_steps, len(sel)), np.bool_)
-        counts = match_incremental(np.ascontiguousarray(active[:, sel]), indptr, cols, costs,
-                                   rev_indptr, rev_rows, rev_costs, n_cols, ow, sub_acc, _NO_OBJECTIVE)
+        sub_active = np.ascontiguousarray(active[:, sel])
+        state = match_state(len(sel), n_cols, len(costs))
+        counts = np.zeros(n_steps, np.int64)
+        # one threshold per call, so a stop request (Ctrl-C, SIGTERM) is seen between thresholds
+        with _bar(int(np.prod(shape)), n_steps, f"boundaries: matching human {k + 1}/{len(humans)}") as bar:
+            for step in range(n_steps):
+                match_steps(step, step + 1, sub_active, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols,
+                            ow, sub_acc, _NO_OBJECTIVE, counts, state)
+                bar.update(1)
+                check_stop()
+        del state, sub_active, indptr, cols, costs, rev_indptr, rev_rows, rev_costs
         acc[:, sel] |= sub_acc
         cnt_r[order] += counts
     cnt_p = np.empty(n_steps, np.int64)
@@ -497,13 +520,13 @@ def write_boundary_results(out_dir: str | Path, summary: BoundarySummary) -> lis
     out.mkdir(parents=True, exist_ok=True)
     s = summary
     paths = [out / "eval_bdry.txt", out / "eval_bdry_thr.txt", out / "eval_bdry_img.txt", out / "eval_bdry_r50.txt"]
-    paths[0].write_text(" ".join(_g(x) for x in (s.ods_threshold, s.ods_r, s.ods_p, s.ods_f,
+    atomic_write_text(paths[0], " ".join(_g(x) for x in (s.ods_threshold, s.ods_r, s.ods_p, s.ods_f,
                                                   s.ois_r, s.ois_p, s.ois_f, s.ap)) + "\n")
-    paths[1].write_text("".join(" ".join(_g(x) for x in row) + "\n"
+    atomic_write_text(paths[1], "".join(" ".join(_g(x) for x in row) + "\n"
                                 for row in zip(s.thresholds, s.r, s.p, s.f)))
-    paths[2].write_text("".join(f"{i + 1:10d} " + " ".join(_g(x) for x in row) + "\n"
+    atomic_write_text(paths[2], "".join(f"{i + 1:10d} " + " ".join(_g(x) for x in row) + "\n"
                                 for i, row in enumerate(s.per_image)))
-    paths[3].write_text(_g(s.r50) + "\n")
+    atomic_write_text(paths[3], _g(s.r50) + "\n")
     return paths
 
 

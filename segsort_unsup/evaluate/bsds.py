@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io.atomic import atomic_write_text
 from ..errors import BadImageError, InputError
 from ..log import get_logger
 from ..parallel import Executor, InProcess
@@ -69,7 +70,7 @@ def _as_ucm2(pred: Prediction, shape: tuple[int, int]) -> None:
 def evaluate_image(task: _Task) -> tuple[B.BoundaryCounts | None, R.RegionCounts | None]:
     """Benchmark one image (runs in worker processes)."""
     opts = task.options
-    gt = load_ground_truth(task.gt_path)
+    gt = load_ground_truth(task.gt_path, boundaries=opts.boundaries)
     thresholds = B.default_thresholds(opts.n_thresholds)
     bcounts = rcounts = None
     pred = None
@@ -175,9 +176,9 @@ def run_benchmark(
         summary_json["regions"] = {"covering_ods": s.cover_ods, "covering_ois": s.cover_ois,
                                    "covering_best": s.cover_best, "pri_ods": s.ri_ods, "pri_ois": s.ri_ois,
                                    "vi_ods": s.voi_ods, "vi_ois": s.voi_ois}
-    (out / "images.txt").write_text("".join(f"{k + 1:10d} {i}\n" for k, i in enumerate(done_ids)))
-    (out / "missing.txt").write_text("".join(f"{i}\n" for i in missing))
-    (out / "summary.json").write_text(json.dumps(_no_nan(summary_json), indent=2, default=_jsonable))
+    atomic_write_text(out / "images.txt", "".join(f"{k + 1:10d} {i}\n" for k, i in enumerate(done_ids)))
+    atomic_write_text(out / "missing.txt", "".join(f"{i}\n" for i in missing))
+    atomic_write_text(out / "summary.json", json.dumps(_no_nan(summary_json), indent=2, default=_jsonable))
     return report
 
 

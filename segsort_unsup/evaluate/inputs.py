@@ -53,8 +53,9 @@ def list_ground_truth(gt_dir: str | os.PathLike) -> dict[str, Path]:
     return files
 
 
-def load_ground_truth(path: str | os.PathLike) -> GroundTruth:
-    """Read a BSDS ground-truth .mat (cell ``groundTruth`` of structs with Segmentation, Boundaries)."""
+def load_ground_truth(path: str | os.PathLike, *, boundaries: bool = True) -> GroundTruth:
+    """Read a BSDS ground-truth .mat (cell ``groundTruth`` of structs with Segmentation, Boundaries);
+    ``boundaries=False`` leaves the boundary maps out (an empty list: the region benchmarks' need)."""
     import scipy.io as sio
 
     path = Path(path)
@@ -65,6 +66,8 @@ def load_ground_truth(path: str | os.PathLike) -> GroundTruth:
     if "groundTruth" not in mat:
         raise BadImageError(path, "no 'groundTruth' variable (expected a BSDS groundTruth file)")
     cell = mat["groundTruth"].ravel()
+    del mat
+    keep_boundaries = boundaries
     boundaries, segmentations = [], []
     for entry in cell:
         try:
@@ -75,7 +78,9 @@ def load_ground_truth(path: str | os.PathLike) -> GroundTruth:
         if seg.ndim != 2 or seg.shape != bdry.shape:
             raise BadImageError(path, f"Segmentation {seg.shape} and Boundaries {bdry.shape} differ")
         segmentations.append(seg if seg.dtype.kind in "iu" else seg.astype(np.int64))  # BSDS: uint16
-        boundaries.append(bdry.astype(bool))
+        if keep_boundaries:
+            boundaries.append(bdry.astype(bool))
+        del bdry
     if not segmentations:
         raise BadImageError(path, "empty groundTruth cell")
     shapes = {s.shape for s in segmentations}

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io.atomic import atomic_write_text
 from ..log import progress
 from ..ucm.hierarchy import labels_from_ucm2
 from ._kernels import contingency
@@ -487,7 +488,7 @@ def write_region_results(out_dir: str | Path, summary: RegionSummary) -> list[Pa
     paths = []
     for name, text in files.items():
         path = out / name
-        path.write_text(text)
+        atomic_write_text(path, text)
         paths.append(path)
     return paths
 
