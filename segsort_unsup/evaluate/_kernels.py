@@ -254,7 +254,7 @@ def match_incremental(active, indptr, cols, costs, rev_indptr, rev_rows, rev_cos
     return counts
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def match_state(n_rows, n_cols, n_edges):
     """The working arrays of :func:`match_steps`, empty (nothing matched yet)."""
     n_all = n_cols + n_rows
@@ -265,7 +265,7 @@ def match_state(n_rows, n_cols, n_edges):
             np.empty(heap_cap, np.int64), np.empty(heap_cap, np.int64), np.zeros(n_rows, np.bool_))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def match_steps(t0, t1, active, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols, outlier_cost, acc,
                 objective, counts, state):
     """Steps ``t0 .. t1 - 1`` of :func:`match_incremental`, continuing from ``state``
@@ -344,44 +344,63 @@ def assign_with_outliers(indptr, cols, costs, n_cols, outlier_cost, row_to_col):
 
 
 @njit(cache=True, nogil=True)
-def candidate_edges(ys, xs, human_index, off_y, off_x, off_cost):
-    """CSR edges from machine pixels (ys, xs) to human pixels within the offset disk.
+def candidate_edges(ys, xs, row_ptr, row_x, radius):
+    """CSR edges from machine pixels (ys, xs) to the human pixels within ``radius`` (``dy² + dx² <=
+    radius²``), in the order of the offsets (dy, then dx, ascending).
 
-    ``human_index`` (H, W) int32 holds the human pixel's id or -1. Returns (indptr, cols, costs).
+    Human pixels are given row by row: those of row ``y`` are ``row_ptr[y] .. row_ptr[y + 1] - 1``
+    (their ids, raster order) with columns ``row_x`` (ascending). Each machine pixel costs
+    O(radius x log) plus its edges, not a scan of the whole disk. Returns (indptr int64,
+    cols int32, costs int32): costs are ``rint(100 x distance)``.
     """
     n = ys.shape[0]
-    height, width = human_index.shape
-    n_off = off_y.shape[0]
+    height = row_ptr.shape[0] - 1
+    r2 = radius * radius
+    reach = int(np.ceil(radius))
     indptr = np.empty(n + 1, np.int64)
     cap = 16 * n + 16
-    cols = np.empty(cap, np.int64)
-    costs = np.empty(cap, np.int64)
+    cols = np.empty(cap, np.int32)
+    costs = np.empty(cap, np.int32)
     m = 0
     indptr[0] = 0
     for i in range(n):
         y = ys[i]
         x = xs[i]
-        for k in range(n_off):
-            yy = y + off_y[k]
-            xx = x + off_x[k]
-            if yy < 0 or yy >= height or xx < 0 or xx >= width:
+        for dy in range(-reach, reach + 1):
+            yy = y + dy
+            if yy < 0 or yy >= height:
                 continue
-            h = human_index[yy, xx]
-            if h < 0:
+            lo = row_ptr[yy]
+            hi = row_ptr[yy + 1]
+            if lo == hi:
                 continue
-            if m == cap:
-                cap *= 2
-                new_cols = np.empty(cap, np.int64)
-                new_costs = np.empty(cap, np.int64)
-                new_cols[:m] = cols[:m]
-                new_costs[:m] = costs[:m]
-                cols = new_cols
-                costs = new_costs
-            cols[m] = h
-            costs[m] = off_cost[k]
-            m += 1
+            rest = r2 - dy * dy
+            if rest < 0:
+                continue
+            dxm = int(np.sqrt(rest))
+            while float(dy * dy + (dxm + 1) * (dxm + 1)) <= r2:
+                dxm += 1
+            while dxm >= 0 and float(dy * dy + dxm * dxm) > r2:
+                dxm -= 1
+            if dxm < 0:
+                continue
+            k = lo + np.searchsorted(row_x[lo:hi], x - dxm)
+            while k < hi and row_x[k] <= x + dxm:
+                dx = row_x[k] - x
+                if m == cap:
+                    cap *= 2
+                    new_cols = np.empty(cap, np.int32)
+                    new_costs = np.empty(cap, np.int32)
+                    new_cols[:m] = cols[:m]
+                    new_costs[:m] = costs[:m]
+                    cols = new_cols
+                    costs = new_costs
+                cols[m] = k
+                costs[m] = np.int32(np.rint(np.sqrt(float(dy * dy + dx * dx)) * 100.0))
+                m += 1
+                k += 1
         indptr[i + 1] = m
-    return indptr, cols[:m], costs[:m]
+    return indptr, cols[:m].copy(), costs[:m].copy()
 
 
 # --------------------------------------------------------------------------------------
@@ -504,7 +523,7 @@ def contingency(a, b, na, nb):
     return table
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def first_in_column_order(leaves, out):
     """``out[l]`` = the smallest column-major index ``j * H + i`` of a pixel of leaf ``l`` (``out``
     comes filled with a value above every index: leaves without pixels keep it)."""
@@ -517,7 +536,7 @@ def first_in_column_order(leaves, out):
                 out[leaf] = v
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def ids_in_visit_order(labels, order, n_valid, ids):
     """``ids[r]`` = 1, 2, ... for the regions ``labels[leaf]`` in the order their first leaf comes in
     ``order[:n_valid]``; 0 for regions with no leaf there. Returns the number of regions met."""

@@ -115,16 +115,22 @@ def _outlier_weight(radius: float, outlier_cost: float) -> int:
 
 
 def _graph(ys: np.ndarray, xs: np.ndarray, human: np.ndarray, radius: float):
-    """Candidate edges machine pixel -> human pixel within ``radius`` and the reverse adjacency."""
-    human_index = np.full(human.shape, -1, np.int32)
-    n_cols = int(human.sum())
-    human_index[human] = np.arange(n_cols, dtype=np.int32)
-    off_y, off_x, off_cost = _disk(radius)
-    indptr, cols, costs = candidate_edges(ys, xs, human_index, off_y, off_x, off_cost)
-    rows = np.repeat(np.arange(len(ys), dtype=np.int64), np.diff(indptr))
+    """Candidate edges machine pixel -> human pixel within ``radius`` and the reverse adjacency
+    (int32 ids and costs: the edges are the benchmark's largest arrays on big images)."""
+    hy, hx = np.nonzero(human)
+    n_cols = hy.size
+    if n_cols >= 2**31 or len(ys) >= 2**31:
+        raise ValueError("more than 2**31 boundary pixels")
+    row_ptr = np.zeros(human.shape[0] + 1, np.int64)
+    np.cumsum(np.bincount(hy, minlength=human.shape[0]), out=row_ptr[1:])
+    del hy
+    indptr, cols, costs = candidate_edges(np.ascontiguousarray(ys, np.int64), np.ascontiguousarray(xs, np.int64),
+                                          row_ptr, hx.astype(np.int64), float(radius))
+    del hx
     order = np.argsort(cols, kind="stable")
-    rev_rows = np.ascontiguousarray(rows[order])
-    rev_costs = np.ascontiguousarray(costs[order])
+    rev_rows = np.repeat(np.arange(len(ys), dtype=np.int32), np.diff(indptr))[order]
+    rev_costs = costs[order]
+    del order
     rev_indptr = np.zeros(n_cols + 1, np.int64)
     np.cumsum(np.bincount(cols, minlength=n_cols), out=rev_indptr[1:])
     return indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols

@@ -147,3 +147,32 @@ def test_seg_boundaries_small_example():
     # a pixel is on the boundary if it differs from its south or east neighbour
     expect = np.array([[0, 1, 0], [1, 1, 1], [0, 0, 0]], bool)
     assert np.array_equal(bdry, expect)
+
+
+@pytest.mark.parametrize("radius", [0.5, 1.0, 2.3, 5.0, 7.9])
+def test_candidate_edges_equal_a_disk_scan(radius):
+    """The row-wise edge search gives the edges of a brute-force scan of the disk, in its order."""
+    rng = np.random.default_rng(int(radius * 10))
+    human = rng.random((23, 31)) < 0.2
+    machine = rng.random((23, 31)) < 0.3
+    ys, xs = (a.astype(np.int64) for a in np.nonzero(machine))
+    indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols = B._graph(ys, xs, human, radius)
+    ids = np.full(human.shape, -1)
+    ids[human] = np.arange(human.sum())
+    r = int(np.ceil(radius))
+    want_cols, want_costs, want_ptr = [], [], [0]
+    for y, x in zip(ys, xs):
+        for dy in range(-r, r + 1):
+            for dx in range(-r, r + 1):
+                d2 = float(dy * dy + dx * dx)
+                if d2 <= radius * radius and 0 <= y + dy < 23 and 0 <= x + dx < 31 and ids[y + dy, x + dx] >= 0:
+                    want_cols.append(ids[y + dy, x + dx])
+                    want_costs.append(int(np.rint(np.sqrt(d2) * 100)))
+        want_ptr.append(len(want_cols))
+    assert np.array_equal(indptr, want_ptr)
+    assert np.array_equal(cols, want_cols) and np.array_equal(costs, want_costs)
+    assert n_cols == human.sum() and rev_indptr[-1] == len(cols)
+    rows = np.repeat(np.arange(len(ys)), np.diff(indptr))
+    for j in range(n_cols):  # the reverse adjacency lists each column's edges, rows ascending
+        sl = slice(rev_indptr[j], rev_indptr[j + 1])
+        assert np.array_equal(rev_rows[sl], rows[cols == j]) and np.array_equal(rev_costs[sl], costs[cols == j])
