@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 import scipy.io as sio
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
@@ -176,3 +177,10 @@ def test_candidate_edges_equal_a_disk_scan(radius):
     for j in range(n_cols):  # the reverse adjacency lists each column's edges, rows ascending
         sl = slice(rev_indptr[j], rev_indptr[j + 1])
         assert np.array_equal(rev_rows[sl], rows[cols == j]) and np.array_equal(rev_costs[sl], costs[cols == j])
+    # only the pixels in reach (a disk dilation of the human map as the reference)
+    sel, *reach = B._graph(ys, xs, human, radius, reachable=True)
+    oy, ox = np.mgrid[-r:r + 1, -r:r + 1]
+    near = ndimage.binary_dilation(human, structure=(oy * oy + ox * ox).astype(float) <= radius * radius)
+    assert np.array_equal(sel, np.flatnonzero(near[ys, xs]))
+    assert np.array_equal(reach[0], np.append(indptr[sel], indptr[-1])) and np.array_equal(reach[1], cols)
+    assert np.array_equal(reach[4], np.searchsorted(sel, rev_rows)) and np.array_equal(reach[5], rev_costs)
