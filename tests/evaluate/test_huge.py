@@ -76,7 +76,8 @@ def test_sigterm_within_an_image_stops_fast_and_a_rerun_completes(tmp_path):
             proc.kill()
     assert proc.returncode == EXIT_INTERRUPTED, stderr
     assert stopped_after < 5, f"took {stopped_after:.1f} s to stop"
-    assert "Interrupted" in stderr and "Traceback" not in stderr
+    # stopped at a check point between thresholds (the ordinary stop), not by the CLI's watchdog
+    assert "Interrupted" in stderr and "inside a long computation" not in stderr and "Traceback" not in stderr
     assert not (out / "eval_bdry.txt").exists() and not (out / "eval_cover.txt").exists()
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
