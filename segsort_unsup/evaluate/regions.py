@@ -4,7 +4,14 @@ A hierarchy given as a ucm2 (doubled grid, ``(2H+1, 2W+1)``) is cut at each thre
 as BSR does: connected components (8-connectivity, MATLAB ``bwlabel``) of ``ucm2 <= t`` on the
 doubled grid, read at the pixel positions ``[1::2, 1::2]``
 (:func:`~segsort_unsup.ucm.hierarchy.labels_from_ucm2` with ``connectivity=8``). A list of
-segmentations is used as is (thresholds 1..K). Against the human segmentations of the image:
+segmentations is used as is (thresholds 1..K).
+
+A merge tree (a segments store's ``parents``, ``altitudes``, ``leaves``) is cut without pixel maps:
+:func:`region_counts_tree` counts the (leaves x human labels) contingency once and sums its rows
+per threshold; for this package's ucm2s (corners are the largest of their four boundaries) that is
+the same 8-connected cut, and the scores are the same to the bit.
+
+Against the human segmentations of the image:
 
 * Segmentation Covering of the humans by the machine: sum over human regions (all humans) of
   ``area x best Jaccard overlap with a machine region``, over the total human area (``cntR/sumR``);
@@ -266,7 +273,7 @@ def _sum_rows(table: _Table, new_ids: np.ndarray, n_rows: int, n_cols: int) -> _
     return _Table(rows, cols, counts)
 
 
-def _leaf_table(leaves: np.ndarray, gt: np.ndarray, n_leaves: int) -> _Table:
+def _leaf_table(leaves: np.ndarray, gt: np.ndarray) -> _Table:
     """Contingency of (leaves x human labels), nonzeros only; read in row strips so no full-size
     temporary is made."""
     n_cols = int(gt.max()) + 1
@@ -278,16 +285,17 @@ def _leaf_table(leaves: np.ndarray, gt: np.ndarray, n_leaves: int) -> _Table:
         u, c = np.unique(k, return_counts=True)
         keys.append(u)
         counts.append(c)
-    parts = _Table(np.concatenate(keys), np.zeros(0, np.int64), np.concatenate(counts).astype(np.float64))
-    del keys, counts
-    flat, inverse = np.unique(parts.rows, return_inverse=True)
-    total = np.bincount(inverse, weights=parts.counts, minlength=flat.size)
+    keys = np.concatenate(keys)
+    counts = np.concatenate(counts).astype(np.float64)
+    flat, inverse = np.unique(keys, return_inverse=True)
+    del keys
+    total = np.bincount(inverse, weights=counts, minlength=flat.size)
     rows, cols = np.divmod(flat, n_cols)
     return _Table(rows, cols, total)
 
 
-def _tree_scores(table: _Table, seg_area: np.ndarray, gt_area: np.ndarray, best_seg: np.ndarray,
-                 n_pixels: int) -> tuple[np.ndarray, float, float]:
+def _tree_scores(table: _Table, seg_area: np.ndarray, gt_area: np.ndarray,
+                 best_seg: np.ndarray) -> tuple[np.ndarray, float, float]:
     """One human's part of :func:`_seg_scores` from the nonzeros of (cut regions x human labels):
     best Jaccard per human region (``best_seg`` updated in place), Rand index, VI."""
     s, g, c = table.rows, table.cols, table.counts
@@ -319,7 +327,6 @@ def tree_region_scores(parents: np.ndarray, altitudes: np.ndarray, leaves: np.nd
         raise ValueError(f"leaves {leaves.shape} differ from the ground truth {gts[0].shape}")
     if leaves.size and (leaves.min() < 0 or leaves.max() >= n_leaves):
         raise ValueError(f"leaves holds labels outside 0..{n_leaves - 1} (the tree's leaves)")
-    n_pixels = leaves.size
     big = np.iinfo(np.int64).max
     first = np.full(n_leaves, big, np.int64)
     first_in_column_order(leaves, first)
@@ -329,7 +336,7 @@ def tree_region_scores(parents: np.ndarray, altitudes: np.ndarray, leaves: np.nd
     leaf_area = np.bincount(leaves.ravel(), minlength=n_leaves).astype(np.float64)
     gt_areas = [np.bincount(g.ravel(), minlength=int(g.max()) + 1).astype(np.float64) for g in gts]
     n_cols = [a.size for a in gt_areas]
-    leaf_tables = [_leaf_table(leaves, g, n_leaves) for g in gts]
+    leaf_tables = [_leaf_table(leaves, g) for g in gts]
     del leaves
     thresholds = np.asarray(thresholds, np.float64)
     increasing = bool(np.all(np.diff(thresholds) >= 0))
@@ -354,7 +361,7 @@ def tree_region_scores(parents: np.ndarray, altitudes: np.ndarray, leaves: np.nd
             rep[sid] = np.arange(n_leaves)
             to_leaf = rep
             best_seg = np.zeros(k + 1)
-            parts = [_tree_scores(tb, seg_area, a, best_seg, n_pixels) for tb, a in zip(tables, gt_areas)]
+            parts = [_tree_scores(tb, seg_area, a, best_seg) for tb, a in zip(tables, gt_areas)]
             cached = _Scores(float((seg_area[1:] * best_seg[1:]).sum()), float(seg_area[1:].sum()),
                              np.concatenate([p[0] for p in parts]) if parts else np.zeros(0),
                              float(np.mean([p[1] for p in parts])), float(np.mean([p[2] for p in parts])))
