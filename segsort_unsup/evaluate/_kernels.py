@@ -249,8 +249,8 @@ def match_incremental(active, indptr, cols, costs, rev_indptr, rev_rows, rev_cos
     n_steps, n_rows = active.shape
     state = match_state(n_rows, n_cols, costs.shape[0])
     counts = np.zeros(n_steps, np.int64)
-    match_steps(0, n_steps, active, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols, outlier_cost,
-                acc, objective, counts, state)
+    match_steps(0, n_steps, active, np.arange(n_rows), indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols,
+                outlier_cost, acc, objective, counts, state)
     return counts
 
 
@@ -266,20 +266,22 @@ def match_state(n_rows, n_cols, n_edges):
 
 
 @njit(cache=True, nogil=True)
-def match_steps(t0, t1, active, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols, outlier_cost, acc,
-                objective, counts, state):
+def match_steps(t0, t1, active, rows, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols, outlier_cost,
+                acc, objective, counts, state):
     """Steps ``t0 .. t1 - 1`` of :func:`match_incremental`, continuing from ``state``
-    (:func:`match_state`); ``counts[t]`` receives each step's matched count."""
+    (:func:`match_state`); ``counts[t]`` receives each step's matched count. Row ``r`` of the graph
+    is column ``rows[r]`` of ``active`` and ``acc`` (a subset of a larger pixel set, without copies)."""
     u, v, row_to_col, col_to_row, dist, pred, done, touched, finalized, heap_keys, heap_vals, is_active = state
-    n_steps, n_rows = active.shape
+    n_steps = active.shape[0]
+    n_rows = rows.shape[0]
     for t in range(t0, t1):
         for r in range(n_rows):
-            if is_active[r] and not active[t, r]:
+            if is_active[r] and not active[t, rows[r]]:
                 _repair_after_removal(r, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols,
                                       outlier_cost, is_active, u, v, row_to_col, col_to_row,
                                       dist, pred, done, touched, finalized, heap_keys, heap_vals)
         for r in range(n_rows):
-            if active[t, r] and not is_active[r]:
+            if active[t, rows[r]] and not is_active[r]:
                 is_active[r] = True
                 u[r] = 0
                 _augment(r, indptr, cols, costs, n_cols, outlier_cost, u, v, row_to_col, col_to_row,
@@ -289,7 +291,7 @@ def match_steps(t0, t1, active, indptr, cols, costs, rev_indptr, rev_rows, rev_c
             if is_active[r]:
                 j = row_to_col[r]
                 if j >= 0 and j < n_cols:
-                    acc[t, r] = True
+                    acc[t, rows[r]] = True
                     c += 1
         counts[t] = c
         if objective.shape[0] == n_steps:

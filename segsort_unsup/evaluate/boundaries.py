@@ -314,19 +314,16 @@ def _boundary_counts_flat(
                                                                                    reachable=True)
         if len(sel) == 0:
             continue
-        sub_acc = np.zeros((n_steps, len(sel)), np.bool_)
-        sub_active = np.ascontiguousarray(active[:, sel])
         state = match_state(len(sel), n_cols, len(costs))
         counts = np.zeros(n_steps, np.int64)
         # one threshold per call, so a stop request (Ctrl-C, SIGTERM) is seen between thresholds
         with _bar(int(np.prod(shape)), n_steps, f"boundaries: matching human {k + 1}/{len(humans)}") as bar:
             for step in range(n_steps):
-                match_steps(step, step + 1, sub_active, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols,
-                            ow, sub_acc, _NO_OBJECTIVE, counts, state)
+                match_steps(step, step + 1, active, sel, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols,
+                            ow, acc, _NO_OBJECTIVE, counts, state)
                 bar.update(1)
                 check_stop()
-        del state, sub_active, indptr, cols, costs, rev_indptr, rev_rows, rev_costs
-        acc[:, sel] |= sub_acc
+        del state, indptr, cols, costs, rev_indptr, rev_rows, rev_costs
         cnt_r[order] += counts
     cnt_p = np.empty(n_steps, np.int64)
     cnt_p[order] = acc.sum(axis=1)
