@@ -346,23 +346,35 @@ def assign_with_outliers(indptr, cols, costs, n_cols, outlier_cost, row_to_col):
 
 
 @njit(cache=True, nogil=True)
-def candidate_edges(ys, xs, row_ptr, row_x, radius):
+def _half_width(dy, r2):
+    """The largest ``dx >= 0`` with ``dy² + dx² <= r2`` (compared in float64), or -1."""
+    rest = r2 - dy * dy
+    if rest < 0:
+        return -1
+    dxm = int(np.sqrt(rest))
+    while float(dy * dy + (dxm + 1) * (dxm + 1)) <= r2:
+        dxm += 1
+    while dxm >= 0 and float(dy * dy + dxm * dxm) > r2:
+        dxm -= 1
+    return dxm
+
+
+@njit(cache=True, nogil=True)
+def candidate_edges(ys, xs, row_ptr, row_x, radius, indptr, cols, costs):
     """CSR edges from machine pixels (ys, xs) to the human pixels within ``radius`` (``dy² + dx² <=
     radius²``), in the order of the offsets (dy, then dx, ascending).
 
     Human pixels are given row by row: those of row ``y`` are ``row_ptr[y] .. row_ptr[y + 1] - 1``
     (their ids, raster order) with columns ``row_x`` (ascending). Each machine pixel costs
-    O(radius x log) plus its edges, not a scan of the whole disk. Returns (indptr int64,
-    cols int32, costs int32): costs are ``rint(100 x distance)``.
+    O(radius x log) plus its edges, not a scan of the whole disk. With empty ``cols`` only
+    ``indptr`` (n + 1) is filled (a counting pass, so the edges are allocated once at their exact
+    size); then ``cols`` and ``costs`` (int32, ``rint(100 x distance)``) receive the edges.
     """
     n = ys.shape[0]
     height = row_ptr.shape[0] - 1
     r2 = radius * radius
     reach = int(np.ceil(radius))
-    indptr = np.empty(n + 1, np.int64)
-    cap = 16 * n + 16
-    cols = np.empty(cap, np.int32)
-    costs = np.empty(cap, np.int32)
+    fill = cols.shape[0] > 0
     m = 0
     indptr[0] = 0
     for i in range(n):
@@ -376,33 +388,18 @@ def candidate_edges(ys, xs, row_ptr, row_x, radius):
             hi = row_ptr[yy + 1]
             if lo == hi:
                 continue
-            rest = r2 - dy * dy
-            if rest < 0:
-                continue
-            dxm = int(np.sqrt(rest))
-            while float(dy * dy + (dxm + 1) * (dxm + 1)) <= r2:
-                dxm += 1
-            while dxm >= 0 and float(dy * dy + dxm * dxm) > r2:
-                dxm -= 1
+            dxm = _half_width(dy, r2)
             if dxm < 0:
                 continue
             k = lo + np.searchsorted(row_x[lo:hi], x - dxm)
             while k < hi and row_x[k] <= x + dxm:
-                dx = row_x[k] - x
-                if m == cap:
-                    cap *= 2
-                    new_cols = np.empty(cap, np.int32)
-                    new_costs = np.empty(cap, np.int32)
-                    new_cols[:m] = cols[:m]
-                    new_costs[:m] = costs[:m]
-                    cols = new_cols
-                    costs = new_costs
-                cols[m] = k
-                costs[m] = np.int32(np.rint(np.sqrt(float(dy * dy + dx * dx)) * 100.0))
+                if fill:
+                    dx = row_x[k] - x
+                    cols[m] = k
+                    costs[m] = np.int32(np.rint(np.sqrt(float(dy * dy + dx * dx)) * 100.0))
                 m += 1
                 k += 1
         indptr[i + 1] = m
-    return indptr, cols[:m].copy(), costs[:m].copy()
 
 
 # --------------------------------------------------------------------------------------

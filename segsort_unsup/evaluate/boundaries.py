@@ -23,6 +23,7 @@ as in Dollar's ``edgesEvalPlot``).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ N_THRESHOLDS = 99
 PROGRESS_PIXELS = 8_000_000  # images from this size show progress bars per threshold / matching step
 
 _NO_OBJECTIVE = np.zeros(0, np.int64)
+_NO_COLS = np.zeros(0, np.int32)
+EDGE_BYTES = 28  # peak bytes per candidate edge while the graph is built (ids, costs, reverse, sort order)
 _LUTS: tuple[np.ndarray, np.ndarray] | None = None
 
 
@@ -113,6 +116,22 @@ def _outlier_weight(radius: float, outlier_cost: float) -> int:
     return int(math.ceil(outlier_cost * radius * COST_MULTIPLIER))
 
 
+def _check_edge_memory(n_edges: int, n_rows: int, n_cols: int) -> None:
+    """A clear error, before any allocation, when the matching graph cannot fit in the memory
+    available now (``MemAvailable`` of /proc/meminfo; no check where that is unknown)."""
+    need = n_edges * EDGE_BYTES + (n_rows + n_cols) * 64
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return
+    if need > avail:
+        raise MemoryError(
+            f"boundary matching needs {n_edges:,} candidate pixel pairs (about {need / 2**30:.1f} GiB, "
+            f"{avail / 2**30:.1f} GiB available): the tolerance (max_dist x image diagonal) spans too many "
+            f"pixels at this image size; evaluate a downscaled copy of the maps and ground truth")
+
+
 def _graph(ys: np.ndarray, xs: np.ndarray, human: np.ndarray, radius: float, *, reachable: bool = False):
     """Candidate edges machine pixel -> human pixel within ``radius`` and the reverse adjacency
     (int32 ids and costs: the edges are the benchmark's largest arrays on big images).
@@ -127,8 +146,16 @@ def _graph(ys: np.ndarray, xs: np.ndarray, human: np.ndarray, radius: float, *, 
     row_ptr = np.zeros(human.shape[0] + 1, np.int64)
     np.cumsum(np.bincount(hy, minlength=human.shape[0]), out=row_ptr[1:])
     del hy
-    indptr, cols, costs = candidate_edges(np.ascontiguousarray(ys, np.int64), np.ascontiguousarray(xs, np.int64),
-                                          row_ptr, hx.astype(np.int64), float(radius))
+    ys = np.ascontiguousarray(ys, np.int64)
+    xs = np.ascontiguousarray(xs, np.int64)
+    hx = hx.astype(np.int64)
+    indptr = np.empty(len(ys) + 1, np.int64)
+    candidate_edges(ys, xs, row_ptr, hx, float(radius), indptr, _NO_COLS, _NO_COLS)  # count
+    n_edges = int(indptr[-1])
+    _check_edge_memory(n_edges, len(ys), n_cols)
+    cols = np.empty(n_edges, np.int32)
+    costs = np.empty(n_edges, np.int32)
+    candidate_edges(ys, xs, row_ptr, hx, float(radius), indptr, cols, costs)
     del hx
     if reachable:
         sel = np.flatnonzero(np.diff(indptr))
