@@ -184,3 +184,16 @@ def test_candidate_edges_equal_a_disk_scan(radius):
     assert np.array_equal(sel, np.flatnonzero(near[ys, xs]))
     assert np.array_equal(reach[0], np.append(indptr[sel], indptr[-1])) and np.array_equal(reach[1], cols)
     assert np.array_equal(reach[4], np.searchsorted(sel, rev_rows)) and np.array_equal(reach[5], rev_costs)
+
+
+def test_a_graph_too_large_for_memory_is_one_clear_line(monkeypatch):
+    """The edges are counted before they are allocated: too many for the available memory is a
+    MemoryError naming the count, not an allocation failure deep in a kernel."""
+    rng = np.random.default_rng(3)
+    pb = rng.random((40, 50))
+    human = rng.random((40, 50)) < 0.1
+    monkeypatch.setattr(B, "EDGE_BYTES", 1 << 50)
+    with pytest.raises(MemoryError) as err:
+        B.boundary_counts_pb(pb, [human], thresholds=B.default_thresholds(3))
+    message = str(err.value)
+    assert "candidate pixel pairs" in message and "downscaled" in message and "\n" not in message
