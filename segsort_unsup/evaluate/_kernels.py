@@ -547,3 +547,16 @@ def ids_in_visit_order(labels, order, n_valid, ids):
             k += 1
             ids[r] = k
     return k
+
+
+@njit(cache=True, nogil=True)
+def reverse_edges(indptr, cols, costs, rev_indptr, rev_rows, rev_costs):
+    """Column -> rows adjacency of CSR edges (rows ascending within a column, as a stable sort
+    by column gives), filled in place: ``rev_indptr`` holds each column's start (n_cols + 1)."""
+    pos = rev_indptr[:-1].copy()
+    for r in range(indptr.shape[0] - 1):
+        for k in range(indptr[r], indptr[r + 1]):
+            c = cols[k]
+            rev_rows[pos[c]] = r
+            rev_costs[pos[c]] = costs[k]
+            pos[c] += 1

@@ -33,7 +33,8 @@ import numpy as np
 from ..io.atomic import atomic_write_text
 from ..log import progress
 from ..parallel import check_stop
-from ._kernels import _thin_lut, assign_with_outliers, candidate_edges, match_state, match_steps, thin_kernel
+from ._kernels import (_thin_lut, assign_with_outliers, candidate_edges, match_state, match_steps,
+                       reverse_edges, thin_kernel)
 
 MAX_DIST = 0.0075
 OUTLIER_COST = 100.0
@@ -43,7 +44,7 @@ PROGRESS_PIXELS = 8_000_000  # images from this size show progress bars per thre
 
 _NO_OBJECTIVE = np.zeros(0, np.int64)
 _NO_COLS = np.zeros(0, np.int32)
-EDGE_BYTES = 28  # peak bytes per candidate edge while the graph is built (ids, costs, reverse, sort order)
+EDGE_BYTES = 16  # bytes per candidate edge: ids and costs (int32), both ways
 _LUTS: tuple[np.ndarray, np.ndarray] | None = None
 
 
@@ -160,12 +161,11 @@ def _graph(ys: np.ndarray, xs: np.ndarray, human: np.ndarray, radius: float, *, 
     if reachable:
         sel = np.flatnonzero(np.diff(indptr))
         indptr = np.append(indptr[sel], indptr[-1])  # rows without edges hold none: the edges stay as they are
-    order = np.argsort(cols, kind="stable")
-    rev_rows = np.repeat(np.arange(len(indptr) - 1, dtype=np.int32), np.diff(indptr))[order]
-    rev_costs = costs[order]
-    del order
     rev_indptr = np.zeros(n_cols + 1, np.int64)
     np.cumsum(np.bincount(cols, minlength=n_cols), out=rev_indptr[1:])
+    rev_rows = np.empty(len(cols), np.int32)
+    rev_costs = np.empty(len(cols), np.int32)
+    reverse_edges(indptr, cols, costs, rev_indptr, rev_rows, rev_costs)
     if reachable:
         return sel, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols
     return indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols
