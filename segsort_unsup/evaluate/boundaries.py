@@ -23,7 +23,6 @@ as in Dollar's ``edgesEvalPlot``).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
