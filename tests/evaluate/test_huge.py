@@ -65,7 +65,7 @@ def test_sigterm_within_an_image_stops_fast_and_a_rerun_completes(tmp_path):
            "--gt", str(gt), "-o", str(out), "--with-boundaries"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(12)  # imports, the regions from the tree, then inside the boundary matching
+        time.sleep(18)  # imports, the regions from the tree, then inside the boundary matching
         assert proc.poll() is None, "the benchmark finished before the signal: use a larger image"
         proc.send_signal(signal.SIGTERM)
         sent = time.monotonic()
@@ -85,3 +85,39 @@ def test_sigterm_within_an_image_stops_fast_and_a_rerun_completes(tmp_path):
     cover = np.loadtxt(out / "eval_cover.txt")
     bdry = np.loadtxt(out / "eval_bdry.txt")
     assert 0.3 < cover[1] <= 1 and 0.3 < bdry[3] <= 1
+
+
+def test_stop_request_is_honoured_between_matching_thresholds(monkeypatch):
+    """A stop request (what the CLI's SIGTERM handler sets) ends the matching at the next threshold,
+    and the regions of a merge tree at the next cut: neither runs to the end first."""
+    from segsort_unsup import parallel
+    from segsort_unsup.evaluate import boundaries as B
+    from segsort_unsup.evaluate import regions as R
+    from segsort_unsup.ucm.hierarchy import ultrametric_contour_map
+
+    rng = np.random.default_rng(1)
+    pb = ndimage.gaussian_filter(rng.random((120, 160)), 2.0)
+    pb = (pb - pb.min()) / (pb.max() - pb.min())
+    human = rng.random((120, 160)) < 0.05
+    steps = []
+    real = B.match_steps
+
+    def counting(t0, t1, *args):
+        steps.append(t0)
+        if len(steps) == 3:
+            parallel.request_stop()
+        return real(t0, t1, *args)
+
+    monkeypatch.setattr(B, "match_steps", counting)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            B.boundary_counts_pb(pb, [human], thresholds=B.default_thresholds(20))
+        assert len(steps) == 3
+        ucm = ultrametric_contour_map(pb.astype(np.float32))
+        scores = R.region_counts_tree(ucm.parents, ucm.altitudes, ucm.leaves, [human.astype(np.int32)],
+                                      thresholds=B.default_thresholds(20))
+        pytest.fail(f"a stop request was ignored: {scores}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        parallel.clear_stop()
