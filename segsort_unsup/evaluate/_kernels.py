@@ -244,31 +244,44 @@ def match_incremental(active, indptr, cols, costs, rev_indptr, rev_rows, rev_cos
     ``rev_indptr``/``rev_rows``/``rev_costs``: column -> rows adjacency. ORs the matched rows
     of step t into ``acc[t]``; returns the matched count of every step. If ``objective`` has
     T entries it receives each step's assignment cost (for checks against a fresh solve).
+    :func:`match_state` and :func:`match_steps` do the same a few steps at a time.
     """
     n_steps, n_rows = active.shape
-    n_all = n_cols + n_rows
-    u = np.zeros(n_rows, np.int64)
-    v = np.zeros(n_all, np.int64)
-    row_to_col = np.full(n_rows, -1, np.int64)
-    col_to_row = np.full(n_all, -1, np.int64)
-    dist = np.full(n_all + 1, _INF, np.int64)  # last slot: the sink of the removal repair
-    pred = np.full(n_all + 1, -1, np.int64)
-    done = np.zeros(n_all + 1, np.bool_)
-    touched = np.empty(n_all + 1, np.int64)
-    finalized = np.empty(n_all + 1, np.int64)
-    heap_cap = 2 * costs.shape[0] + 4 * n_rows + 16
-    heap_keys = np.empty(heap_cap, np.int64)
-    heap_vals = np.empty(heap_cap, np.int64)
-    is_active = np.zeros(n_rows, np.bool_)
+    state = match_state(n_rows, n_cols, costs.shape[0])
     counts = np.zeros(n_steps, np.int64)
-    for t in range(n_steps):
+    match_steps(0, n_steps, active, np.arange(n_rows), indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols,
+                outlier_cost, acc, objective, counts, state)
+    return counts
+
+
+@njit(cache=True, nogil=True)
+def match_state(n_rows, n_cols, n_edges):
+    """The working arrays of :func:`match_steps`, empty (nothing matched yet)."""
+    n_all = n_cols + n_rows
+    heap_cap = 2 * n_edges + 4 * n_rows + 16
+    return (np.zeros(n_rows, np.int64), np.zeros(n_all, np.int64), np.full(n_rows, -1, np.int64),
+            np.full(n_all, -1, np.int64), np.full(n_all + 1, _INF, np.int64), np.full(n_all + 1, -1, np.int64),
+            np.zeros(n_all + 1, np.bool_), np.empty(n_all + 1, np.int64), np.empty(n_all + 1, np.int64),
+            np.empty(heap_cap, np.int64), np.empty(heap_cap, np.int64), np.zeros(n_rows, np.bool_))
+
+
+@njit(cache=True, nogil=True)
+def match_steps(t0, t1, active, rows, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols, outlier_cost,
+                acc, objective, counts, state):
+    """Steps ``t0 .. t1 - 1`` of :func:`match_incremental`, continuing from ``state``
+    (:func:`match_state`); ``counts[t]`` receives each step's matched count. Row ``r`` of the graph
+    is column ``rows[r]`` of ``active`` and ``acc`` (a subset of a larger pixel set, without copies)."""
+    u, v, row_to_col, col_to_row, dist, pred, done, touched, finalized, heap_keys, heap_vals, is_active = state
+    n_steps = active.shape[0]
+    n_rows = rows.shape[0]
+    for t in range(t0, t1):
         for r in range(n_rows):
-            if is_active[r] and not active[t, r]:
+            if is_active[r] and not active[t, rows[r]]:
                 _repair_after_removal(r, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols,
                                       outlier_cost, is_active, u, v, row_to_col, col_to_row,
                                       dist, pred, done, touched, finalized, heap_keys, heap_vals)
         for r in range(n_rows):
-            if active[t, r] and not is_active[r]:
+            if active[t, rows[r]] and not is_active[r]:
                 is_active[r] = True
                 u[r] = 0
                 _augment(r, indptr, cols, costs, n_cols, outlier_cost, u, v, row_to_col, col_to_row,
@@ -278,7 +291,7 @@ def match_incremental(active, indptr, cols, costs, rev_indptr, rev_rows, rev_cos
             if is_active[r]:
                 j = row_to_col[r]
                 if j >= 0 and j < n_cols:
-                    acc[t, r] = True
+                    acc[t, rows[r]] = True
                     c += 1
         counts[t] = c
         if objective.shape[0] == n_steps:
@@ -294,7 +307,6 @@ def match_incremental(active, indptr, cols, costs, rev_indptr, rev_rows, rev_cos
                                 total += costs[k]
                                 break
             objective[t] = total
-    return counts
 
 
 @njit(cache=True, nogil=True)
@@ -334,44 +346,60 @@ def assign_with_outliers(indptr, cols, costs, n_cols, outlier_cost, row_to_col):
 
 
 @njit(cache=True, nogil=True)
-def candidate_edges(ys, xs, human_index, off_y, off_x, off_cost):
-    """CSR edges from machine pixels (ys, xs) to human pixels within the offset disk.
+def _half_width(dy, r2):
+    """The largest ``dx >= 0`` with ``dy² + dx² <= r2`` (compared in float64), or -1."""
+    rest = r2 - dy * dy
+    if rest < 0:
+        return -1
+    dxm = int(np.sqrt(rest))
+    while float(dy * dy + (dxm + 1) * (dxm + 1)) <= r2:
+        dxm += 1
+    while dxm >= 0 and float(dy * dy + dxm * dxm) > r2:
+        dxm -= 1
+    return dxm
 
-    ``human_index`` (H, W) int32 holds the human pixel's id or -1. Returns (indptr, cols, costs).
+
+@njit(cache=True, nogil=True)
+def candidate_edges(ys, xs, row_ptr, row_x, radius, indptr, cols, costs):
+    """CSR edges from machine pixels (ys, xs) to the human pixels within ``radius`` (``dy² + dx² <=
+    radius²``), in the order of the offsets (dy, then dx, ascending).
+
+    Human pixels are given row by row: those of row ``y`` are ``row_ptr[y] .. row_ptr[y + 1] - 1``
+    (their ids, raster order) with columns ``row_x`` (ascending). Each machine pixel costs
+    O(radius x log) plus its edges, not a scan of the whole disk. With empty ``cols`` only
+    ``indptr`` (n + 1) is filled (a counting pass, so the edges are allocated once at their exact
+    size); then ``cols`` and ``costs`` (int32, ``rint(100 x distance)``) receive the edges.
     """
     n = ys.shape[0]
-    height, width = human_index.shape
-    n_off = off_y.shape[0]
-    indptr = np.empty(n + 1, np.int64)
-    cap = 16 * n + 16
-    cols = np.empty(cap, np.int64)
-    costs = np.empty(cap, np.int64)
+    height = row_ptr.shape[0] - 1
+    r2 = radius * radius
+    reach = int(np.ceil(radius))
+    fill = cols.shape[0] > 0
     m = 0
     indptr[0] = 0
     for i in range(n):
         y = ys[i]
         x = xs[i]
-        for k in range(n_off):
-            yy = y + off_y[k]
-            xx = x + off_x[k]
-            if yy < 0 or yy >= height or xx < 0 or xx >= width:
+        for dy in range(-reach, reach + 1):
+            yy = y + dy
+            if yy < 0 or yy >= height:
                 continue
-            h = human_index[yy, xx]
-            if h < 0:
+            lo = row_ptr[yy]
+            hi = row_ptr[yy + 1]
+            if lo == hi:
                 continue
-            if m == cap:
-                cap *= 2
-                new_cols = np.empty(cap, np.int64)
-                new_costs = np.empty(cap, np.int64)
-                new_cols[:m] = cols[:m]
-                new_costs[:m] = costs[:m]
-                cols = new_cols
-                costs = new_costs
-            cols[m] = h
-            costs[m] = off_cost[k]
-            m += 1
+            dxm = _half_width(dy, r2)
+            if dxm < 0:
+                continue
+            k = lo + np.searchsorted(row_x[lo:hi], x - dxm)
+            while k < hi and row_x[k] <= x + dxm:
+                if fill:
+                    dx = row_x[k] - x
+                    cols[m] = k
+                    costs[m] = np.int32(np.rint(np.sqrt(float(dy * dy + dx * dx)) * 100.0))
+                m += 1
+                k += 1
         indptr[i + 1] = m
-    return indptr, cols[:m], costs[:m]
 
 
 # --------------------------------------------------------------------------------------
@@ -417,10 +445,15 @@ def _thin_lut():
 def thin_kernel(image, lut1, lut2):
     """Thin a boolean image in place until stable (zero padding outside)."""
     height, width = image.shape
-    ys = np.empty(height * width, np.int64)
-    xs = np.empty(height * width, np.int64)
-    dele = np.empty(height * width, np.bool_)
-    # candidate list: foreground pixels
+    # candidate list: foreground pixels (sized to them: a boundary map is a few percent of the image)
+    n = 0
+    for y in range(height):
+        for x in range(width):
+            if image[y, x]:
+                n += 1
+    ys = np.empty(n, np.int64)
+    xs = np.empty(n, np.int64)
+    dele = np.empty(n, np.bool_)
     n = 0
     for y in range(height):
         for x in range(width):
@@ -487,3 +520,43 @@ def contingency(a, b, na, nb):
     for k in range(fa.shape[0]):
         table[fa[k], fb[k]] += 1
     return table
+
+
+@njit(cache=True, nogil=True)
+def first_in_column_order(leaves, out):
+    """``out[l]`` = the smallest column-major index ``j * H + i`` of a pixel of leaf ``l`` (``out``
+    comes filled with a value above every index: leaves without pixels keep it)."""
+    h, w = leaves.shape
+    for i in range(h):
+        for j in range(w):
+            leaf = leaves[i, j]
+            v = j * h + i
+            if v < out[leaf]:
+                out[leaf] = v
+
+
+@njit(cache=True, nogil=True)
+def ids_in_visit_order(labels, order, n_valid, ids):
+    """``ids[r]`` = 1, 2, ... for the regions ``labels[leaf]`` in the order their first leaf comes in
+    ``order[:n_valid]``; 0 for regions with no leaf there. Returns the number of regions met."""
+    ids[:] = 0
+    k = 0
+    for i in range(n_valid):
+        r = labels[order[i]]
+        if ids[r] == 0:
+            k += 1
+            ids[r] = k
+    return k
+
+
+@njit(cache=True, nogil=True)
+def reverse_edges(indptr, cols, costs, rev_indptr, rev_rows, rev_costs):
+    """Column -> rows adjacency of CSR edges (rows ascending within a column, as a stable sort
+    by column gives), filled in place: ``rev_indptr`` holds each column's start (n_cols + 1)."""
+    pos = rev_indptr[:-1].copy()
+    for r in range(indptr.shape[0] - 1):
+        for k in range(indptr[r], indptr[r + 1]):
+            c = cols[k]
+            rev_rows[pos[c]] = r
+            rev_costs[pos[c]] = costs[k]
+            pos[c] += 1

@@ -28,16 +28,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
-from ._kernels import _thin_lut, assign_with_outliers, candidate_edges, match_incremental, thin_kernel
+from ..io.atomic import atomic_write_text
+from ..log import progress
+from ..parallel import check_stop
+from ._kernels import (_thin_lut, assign_with_outliers, candidate_edges, match_state, match_steps,
+                       reverse_edges, thin_kernel)
 
 MAX_DIST = 0.0075
 OUTLIER_COST = 100.0
 COST_MULTIPLIER = 100
 N_THRESHOLDS = 99
+PROGRESS_PIXELS = 8_000_000  # images from this size show progress bars per threshold / matching step
 
 _NO_OBJECTIVE = np.zeros(0, np.int64)
+_NO_COLS = np.zeros(0, np.int32)
+EDGE_BYTES = 16  # bytes per candidate edge: ids and costs (int32), both ways
 _LUTS: tuple[np.ndarray, np.ndarray] | None = None
 
 
@@ -110,30 +116,58 @@ def _outlier_weight(radius: float, outlier_cost: float) -> int:
     return int(math.ceil(outlier_cost * radius * COST_MULTIPLIER))
 
 
-def _graph(ys: np.ndarray, xs: np.ndarray, human: np.ndarray, radius: float):
-    """Candidate edges machine pixel -> human pixel within ``radius`` and the reverse adjacency."""
-    human_index = np.full(human.shape, -1, np.int32)
-    n_cols = int(human.sum())
-    human_index[human] = np.arange(n_cols, dtype=np.int32)
-    off_y, off_x, off_cost = _disk(radius)
-    indptr, cols, costs = candidate_edges(ys, xs, human_index, off_y, off_x, off_cost)
-    rows = np.repeat(np.arange(len(ys), dtype=np.int64), np.diff(indptr))
-    order = np.argsort(cols, kind="stable")
-    rev_rows = np.ascontiguousarray(rows[order])
-    rev_costs = np.ascontiguousarray(costs[order])
+def _check_edge_memory(n_edges: int, n_rows: int, n_cols: int) -> None:
+    """A clear error, before any allocation, when the matching graph cannot fit in the memory
+    available now (``MemAvailable`` of /proc/meminfo; no check where that is unknown)."""
+    need = n_edges * EDGE_BYTES + (n_rows + n_cols) * 64
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return
+    if need > avail:
+        raise MemoryError(
+            f"boundary matching needs {n_edges:,} candidate pixel pairs (about {need / 2**30:.1f} GiB, "
+            f"{avail / 2**30:.1f} GiB available): the tolerance (max_dist x image diagonal) spans too many "
+            f"pixels at this image size; evaluate a downscaled copy of the maps and ground truth")
+
+
+def _graph(ys: np.ndarray, xs: np.ndarray, human: np.ndarray, radius: float, *, reachable: bool = False):
+    """Candidate edges machine pixel -> human pixel within ``radius`` and the reverse adjacency
+    (int32 ids and costs: the edges are the benchmark's largest arrays on big images).
+
+    With ``reachable=True`` the rows are only the machine pixels with a human pixel in reach, and
+    their indices into ``ys`` come first in the returned tuple (a disk dilation of the human map
+    costs O(pixels x radius²), this O(machine pixels x radius))."""
+    hy, hx = np.nonzero(human)
+    n_cols = hy.size
+    if n_cols >= 2**31 or len(ys) >= 2**31:
+        raise ValueError("more than 2**31 boundary pixels")
+    row_ptr = np.zeros(human.shape[0] + 1, np.int64)
+    np.cumsum(np.bincount(hy, minlength=human.shape[0]), out=row_ptr[1:])
+    del hy
+    ys = np.ascontiguousarray(ys, np.int64)
+    xs = np.ascontiguousarray(xs, np.int64)
+    hx = hx.astype(np.int64)
+    indptr = np.empty(len(ys) + 1, np.int64)
+    candidate_edges(ys, xs, row_ptr, hx, float(radius), indptr, _NO_COLS, _NO_COLS)  # count
+    n_edges = int(indptr[-1])
+    _check_edge_memory(n_edges, len(ys), n_cols)
+    cols = np.empty(n_edges, np.int32)
+    costs = np.empty(n_edges, np.int32)
+    candidate_edges(ys, xs, row_ptr, hx, float(radius), indptr, cols, costs)
+    del hx
+    if reachable:
+        sel = np.flatnonzero(np.diff(indptr))
+        indptr = np.append(indptr[sel], indptr[-1])  # rows without edges hold none: the edges stay as they are
     rev_indptr = np.zeros(n_cols + 1, np.int64)
     np.cumsum(np.bincount(cols, minlength=n_cols), out=rev_indptr[1:])
+    rev_rows = np.empty(len(cols), np.int32)
+    rev_costs = np.empty(len(cols), np.int32)
+    reverse_edges(indptr, cols, costs, rev_indptr, rev_rows, rev_costs)
+    if reachable:
+        return sel, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols
     return indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols
-
-
-def _within_reach(ys: np.ndarray, xs: np.ndarray, human: np.ndarray, radius: float) -> np.ndarray:
-    """Which pixels (ys, xs) have a human boundary pixel within ``radius`` (a disk dilation)."""
-    off_y, off_x, _ = _disk(radius)
-    footprint = np.zeros((2 * int(math.ceil(radius)) + 1,) * 2, np.bool_)
-    c = int(math.ceil(radius))
-    footprint[off_y + c, off_x + c] = True
-    near = ndimage.binary_dilation(human, structure=footprint)
-    return near[ys, xs]
 
 
 def correspond_pixels(
@@ -224,13 +258,22 @@ def _flat_binary_maps(pb: np.ndarray, thresholds: np.ndarray, *, thin_maps: bool
     """:func:`binary_maps` one threshold at a time, each map as :func:`_flat_maps` gives it."""
     prev_count = -1
     flat = None
-    for t in thresholds:
-        bmap = pb >= t
-        count = int(bmap.sum())
-        if flat is None or count != prev_count:  # nested maps: the same count means the same map
-            flat = next(_flat_maps([thin(bmap) if thin_maps else bmap]))
-            prev_count = count
-        yield flat
+    with _bar(pb.size, len(thresholds), "boundaries: thresholds") as bar:
+        for t in thresholds:
+            check_stop()
+            bmap = pb >= t
+            count = int(bmap.sum())
+            if flat is None or count != prev_count:  # nested maps: the same count means the same map
+                flat = next(_flat_maps([thin(bmap) if thin_maps else bmap]))
+                prev_count = count
+            del bmap
+            bar.update(1)
+            yield flat
+
+
+def _bar(n_pixels: int, total: int, desc: str):
+    """A progress bar (unit: threshold) shown for huge images only."""
+    return progress(total=total, desc=desc, unit="thr", disable=None if n_pixels >= PROGRESS_PIXELS else True)
 
 
 def boundary_counts(
@@ -283,22 +326,30 @@ def _boundary_counts_flat(
     acc = np.zeros((n_steps, len(ys)), np.bool_)
     cnt_r = np.zeros(n_steps, np.int64)
     sum_r = np.zeros(n_steps, np.int64)
-    for human in humans:
+    for k, human in enumerate(humans):
+        check_stop()
         human = _as_mask(human, "human boundaries")
         if human.shape != shape:
             raise ValueError(f"human boundaries {human.shape} differ from the machine map {shape}")
-        # only machine pixels with a human pixel in reach can match
-        reach = _within_reach(ys, xs, human, radius)
-        sel = np.flatnonzero(reach)
         n_cols = int(human.sum())
         sum_r += n_cols
-        if len(sel) == 0 or n_cols == 0:
+        if len(ys) == 0 or n_cols == 0:
             continue
-        indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols = _graph(ys[sel], xs[sel], human, radius)
-        sub_acc = np.zeros((n_steps, len(sel)), np.bool_)
-        counts = match_incremental(np.ascontiguousarray(active[:, sel]), indptr, cols, costs,
-                                   rev_indptr, rev_rows, rev_costs, n_cols, ow, sub_acc, _NO_OBJECTIVE)
-        acc[:, sel] |= sub_acc
+        # only machine pixels with a human pixel in reach can match
+        sel, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols = _graph(ys, xs, human, radius,
+                                                                                   reachable=True)
+        if len(sel) == 0:
+            continue
+        state = match_state(len(sel), n_cols, len(costs))
+        counts = np.zeros(n_steps, np.int64)
+        # one threshold per call, so a stop request (Ctrl-C, SIGTERM) is seen between thresholds
+        with _bar(int(np.prod(shape)), n_steps, f"boundaries: matching human {k + 1}/{len(humans)}") as bar:
+            for step in range(n_steps):
+                match_steps(step, step + 1, active, sel, indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols,
+                            ow, acc, _NO_OBJECTIVE, counts, state)
+                bar.update(1)
+                check_stop()
+        del state, indptr, cols, costs, rev_indptr, rev_rows, rev_costs
         cnt_r[order] += counts
     cnt_p = np.empty(n_steps, np.int64)
     cnt_p[order] = acc.sum(axis=1)
@@ -497,13 +548,13 @@ def write_boundary_results(out_dir: str | Path, summary: BoundarySummary) -> lis
     out.mkdir(parents=True, exist_ok=True)
     s = summary
     paths = [out / "eval_bdry.txt", out / "eval_bdry_thr.txt", out / "eval_bdry_img.txt", out / "eval_bdry_r50.txt"]
-    paths[0].write_text(" ".join(_g(x) for x in (s.ods_threshold, s.ods_r, s.ods_p, s.ods_f,
+    atomic_write_text(paths[0], " ".join(_g(x) for x in (s.ods_threshold, s.ods_r, s.ods_p, s.ods_f,
                                                   s.ois_r, s.ois_p, s.ois_f, s.ap)) + "\n")
-    paths[1].write_text("".join(" ".join(_g(x) for x in row) + "\n"
+    atomic_write_text(paths[1], "".join(" ".join(_g(x) for x in row) + "\n"
                                 for row in zip(s.thresholds, s.r, s.p, s.f)))
-    paths[2].write_text("".join(f"{i + 1:10d} " + " ".join(_g(x) for x in row) + "\n"
+    atomic_write_text(paths[2], "".join(f"{i + 1:10d} " + " ".join(_g(x) for x in row) + "\n"
                                 for i, row in enumerate(s.per_image)))
-    paths[3].write_text(_g(s.r50) + "\n")
+    atomic_write_text(paths[3], _g(s.r50) + "\n")
     return paths
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io.atomic import atomic_write_text
 from ..errors import BadImageError, InputError
 from ..log import get_logger
 from ..parallel import Executor, InProcess
@@ -69,11 +70,23 @@ def _as_ucm2(pred: Prediction, shape: tuple[int, int]) -> None:
 def evaluate_image(task: _Task) -> tuple[B.BoundaryCounts | None, R.RegionCounts | None]:
     """Benchmark one image (runs in worker processes)."""
     opts = task.options
-    gt = load_ground_truth(task.gt_path)
-    pred = load_prediction(task.source, task.iid, nms=opts.nms)
-    _as_ucm2(pred, gt.shape)
+    gt = load_ground_truth(task.gt_path, boundaries=opts.boundaries)
     thresholds = B.default_thresholds(opts.n_thresholds)
     bcounts = rcounts = None
+    pred = None
+    if opts.regions and task.source.kind == "segments":
+        # a segments store's regions are scored from its merge tree, before (and without) its ucm2
+        pred = load_prediction(task.source, task.iid, ucm2=False, tree=True)
+        if pred.tree is not None:
+            t = pred.tree
+            _check_shape(pred, gt.shape, task.gt_path, "the leaves map", t.leaves.shape)
+            rcounts = R.region_counts_tree(t.parents, t.altitudes, t.leaves, gt.segmentations, thresholds=thresholds)
+            pred = t = None
+            if not opts.boundaries:
+                return None, rcounts
+    if pred is None:
+        pred = load_prediction(task.source, task.iid, nms=opts.nms)
+    _as_ucm2(pred, gt.shape)
     if pred.ucm2 is not None:
         h, w = pred.ucm2.shape
         _check_shape(pred, gt.shape, task.gt_path, "ucm2 (halved)", ((h - 1) // 2, (w - 1) // 2))
@@ -89,9 +102,12 @@ def evaluate_image(task: _Task) -> tuple[B.BoundaryCounts | None, R.RegionCounts
             bcounts = B.boundary_counts_segs(pred.segs, gt.boundaries, max_dist=opts.max_dist, thin_maps=opts.thin)
         else:
             pb = B.ucm2_to_pb(pred.ucm2) if pred.ucm2 is not None else pred.pb
+            if rcounts is not None or not opts.regions:
+                pred.ucm2 = None  # only pb is needed now
             bcounts = B.boundary_counts_pb(pb, gt.boundaries, thresholds=thresholds, max_dist=opts.max_dist,
                                            thin_maps=opts.thin)
-    if opts.regions:
+            del pb
+    if opts.regions and rcounts is None:
         if pred.ucm2 is not None:
             rcounts = R.region_counts_ucm2(pred.ucm2, gt.segmentations, thresholds=thresholds)
         elif pred.segs is not None:
@@ -160,9 +176,9 @@ def run_benchmark(
         summary_json["regions"] = {"covering_ods": s.cover_ods, "covering_ois": s.cover_ois,
                                    "covering_best": s.cover_best, "pri_ods": s.ri_ods, "pri_ois": s.ri_ois,
                                    "vi_ods": s.voi_ods, "vi_ois": s.voi_ois}
-    (out / "images.txt").write_text("".join(f"{k + 1:10d} {i}\n" for k, i in enumerate(done_ids)))
-    (out / "missing.txt").write_text("".join(f"{i}\n" for i in missing))
-    (out / "summary.json").write_text(json.dumps(_no_nan(summary_json), indent=2, default=_jsonable))
+    atomic_write_text(out / "images.txt", "".join(f"{k + 1:10d} {i}\n" for k, i in enumerate(done_ids)))
+    atomic_write_text(out / "missing.txt", "".join(f"{i}\n" for i in missing))
+    atomic_write_text(out / "summary.json", json.dumps(_no_nan(summary_json), indent=2, default=_jsonable))
     return report
 
 

@@ -19,6 +19,7 @@ from ..log import get_logger
 from ..ucm.hierarchy import ucm2_values
 
 PNG_SUFFIXES = (".png",)
+TREE_DATASETS = ("parents", "altitudes", "leaves")
 
 log = get_logger("evaluate")
 
@@ -53,8 +54,9 @@ def list_ground_truth(gt_dir: str | os.PathLike) -> dict[str, Path]:
     return files
 
 
-def load_ground_truth(path: str | os.PathLike) -> GroundTruth:
-    """Read a BSDS ground-truth .mat (cell ``groundTruth`` of structs with Segmentation, Boundaries)."""
+def load_ground_truth(path: str | os.PathLike, *, boundaries: bool = True) -> GroundTruth:
+    """Read a BSDS ground-truth .mat (cell ``groundTruth`` of structs with Segmentation, Boundaries);
+    ``boundaries=False`` leaves the boundary maps out (an empty list: the region benchmarks' need)."""
     import scipy.io as sio
 
     path = Path(path)
@@ -65,6 +67,8 @@ def load_ground_truth(path: str | os.PathLike) -> GroundTruth:
     if "groundTruth" not in mat:
         raise BadImageError(path, "no 'groundTruth' variable (expected a BSDS groundTruth file)")
     cell = mat["groundTruth"].ravel()
+    del mat
+    keep_boundaries = boundaries
     boundaries, segmentations = [], []
     for entry in cell:
         try:
@@ -75,7 +79,9 @@ def load_ground_truth(path: str | os.PathLike) -> GroundTruth:
         if seg.ndim != 2 or seg.shape != bdry.shape:
             raise BadImageError(path, f"Segmentation {seg.shape} and Boundaries {bdry.shape} differ")
         segmentations.append(seg if seg.dtype.kind in "iu" else seg.astype(np.int64))  # BSDS: uint16
-        boundaries.append(bdry.astype(bool))
+        if keep_boundaries:
+            boundaries.append(bdry.astype(bool))
+        del bdry
     if not segmentations:
         raise BadImageError(path, "empty groundTruth cell")
     shapes = {s.shape for s in segmentations}
@@ -173,10 +179,25 @@ class Prediction:
     ucm2: np.ndarray | None = None  # (2H+1, 2W+1)
     segs: list[np.ndarray] | None = None  # label maps
     labels: np.ndarray | None = None  # (H, W) int label map (semantic)
+    tree: MergeTree | None = None  # a segments store's hierarchy (the region benchmarks' fast path)
 
 
-def load_prediction(source: Source, iid: str, *, nms: bool = True) -> Prediction:
-    """Read image ``iid`` from ``source``; contours get Dollar's NMS unless ``nms=False``."""
+@dataclass(frozen=True)
+class MergeTree:
+    """A hierarchy as a segments store holds it: ``parents``, ``altitudes`` and the pixel-to-leaf
+    map ``leaves`` (the cut at ``t`` is ``cut_labels(parents, altitudes, threshold=t)[leaves]``)."""
+
+    parents: np.ndarray
+    altitudes: np.ndarray
+    leaves: np.ndarray
+
+
+def load_prediction(source: Source, iid: str, *, nms: bool = True, ucm2: bool = True, tree: bool = False) -> Prediction:
+    """Read image ``iid`` from ``source``; contours get Dollar's NMS unless ``nms=False``.
+
+    From a segments store: the ucm2 unless ``ucm2=False``; with ``tree=True`` also the merge tree,
+    where the item has one (else the ucm2 all the same: a store written from BSR's ucm2 files).
+    """
     key = source.items[iid]
     if source.kind == "png":
         return Prediction(key, pb=read_png(key))
@@ -195,9 +216,19 @@ def load_prediction(source: Source, iid: str, *, nms: bool = True) -> Prediction
                 # not the stored one (which the ucm stage uses).
                 edge = edge_nms(edge)
             return Prediction(name, pb=np.clip(edge.astype(np.float64), 0.0, 1.0))
-        item = reader.read(key, ("ucm2",))
-        # float32 as stored (a uint16-quantised one dequantised): cut without a float64 copy
-        return Prediction(name, ucm2=ucm2_values(item.arrays["ucm2"], item.attrs))
+        tree = tree and all(n in reader.layout(key) for n in TREE_DATASETS)
+        ucm2 = ucm2 or not tree
+        names = (("ucm2",) if ucm2 else ()) + (TREE_DATASETS if tree else ())
+        item = reader.read(key, names)
+        arrays = item.arrays
+        pred = Prediction(name)
+        if ucm2:
+            # float32 as stored (a uint16-quantised one dequantised): cut without a float64 copy
+            pred.ucm2 = ucm2_values(arrays["ucm2"], item.attrs)
+        if tree:
+            pred.tree = MergeTree(np.asarray(arrays["parents"]), np.asarray(arrays["altitudes"]),
+                                  np.asarray(arrays["leaves"]))
+        return pred
     except StoreError:
         raise
     except KeyError as exc:

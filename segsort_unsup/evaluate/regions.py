@@ -4,7 +4,14 @@ A hierarchy given as a ucm2 (doubled grid, ``(2H+1, 2W+1)``) is cut at each thre
 as BSR does: connected components (8-connectivity, MATLAB ``bwlabel``) of ``ucm2 <= t`` on the
 doubled grid, read at the pixel positions ``[1::2, 1::2]``
 (:func:`~segsort_unsup.ucm.hierarchy.labels_from_ucm2` with ``connectivity=8``). A list of
-segmentations is used as is (thresholds 1..K). Against the human segmentations of the image:
+segmentations is used as is (thresholds 1..K).
+
+A merge tree (a segments store's ``parents``, ``altitudes``, ``leaves``) is cut without pixel maps:
+:func:`region_counts_tree` counts the (leaves x human labels) contingency once and sums its rows
+per threshold; for this package's ucm2s (corners are the largest of their four boundaries) that is
+the same 8-connected cut, and the scores are the same to the bit.
+
+Against the human segmentations of the image:
 
 * Segmentation Covering of the humans by the machine: sum over human regions (all humans) of
   ``area x best Jaccard overlap with a machine region``, over the total human area (``cntR/sumR``);
@@ -25,11 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io.atomic import atomic_write_text
+from ..log import progress
 from ..ucm.hierarchy import labels_from_ucm2
 from ._kernels import contingency
 
 
 def _levels_between(values: np.ndarray, lo: float, hi: float) -> bool:
+    """Whether a level lies in ``(min(lo, hi), max(lo, hi)]``: whether the cuts at ``lo`` and ``hi`` differ."""
+    lo, hi = min(lo, hi), max(lo, hi)
     i = np.searchsorted(values, lo, side="right")
     return i < len(values) and values[i] <= hi
 
@@ -110,17 +121,25 @@ def rand_index_voi(seg: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
     if gt.min() < 1:
         gt = gt.astype(np.int64) - int(gt.min()) + 1
     table = contingency(seg, gt, int(seg.max()) + 1, int(gt.max()) + 1).astype(np.float64)
-    n = table.sum()
-    a = table.sum(axis=1)
-    b = table.sum(axis=0)
-    ri = 1.0 - ((a * a).sum() / 2 + (b * b).sum() / 2 - (table * table).sum()) / (n * (n - 1) / 2)
+    rows, cols = np.nonzero(table)
+    return _ri_voi(table.sum(axis=1), table.sum(axis=0), rows, cols, table[rows, cols])
+
+
+def _ri_voi(a: np.ndarray, b: np.ndarray, rows: np.ndarray, cols: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
+    """Rand index and VI of a contingency table given by its nonzero entries in row-major order
+    (``counts`` float64 at ``rows``, ``cols``) and its row and column sums ``a``, ``b``.
+
+    Sums of squared counts are sums of integers below 2**53, exact in any order; the entropies
+    are summed in label order, so a dense table and its nonzeros give the same bits.
+    """
+    n = counts.sum()
+    ri = 1.0 - ((a * a).sum() / 2 + (b * b).sum() / 2 - (counts * counts).sum()) / (n * (n - 1) / 2)
     pa = a[a > 0] / n
     pb = b[b > 0] / n
     h1 = -(pa * np.log2(pa)).sum()
     h2 = -(pb * np.log2(pb)).sum()
-    nz = table > 0
-    joint = table[nz] / n
-    outer = (a[:, None] * b[None, :])[nz] / (n * n)
+    joint = counts / n
+    outer = (a[rows] * b[cols]) / (n * n)
     mi = (joint * np.log2(joint / outer)).sum()
     return float(ri), float(h1 + h2 - 2 * mi)
 
@@ -145,11 +164,49 @@ def region_counts(
     if not gts:
         raise ValueError("no human segmentations")
     gts = [_labels(g) for g in gts]
-    shape = gts[0].shape
     if thresholds is None:
         segs = list(segs)
         thresholds = np.arange(1, len(segs) + 1, dtype=np.float64)
     thresholds = np.asarray(thresholds, np.float64)
+
+    def scores() -> Iterator[_Scores]:
+        previous = cached = None
+        for seg in segs:
+            if seg is not previous:
+                previous = seg
+                cached = _seg_scores(seg, gts)
+            yield cached
+
+    return _accumulate(thresholds, gts, scores())
+
+
+@dataclass(frozen=True)
+class _Scores:
+    """Region scores of one segmentation against all humans."""
+
+    cnt_p: float
+    sum_p: float
+    best_gt: np.ndarray  # best Jaccard of each human region (label >= 1), humans concatenated
+    ri: float  # mean over the humans
+    voi: float
+
+
+def _seg_scores(seg: np.ndarray, gts: Sequence[np.ndarray]) -> _Scores:
+    seg = _labels(seg)
+    shape = gts[0].shape
+    if seg.shape != shape:
+        raise ValueError(f"segmentation {seg.shape} differs from the ground truth {shape}")
+    if seg.min() < 0:
+        raise ValueError("segment labels must be >= 0")
+    best_seg, best_gt, seg_area = _jaccard_best(seg, gts)
+    pairs = [rand_index_voi(seg, g) for g in gts]
+    return _Scores(float((seg_area[1:] * best_seg[1:]).sum()), float(seg_area[1:].sum()),
+                   np.concatenate(best_gt) if best_gt else np.zeros(0),
+                   float(np.mean([p[0] for p in pairs])), float(np.mean([p[1] for p in pairs])))
+
+
+def _accumulate(thresholds: np.ndarray, gts: Sequence[np.ndarray], scores: Iterable[_Scores]) -> RegionCounts:
+    """Per-threshold counts from one :class:`_Scores` per threshold (BSR's ``*_ev2/3/4.txt``)."""
     n_steps = len(thresholds)
     gt_areas = np.concatenate([np.bincount(g.ravel(), minlength=int(g.max()) + 1)[1:] for g in gts]).astype(np.float64)
     cnt_r = np.zeros(n_steps)
@@ -159,43 +216,185 @@ def region_counts(
     ri = np.zeros(n_steps)
     voi = np.zeros(n_steps)
     best_overall = np.zeros_like(gt_areas)
-    previous = cached = None
     steps = 0
-    for t, seg in enumerate(segs):
+    for t, sc in enumerate(scores):
         steps += 1
         if t >= n_steps:
             raise ValueError(f"more segmentations than the {n_steps} thresholds")
-        if seg is not previous:
-            previous = seg
-            seg = _labels(seg)
-            if seg.shape != shape:
-                raise ValueError(f"segmentation {seg.shape} differs from the ground truth {shape}")
-            if seg.min() < 0:
-                raise ValueError("segment labels must be >= 0")
-            best_seg, best_gt, seg_area = _jaccard_best(seg, gts)
-            best_gt_all = np.concatenate(best_gt) if best_gt else np.zeros(0)
-            pairs = [rand_index_voi(seg, g) for g in gts]
-            del seg
-            cached = (
-                float((seg_area[1:] * best_seg[1:]).sum()), float(seg_area[1:].sum()), best_gt_all,
-                float(np.mean([p[0] for p in pairs])), float(np.mean([p[1] for p in pairs])),
-            )
-        cp, sp, best_gt_all, r_i, v_i = cached
-        cnt_p[t] = cp
-        sum_p[t] = sp
-        cnt_r[t] = float((gt_areas * best_gt_all).sum())
+        cnt_p[t] = sc.cnt_p
+        sum_p[t] = sc.sum_p
+        cnt_r[t] = float((gt_areas * sc.best_gt).sum())
         sum_r[t] = float(gt_areas.sum())
-        best_overall = np.maximum(best_overall, best_gt_all)
-        ri[t] = r_i
-        voi[t] = v_i
+        best_overall = np.maximum(best_overall, sc.best_gt)
+        ri[t] = sc.ri
+        voi[t] = sc.voi
     if steps != n_steps:
         raise ValueError(f"{steps} segmentations for {n_steps} thresholds")
     return RegionCounts(thresholds, cnt_r, sum_r, cnt_p, sum_p, float((gt_areas * best_overall).sum()), ri, voi)
 
 
 def region_counts_ucm2(ucm2: np.ndarray, gts: Sequence[np.ndarray], *, thresholds: np.ndarray) -> RegionCounts:
-    """Region counts of a ucm2 at ``thresholds``."""
-    return region_counts(ucm2_segmentations(ucm2, thresholds), gts, thresholds=thresholds)
+    """Region counts of a ucm2 at ``thresholds`` (one cut held at a time)."""
+    gts_checked = [_labels(g) for g in gts]
+    thresholds = np.asarray(thresholds, np.float64)
+    segs = _with_progress(ucm2_segmentations(ucm2, thresholds), thresholds, gts_checked)
+    return region_counts(segs, gts_checked, thresholds=thresholds)
+
+
+# --------------------------------------------------------------------------------------
+# A merge tree: contingency of (leaves x humans) once, every cut by summing its rows
+# --------------------------------------------------------------------------------------
+
+PROGRESS_PIXELS = 8_000_000  # images from this size show a per-threshold progress bar
+_CHUNK_PIXELS = 1 << 21
+
+
+@dataclass
+class _Table:
+    """Nonzero entries of a contingency table, row-major: ``rows`` (region ids), ``cols`` (human
+    labels), ``counts`` (float64, exact integers)."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    counts: np.ndarray
+
+
+def _sum_rows(table: _Table, new_ids: np.ndarray, n_rows: int, n_cols: int) -> _Table:
+    """The table whose row ``new_ids[r]`` sums the rows ``r`` of ``table`` (entries sorted row-major)."""
+    keys = new_ids[table.rows].astype(np.int64) * n_cols + table.cols
+    if n_rows * n_cols <= max(4 * keys.size, 1 << 22):
+        dense = np.bincount(keys, weights=table.counts, minlength=n_rows * n_cols)
+        flat = np.flatnonzero(dense)
+        counts = dense[flat]
+    else:
+        flat, inverse = np.unique(keys, return_inverse=True)
+        counts = np.bincount(inverse, weights=table.counts, minlength=flat.size)
+    rows, cols = np.divmod(flat, n_cols)
+    return _Table(rows, cols, counts)
+
+
+def _leaf_table(leaves: np.ndarray, gt: np.ndarray) -> _Table:
+    """Contingency of (leaves x human labels), nonzeros only; read in row strips so no full-size
+    temporary is made."""
+    n_cols = int(gt.max()) + 1
+    h, w = leaves.shape
+    step = max(1, _CHUNK_PIXELS // max(w, 1))
+    keys, counts = [], []
+    for y in range(0, h, step):
+        k = leaves[y:y + step].astype(np.int64).ravel() * n_cols + gt[y:y + step].ravel()
+        u, c = np.unique(k, return_counts=True)
+        keys.append(u)
+        counts.append(c)
+    keys = np.concatenate(keys)
+    counts = np.concatenate(counts).astype(np.float64)
+    flat, inverse = np.unique(keys, return_inverse=True)
+    del keys
+    total = np.bincount(inverse, weights=counts, minlength=flat.size)
+    rows, cols = np.divmod(flat, n_cols)
+    return _Table(rows, cols, total)
+
+
+def _tree_scores(table: _Table, seg_area: np.ndarray, gt_area: np.ndarray,
+                 best_seg: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """One human's part of :func:`_seg_scores` from the nonzeros of (cut regions x human labels):
+    best Jaccard per human region (``best_seg`` updated in place), Rand index, VI."""
+    s, g, c = table.rows, table.cols, table.counts
+    fg = g >= 1  # label 0 takes no part in the covering
+    jac = c[fg] / (gt_area[g[fg]] + seg_area[s[fg]] - c[fg])
+    np.maximum.at(best_seg, s[fg], jac)
+    best_gt = np.zeros(max(gt_area.size - 1, 0))
+    np.maximum.at(best_gt, g[fg] - 1, jac)
+    ri, vi = _ri_voi(seg_area, gt_area, s, g, c)
+    return best_gt, ri, vi
+
+
+def tree_region_scores(parents: np.ndarray, altitudes: np.ndarray, leaves: np.ndarray,
+                       gts: Sequence[np.ndarray], thresholds: np.ndarray) -> Iterator[_Scores]:
+    """Region scores of the cuts of a merge tree, one per threshold, without a pixel map per cut.
+
+    The (leaves x human labels) contingency is counted once (O(pixels)); the table of each cut
+    sums its rows through :func:`~segsort_unsup.ucm.hierarchy.cut_labels` (O(nonzeros)), from the
+    previous cut's table while the thresholds increase. Regions are numbered as BSR's column-major
+    ``bwlabel`` numbers them, so every sum runs in the same order and the scores equal those of
+    the pixel cuts ``cut_labels(parents, altitudes, threshold=t)[leaves]`` to the bit.
+    """
+    from ..ucm.hierarchy import cut_labels
+    from ._kernels import first_in_column_order, ids_in_visit_order
+
+    leaves = np.ascontiguousarray(leaves, dtype=np.int32)
+    n_leaves = (np.asarray(parents).size + 1) // 2
+    if leaves.ndim != 2 or leaves.shape != gts[0].shape:
+        raise ValueError(f"leaves {leaves.shape} differ from the ground truth {gts[0].shape}")
+    if leaves.size and (leaves.min() < 0 or leaves.max() >= n_leaves):
+        raise ValueError(f"leaves holds labels outside 0..{n_leaves - 1} (the tree's leaves)")
+    big = np.iinfo(np.int64).max
+    first = np.full(n_leaves, big, np.int64)
+    first_in_column_order(leaves, first)
+    order = np.argsort(first, kind="stable")
+    n_valid = int(np.count_nonzero(first != big))
+    del first
+    leaf_area = np.bincount(leaves.ravel(), minlength=n_leaves).astype(np.float64)
+    gt_areas = [np.bincount(g.ravel(), minlength=int(g.max()) + 1).astype(np.float64) for g in gts]
+    n_cols = [a.size for a in gt_areas]
+    leaf_tables = [_leaf_table(leaves, g) for g in gts]
+    del leaves
+    thresholds = np.asarray(thresholds, np.float64)
+    increasing = bool(np.all(np.diff(thresholds) >= 0))
+    levels = np.unique(np.asarray(altitudes)).astype(np.float64)
+    tables = leaf_tables
+    to_leaf = np.arange(n_leaves)  # a leaf of each row of ``tables``
+    if increasing:
+        leaf_tables = None  # each cut is summed from the previous one
+    ids = np.empty(n_leaves, np.int64)
+    cached = prev_t = None
+    for t in thresholds:
+        if cached is None or _levels_between(levels, prev_t, t):
+            cut = cut_labels(parents, altitudes, threshold=t)
+            k = ids_in_visit_order(cut, order, n_valid, ids)
+            sid = ids[cut]  # region id (1..k) of every leaf
+            seg_area = np.bincount(sid, weights=leaf_area, minlength=k + 1)
+            if not increasing:  # each cut from the leaves
+                tables, to_leaf = leaf_tables, np.arange(n_leaves)
+            new_ids = sid[to_leaf]
+            tables = [_sum_rows(tb, new_ids, k + 1, nc) for tb, nc in zip(tables, n_cols)]
+            rep = np.zeros(k + 1, np.int64)
+            rep[sid] = np.arange(n_leaves)
+            to_leaf = rep
+            best_seg = np.zeros(k + 1)
+            parts = [_tree_scores(tb, seg_area, a, best_seg) for tb, a in zip(tables, gt_areas)]
+            cached = _Scores(float((seg_area[1:] * best_seg[1:]).sum()), float(seg_area[1:].sum()),
+                             np.concatenate([p[0] for p in parts]) if parts else np.zeros(0),
+                             float(np.mean([p[1] for p in parts])), float(np.mean([p[2] for p in parts])))
+        prev_t = t
+        yield cached
+
+
+def region_counts_tree(parents: np.ndarray, altitudes: np.ndarray, leaves: np.ndarray,
+                       gts: Sequence[np.ndarray], *, thresholds: np.ndarray) -> RegionCounts:
+    """Region counts of a merge tree's cuts at ``thresholds`` (a segments store's ``parents``,
+    ``altitudes``, ``leaves``): for this package's ucm2s the same numbers as
+    :func:`region_counts_ucm2` on its ucm2, in O(pixels) once plus O(nonzeros) per threshold."""
+    if not gts:
+        raise ValueError("no human segmentations")
+    gts = [_labels(g) for g in gts]
+    for g in gts:
+        if g.min() < 0:
+            raise ValueError("human segmentation labels must be >= 0")
+    thresholds = np.asarray(thresholds, np.float64)
+    scores = tree_region_scores(parents, altitudes, leaves, gts, thresholds)
+    return _accumulate(thresholds, gts, _with_progress(scores, thresholds, gts))
+
+
+def _with_progress(items: Iterator, thresholds: np.ndarray, gts: Sequence[np.ndarray]) -> Iterator:
+    """Items one per threshold, with a progress bar (and a stop check) when the image is huge."""
+    from ..parallel import check_stop
+
+    huge = gts[0].size >= PROGRESS_PIXELS
+    with progress(total=len(thresholds), desc="regions: thresholds", unit="thr", disable=None if huge else True) as bar:
+        for item in items:
+            check_stop()
+            yield item
+            bar.update(1)
 
 
 @dataclass
@@ -296,7 +495,7 @@ def write_region_results(out_dir: str | Path, summary: RegionSummary) -> list[Pa
     paths = []
     for name, text in files.items():
         path = out / name
-        path.write_text(text)
+        atomic_write_text(path, text)
         paths.append(path)
     return paths
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 import scipy.io as sio
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
@@ -147,3 +148,52 @@ def test_seg_boundaries_small_example():
     # a pixel is on the boundary if it differs from its south or east neighbour
     expect = np.array([[0, 1, 0], [1, 1, 1], [0, 0, 0]], bool)
     assert np.array_equal(bdry, expect)
+
+
+@pytest.mark.parametrize("radius", [0.5, 1.0, 2.3, 5.0, 7.9])
+def test_candidate_edges_equal_a_disk_scan(radius):
+    """The row-wise edge search gives the edges of a brute-force scan of the disk, in its order."""
+    rng = np.random.default_rng(int(radius * 10))
+    human = rng.random((23, 31)) < 0.2
+    machine = rng.random((23, 31)) < 0.3
+    ys, xs = (a.astype(np.int64) for a in np.nonzero(machine))
+    indptr, cols, costs, rev_indptr, rev_rows, rev_costs, n_cols = B._graph(ys, xs, human, radius)
+    ids = np.full(human.shape, -1)
+    ids[human] = np.arange(human.sum())
+    r = int(np.ceil(radius))
+    want_cols, want_costs, want_ptr = [], [], [0]
+    for y, x in zip(ys, xs):
+        for dy in range(-r, r + 1):
+            for dx in range(-r, r + 1):
+                d2 = float(dy * dy + dx * dx)
+                if d2 <= radius * radius and 0 <= y + dy < 23 and 0 <= x + dx < 31 and ids[y + dy, x + dx] >= 0:
+                    want_cols.append(ids[y + dy, x + dx])
+                    want_costs.append(int(np.rint(np.sqrt(d2) * 100)))
+        want_ptr.append(len(want_cols))
+    assert np.array_equal(indptr, want_ptr)
+    assert np.array_equal(cols, want_cols) and np.array_equal(costs, want_costs)
+    assert n_cols == human.sum() and rev_indptr[-1] == len(cols)
+    rows = np.repeat(np.arange(len(ys)), np.diff(indptr))
+    for j in range(n_cols):  # the reverse adjacency lists each column's edges, rows ascending
+        sl = slice(rev_indptr[j], rev_indptr[j + 1])
+        assert np.array_equal(rev_rows[sl], rows[cols == j]) and np.array_equal(rev_costs[sl], costs[cols == j])
+    # only the pixels in reach (a disk dilation of the human map as the reference)
+    sel, *reach = B._graph(ys, xs, human, radius, reachable=True)
+    oy, ox = np.mgrid[-r:r + 1, -r:r + 1]
+    near = ndimage.binary_dilation(human, structure=(oy * oy + ox * ox).astype(float) <= radius * radius)
+    assert np.array_equal(sel, np.flatnonzero(near[ys, xs]))
+    assert np.array_equal(reach[0], np.append(indptr[sel], indptr[-1])) and np.array_equal(reach[1], cols)
+    assert np.array_equal(reach[4], np.searchsorted(sel, rev_rows)) and np.array_equal(reach[5], rev_costs)
+
+
+def test_a_graph_too_large_for_memory_is_one_clear_line(monkeypatch):
+    """The edges are counted before they are allocated: too many for the available memory is a
+    MemoryError naming the count, not an allocation failure deep in a kernel."""
+    rng = np.random.default_rng(3)
+    pb = rng.random((40, 50))
+    human = rng.random((40, 50)) < 0.1
+    monkeypatch.setattr(B, "EDGE_BYTES", 1 << 50)
+    with pytest.raises(MemoryError) as err:
+        B.boundary_counts_pb(pb, [human], thresholds=B.default_thresholds(3))
+    message = str(err.value)
+    assert "candidate pixel pairs" in message and "downscaled" in message and "\n" not in message
