@@ -392,20 +392,11 @@ def _edge_orientation(values, orientation, e, h, w):
 
 
 @njit(cache=True, nogil=True)
-def oriented_reweight(elements, offsets, weights, values, orientation, h, w, epsilon, min_size, single_angle, edge_rag):
-    """Oriented watershed transform of the traced polylines (Arbelaez et al. PAMI 2011, sec. 4.1), in place.
-
-    Each polyline is split recursively at its element farthest from the chord (while that
-    distance is ``>= epsilon * chord length`` and ``> min_size`` pixels), giving approximately
-    straight pieces. Each edge of a piece takes ``max(0, weight * |cos(orientation - pi/2 - angle)|)``,
-    the edge-map strength projected on the piece's normal, where ``angle`` is the direction of
-    the piece's chord and ``orientation`` the edge's (:func:`_edge_orientation` of the pixel maps
-    ``values`` and ``orientation``); an edge shared by two pieces keeps the larger value.
-    ``weights`` (length 2N) is overwritten: boundary edges get their new value, the others
-    (``edge_rag < 0``) 0. Working memory: one flag per element and a stack as deep as the longest
-    polyline, instead of full-size copies of the weights and the per-edge orientations.
-    """
-    half_pi = np.pi / 2
+def _split_polylines(elements, offsets, h, w, epsilon, min_size):
+    """Split points of the traced polylines: each is split recursively at its element farthest from
+    the chord while that distance is ``>= epsilon * chord length`` and ``> min_size`` pixels.
+    Returns one flag per element (ends of polylines and of pieces); a stack as deep as the longest
+    polyline is the only other memory."""
     split = np.zeros(elements.size, np.bool_)
     longest = 0
     for t in range(offsets.size - 1):
@@ -442,6 +433,28 @@ def oriented_reweight(elements, offsets, weights, values, orientation, h, w, eps
                 stack[n_stack + 1, 0] = at
                 stack[n_stack + 1, 1] = last
                 n_stack += 2
+    return split
+
+
+@njit(cache=True, nogil=True)
+def oriented_reweight(elements, offsets, weights, values, orientation, h, w, epsilon, min_size, single_angle, edge_rag):
+    """Oriented watershed transform of the traced polylines (Arbelaez et al. PAMI 2011, sec. 4.1), in place.
+
+    Each polyline is split recursively at its element farthest from the chord (while that
+    distance is ``>= epsilon * chord length`` and ``> min_size`` pixels), giving approximately
+    straight pieces. Each edge of a piece takes ``max(0, weight * |cos(orientation - pi/2 - angle)|)``,
+    the edge-map strength projected on the piece's normal, where ``angle`` is the direction of
+    the piece's chord and ``orientation`` the edge's (:func:`_edge_orientation` of the pixel maps
+    ``values`` and ``orientation``); an edge shared by two pieces keeps the larger value.
+    ``weights`` (length 2N) is overwritten: boundary edges get their new value, the others
+    (``edge_rag < 0``) 0. Working memory: one flag per element and a stack as deep as the longest
+    polyline, instead of full-size copies of the weights and the per-edge orientations.
+    """
+    half_pi = np.pi / 2
+    split = _split_polylines(elements, offsets, h, w, epsilon, min_size)
+    for t in range(offsets.size - 1):
+        s = offsets[t]
+        f = offsets[t + 1] - 1
         # Pieces run in order along the polyline, and consecutive pieces share one element: its
         # original weight is kept aside, since the first piece overwrites it.
         first = s
@@ -1023,42 +1036,10 @@ def oriented_weights(elements, offsets, values, orientation, h, w, epsilon, min_
     """:func:`oriented_reweight` writing each cut edge's new weight to ``out[rank]`` (cut edges in
     grid order) and reading the original weights from the pixel map ``values``."""
     half_pi = np.pi / 2
-    split = np.zeros(elements.size, np.bool_)
-    longest = 0
-    for t in range(offsets.size - 1):
-        longest = max(longest, offsets[t + 1] - offsets[t])
-    stack = np.empty((longest + 2, 2), offsets.dtype)
+    split = _split_polylines(elements, offsets, h, w, epsilon, min_size)
     for t in range(offsets.size - 1):
         s = offsets[t]
         f = offsets[t + 1] - 1
-        split[s] = True
-        split[f] = True
-        stack[0, 0] = s
-        stack[0, 1] = f
-        n_stack = 1
-        while n_stack > 0:
-            n_stack -= 1
-            first = stack[n_stack, 0]
-            last = stack[n_stack, 1]
-            if last - first < 2:
-                continue
-            r0, c0 = _edge_point(elements[first], h, w)
-            r1, c1 = _edge_point(elements[last], h, w)
-            best = epsilon * np.sqrt((r1 - r0) ** 2 + (c1 - c0) ** 2)
-            at = -1
-            for i in range(first + 1, last):
-                r, c = _edge_point(elements[i], h, w)
-                d = _chord_distance(r0, c0, r1, c1, r, c)
-                if d >= best and d > min_size:
-                    best = d
-                    at = i
-            if at >= 0:
-                split[at] = True
-                stack[n_stack, 0] = first
-                stack[n_stack, 1] = at
-                stack[n_stack + 1, 0] = at
-                stack[n_stack + 1, 1] = last
-                n_stack += 2
         first = s
         for i in range(s + 1, f + 1):
             if not split[i]:
