@@ -37,7 +37,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,11 +167,47 @@ GROUPS = register_schema(StoreSchema("groups", (
 # --------------------------------------------------------------------------------------------
 @dataclass
 class Item:
-    """One stored item: its key, named arrays and scalar/string attrs."""
+    """One stored item: its key, named arrays and scalar/string attrs.
+
+    ``stream``: written one dataset at a time in their order, each :class:`DeferredArray` computed
+    only then, and each dataset let go once written (its entry becomes None): a huge item's peak is
+    what is left of it, not all of it (the ``ucm`` stage's labels of a 150 Mpx map are cut after its
+    ucm2 is on disk). A streamed item is spent once its shard is written.
+    """
 
     key: str
-    arrays: dict[str, np.ndarray]
+    arrays: dict[str, Any]
     attrs: dict[str, Any] = field(default_factory=dict)
+    stream: bool = False
+
+
+@dataclass(frozen=True)
+class DeferredArray:
+    """A dataset computed when its shard is written: ``compute(*args)`` gives an array of ``shape``
+    and ``dtype`` (module-level ``compute`` so that it pickles to and from worker processes)."""
+
+    compute: Callable[..., np.ndarray]
+    args: tuple
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+    def materialize(self) -> np.ndarray:
+        arr = np.asarray(self.compute(*self.args))
+        if arr.shape != tuple(self.shape) or arr.dtype != np.dtype(self.dtype):
+            raise ValueError(f"deferred dataset gave {arr.dtype} {arr.shape}, not {np.dtype(self.dtype)} {self.shape}")
+        return arr
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        arr = self.materialize()
+        return arr if dtype is None else arr.astype(dtype, copy=False)
 
 
 @dataclass(frozen=True)
@@ -310,11 +346,15 @@ def write_shard(root: str | os.PathLike, name: str, items: Iterable[Item], *,
                 group.attrs["key"] = item.key
                 for attr, value in item.attrs.items():
                     group.attrs[attr] = _attr_value(value)
-                for ds_name, arr in item.arrays.items():
-                    arr = np.ascontiguousarray(arr)
+                for ds_name in list(item.arrays):
+                    value = item.arrays[ds_name]
+                    arr = np.ascontiguousarray(value.materialize() if isinstance(value, DeferredArray) else value)
                     if arr.ndim == 0:
                         raise ValueError(f"item {item.key!r}: dataset {ds_name!r} is 0-d; store it as shape (1,)")
                     group.create_dataset(ds_name, data=arr, **_dataset_options(arr))
+                    if item.stream:
+                        item.arrays[ds_name] = None
+                    del value, arr
         if epoch is not None and read_manifest(root).get("epoch") != epoch:
             raise StoreError(root, "the store was replaced (--overwrite) while this task ran; its result is dropped")
         size = tmp.stat().st_size

@@ -20,7 +20,7 @@ import numpy as np
 from ..config import StageConfig, run_only
 from ..errors import BadImageError, InputError
 from ..io.images import list_images, read_edge_png
-from ..io.store import Item, StoreReader, cached_reader, is_store
+from ..io.store import DeferredArray, Item, StoreReader, cached_reader, is_store
 from ..log import get_logger
 from ..parallel import Executor, InProcess
 from ..stages import Stage, StageRun, StageSummary
@@ -113,6 +113,20 @@ def _load(job: _Job) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     return read_edge_png(job.path), None, {"source": job.path}
 
 
+def pixel_cut(parents: np.ndarray, altitudes: np.ndarray, leaves: np.ndarray, threshold: float) -> np.ndarray:
+    """Pixel labels ``(H, W)`` int32 of the tree's cut at ``threshold`` (a segments item's ``labels``)."""
+    return cut_labels(parents, altitudes, threshold=threshold)[leaves]
+
+
+def pixel_cuts(parents: np.ndarray, altitudes: np.ndarray, leaves: np.ndarray,
+               thresholds: tuple[float, ...]) -> np.ndarray:
+    """Pixel labels ``(L, H, W)`` int32 of the tree's cuts at ``thresholds`` (``labels_levels``)."""
+    out = np.empty((len(thresholds), *leaves.shape), np.int32)
+    for i, t in enumerate(thresholds):
+        np.take(cut_labels(parents, altitudes, threshold=t), leaves, out=out[i])
+    return out
+
+
 def process_item(job: _Job) -> Item:
     """OWT-UCM of one contour map (module-level so worker processes and Dask tasks can run it).
 
@@ -139,26 +153,32 @@ def process_item(job: _Job) -> Item:
         rag_alt = quantise_ucm2(rag_alt, scale)  # painted straight into a uint16 ucm2
     ucm2 = ucm2_from_regions(leaves, offsets, targets, rag_alt)
     del offsets, targets, rag_alt
-    arrays: dict[str, np.ndarray] = {
+    exports = bool(cfg.png_dir or cfg.mat_dir)
+    # A huge map's labels are cut when the store writes them, after its ucm2 is on disk and let go
+    # (written one dataset at a time: 12 bytes per pixel at the peak instead of the item's 16).
+    stream = h * w > UINT16_ABOVE_PIXELS and not exports
+    cut = (parents, altitudes, leaves)
+    arrays: dict[str, Any] = {
         "ucm2": ucm2,
         "parents": parents,
         "altitudes": altitudes,
         "leaves": leaves,  # int32 already: stored as is, no copy
-        "labels": cut_labels(parents, altitudes, threshold=cfg.threshold)[leaves],
+        "labels": DeferredArray(pixel_cut, (*cut, cfg.threshold), (h, w), np.dtype(np.int32)),
     }
     if cfg.levels:
-        levels = np.empty((len(cfg.levels), h, w), np.int32)
-        for i, t in enumerate(cfg.levels):
-            np.take(cut_labels(parents, altitudes, threshold=t), leaves, out=levels[i])
-        arrays["labels_levels"] = levels
+        arrays["labels_levels"] = DeferredArray(pixel_cuts, (*cut, cfg.levels), (len(cfg.levels), h, w),
+                                                np.dtype(np.int32))
+    if not stream:
+        arrays = {name: np.asarray(value) for name, value in arrays.items()}
+    del ucm2
     attrs.update(
         height=int(h),
         width=int(w),
         n_regions=int(leaves.max()) + 1,
         threshold=float(cfg.threshold),
     )
-    item = Item(job.key, arrays, attrs)
-    if cfg.png_dir or cfg.mat_dir:
+    item = Item(job.key, arrays, attrs, stream=stream)
+    if exports:
         from .export import export_item
 
         try:

@@ -423,3 +423,37 @@ def _item_of_job(job):
     if job.key == "bad":
         raise ValueError("unreadable")
     return _item(int(job.key[-1]))
+
+
+def _checked_square(order, item, n):
+    """A deferred dataset's compute: records when it runs and what of its item is still held."""
+    order.append(("computed", sorted(k for k, v in item.arrays.items() if v is not None)))
+    return np.arange(n * n, dtype=np.int32).reshape(n, n)
+
+
+def test_a_streamed_item_is_written_a_dataset_at_a_time(tmp_path):
+    """A streamed item's deferred datasets are computed at write time, after the datasets before
+    them were written and let go; the stored values are those a plain item gives."""
+    from segsort_unsup.io.store import DeferredArray
+
+    order: list = []
+    big = np.ones((5, 5), np.float32)
+    item = Item("a", {"edge": big, "tree": np.arange(3, dtype=np.int32)}, {"source": "x"}, stream=True)
+    item.arrays["late"] = DeferredArray(_checked_square, (order, item, 4), (4, 4), np.dtype(np.int32))
+    assert not order  # nothing computed before the write
+    with StoreWriter(tmp_path / "s", kind="k", config={}) as w:
+        w.add(item)
+    assert order == [("computed", ["late"])]  # edge and tree were already let go
+    assert all(v is None for v in item.arrays.values())  # spent
+    with StoreReader(tmp_path / "s", kind="k") as reader:
+        back = reader["a"]
+        np.testing.assert_array_equal(back.arrays["edge"], big)
+        np.testing.assert_array_equal(back.arrays["late"], np.arange(16, dtype=np.int32).reshape(4, 4))
+    plain = Item("b", {"late": DeferredArray(_checked_square, ([], Item("c", {}), 4), (4, 4), np.dtype(np.int32))})
+    with StoreWriter(tmp_path / "p", kind="k", config={}) as w:
+        w.add(plain)
+    assert isinstance(plain.arrays["late"], DeferredArray)  # a plain item keeps its arrays
+    wrong = Item("d", {"late": DeferredArray(_checked_square, ([], Item("c", {}), 3), (4, 4), np.dtype(np.int32))})
+    with pytest.raises(ValueError, match="deferred dataset gave"):
+        with StoreWriter(tmp_path / "w", kind="k", config={}) as w:
+            w.add(wrong)

@@ -135,3 +135,25 @@ def test_ucm2_dtype_is_checked():
     with pytest.raises(InputError, match="ucm2_dtype"):
         UcmConfig(ucm2_dtype="float16")
     assert "ucm2_dtype" not in UcmConfig().identity()  # unset: stores made before keep their identity
+
+
+def test_huge_maps_are_streamed_to_the_store_with_the_same_labels(tmp_path, sobel_maps, monkeypatch):
+    """Above the huge-map size the labels (and levels) are cut only when the store writes them,
+    after the ucm2; the stored cuts equal a small map's, which are computed at once."""
+    from segsort_unsup.io.store import DeferredArray, StoreReader
+    from segsort_unsup.ucm import stage
+
+    _, edge, orient = sobel_maps[0]
+    with StoreWriter(tmp_path / "c", kind="contours", config={"test": 4}) as writer:
+        writer.add(Item("a", {"edge": edge.astype(np.float16), "orientation": orient.astype(np.float16)}, {}))
+    config = UcmConfig(levels=(0.1, 0.3), ucm2_dtype="uint16")
+    stage.run(config, tmp_path / "c", tmp_path / "whole")
+    monkeypatch.setattr(stage, "UINT16_ABOVE_PIXELS", edge.size - 1)  # as a huge map
+    item = process_item(_Job("a", "store", str(tmp_path / "c"), config))
+    assert item.stream and isinstance(item.arrays["labels"], DeferredArray)
+    stage.run(config, tmp_path / "c", tmp_path / "streamed")
+    with StoreReader(tmp_path / "whole", kind="segments") as a, StoreReader(tmp_path / "streamed", kind="segments") as b:
+        x, y = a.read("a"), b.read("a")
+        assert sorted(x.arrays) == sorted(y.arrays)
+        for name in x.arrays:
+            assert x.arrays[name].dtype == y.arrays[name].dtype and np.array_equal(x.arrays[name], y.arrays[name]), name
