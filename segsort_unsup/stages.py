@@ -124,7 +124,7 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
             failed.append((job.key, failure_reason(exc)))
             continue
         pending += item_nbytes(items[-1])
-        if pending >= FLUSH_BYTES:
+        if pending >= FLUSH_BYTES or items[-1].stream:  # a streamed item is huge: written at once
             write()
             pending = 0
     if items:

@@ -634,7 +634,7 @@ class StoreWriter:
         return self.manifest.get("epoch")
 
     def add(self, item: Item) -> None:
-        """Queue a finished item; it becomes durable when its shard is flushed."""
+        """Queue a finished item; it becomes durable when its shard is flushed (a streamed one at once)."""
         if self.schema is not None:
             self.schema.check(item.key, item.arrays)
         if not self._pending:
@@ -643,7 +643,7 @@ class StoreWriter:
         self._pending_bytes += item_nbytes(item)
         if self._failures.pop(item.key, None) is not None:
             self._failures_dirty = True
-        if (len(self._pending) >= self.shard_size or self._pending_bytes >= self.flush_bytes
+        if (len(self._pending) >= self.shard_size or self._pending_bytes >= self.flush_bytes or item.stream
                 or time.monotonic() - self._pending_since >= self.flush_seconds):
             self.flush()
 

@@ -443,6 +443,7 @@ def test_a_streamed_item_is_written_a_dataset_at_a_time(tmp_path):
     assert not order  # nothing computed before the write
     with StoreWriter(tmp_path / "s", kind="k", config={}) as w:
         w.add(item)
+        assert w.completed == {"a"}  # a streamed item is huge: written at once, not queued
     assert order == [("computed", ["late"])]  # edge and tree were already let go
     assert all(v is None for v in item.arrays.values())  # spent
     with StoreReader(tmp_path / "s", kind="k") as reader:
