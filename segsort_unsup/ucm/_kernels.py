@@ -687,16 +687,10 @@ def lca_altitudes(parents, altitudes, sources, targets, out):
 
 
 @njit(cache=True, nogil=True)
-def paint_ucm2(edge_rag, rag_values, h, w, ucm2):
-    """Write RAG edge values on the doubled grid: 1-faces from edges, 0-faces = max of their 1-faces, frame = copy of its neighbours."""
-    n = h * w
-    for p in range(n):
-        i = p // w
-        j = p - i * w
-        if j < w - 1 and edge_rag[p] >= 0:
-            ucm2[2 * i + 1, 2 * j + 2] = rag_values[edge_rag[p]]
-        if i < h - 1 and edge_rag[n + p] >= 0:
-            ucm2[2 * i + 2, 2 * j + 1] = rag_values[edge_rag[n + p]]
+def _corners_and_frame(ucm2, h, w):
+    """Finish a ucm2 whose boundaries (1-faces) are painted: each corner (0-face) takes the largest
+    of its four boundaries; the outer frame copies its neighbouring row/column, as in BSR's ucm2
+    files (boundaries reach the border, and labelling ``ucm2 <= t`` cannot join regions through it)."""
     for a in range(1, h):
         for b in range(1, w):
             y = 2 * a
@@ -709,12 +703,24 @@ def paint_ucm2(edge_rag, rag_values, h, w, ucm2):
             if ucm2[y, x + 1] > v:
                 v = ucm2[y, x + 1]
             ucm2[y, x] = v
-    # outer frame: a copy of the neighbouring row/column, as in BSR's ucm2 files (boundaries
-    # reach the border, and labelling ``ucm2 <= t`` cannot join regions through the frame)
     ucm2[0, :] = ucm2[1, :]
     ucm2[2 * h, :] = ucm2[2 * h - 1, :]
     ucm2[:, 0] = ucm2[:, 1]
     ucm2[:, 2 * w] = ucm2[:, 2 * w - 1]
+
+
+@njit(cache=True, nogil=True)
+def paint_ucm2(edge_rag, rag_values, h, w, ucm2):
+    """Write RAG edge values on the doubled grid: 1-faces from edges, 0-faces = max of their 1-faces, frame = copy of its neighbours."""
+    n = h * w
+    for p in range(n):
+        i = p // w
+        j = p - i * w
+        if j < w - 1 and edge_rag[p] >= 0:
+            ucm2[2 * i + 1, 2 * j + 2] = rag_values[edge_rag[p]]
+        if i < h - 1 and edge_rag[n + p] >= 0:
+            ucm2[2 * i + 2, 2 * j + 1] = rag_values[edge_rag[n + p]]
+    _corners_and_frame(ucm2, h, w)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1118,22 +1124,7 @@ def paint_ucm2_labels(labels, offsets, targets, rag_values, h, w, ucm2):
             a = min(labels[p], labels[p + w])
             b = max(labels[p], labels[p + w])
             ucm2[2 * i + 2, 2 * j + 1] = rag_values[_rag_id(offsets, targets, a, b)]
-    for a in range(1, h):
-        for b in range(1, w):
-            y = 2 * a
-            x = 2 * b
-            v = ucm2[y - 1, x]
-            if ucm2[y + 1, x] > v:
-                v = ucm2[y + 1, x]
-            if ucm2[y, x - 1] > v:
-                v = ucm2[y, x - 1]
-            if ucm2[y, x + 1] > v:
-                v = ucm2[y, x + 1]
-            ucm2[y, x] = v
-    ucm2[0, :] = ucm2[1, :]
-    ucm2[2 * h, :] = ucm2[2 * h - 1, :]
-    ucm2[:, 0] = ucm2[:, 1]
-    ucm2[:, 2 * w] = ucm2[:, 2 * w - 1]
+    _corners_and_frame(ucm2, h, w)
 
 
 @njit(cache=True, nogil=True)
