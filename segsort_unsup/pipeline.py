@@ -59,6 +59,7 @@ from typing import Any
 
 from .config import StageConfig
 from .errors import InputError
+from .io.images import excluding_outputs
 from .log import get_logger
 from .parallel import EXECUTORS, make_executor
 from .stages import Stage, StageSummary, registry, run_stage
@@ -279,6 +280,22 @@ def _span(pipeline: Pipeline, from_stage: str | None, until_stage: str | None) -
     return sections[lo:hi + 1]
 
 
+def written_folders(pipeline: Pipeline) -> list[Path]:
+    """Every folder the pipeline writes: each section's output and its picture/feature folders.
+
+    Input folders never yield images from them, so an input that holds the output folder (or is
+    it: the stages write into sub-folders) is not re-read as new photos on the next run.
+    """
+    folders = []
+    for section in pipeline.sections:
+        folders.append(section.output)
+        for key in _OUTPUT_PATHS:
+            value = getattr(section.config, key, None)
+            if value:
+                folders.append(Path(value))
+    return folders
+
+
 def run_pipeline(pipeline: Pipeline, *, overwrite: bool = False, from_stage: str | None = None,
                  until_stage: str | None = None) -> list[StageSummary]:
     """Run the configured sections in order; each resumes its store, changed ones are recomputed.
@@ -288,7 +305,8 @@ def run_pipeline(pipeline: Pipeline, *, overwrite: bool = False, from_stage: str
     """
     span = _span(pipeline, from_stage, until_stage)
     summaries: list[StageSummary] = []
-    with make_executor(pipeline.executor, workers=pipeline.workers, scheduler=pipeline.scheduler or None) as executor:
+    with excluding_outputs(*written_folders(pipeline)), \
+            make_executor(pipeline.executor, workers=pipeline.workers, scheduler=pipeline.scheduler or None) as executor:
         for section in span:
             started = time.perf_counter()
             try:
