@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import StageConfig
+from .config import SEED_MAX, StageConfig, did_you_mean
 from .errors import InputError
 from .io.images import excluding_outputs
 from .log import get_logger
@@ -127,6 +127,15 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise InputError(f"{path}: not valid TOML ({exc})") from None
 
 
+def _check_tables(path: Path, data: dict[str, Any], stages: dict[str, Stage]) -> None:
+    """Every top-level name must be a section (``train = 5`` is not), every sub-section a table."""
+    for name, value in data.items():
+        if not isinstance(value, dict):
+            hint = f"write [{name}] with its keys below it" if name in stages or name == "pipeline" else \
+                "keys belong inside a section such as [pipeline]"
+            raise InputError(f"{path}: {name} = {value!r} is not a section; {hint}")
+
+
 def _instances(stage: Stage, raw: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """``[(section name, keys)]`` of a stage's section: itself, or its sub-sections over its own keys."""
     subs = {k: v for k, v in raw.items() if isinstance(v, dict)}
@@ -147,6 +156,8 @@ def load_pipeline(path: str | os.PathLike, *, input: str | None = None,  # noqa:
     """
     path = Path(path)
     data = _read_toml(path)
+    stages = {stage.name: stage for stage in registry()}
+    _check_tables(path, data, stages)
     head = data.setdefault("pipeline", {})
     for key, tp in _HEAD_KEYS.items():
         if key in head and not isinstance(head[key], tp) or (tp is int and isinstance(head.get(key), bool)):
@@ -167,17 +178,22 @@ def load_pipeline(path: str | os.PathLike, *, input: str | None = None,  # noqa:
             named[name] = os.path.abspath(value)
     for name, values in (sections or {}).items():
         data.setdefault(name, {}).update(values)
-    stages = {stage.name: stage for stage in registry()}
     unknown = sorted(set(data) - {"pipeline", *stages})
     if unknown:
-        raise InputError(f"{path}: unknown section(s) {unknown}; known: pipeline, {', '.join(stages)}")
+        raise InputError(f"{path}: unknown section(s) {unknown}{did_you_mean(unknown, ['pipeline', *stages])}; "
+                         f"known: pipeline, {', '.join(stages)}")
     if not isinstance(head.get("output"), str):
         raise InputError(f"{path}: [pipeline] needs output = \"...\" (a path)")
     if not isinstance(head.get("input"), str) and not named:
         raise InputError(f"{path}: [pipeline] needs input = \"...\" (a path)")
     extra = sorted(set(head) - set(_HEAD_KEYS))
     if extra:
-        raise InputError(f"{path}: unknown key(s) in [pipeline]: {extra}; known: {', '.join(sorted(_HEAD_KEYS))}")
+        raise InputError(f"{path}: unknown key(s) in [pipeline]: {extra}{did_you_mean(extra, _HEAD_KEYS)}; "
+                         f"known: {', '.join(sorted(_HEAD_KEYS))}")
+    if head.get("workers", 1) < 1:
+        raise InputError(f"{path}: [pipeline] workers = {head['workers']}: give 1 or more (processes or Dask workers)")
+    if not 0 <= head.get("seed", 0) <= SEED_MAX:
+        raise InputError(f"{path}: [pipeline] seed = {head['seed']}: give a seed between 0 and {SEED_MAX}")
     executor = head.get("executor", "local")
     if executor not in EXECUTORS:
         raise InputError(f"{path}: [pipeline] executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
@@ -223,6 +239,8 @@ def load_pipeline(path: str | os.PathLike, *, input: str | None = None,  # noqa:
             for key in _OUTPUT_PATHS:
                 if isinstance(section.get(key), str):
                     section[key] = _resolve(output, section[key])
+            if "seed" in head and "seed" in stage.config.keys():
+                section.setdefault("seed", head["seed"])  # [pipeline] seed: every seeded stage's default
             config = stage.config.from_mapping(section, where=where)
             folder = output / stage.output if len(instances) == 1 and name == stage.name else \
                 output / stage.output / name.split(".", 1)[1]

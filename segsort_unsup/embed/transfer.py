@@ -62,8 +62,10 @@ class TransferConfig(StageConfig):
             raise self.bad_value("index", f"choose one of {', '.join(INDEXES)}")
         if self.nlist is not None and self.nlist < 1:
             raise self.bad_value("nlist", "must be >= 1")
-        if self.nprobe < 1 or self.batch < 1:
+        if self.nprobe < 1:
             raise self.bad_value("nprobe", "must be >= 1")
+        if self.batch < 1:
+            raise self.bad_value("batch", "must be >= 1")
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,9 +150,14 @@ def labelled_table(reader: StoreReader, *, ignore_label: int | None = None) -> t
                                       "--labels DIR")
     protos, failed = reader.stack("prototypes")
     labels, failed2 = reader.stack("label")
-    if failed or failed2 or protos.keys != labels.keys:
+    if failed or failed2:
         bad = (failed or failed2)[0]
         raise StoreError(reader.root, f"item {bad[0]} cannot be read ({bad[1]})")
+    if protos.keys != labels.keys:
+        unlabelled = sorted(set(protos.keys) - set(labels.keys))
+        raise StoreError(reader.root, f"{len(unlabelled)} item(s) have prototypes but no labels (e.g. "
+                                      f"{unlabelled[0]!r}); embed the labelled set again with --labels DIR "
+                                      "holding a label PNG for every image")
     x, y = protos.array, labels.array.astype(np.int64)
     if ignore_label is not None:
         keep = y != ignore_label

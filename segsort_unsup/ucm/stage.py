@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..config import StageConfig, run_only
-from ..errors import BadImageError, InputError
+from ..errors import BadImageError, InputError, SegsortError
 from ..io.images import list_images, read_edge_png
 from ..io.store import DeferredArray, Item, StoreReader, cached_reader, is_store
 from ..log import get_logger
@@ -184,8 +184,10 @@ def process_item(job: _Job) -> Item:
         try:
             export_item(item, cfg, png_dir=cfg.png_dir, mat_dir=cfg.mat_dir,
                         source_store=job.path if job.kind == "store" else "", edge=exported_edge)
-        except Exception as exc:  # noqa: BLE001 - an export problem must not lose the stored result
-            log.warning("%s: export failed (%s)", job.key, exc)
+        except Exception as exc:  # noqa: BLE001 - the item fails, so that the next run redoes its export
+            where = " and ".join(d for d in (cfg.png_dir, cfg.mat_dir) if d)
+            raise SegsortError(f"export to {where} failed ({type(exc).__name__}: {exc}); the item is redone "
+                               "on the next run") from None
     return item
 
 
