@@ -40,7 +40,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -321,15 +321,21 @@ class OutputFolder:
             if tree.is_dir() and not tree.is_symlink():
                 shutil.rmtree(tree)
         self._remove_stale_temps()
-        for rel in sorted(self._folders, key=lambda r: r.count("/"), reverse=True):
-            with contextlib.suppress(OSError):  # not empty: it holds files this tool did not write
+        for rel in sorted(self._known_folders(), key=lambda r: r.count("/"), reverse=True):
+            with contextlib.suppress(OSError):  # only empty ones go: a folder holding a user's file stays
                 self._inside(rel).rmdir()
         (self.path / JOURNAL_NAME).unlink(missing_ok=True)
         fsync_dir(self.path)
         self._files, self._folders, self._trees = {}, set(), set()
 
+    def _known_folders(self) -> set[str]:
+        """Listed subfolders, and those holding listed files (worker processes create folders unlisted)."""
+        parents = {rel.rsplit("/", 1)[0] for rel in [*self._files, *self._trees] if "/" in rel}
+        parents |= {"/".join(p.split("/")[:i]) for p in parents for i in range(1, p.count("/") + 1)}
+        return self._folders | parents
+
     def _remove_stale_temps(self) -> None:
-        for folder in [self.path, *(self._inside(f) for f in self._folders)]:
+        for folder in [self.path, *(self._inside(f) for f in self._known_folders())]:
             if not folder.is_dir():
                 continue
             for path in folder.iterdir():
@@ -466,5 +472,34 @@ class OutputFolder:
             Path(tmp).write_text(text, encoding="utf-8")
 
 
+def settle_exports(folder: OutputFolder, keys: Iterable[str], *, targets: Callable[[str], list[Path]],
+                   fresh: Container[str], redo: Callable[[str], None]) -> list[tuple[str, str]]:
+    """Make the export files of every stored item complete in ``folder``; returns ``(key, reason)``
+    of the items whose export failed (one line each).
+
+    Exports of a store-writing stage are written beside each item, possibly by worker processes
+    that have no :class:`OutputFolder`; this runs afterwards in the process holding the lock.
+    ``targets(key)`` names a key's files. A key whose files are all recorded is left alone; the
+    files of a ``fresh`` key (stored by this run, whose workers wrote them atomically under this
+    lock) are recorded as found; any other key's (a killed run, a failed export, an export folder
+    added later) are announced, written again by ``redo(key)`` from the stored item, and recorded.
+    """
+    failed: list[tuple[str, str]] = []
+    for key in keys:
+        try:
+            paths = targets(key)
+            if all(folder.is_complete(p) for p in paths):
+                continue
+            if key not in fresh or not all(p.is_file() for p in paths):
+                for path in paths:
+                    folder.announce(path)
+                redo(key)
+            for path in paths:
+                folder.record(path)
+        except Exception as exc:  # noqa: BLE001 - one export never stops the others
+            failed.append((key, " ".join(f"export failed: {exc}".split())))
+    return failed
+
+
 __all__ = ["MANIFEST_NAME", "OutputFolder", "OutputFolderError", "UnsafeNameError", "key_path", "read_output_manifest",
-           "safe_relative_name"]
+           "safe_relative_name", "settle_exports"]
