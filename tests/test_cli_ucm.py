@@ -108,13 +108,13 @@ def test_a_failed_item_is_printed_once(tmp_path):
     assert quiet.exit_code == 1 and quiet.output.count("broken.png") == 1, quiet.output  # -q: in the summary
 
 
-def test_an_export_failure_is_a_failure_and_the_next_run_redoes_the_export(tmp_path, bsds):
+def test_an_unwritable_export_folder_fails_the_run_and_the_next_run_writes_the_export(tmp_path, bsds):
     _pngs(tmp_path / "edges", bsds, ids=("100007",))
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the picture folder's parent should be")
     args = ["-q", "ucm", str(tmp_path / "edges"), "-o", str(tmp_path / "seg"), "--png-dir", str(blocker / "png")]
     failed = CliRunner().invoke(main, args)
-    assert failed.exit_code == 1 and "export failed" in failed.output, failed.output
+    assert failed.exit_code == 1 and "cannot create the folder" in failed.output, failed.output
     blocker.unlink()
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output
