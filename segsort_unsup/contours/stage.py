@@ -22,6 +22,7 @@ import numpy as np
 from ..config import StageConfig, run_only, setting
 from ..io.atomic import atomic_write_bytes
 from ..io.images import DEFAULT_MAX_PIXELS, ImageRef, list_images, read_image
+from ..io.sources import item_sources
 from ..io.store import Item
 from ..log import get_logger
 from ..parallel import Executor, InProcess
@@ -178,7 +179,7 @@ def run(config: ContoursConfig, inputs: str | os.PathLike | list[ImageRef], outp
     meta = {"model": config.model, "weights_sha256": weights_sha256, "weights_file": weights_file,
             "precision": precision, "scales": list(config.scales), **tiles, "settings": config.to_dict()}
     with StageRun("contours", output, kind="contours", identity=identity, meta=meta, overwrite=overwrite,
-                  shard_size=config.shard_size) as run:
+                  shard_size=config.shard_size, sources=item_sources(refs)) as run:
         _log.info("contours: %s (%s), %s, scales %s, tiles of %s above %d px, on %s", config.model,
                   weights_sha256[:12], precision, ",".join(f"{s:g}" for s in config.scales),
                   tiles.get("tile_side", "none"), config.max_side, executor.describe())

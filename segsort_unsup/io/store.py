@@ -4,18 +4,23 @@ A store is a folder::
 
     out/contours/
       store.json          kind, format version, identity (config + provenance) and its hash, producer
-      index.jsonl         one line per complete shard: its name, keys, size and sha256 (appended)
+      index.jsonl         one line per complete shard: its name, keys, size, sha256 and, per item, what
+                          it was computed from (appended); a ``forget`` line withdraws items to redo
+      journal.jsonl       write-ahead records: each shard's name, keys, size and sha256, appended
+                          before the shard is renamed into place
       part-00000.h5       complete shards: one HDF5 group per item
       part-r1a2b-t00003.h5  a shard written by a distributed task (unique name per task)
       .part-00002.h5.<pid>.tmp  a shard being written (never read; removed on the next run)
       failures.tsv        items that failed in the last run, with the reason (header + one row each)
       quarantine/         shards found damaged, set aside with the reason (their items are redone)
 
-A shard is written to a temporary name and renamed into place only once it is closed and
-fsynced; its line is then appended to ``index.jsonl``. A killed run leaves complete shards
-(at most one without its index line: it is verified and adopted on the next run) plus temporary
-files that the next run deletes. A lock (taken before anything is deleted) keeps two runs out
-of one store, ``--overwrite`` included.
+A shard is written to a temporary name, fsynced, recorded in ``journal.jsonl`` (name, size,
+sha256) and only then renamed into place; its line is then appended to ``index.jsonl``. A killed
+run leaves complete shards (at most one without its index line: its journal record vouches for
+it, and it is verified and adopted on the next run) plus temporary files that the next run
+deletes. Only shards that this store recorded are trusted: any other ``part-*.h5`` (one copied
+in from another store) is set aside in ``quarantine/``. A lock (taken before anything is
+deleted) keeps two runs out of one store, ``--overwrite`` included.
 
 Every byte is checked when read back: datasets carry HDF5's fletcher32 checksum, metadata is
 written with the checksummed (``libver="latest"``) HDF5 format, and the index holds each
@@ -64,6 +69,7 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: segsort-unsup 0.1 (no index, no checksums): still read
 MANIFEST_NAME = "store.json"
 INDEX_NAME = "index.jsonl"
+JOURNAL_NAME = "journal.jsonl"
 FAILURES_NAME = "failures.tsv"
 LOCK_NAME = ".lock"
 QUARANTINE_DIR = "quarantine"
@@ -212,15 +218,38 @@ class DeferredArray:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """A complete shard: file name, the keys it holds, its size and sha256."""
+    """A complete shard: file name, the keys it holds, its size and sha256, and (per-item stages)
+    each item's input fingerprint (what it was computed from; see :mod:`segsort_unsup.io.sources`)."""
 
     name: str
     keys: tuple[str, ...]
     size: int
     sha256: str
+    inputs: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def record(self) -> dict[str, Any]:
+        data = {"shard": self.name, "keys": list(self.keys), "size": self.size, "sha256": self.sha256}
+        if self.inputs:
+            data["inputs"] = dict(self.inputs)
+        return data
 
     def line(self) -> str:
-        return json.dumps({"shard": self.name, "keys": list(self.keys), "size": self.size, "sha256": self.sha256})
+        return json.dumps(self.record())
+
+    @classmethod
+    def from_record(cls, d: Mapping[str, Any]) -> ShardInfo:
+        inputs = d.get("inputs") or {}
+        if not isinstance(inputs, dict):
+            raise TypeError("inputs is not a mapping")
+        return cls(str(d["shard"]), tuple(str(k) for k in d["keys"]), int(d["size"]), str(d["sha256"]),
+                   {str(k): str(v) for k, v in inputs.items()})
+
+
+@dataclass(frozen=True)
+class _Forget:
+    """An index line withdrawing items (their input changed: they are redone, never served stale)."""
+
+    keys: tuple[str, ...]
 
 
 def is_store(path: str | os.PathLike) -> bool:
@@ -275,21 +304,108 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def _read_index(root: Path) -> list[ShardInfo]:
-    """Shard lines of ``index.jsonl`` (a torn last line, from a kill mid-append, is ignored)."""
-    path = root / INDEX_NAME
+def _read_records(path: Path) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a ``.jsonl`` file (a torn last line, from a kill mid-append, is skipped)."""
     if not path.is_file():
-        return []
-    infos = []
+        return
     with open(path, encoding="utf-8", errors="replace") as fh:
         for line in fh:
             try:
                 d = json.loads(line)
-                infos.append(ShardInfo(str(d["shard"]), tuple(str(k) for k in d["keys"]), int(d["size"]),
-                                       str(d["sha256"])))
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, RecursionError):
                 continue
-    return infos
+            if isinstance(d, dict):
+                yield d
+
+
+def _read_index_entries(root: Path) -> list[ShardInfo | _Forget]:
+    """``index.jsonl`` in order: shard lines and ``forget`` lines."""
+    entries: list[ShardInfo | _Forget] = []
+    for d in _read_records(root / INDEX_NAME):
+        try:
+            entries.append(_Forget(tuple(str(k) for k in d["forget"])) if "forget" in d else ShardInfo.from_record(d))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return entries
+
+
+def _read_index(root: Path) -> list[ShardInfo]:
+    """Shard lines of ``index.jsonl``."""
+    return [e for e in _read_index_entries(root) if isinstance(e, ShardInfo)]
+
+
+def _read_journal(root: Path) -> dict[str, tuple[ShardInfo, str | None]]:
+    """Write-ahead records by shard name: (what the shard must be, the store epoch it was written for)."""
+    records: dict[str, tuple[ShardInfo, str | None]] = {}
+    for d in _read_records(root / JOURNAL_NAME):
+        try:
+            records[str(d["shard"])] = (ShardInfo.from_record(d), None if d.get("epoch") is None else str(d["epoch"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return records
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one line durably, in one write (concurrent appenders never interleave within a line)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Untrusted(ValueError):
+    """A shard file no record of this store vouches for (copied in from elsewhere, or replaced)."""
+
+
+def _vouch(path: Path, indexed: ShardInfo | None, journal: tuple[ShardInfo, str | None] | None, *,
+           legacy: bool, epoch: str | None, verify: bool) -> tuple[ShardInfo, bool]:
+    """The record that vouches for a shard file and whether it must still be indexed; raises
+    :class:`_Untrusted` or another error saying why the shard is not trusted.
+
+    With ``verify`` the whole file is hashed (and an unindexed shard read through); without it
+    the caller verifies the sha256 when it first opens the shard.
+    """
+    size = path.stat().st_size
+    if indexed is not None:
+        if size != indexed.size:
+            raise _Untrusted(f"size {size} differs from the indexed {indexed.size} (replaced or truncated)")
+        if verify:
+            if sha256_file(path) != indexed.sha256:
+                raise ValueError("sha256 differs from the one recorded when it was written")
+            _scan_shard(path, verify=False)
+        return indexed, False
+    if legacy:  # a 0.1 store: no records at all, the shards are all there is
+        keys = _scan_shard(path, verify=verify)
+        return ShardInfo(path.name, keys, size, sha256_file(path) if verify else ""), True
+    if journal is None:
+        raise _Untrusted("this store has no record of writing it (not in index.jsonl or journal.jsonl): "
+                         "a shard copied in from elsewhere")
+    record, written_for = journal
+    if written_for is not None and epoch is not None and written_for != epoch:
+        raise _Untrusted("written for an earlier store in this folder (before an --overwrite)")
+    if size != record.size or (verify and sha256_file(path) != record.sha256):
+        raise _Untrusted("differs from the shard this store recorded before renaming it into place")
+    keys = _scan_shard(path, verify=verify)
+    if sorted(keys) != sorted(record.keys):
+        raise _Untrusted("holds other items than the ones this store recorded for it")
+    return record, True
+
+
+def _replay(entries: Iterable[ShardInfo | _Forget],
+            trusted: Mapping[str, ShardInfo]) -> dict[str, tuple[str, str | None]]:
+    """Key -> (shard name, input fingerprint) after the index's lines in order: later shards win,
+    ``forget`` lines withdraw keys; lines of shards not in ``trusted`` are skipped."""
+    where: dict[str, tuple[str, str | None]] = {}
+    for entry in entries:
+        if isinstance(entry, _Forget):
+            for key in entry.keys:
+                where.pop(key, None)
+        elif trusted.get(entry.name) is entry:
+            for key in entry.keys:
+                where[key] = (entry.name, entry.inputs.get(key))
+    return where
 
 
 def _scan_shard(path: Path, *, verify: bool) -> tuple[str, ...]:
@@ -323,13 +439,16 @@ def _check_space(root: Path, needed: int) -> None:
 
 
 def write_shard(root: str | os.PathLike, name: str, items: Iterable[Item], *,
-                schema: StoreSchema | None = None, epoch: str | None = None) -> ShardInfo:
-    """Write ``items`` as the complete shard ``root/name`` (temp file, fsync, rename) and describe it.
+                schema: StoreSchema | None = None, epoch: str | None = None,
+                inputs: Mapping[str, str] | None = None) -> ShardInfo:
+    """Write ``items`` as the complete shard ``root/name`` (temp file, fsync, journal record,
+    rename) and describe it.
 
     Used by the store writer and, directly, by distributed tasks (which return the
     :class:`ShardInfo` for the client to index). With ``epoch``, the shard is only committed
     while the store's manifest still carries that epoch (an ``--overwrite`` in between makes a
-    late task fail instead of writing into the new store).
+    late task fail instead of writing into the new store). ``inputs``: each item's input
+    fingerprint, recorded with the shard.
     """
     root = Path(root)
     items = list(items)
@@ -357,8 +476,10 @@ def write_shard(root: str | os.PathLike, name: str, items: Iterable[Item], *,
                     del value, arr
         if epoch is not None and read_manifest(root).get("epoch") != epoch:
             raise StoreError(root, "the store was replaced (--overwrite) while this task ran; its result is dropped")
-        size = tmp.stat().st_size
-        digest = sha256_file(tmp)
+        keys = tuple(it.key for it in items)
+        info = ShardInfo(name, keys, tmp.stat().st_size, sha256_file(tmp),
+                         {k: inputs[k] for k in keys if inputs and inputs.get(k) is not None})
+        _append_line(root / JOURNAL_NAME, json.dumps({**info.record(), "epoch": epoch}))  # write-ahead
         commit_temp(tmp, final)
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -366,7 +487,7 @@ def write_shard(root: str | os.PathLike, name: str, items: Iterable[Item], *,
         if isinstance(exc, Exception) and is_disk_full(exc):
             raise DiskFullError(root, needed) from None
         raise
-    return ShardInfo(name, tuple(it.key for it in items), size, digest)
+    return info
 
 
 def _escape(text: str) -> str:
@@ -481,9 +602,11 @@ class StoreWriter:
         self.config = dict(config)
         self.config_hash = config_hash(self.config)
         self.completed: set[str] = set()
+        self.inputs: dict[str, str] = {}  # key -> input fingerprint recorded with the item
         self.quarantined: list[tuple[str, str]] = []  # (shard, reason)
         self.replaced_keys: list[str] = []  # with overwrite="changed": what differed
         self._pending: list[Item] = []
+        self._pending_inputs: dict[str, str] = {}
         self._pending_since = 0.0
         self._pending_bytes = 0
         self._failures: dict[str, tuple[str, str]] = {}
@@ -549,11 +672,10 @@ class StoreWriter:
         if old is not None:
             if old.get("config_hash") != self.config_hash:
                 changed = changed_keys(old.get("config", {}), self.config)
-                raise StoreError(
-                    self.root,
-                    f"was written with another configuration (differs in: {', '.join(changed) or 'hash'}); "
-                    "pass --overwrite to replace it, or choose another output path",
-                )
+                what = ("was computed from an input that has changed since" if changed and
+                        all(k.startswith("source") for k in changed) else "was written with another configuration")
+                raise StoreError(self.root, f"{what} (differs in: {', '.join(changed) or 'hash'}); "
+                                            "pass --overwrite to replace it, or choose another output path")
             return old
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -581,31 +703,40 @@ class StoreWriter:
         fsync_dir(self.root)
 
     def _load_shards(self, *, verify: bool) -> None:
-        files = {p.name: p for p in _shard_files(self.root)}
-        indexed = {info.name: info for info in _read_index(self.root)}
-        self._index_lines = []
-        for name, path in files.items():
-            m = re.match(r"^part-(\d{5,})\.h5$", name)
-            if m:
-                self._next_shard = max(self._next_shard, int(m.group(1)) + 1)
-            info = indexed.get(name)
+        """Trust the shards this store recorded (verified), adopt a recorded one left unindexed by a
+        kill, set every other one aside, then replay the index: what is complete, from which inputs."""
+        entries = _read_index_entries(self.root)
+        indexed = {e.name: e for e in entries if isinstance(e, ShardInfo)}
+        journal = _read_journal(self.root)
+        legacy = self.manifest.get("format_version") == 1 and not indexed and not journal
+        trusted: dict[str, ShardInfo] = {}
+        for name in [*indexed, *journal]:
+            self._bump_next_shard(name)
+        for name, path in {p.name: p for p in _shard_files(self.root)}.items():
+            self._bump_next_shard(name)
             try:
-                if info is not None:
-                    if path.stat().st_size != info.size:
-                        raise ValueError(f"size {path.stat().st_size} differs from the indexed {info.size}")
-                    if verify and sha256_file(path) != info.sha256:
-                        raise ValueError("sha256 differs from the one recorded when it was written")
-                    _scan_shard(path, verify=False)
-                else:  # complete (renamed) but not indexed: a kill between rename and index, or a distributed task
-                    keys = _scan_shard(path, verify=True)
-                    info = ShardInfo(name, keys, path.stat().st_size, sha256_file(path))
-                    self._append_index(info)
+                info, adopt = _vouch(path, indexed.get(name), journal.get(name), legacy=legacy,
+                                     epoch=self.epoch, verify=verify)
+            except _Untrusted as exc:
+                self._quarantine(path, str(exc), what="a shard this store did not write")
+                continue
             except Exception as exc:  # noqa: BLE001 - any damage: set the shard aside, redo its items
                 self._quarantine(path, f"{type(exc).__name__}: {exc}")
                 continue
-            self.completed.update(info.keys)
+            if adopt:  # renamed but not indexed: a kill between rename and index, or a distributed task
+                self._append_index(info)
+                entries.append(info)
+            trusted[name] = info
+        where = _replay(entries, trusted)
+        self.completed = set(where)
+        self.inputs = {key: fp for key, (_, fp) in where.items() if fp is not None}
 
-    def _quarantine(self, path: Path, reason: str) -> None:
+    def _bump_next_shard(self, name: str) -> None:
+        m = re.match(r"^part-(\d{5,})\.h5$", name)
+        if m:  # never reuse a recorded name (a quarantined shard's index line stays)
+            self._next_shard = max(self._next_shard, int(m.group(1)) + 1)
+
+    def _quarantine(self, path: Path, reason: str, *, what: str = "damaged shard") -> None:
         from ..log import get_logger
 
         qdir = self.root / QUARANTINE_DIR
@@ -619,27 +750,30 @@ class StoreWriter:
         with open(qdir / "reasons.tsv", "a", encoding="utf-8") as fh:
             fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\t{target.name}\t{_escape(' '.join(reason.split()))}\n")
         self.quarantined.append((path.name, reason))
-        get_logger("store").warning("%s: damaged shard set aside in %s (%s); its items will be redone",
-                                    path, QUARANTINE_DIR, reason)
+        get_logger("store").warning("%s: %s set aside in %s (%s); its items will be redone",
+                                    path, what, QUARANTINE_DIR, reason)
 
-    def _append_index(self, info: ShardInfo) -> None:
-        with open(self.root / INDEX_NAME, "a", encoding="utf-8") as fh:
-            fh.write(info.line() + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+    def _append_index(self, info: ShardInfo | _Forget) -> None:
+        line = json.dumps({"forget": list(info.keys)}) if isinstance(info, _Forget) else info.line()
+        _append_line(self.root / INDEX_NAME, line)
 
     # -- writing ------------------------------------------------------------------------------
     @property
     def epoch(self) -> str | None:
         return self.manifest.get("epoch")
 
-    def add(self, item: Item) -> None:
-        """Queue a finished item; it becomes durable when its shard is flushed (a streamed one at once)."""
+    def add(self, item: Item, *, input_id: str | None = None) -> None:
+        """Queue a finished item; it becomes durable when its shard is flushed (a streamed one at once).
+
+        ``input_id``: the fingerprint of what the item was computed from (recorded in the index; a
+        later run compares it to tell a changed input)."""
         if self.schema is not None:
             self.schema.check(item.key, item.arrays)
         if not self._pending:
             self._pending_since = time.monotonic()
         self._pending.append(item)
+        if input_id is not None:
+            self._pending_inputs[item.key] = input_id
         self._pending_bytes += item_nbytes(item)
         if self._failures.pop(item.key, None) is not None:
             self._failures_dirty = True
@@ -650,10 +784,28 @@ class StoreWriter:
     def register_shard(self, info: ShardInfo) -> None:
         """Index a complete shard written by :func:`write_shard` elsewhere (a distributed task)."""
         self._append_index(info)
-        self.completed.update(info.keys)
+        self._completed_shard(info)
         for key in info.keys:
             if self._failures.pop(key, None) is not None:
                 self._failures_dirty = True
+
+    def _completed_shard(self, info: ShardInfo) -> None:
+        self.completed.update(info.keys)
+        for key in info.keys:
+            if key in info.inputs:
+                self.inputs[key] = info.inputs[key]
+            else:
+                self.inputs.pop(key, None)
+
+    def forget(self, keys: Iterable[str]) -> None:
+        """Withdraw complete items (their input changed): a ``forget`` line in the index, so they are
+        never served again and are redone, even if this run is killed before redoing them."""
+        keys = tuple(k for k in keys if k in self.completed)
+        if keys:
+            self._append_index(_Forget(keys))
+            self.completed.difference_update(keys)
+            for key in keys:
+                self.inputs.pop(key, None)
 
     def record_failure(self, key: str, reason: str) -> None:
         """Note a failed item (``failures.tsv``: it stays incomplete and is retried next run)."""
@@ -669,14 +821,17 @@ class StoreWriter:
         """Write queued items to a new shard (temp file, fsync, rename), then index it."""
         if self._pending:
             try:
-                info = write_shard(self.root, self.new_shard_name(), self._pending, schema=self.schema)
+                info = write_shard(self.root, self.new_shard_name(), self._pending, schema=self.schema,
+                                   epoch=self.epoch, inputs=self._pending_inputs)
             except BaseException:
                 self._pending.clear()  # not durable: these items are redone by the next run
+                self._pending_inputs.clear()
                 self._pending_bytes = 0
                 raise
             self._append_index(info)
-            self.completed.update(info.keys)
+            self._completed_shard(info)
             self._pending.clear()
+            self._pending_inputs.clear()
             self._pending_bytes = 0
         self._write_failures()
 
@@ -744,27 +899,33 @@ class StoreReader:
         self.required = tuple(required) or (self.schema.required if self.schema else ())
         self.damaged: list[tuple[str, str]] = []
         self._index: dict[str, tuple[Path, str]] = {}
+        self._shard_sha: dict[Path, str] = {}
+        entries = _read_index_entries(self.root)
+        indexed = {e.name: e for e in entries if isinstance(e, ShardInfo)}
+        journal = _read_journal(self.root)
+        legacy = self.manifest.get("format_version") == 1 and not indexed and not journal
+        trusted: dict[str, ShardInfo] = {}
         files = {p.name: p for p in _shard_files(self.root)}
-        indexed = {info.name: info for info in _read_index(self.root)}
         for name, path in files.items():
-            info = indexed.get(name)
-            try:
-                if info is not None and path.stat().st_size == info.size:
-                    keys = info.keys
-                    self._sha256[path] = info.sha256
-                else:
-                    keys = _scan_shard(path, verify=False)
-            except Exception as exc:  # noqa: BLE001 - a damaged shard must not hide the good ones
+            try:  # an indexed shard is opened (and hashed) when first read; others are opened now
+                info, unindexed = _vouch(path, indexed.get(name), journal.get(name), legacy=legacy,
+                                         epoch=self.manifest.get("epoch"), verify=False)
+            except Exception as exc:  # noqa: BLE001 - a damaged or foreign shard must not hide the good ones
                 self.damaged.append((str(path), f"{type(exc).__name__}: {exc}"))
                 continue
-            for key in keys:
-                self._index[key] = (path, quote(key, safe=""))  # later shards win (re-done items)
+            trusted[name] = info
+            if info.sha256:
+                self._sha256[path] = self._shard_sha[path] = info.sha256
+            if unindexed:
+                entries.append(info)
+        for key, (name, _) in _replay(entries, trusted).items():
+            self._index[key] = (files[name], quote(key, safe=""))
         if self.damaged:
             from ..log import get_logger
 
-            get_logger("store").warning("%s: %d damaged shard(s) skipped (first: %s); re-run the stage that "
-                                        "wrote it to redo their items", self.root, len(self.damaged),
-                                        self.damaged[0][0])
+            get_logger("store").warning("%s: %d damaged or unrecorded shard(s) skipped (first: %s: %s); re-run "
+                                        "the stage that wrote it to redo their items", self.root,
+                                        len(self.damaged), *self.damaged[0])
         self._open: dict[Path, h5py.File] = {}
 
     @property
@@ -781,6 +942,13 @@ class StoreReader:
 
     def failures(self) -> dict[str, tuple[str, str]]:
         return read_failures(self.root)
+
+    def shard_sha256(self, key: str) -> str:
+        """The sha256 of the shard holding ``key`` (recorded when it was written; hashed for a 0.1 store)."""
+        shard = self._index[key][0]
+        if shard not in self._shard_sha:
+            self._shard_sha[shard] = sha256_file(shard)
+        return self._shard_sha[shard]
 
     def keys(self) -> list[str]:
         return sorted(self._index)

@@ -20,6 +20,7 @@ import numpy as np
 from ..config import StageConfig, run_only
 from ..errors import BadImageError, InputError
 from ..io.images import list_images, read_edge_png
+from ..io.sources import item_sources
 from ..io.store import DeferredArray, Item, StoreReader, cached_reader, is_store
 from ..log import get_logger
 from ..parallel import Executor, InProcess
@@ -235,7 +236,7 @@ def run(config: UcmConfig, inputs: str | os.PathLike, output: str | os.PathLike,
     identity = config.identity(**provenance)
     meta = {"source": os.path.abspath(source), **provenance}
     with StageRun("ucm", output, kind="segments", identity=identity, meta=meta, overwrite=overwrite,
-                  shard_size=config.shard_size) as run:
+                  shard_size=config.shard_size, sources=item_sources(source)) as run:
         run.run_jobs(executor or InProcess(), process_item, jobs, desc="ucm")
     return run.summary
 
