@@ -458,3 +458,56 @@ def test_a_streamed_item_is_written_a_dataset_at_a_time(tmp_path):
     with pytest.raises(ValueError, match="deferred dataset gave"):
         with StoreWriter(tmp_path / "w", kind="k", config={}) as w:
             w.add(wrong)
+
+
+def test_a_foreign_shard_is_set_aside_not_adopted(tmp_path):
+    """Issue 21.7: a part-*.h5 copied in from another store (other settings) was indexed and replaced items."""
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    _write(mine, n=4, shard_size=2)
+    with StoreWriter(other, kind="k", config={"a": 2}, shard_size=2) as w:
+        for i in range(2):
+            w.add(Item(f"dir/img{i}", {"edge": np.full((3, 4), 100 + i, np.float32), "tree": np.arange(3, dtype=np.int32)}))
+    shutil.copy(other / "part-00000.h5", mine / "part-00007.h5")  # a new name
+    shutil.copy(other / "part-00000.h5", mine / "part-00001.h5")  # over one of mine
+    with StoreReader(mine) as reader:
+        assert sorted(os.path.basename(p) for p, _ in reader.damaged) == ["part-00001.h5", "part-00007.h5"]
+        assert reader.keys() == ["dir/img0", "dir/img1"]
+        assert reader["dir/img1"].arrays["edge"][0, 0] == 1  # mine, not the foreign 101
+    with StoreWriter(mine, kind="k", config={"a": 1}) as w:
+        assert w.completed == {"dir/img0", "dir/img1"}  # img2, img3 are redone
+        assert sorted(name for name, _ in w.quarantined) == ["part-00001.h5", "part-00007.h5"]
+        w.add(_item(2))
+        w.add(_item(3))
+    reasons = (mine / QUARANTINE_DIR / "reasons.tsv").read_text()
+    assert "no record of writing it" in reasons and "differs from the indexed" in reasons
+    with StoreReader(mine) as reader:
+        assert not reader.damaged and reader.keys() == [f"dir/img{i}" for i in range(4)]
+        assert [reader[f"dir/img{i}"].arrays["edge"][0, 0] for i in range(4)] == [0, 1, 2, 3]
+
+
+def test_a_writer_killed_between_rename_and_index_is_adopted(tmp_path):
+    """A real SIGKILL right after a shard is renamed into place: its journal record vouches for it."""
+    root = tmp_path / "store"
+    script = textwrap.dedent(
+        f"""
+        import os, signal, numpy as np
+        import segsort_unsup.io.store as store
+        append = store.StoreWriter._append_index
+        def killing_append(self, info):
+            if getattr(info, "name", "") == "part-00001.h5":
+                os.kill(os.getpid(), signal.SIGKILL)
+            append(self, info)
+        store.StoreWriter._append_index = killing_append
+        with store.StoreWriter({str(root)!r}, kind="k", config={{}}, shard_size=2) as w:
+            for i in range(6):
+                w.add(store.Item(f"i{{i}}", {{"x": np.full(3, i)}}))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script])
+    assert proc.returncode == -signal.SIGKILL
+    assert (root / "part-00001.h5").is_file() and "part-00001" not in (root / INDEX_NAME).read_text()
+    with StoreReader(root) as reader:
+        assert reader.keys() == ["i0", "i1", "i2", "i3"] and not reader.damaged
+    with StoreWriter(root, kind="k", config={}) as w:
+        assert w.completed == {"i0", "i1", "i2", "i3"} and not w.quarantined
+    assert "part-00001" in (root / INDEX_NAME).read_text()
