@@ -37,6 +37,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -76,6 +77,9 @@ QUARANTINE_DIR = "quarantine"
 FLUSH_BYTES = 256 * 2**20  # queued item bytes that close a shard (huge images are written at once)
 _SHARD_RE = re.compile(r"^part-[A-Za-z0-9_-]+\.h5$")
 _GZIP_MIN = 4096  # values; smaller datasets are stored uncompressed (still chunked and checksummed)
+_DEFLATE_MAX_RATIO = 1100  # deflate never expands data more than 1032-fold
+_COMPACT_MAX = 64 * 1024  # an HDF5 compact dataset lives in its object header (at most 64 KiB)
+_KNOWN_FILTERS = frozenset({h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_FLETCHER32})
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,10 +98,12 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class StoreSchema:
-    """What a store kind holds: its datasets, declared once."""
+    """What a store kind holds: its datasets, declared once (``rows``: datasets whose first
+    dimension is the same count in every item, e.g. one row per segment)."""
 
     kind: str
     datasets: tuple[DatasetSpec, ...]
+    rows: tuple[str, ...] = ()
 
     def spec(self, name: str) -> DatasetSpec | None:
         return next((d for d in self.datasets if d.name == name), None)
@@ -141,7 +147,7 @@ SEGMENTS = register_schema(StoreSchema("segments", (
     DatasetSpec("leaves", "int32", 2),  # pixel -> leaf region
     DatasetSpec("labels", "int32", 2),  # cut at the stage's threshold
     DatasetSpec("labels_levels", "int32", 3, optional=True),
-)))
+), rows=("parents", "altitudes")))
 PROTOTYPES = register_schema(StoreSchema("prototypes", (
     DatasetSpec("prototypes", "float32", 2),  # K x D, unit norm
     DatasetSpec("segments", "int32", 2),  # segment label map (H, W), ids 0..K-1
@@ -150,7 +156,7 @@ PROTOTYPES = register_schema(StoreSchema("prototypes", (
     DatasetSpec("label", "int32", 1, optional=True),  # majority class per segment (labelled sets)
     DatasetSpec("views", "int32", 3, optional=True),  # V x H x W segment maps of every view (multi-view embed)
     DatasetSpec("votes", "float32", 2, optional=True),
-)))
+), rows=("prototypes", "area", "bbox", "label")))
 # A FINCH clustering of a prototypes store (the ``discover`` stage): item ``rows`` says which
 # prototype each row is; items ``level-00``, ``level-01``... (finest first) and, with req_clust,
 # ``requested`` hold one partition each.
@@ -409,17 +415,59 @@ def _replay(entries: Iterable[ShardInfo | _Forget],
 
 
 def _scan_shard(path: Path, *, verify: bool) -> tuple[str, ...]:
-    """Keys held by a shard file; with ``verify``, every dataset is read (checksums checked)."""
+    """Keys held by a shard file; with ``verify``, every dataset is checked and read (checksums checked)."""
     keys = []
     with h5py.File(path, "r") as fh:
         for name in fh:
             group = fh[name]
             keys.append(str(_decode_attr(group.attrs.get("key", unquote(name)))))
             if verify:
-                for ds in group.values():
+                for ds_name, ds in group.items():
+                    check_declared_size(ds, f"item {name!r}: dataset {ds_name!r}")
                     ds[()]
                 dict(group.attrs)
     return tuple(keys)
+
+
+def memory_limit() -> int:
+    """Bytes of physical memory (no single read may declare more)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - platforms without sysconf
+        return 1 << 40
+
+
+def check_declared_size(ds: h5py.Dataset, what: str) -> int:
+    """The bytes a dataset declares, once checked against what its file holds for it.
+
+    Raises ``ValueError`` naming ``what`` before anything is allocated when the file cannot hold
+    what the dataset declares: chunks missing (they would read as fill values), more bytes than
+    its stored bytes can decompress to, storage outside the file, filters this package never
+    writes, or more than this machine's memory.
+    """
+    nbytes = math.prod(ds.shape or ()) * ds.dtype.itemsize
+    if ds.is_virtual or ds.external:
+        raise ValueError(f"{what} is stored outside its shard (virtual or external storage)")
+    plist = ds.id.get_create_plist()
+    filters = {plist.get_filter(i)[0] for i in range(plist.get_nfilters())}
+    if filters - _KNOWN_FILTERS:
+        raise ValueError(f"{what} uses HDF5 filters {sorted(filters - _KNOWN_FILTERS)} that segsort-unsup never writes")
+    stored = ds.id.get_storage_size()
+    layout = plist.get_layout()
+    if layout == h5py.h5d.CHUNKED:
+        expected = math.prod(-(-n // c) for n, c in zip(ds.shape, ds.chunks))
+        present = ds.id.get_num_chunks() if expected else 0
+        if present != expected:
+            raise ValueError(f"{what} declares shape {ds.shape} but stores {present} of its {expected} chunks")
+        capacity = stored * (_DEFLATE_MAX_RATIO if h5py.h5z.FILTER_DEFLATE in filters else 1)
+    else:
+        capacity = stored if layout == h5py.h5d.CONTIGUOUS else _COMPACT_MAX
+    if nbytes > capacity:
+        raise ValueError(f"{what} declares shape {ds.shape} {ds.dtype} ({nbytes} bytes), more than its "
+                         f"{stored} stored bytes can hold")
+    if nbytes > memory_limit():
+        raise ValueError(f"{what} declares {nbytes / 2**30:.1f} GiB, more than this machine's memory")
+    return nbytes
 
 
 def _dataset_options(arr: np.ndarray) -> dict[str, Any]:
@@ -991,6 +1039,9 @@ class StoreReader:
                 raise StoreError(shard, f"item {key!r} lacks datasets {missing}; the store is from another "
                                         "version or stage")
             wanted = names if names is not None else tuple(group.keys())
+            self._check_rows(key, group, wanted)
+            for n in wanted:
+                check_declared_size(group[n], f"item {key!r}: dataset {n!r}")
             arrays = {n: group[n][()] for n in wanted}
             attrs = {k: _decode_attr(v) for k, v in group.attrs.items()}
         except StoreError as exc:
@@ -1009,6 +1060,15 @@ class StoreReader:
                     raise StoreError(shard, f"item {key!r}: dataset {n!r} has {arr.ndim} dims, expected {spec.ndim}")
         return Item(key, arrays, attrs)
 
+    def _check_rows(self, key: str, group: h5py.Group, wanted: Iterable[str]) -> None:
+        """Datasets that count the same rows (one per segment...) must agree before any is read."""
+        rows = self.schema.rows if self.schema is not None else ()
+        if not set(rows) & set(wanted):
+            return
+        counts = {n: group[n].shape[0] for n in rows if n in group and group[n].ndim > 0}
+        if len(set(counts.values())) > 1:
+            raise ValueError(f"datasets disagree on the number of rows ({', '.join(f'{n}: {c}' for n, c in counts.items())})")
+
     def layout(self, key: str) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Dataset name -> (dtype, shape) of one item, without reading its data."""
         shard, name = self._index[key]
@@ -1018,7 +1078,9 @@ class StoreReader:
     def stack(self, name: str, keys: Iterable[str] | None = None) -> tuple[Stacked, list[tuple[str, str]]]:
         """Dataset ``name`` of every item (or of ``keys``) as one table, and the items that failed to read."""
         arrays, done, failed = [], [], []
-        for key in (self.keys() if keys is None else list(keys)):
+        keys = self.keys() if keys is None else list(keys)
+        self._check_stack_size(name, keys)
+        for key in keys:
             try:
                 arrays.append(self.read(key, (name,)).arrays[name])
                 done.append(key)
@@ -1033,6 +1095,18 @@ class StoreReader:
             dtype = np.dtype(spec.dtype) if spec else np.float32
             table = np.zeros((0,), dtype)
         return Stacked(table, done, offsets), failed
+
+    def _check_stack_size(self, name: str, keys: list[str]) -> None:
+        """Refuse a table larger than this machine's memory (summed from the declared shapes) up front."""
+        total = 0
+        for key in keys:
+            with contextlib.suppress(Exception):  # an unreadable item is reported by the read itself
+                dtype, shape = self.layout(key)[name]
+                total += math.prod(shape) * np.dtype(dtype).itemsize
+        if total > memory_limit():
+            raise StoreError(self.root, f"dataset {name!r} of {len(keys)} items declares {total / 2**30:.1f} GiB, "
+                                        "more than this machine's memory; the store is damaged or not from "
+                                        "segsort-unsup")
 
     def close(self) -> None:
         for fh in self._open.values():

@@ -511,3 +511,91 @@ def test_a_writer_killed_between_rename_and_index_is_adopted(tmp_path):
     with StoreWriter(root, kind="k", config={}) as w:
         assert w.completed == {"i0", "i1", "i2", "i3"} and not w.quarantined
     assert "part-00001" in (root / INDEX_NAME).read_text()
+
+
+def _protos_item(key, k=6, d=8):
+    p = np.full((k, d), 1 / np.sqrt(d), np.float32)
+    return Item(key, {"prototypes": p, "segments": np.zeros((4, 6), np.int32), "area": np.full(k, 4, np.int64),
+                      "bbox": np.tile(np.array([0, 0, 4, 6], np.int32), (k, 1))})
+
+
+def _record_crafted_shard(root, name, build, record=INDEX_NAME):
+    """A shard written by hand and recorded (index or journal) with its real size and sha256 (so only
+    its content can betray it)."""
+    from segsort_unsup.io.atomic import sha256_file
+
+    path = root / name
+    with h5py.File(path, "w", libver="latest") as fh:
+        build(fh)
+        keys = [str(fh[g].attrs["key"]) for g in fh]
+    with open(root / record, "a") as fh:
+        fh.write(json.dumps({"shard": name, "keys": keys, "size": path.stat().st_size,
+                             "sha256": sha256_file(path)}) + "\n")
+    return path
+
+
+def _bomb(fh, rows=4_000_000):
+    group = fh.create_group("bomb")
+    group.attrs["key"] = "bomb"
+    group.create_dataset("prototypes", shape=(rows, 64), dtype="f4", chunks=(4096, 64), compression="gzip",
+                         shuffle=True, fletcher32=True)  # declared, never written: reads as 1 GB of zeros
+    group.create_dataset("segments", data=np.zeros((4, 6), np.int32))
+    group.create_dataset("area", data=np.full(rows, 1, np.int64), chunks=True, compression="gzip")
+    group.create_dataset("bbox", shape=(rows, 4), dtype="i4", chunks=(65536, 4))
+
+
+def test_a_shard_declaring_millions_of_rows_is_refused_before_allocating(tmp_path):
+    """Issue 21.8: a few-KB shard declaring millions of rows (valid sha256) made discover take 4.4 GB."""
+    root = tmp_path / "protos"
+    with StoreWriter(root, kind="prototypes", config={}) as w:
+        w.add(_protos_item("a"))
+        w.add(_protos_item("b"))
+    shard = _record_crafted_shard(root, "part-00009.h5", _bomb)
+    assert shard.stat().st_size < 2_000_000
+    script = textwrap.dedent(
+        f"""
+        import resource
+        from segsort_unsup.io.store import StoreReader
+        with StoreReader({str(root)!r}) as reader:
+            stacked, failed = reader.stack("prototypes")
+            print(stacked.keys, [k for k, _ in failed], failed[0][1])
+        print("maxrss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.splitlines()
+    assert first.startswith("['a', 'b'] ['bomb']") and "declares shape (4000000, 64)" in first
+    assert int(second.split()[1]) < 600  # the 1 GB the shard declares was never allocated
+
+
+def test_missing_chunks_and_disagreeing_rows_are_refused(tmp_path):
+    root = tmp_path / "protos"
+    with StoreWriter(root, kind="prototypes", config={}) as w:
+        w.add(_protos_item("a"))
+
+    def half_written(fh):
+        group = fh.create_group("half")
+        group.attrs["key"] = "half"
+        ds = group.create_dataset("prototypes", shape=(8, 8), dtype="f4", chunks=(4, 8), fletcher32=True)
+        ds[:4] = 1.0  # the second chunk is never written: it would read as zeros
+        for name, arr in _protos_item("x", k=8).arrays.items():
+            if name != "prototypes":
+                group.create_dataset(name, data=arr)
+
+    def short_area(fh):
+        group = fh.create_group("short")
+        group.attrs["key"] = "short"
+        for name, arr in _protos_item("x").arrays.items():
+            group.create_dataset(name, data=arr[:5] if name == "area" else arr)
+
+    _record_crafted_shard(root, "part-00005.h5", half_written, record="journal.jsonl")  # as if killed before indexing
+    _record_crafted_shard(root, "part-00006.h5", short_area)
+    with StoreReader(root) as reader:
+        with pytest.raises(StoreError, match="stores 1 of its 2 chunks"):
+            reader["half"]
+        with pytest.raises(StoreError, match=r"disagree on the number of rows \(prototypes: 6, area: 5"):
+            reader.read("short", ("area",))
+        np.testing.assert_array_equal(reader["a"].arrays["area"], np.full(6, 4))
+    with StoreWriter(root, kind="prototypes", config={}) as w:  # adopting reads every dataset: refused
+        assert w.completed == {"a", "short"} and [n for n, _ in w.quarantined] == ["part-00005.h5"]
