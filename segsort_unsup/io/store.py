@@ -12,7 +12,9 @@ A store is a folder::
       part-r1a2b-t00003.h5  a shard written by a distributed task (unique name per task)
       .part-00002.h5.<pid>.tmp  a shard being written (never read; removed on the next run)
       failures.tsv        items that failed in the last run, with the reason (header + one row each)
-      quarantine/         shards found damaged, set aside with the reason (their items are redone)
+      quarantine/         shards found damaged or not written by this store, set aside with the reason
+      .clearing           only while ``--overwrite`` empties the folder: a run killed then is finished
+                          by the next run of the same kind of store
 
 A shard is written to a temporary name, fsynced, recorded in ``journal.jsonl`` (name, size,
 sha256) and only then renamed into place; its line is then appended to ``index.jsonl``. A killed
@@ -73,6 +75,8 @@ INDEX_NAME = "index.jsonl"
 JOURNAL_NAME = "journal.jsonl"
 FAILURES_NAME = "failures.tsv"
 LOCK_NAME = ".lock"
+CLEARING_NAME = ".clearing"  # present while --overwrite empties the folder (store.json goes last)
+MAX_MANIFEST_DEPTH = 32
 QUARANTINE_DIR = "quarantine"
 FLUSH_BYTES = 256 * 2**20  # queued item bytes that close a shard (huge images are written at once)
 _SHARD_RE = re.compile(r"^part-[A-Za-z0-9_-]+\.h5$")
@@ -295,19 +299,49 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
         raise StoreError(root, "no such store (expected a folder written by segsort-unsup)")
     if not root.is_dir():
         raise StoreError(root, "is a file, not a store folder")
+    if (root / CLEARING_NAME).exists():
+        raise StoreError(root, "an --overwrite of this store was interrupted while it emptied the folder; "
+                               "re-run the stage that writes it to finish (its items are recomputed)")
     if not path.is_file():
         raise StoreError(root, f"not a segsort-unsup store ({MANIFEST_NAME} missing)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise StoreError(path, f"unreadable store manifest ({exc}); re-run the stage with --overwrite") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise StoreError(path, f"unreadable store manifest ({reason}); re-run the stage with --overwrite") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("kind"), str):
         raise StoreError(path, "not a store manifest (expected a JSON object with a 'kind'); "
                                "re-run the stage with --overwrite or choose another output")
+    _check_manifest_fields(path, manifest)
     if manifest.get("format_version") not in READABLE_VERSIONS:
         raise StoreError(root, f"store format {manifest.get('format_version')} is not supported by "
                                f"segsort-unsup {__version__} (reads {READABLE_VERSIONS})")
     return manifest
+
+
+def _json_depth(value: Any) -> int:
+    """Nesting depth of a JSON value (iterative: a hostile file cannot exhaust the stack)."""
+    depth, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            depth = max(depth, level)
+            if depth > MAX_MANIFEST_DEPTH:
+                return depth
+            stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return depth
+
+
+def _check_manifest_fields(path: Path, manifest: dict[str, Any]) -> None:
+    """The manifest's fields have the types this package writes (one line naming the field, else)."""
+    if _json_depth(manifest) > MAX_MANIFEST_DEPTH:
+        raise StoreError(path, f"store manifest nested deeper than {MAX_MANIFEST_DEPTH} levels; not written by "
+                               "segsort-unsup: re-run the stage with --overwrite or choose another output")
+    for name, types in (("config", dict), ("meta", dict), ("config_hash", str), ("epoch", (str, type(None)))):
+        if name in manifest and not isinstance(manifest[name], types):
+            raise StoreError(path, f"store manifest field {name!r} is a {type(manifest[name]).__name__}, not "
+                                   f"what segsort-unsup writes; re-run the stage with --overwrite or choose "
+                                   "another output")
 
 
 def _read_records(path: Path) -> Iterator[dict[str, Any]]:
@@ -695,7 +729,9 @@ class StoreWriter:
         manifest_path = self.root / MANIFEST_NAME
         existing = [p for p in self.root.iterdir() if p.name not in (LOCK_NAME,)]
         old: dict[str, Any] | None = None
-        if manifest_path.exists():
+        if (self.root / CLEARING_NAME).exists():
+            self._finish_interrupted_clear()
+        elif manifest_path.exists():
             try:
                 old = read_manifest(self.root)
             except StoreError:
@@ -737,17 +773,42 @@ class StoreWriter:
             "epoch": uuid.uuid4().hex[:12],
         }
         atomic_write_text(manifest_path, json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        if (self.root / CLEARING_NAME).exists():
+            (self.root / CLEARING_NAME).unlink()
+            fsync_dir(self.root)
         return manifest
 
+    def _finish_interrupted_clear(self) -> None:
+        from ..log import get_logger
+
+        try:
+            kind = json.loads((self.root / CLEARING_NAME).read_text(encoding="utf-8"))["kind"]
+        except (OSError, ValueError, RecursionError, KeyError, TypeError):
+            kind = None
+        if kind != self.kind:
+            raise StoreError(self.root, f"an --overwrite of the {kind!r} store here was interrupted; re-run the "
+                                        "stage that writes it to finish, or choose another output path")
+        get_logger("store").warning("%s: an --overwrite was interrupted while emptying this folder; finishing it "
+                                    "(every item is recomputed)", self.root)
+        self._clear()
+
     def _clear(self) -> None:
-        """Delete the store's contents (the lock is held, so no other run is writing)."""
+        """Delete the store's contents (the lock is held, so no other run is writing).
+
+        A marker goes first and ``store.json`` last: a run killed in between leaves a folder that the
+        next run of this stage recognises and finishes emptying (and that no reader takes for a store).
+        """
+        marker = self.root / CLEARING_NAME
+        if not marker.exists():
+            atomic_write_text(marker, json.dumps({"kind": self.kind}))
         for path in self.root.iterdir():
-            if path.name == LOCK_NAME:
+            if path.name in (LOCK_NAME, CLEARING_NAME, MANIFEST_NAME):
                 continue
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:
                 path.unlink()
+        (self.root / MANIFEST_NAME).unlink(missing_ok=True)
         fsync_dir(self.root)
 
     def _load_shards(self, *, verify: bool) -> None:

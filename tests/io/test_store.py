@@ -599,3 +599,60 @@ def test_missing_chunks_and_disagreeing_rows_are_refused(tmp_path):
         np.testing.assert_array_equal(reader["a"].arrays["area"], np.full(6, 4))
     with StoreWriter(root, kind="prototypes", config={}) as w:  # adopting reads every dataset: refused
         assert w.completed == {"a", "short"} and [n for n, _ in w.quarantined] == ["part-00005.h5"]
+
+
+@pytest.mark.parametrize("config", ['[1, 2, 3]', '"text"', "[" * 100_000 + "]" * 100_000,
+                                    '{"a": ' + "[" * 200 + "]" * 200 + "}"])
+def test_a_manifest_whose_config_is_not_a_mapping_is_one_line(tmp_path, config):
+    """Issue 21.12: a list or deeply nested ``config`` in store.json gave "unexpected ... please report it"."""
+    root = tmp_path / "s"
+    _write(root)
+    manifest = json.loads((root / "store.json").read_text())
+    text = json.dumps({**manifest, "config": "@"}).replace('"@"', config)
+    (root / "store.json").write_text(text)
+    with pytest.raises(StoreError, match="store manifest"):
+        StoreReader(root)
+    with pytest.raises(StoreError, match="store manifest"):
+        StoreWriter(root, kind="k", config={"a": 1})
+    assert not is_store(root)
+    exe = os.path.join(os.path.dirname(sys.executable), "segsort-unsup")
+    out = subprocess.run([exe, "inspect", str(root)], capture_output=True, text=True, env=os.environ, timeout=120)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and "store manifest" in text and "unexpected" not in text.lower()
+    assert len(text.strip().splitlines()) == 1
+
+
+def test_an_overwrite_killed_while_clearing_is_finished_by_the_next_run(tmp_path):
+    """Issue 21.4: a SIGKILL while --overwrite emptied a store deleted store.json first; the folder was
+    then refused forever ("not empty and is not a store")."""
+    root = tmp_path / "s"
+    _write(root, n=8, shard_size=2)
+    (root / QUARANTINE_DIR).mkdir()
+    script = textwrap.dedent(
+        f"""
+        import os, pathlib, signal
+        unlink = pathlib.Path.unlink
+        deleted = []
+        def killing_unlink(self, *args, **kwargs):
+            unlink(self, *args, **kwargs)
+            deleted.append(self.name)
+            if len(deleted) == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+        pathlib.Path.unlink = killing_unlink
+        from segsort_unsup.io.store import StoreWriter
+        StoreWriter({str(root)!r}, kind="k", config={{"a": 2}}, overwrite=True)
+        """
+    )
+    assert subprocess.run([sys.executable, "-c", script]).returncode == -signal.SIGKILL
+    left = sorted(p.name for p in root.iterdir())
+    assert "store.json" in left and len(list(root.glob("part-*.h5"))) < 4  # killed half-way
+    with pytest.raises(StoreError, match="--overwrite of this store was interrupted"):
+        StoreReader(root)  # half a store is never read as a store
+    with pytest.raises(StoreError, match="--overwrite of the 'k' store here was interrupted"):
+        StoreWriter(root, kind="contours", config={})
+    with StoreWriter(root, kind="k", config={"a": 2}) as w:  # no --overwrite needed to finish it
+        assert not w.completed
+        w.add(_item(0))
+    assert sorted(p.name for p in root.iterdir()) == ["index.jsonl", "journal.jsonl", "part-00000.h5", "store.json"]
+    with StoreReader(root) as reader:
+        assert reader.keys() == ["dir/img0"] and reader.config == {"a": 2}
