@@ -142,3 +142,22 @@ def test_input_fingerprint_of_an_image_folder(tmp_path, photos):
     assert input_fingerprint(tmp_path) == before  # same bytes
     shutil.copy(photos[2], tmp_path / photos[2].name)
     assert input_fingerprint(tmp_path)["source_content"] != before["source_content"]
+
+
+@pytest.mark.slow
+def test_distributed_tasks_record_inputs_too(tmp_path, photos, pidinet_dir):
+    """Dask workers write their own shards: the input fingerprints travel with their tasks."""
+    from segsort_unsup.parallel import make_executor
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in photos[:2]:
+        shutil.copy(path, images / path.name)
+    config = _config(pidinet_dir)
+    with make_executor("dask-local", workers=2) as executor:
+        assert run_contours(config, str(images), tmp_path / "contours", executor=executor).ok
+        shutil.copy(photos[2], images / photos[0].name)
+        again = run_contours(config, str(images), tmp_path / "contours", executor=executor)
+    assert (again.done, again.skipped) == (1, 1)
+    assert run_contours(config, str(images), tmp_path / "clean").ok
+    _same_items(tmp_path / "contours", tmp_path / "clean")
