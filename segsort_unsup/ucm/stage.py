@@ -22,6 +22,7 @@ from ..config import StageConfig, config_hash, run_only
 from ..errors import BadImageError, InputError
 from ..io.images import list_images, read_edge_png
 from ..io.outdir import OutputFolder, settle_exports
+from ..io.sources import item_sources
 from ..io.store import DeferredArray, Item, StoreReader, cached_reader, is_store
 from ..log import get_logger
 from ..parallel import Executor, InProcess
@@ -239,7 +240,8 @@ def run(config: UcmConfig, inputs: str | os.PathLike, output: str | os.PathLike,
     with contextlib.ExitStack() as stack:
         exports = [(stack.enter_context(folder), dirs) for folder, dirs in _export_folders(config, identity, overwrite)]
         run = stack.enter_context(StageRun("ucm", output, kind="segments", identity=identity, meta=meta,
-                                           overwrite=overwrite, shard_size=config.shard_size))
+                                           overwrite=overwrite, shard_size=config.shard_size,
+                                           sources=item_sources(source)))
         stored_before = set(run.writer.completed)
         run.run_jobs(executor or InProcess(), process_item, jobs, desc="ucm")
         if exports:
