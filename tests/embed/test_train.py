@@ -44,9 +44,13 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _losses(run_dir: Path) -> list[float]:
+    return [m["loss"] for m in _metrics(run_dir)]
+
+
 def test_cached_mode_learns_and_writes_a_loadable_model(tiny, tmp_path):
     summary = run(_config(tiny), tiny["store"], tmp_path / "run")
-    losses = summary.losses
+    losses = _losses(tmp_path / "run")
     assert summary.ok and summary.done == 30 and len(losses) == 30
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
     assert [m["step"] for m in _metrics(tmp_path / "run")] == list(range(1, 31))
@@ -61,14 +65,14 @@ def test_cached_mode_learns_and_writes_a_loadable_model(tiny, tmp_path):
 
 
 def test_resume_in_process_equals_uninterrupted(tiny, tmp_path):
-    full = run(_config(tiny, steps=12, checkpoint_every=4), tiny["store"], tmp_path / "a")
+    run(_config(tiny, steps=12, checkpoint_every=4), tiny["store"], tmp_path / "a")
     run(_config(tiny, steps=12, checkpoint_every=4), tiny["store"], tmp_path / "b")
     # roll b back to its step-8 checkpoint, as if killed after it
     (tmp_path / "b" / "checkpoints" / "step-0000012.pt").unlink()
     (tmp_path / "b" / "model.pt").unlink()
     resumed = run(_config(tiny, steps=12, checkpoint_every=4), tiny["store"], tmp_path / "b")
     assert resumed.skipped == 8 and resumed.done == 4
-    assert resumed.losses == full.losses[8:]
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
     _assert_same_weights(tmp_path / "a" / "model.pt", tmp_path / "b" / "model.pt")
     assert [m["step"] for m in _metrics(tmp_path / "b")] == list(range(1, 13))
 
@@ -82,18 +86,32 @@ def _assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(sa[k], sb[k]), k
 
 
+SCRIPT = str(Path(sys.executable).parent / "segsort-unsup")
+
+
 def _cli(tiny, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "segsort_unsup.cli", "train", str(tiny["store"]), "-o", str(out),
+    return [SCRIPT, "train", str(tiny["store"]), "-o", str(out),
             "--mode", "cached", "--images", str(tiny["images"]), "--backbone-weights", tiny["weights"],
             "--features-dir", tiny["features"], "--steps", "24", "--batch-size", "4", "--crop", "96",
             "--feature-scales", "1", "--head", "conv1", "--threads", "2", "--checkpoint-every", "3",
             "--log-every", "1", *extra]
 
 
-def test_sigkill_at_a_random_step_then_rerun_gives_the_uninterrupted_weights(tiny, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    ref = subprocess.run(_cli(tiny, tmp_path / "ref"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def reference(tiny, tmp_path_factory) -> Path:
+    """An uninterrupted CLI run (24 steps) to compare interrupted ones with."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    ref = subprocess.run(_cli(tiny, out), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr[-2000:]
+    return out
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), **extra}
+
+
+def test_sigkill_at_a_random_step_then_rerun_gives_the_uninterrupted_weights(tiny, reference, tmp_path):
+    env = _env()
     target = random.Random(os.getpid()).choice([3, 6, 9, 12, 15, 18])
     proc = subprocess.Popen(_cli(tiny, tmp_path / "cut"), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -108,9 +126,27 @@ def test_sigkill_at_a_random_step_then_rerun_gives_the_uninterrupted_weights(tin
                            timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming" in again.stdout + again.stderr
-    _assert_same_weights(tmp_path / "ref" / "model.pt", tmp_path / "cut" / "model.pt")
-    ref_losses = [m["loss"] for m in _metrics(tmp_path / "ref")]
-    assert [m["loss"] for m in _metrics(tmp_path / "cut")] == ref_losses
+    _assert_same_weights(reference / "model.pt", tmp_path / "cut" / "model.pt")
+    assert _losses(tmp_path / "cut") == _losses(reference)
+
+
+def test_sigterm_right_after_an_optimizer_step_stops_at_the_step_boundary(tiny, reference, tmp_path):
+    """The signal lands between optimizer.step() and the step's bookkeeping: the checkpoint saved on the
+    way out holds step 7's weights under step 7, so the resumed run ends with the uninterrupted weights."""
+    from segsort_unsup.embed.train import TEST_SIGTERM_ENV
+
+    out = tmp_path / "cut"
+    stopped = subprocess.run(_cli(tiny, out), cwd=REPO, env=_env(**{TEST_SIGTERM_ENV: "7"}), capture_output=True,
+                             text=True, timeout=300)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert "stopped at step 7" in stopped.stdout + stopped.stderr
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*.pt"))[-1] == "step-0000007.pt"
+    assert not (out / "model.pt").exists()
+    again = subprocess.run(_cli(tiny, out), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "at step 7 of 24" in again.stdout + again.stderr
+    _assert_same_weights(reference / "model.pt", out / "model.pt")
+    assert _losses(out) == _losses(reference)
 
 
 # -- bad inputs -----------------------------------------------------------------------------------
@@ -182,8 +218,8 @@ def test_cut_must_be_a_stored_level(tiny, tmp_path):
 def test_full_mode_learns(tiny, tmp_path):
     cfg = _config(tiny, mode="full", steps=16, batch_size=2, crop=96, workers=1, head="conv3", lr=1e-3,
                   checkpoint_every=100)
-    summary = run(cfg, tiny["store"], tmp_path / "run")
-    losses = summary.losses
+    run(cfg, tiny["store"], tmp_path / "run")
+    losses = _losses(tmp_path / "run")
     assert len(losses) == 16
     assert np.mean(losses[-4:]) < 0.85 * np.mean(losses[:4]), losses
     model, prov = load_model(tmp_path / "run" / "model.pt")
@@ -235,7 +271,7 @@ def test_supervised_counterpart_shares_the_feature_cache_and_learns(tiny, bsds, 
     summary = run(_config(tiny, labels_dir=str(labels), ignore_label=255), tiny["store"], tmp_path / "sup")
     assert summary.ok and summary.done == 30
     assert {p.name: p.stat().st_mtime_ns for p in features.iterdir()} == before  # no second feature pass
-    losses = summary.losses
+    losses = _losses(tmp_path / "sup")
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
     # the classes each cached map gets: the label PNG, flipped with the map, sampled at floor(i * H / h)
     samples, _ = D.list_samples(tiny["store"], images=tiny["images"], labels=labels)
