@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from ..config import StageConfig, changed_keys, config_hash, run_only, setting
-from ..errors import InputError, StoreError, WeightsError
+from ..errors import InputError, SegsortError, StoreError, WeightsError
 from ..io.atomic import atomic_path, atomic_write_text, sha256_file
 from ..io.store import StoreLock, StoreReader
 from ..log import get_logger, progress
@@ -73,6 +73,10 @@ CHECKPOINT_VERSION = 1
 # group's timeout is set explicitly, well above the defaults (10 min gloo, 30 min nccl).
 DIST_TIMEOUT = timedelta(hours=4)
 TEST_SIGTERM_ENV = "SEGSORT_TEST_SIGTERM_AFTER_STEP"
+
+
+class TrainingDiverged(SegsortError):
+    """The loss (or the weights) became non-finite: training stops, the last good checkpoint is kept."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,10 @@ class TrainConfig(StageConfig):
             raise self.bad_value("scale_min", "need 0 < scale_min <= scale_max")
         if not self.feature_scales or any(s <= 0 for s in self.feature_scales):
             raise self.bad_value("feature_scales", "give one or more positive scales")
+        for key, value in self.to_dict().items():  # inf / nan learning rates would train NaN weights
+            values = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise self.bad_value(key, f"{value} is not a finite number")
         for key in ("lr", "kappa", "head_lr_mult"):
             if not getattr(self, key) > 0:
                 raise self.bad_value(key, "must be > 0")
@@ -582,10 +590,21 @@ def _train_step(t: _Training, batch: dict[str, Any], step: int) -> float:
         emb = _GatherBatch.apply(emb, t.rank, t.world)
         target = _gather_plain(target, t.world)
     loss = _loss(t, emb, target)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        _diverged(t, step + 1, f"the loss is {value}")
     t.optimizer.zero_grad(set_to_none=True)
     (loss * t.world if t.world > 1 else loss).backward()  # DDP averages; the global gradient is the sum
     t.optimizer.step()
-    return float(loss.detach())
+    return value
+
+
+def _diverged(t: _Training, step: int, what: str) -> None:
+    """Stop training on a non-finite loss or weights: one line, the last good checkpoint kept."""
+    ckpts = checkpoint_paths(t.out)
+    kept = f"the last good checkpoint ({ckpts[-1].name}) is kept" if ckpts else "no checkpoint was saved"
+    raise TrainingDiverged(f"{t.out}: training diverged at step {step} ({what}); {kept}; lower --lr "
+                           f"(now {t.config.lr:g}) or use --precision fp32, then re-run with --overwrite")
 
 
 def _targets(t: _Training, batch: dict[str, Any], grid):
@@ -726,6 +745,8 @@ def save_checkpoint(t: _Training, step: int) -> None:
     weights = t.model.state_dict()
     if t.config.mode == "cached":
         weights = {k: v for k, v in weights.items() if k.startswith("head.")}
+    if not all(bool(torch.isfinite(v).all()) for v in weights.values() if v.is_floating_point()):
+        _diverged(t, step, "the weights are not finite")
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step,
                "identity": json.dumps(t.identity, sort_keys=True),
                "model": {k: v.detach().cpu() for k, v in weights.items()},

@@ -299,3 +299,33 @@ def test_label_map_of_another_size_is_skipped_naming_it(tiny, bsds, tmp_path):
     h, w = cv2.imread(str(tiny["images"] / bad.name)).shape[:2]
     assert summary.failed == [(bad.stem, f"{bad}: label map is 12x10, its segments {w}x{h}")]
     assert summary.done == 2
+
+
+# -- non-finite training --------------------------------------------------------------------------
+def test_non_finite_learning_rate_is_refused_in_one_line(tiny, tmp_path):
+    for value in ("inf", "nan"):
+        proc = subprocess.run(_cli(tiny, tmp_path / "run", "--lr", value), cwd=REPO, env=_env(), capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines() == [f"Error: key 'lr': {value} is not a finite number"]
+    assert not (tmp_path / "run" / "model.pt").exists()
+    with pytest.raises(InputError, match="kappa"):
+        _config(tiny, kappa=float("inf"))
+    with pytest.raises(InputError, match="feature_scales"):
+        _config(tiny, feature_scales=(1.0, float("nan")))
+
+
+def test_a_non_finite_loss_stops_training_keeping_the_last_good_checkpoint(tiny, tmp_path):
+    from segsort_unsup.embed.train import TrainingDiverged, load_checkpoint
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step \d+ .*lower --lr") as info:
+        run(_config(tiny, lr=1e12, steps=30, checkpoint_every=1, keep=30), tiny["store"], out)
+    assert "\n" not in str(info.value)
+    assert not (out / "model.pt").exists()
+    kept = sorted((out / "checkpoints").glob("step-*.pt"))
+    assert kept, "no good checkpoint before the divergence"
+    assert f"({kept[-1].name}) is kept" in str(info.value)
+    for path in kept:
+        assert all(torch.isfinite(v).all() for v in load_checkpoint(path)["model"].values())
+    assert all(np.isfinite(_losses(out)))
