@@ -329,3 +329,23 @@ def test_a_non_finite_loss_stops_training_keeping_the_last_good_checkpoint(tiny,
     for path in kept:
         assert all(torch.isfinite(v).all() for v in load_checkpoint(path)["model"].values())
     assert all(np.isfinite(_losses(out)))
+
+
+# -- class labels ---------------------------------------------------------------------------------
+def test_palette_label_pngs_are_read_as_their_indices(tmp_path):
+    """PASCAL VOC labels are palette PNGs: training reads the indices, as embed and evaluate do."""
+    from PIL import Image
+
+    from segsort_unsup.embed import data as D
+    from segsort_unsup.io.images import read_label_png
+
+    indices = np.array([[0, 1, 2], [3, 4, 5]], np.uint8)
+    png = tmp_path / "label.png"
+    im = Image.fromarray(indices, mode="P")
+    im.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0, 0, 0, 128, 128, 0, 128] + [0] * (250 * 3))
+    im.save(png)
+    assert Image.open(png).mode == "P"
+    np.testing.assert_array_equal(D.grid_labels(png, (2, 3), flip=False), indices)
+    np.testing.assert_array_equal(D.grid_labels(png, (2, 3), flip=True), indices[:, ::-1])
+    np.testing.assert_array_equal(read_label_png(png), indices)  # the package's one reader
+    assert not hasattr(D, "read_label_png") or D.read_label_png is read_label_png
