@@ -40,6 +40,7 @@ Distributed
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -58,7 +59,7 @@ import numpy as np
 
 from ..config import StageConfig, changed_keys, config_hash, run_only, setting
 from ..errors import InputError, SegsortError, StoreError, WeightsError
-from ..io.atomic import atomic_path, atomic_write_text, sha256_file
+from ..io.atomic import atomic_write_bytes, atomic_write_text, remove_stale_temps, sha256_file
 from ..io.store import StoreLock, StoreReader
 from ..log import get_logger, progress
 from ..parallel import Executor, check_stop, request_stop
@@ -262,12 +263,12 @@ def _gather_plain(tensor, world: int):
 
 
 # -- the stage -------------------------------------------------------------------------------------
-def segments_identity(segments: Path) -> tuple[str, dict[str, Any]]:
-    """The segments store's identity hash and config (errors name the folder)."""
+def segments_identity(segments: Path) -> tuple[str, dict[str, Any], str]:
+    """The segments store's identity hash, its config and the digest of its items (errors name the folder)."""
     with StoreReader(segments, kind="segments") as reader:
         if not len(reader):
             raise InputError(f"{segments}: the segments store holds no items; run `segsort-unsup ucm` first")
-        return reader.config_hash, reader.config
+        return reader.config_hash, reader.config, reader.contents_digest()
 
 
 def resolve(config: TrainConfig) -> tuple[TrainConfig, Any, str]:
@@ -374,6 +375,9 @@ def _run_folder_lock(out: Path, *, main: bool) -> Iterator[None]:
         raise StoreError(out, "another segsort-unsup train is using this run folder; wait for it to end "
                               "or choose another -o folder") from None
     try:
+        for folder in (out, out / "checkpoints"):  # left by a run killed while writing
+            if folder.is_dir():
+                remove_stale_temps(folder)
         yield
     finally:
         lock.release()
@@ -382,8 +386,8 @@ def _run_folder_lock(out: Path, *, main: bool) -> Iterator[None]:
 def _setup(config: TrainConfig, segments: Path, out: Path, *, device, precision: str, rank: int,
            world: int) -> _Training:
     """The run's identity (settings + what it is computed from) and its summary."""
-    seg_hash, seg_config = segments_identity(segments)
-    provenance = {"segments_identity": seg_hash,
+    seg_hash, seg_config, contents = segments_identity(segments)
+    provenance = {"segments_identity": seg_hash, "segments_contents": contents,
                   "labels_dir": os.path.abspath(config.labels_dir) if config.labels_dir else "",
                   "backbone_weights_sha256": sha256_file(config.backbone_weights) if config.backbone_weights else ""}
     identity = config.identity(**provenance)
@@ -411,10 +415,15 @@ def _resume_point(t: _Training, overwrite: bool | str) -> dict[str, Any] | None:
     state = load_checkpoint(ckpts[-1])
     diff = changed_keys(json.loads(state["identity"]), t.identity)
     if diff:
-        raise InputError(f"{ckpts[-1]}: this run was made with other settings ({', '.join(diff)}); "
+        what = ", ".join(_CHANGES.get(key, key) for key in diff)
+        raise InputError(f"{ckpts[-1]}: this run was made from other settings or input ({what}); "
                          "pass --overwrite to start over, or use another -o folder")
     t.start = int(state["step"])
     return state
+
+
+_CHANGES = {"segments_contents": "segments_contents: items of the segments store added, removed or recomputed",
+            "segments_identity": "segments_identity: the segments store's settings"}
 
 
 def _clear_run_folder(out: Path) -> None:
@@ -752,10 +761,11 @@ def save_checkpoint(t: _Training, step: int) -> None:
                "model": {k: v.detach().cpu() for k, v in weights.items()},
                "optimizer": t.optimizer.state_dict(), "rng": _rng_state(),
                "memory": t.memory.state_dict() if t.memory is not None else {}}
+    buffer = io.BytesIO()  # serialised first: a full disk then fails as an OSError, one line
+    torch.save(payload, buffer)
     folder = t.out / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / f"step-{step:07d}.pt") as tmp:
-        torch.save(payload, tmp)
+    atomic_write_bytes(folder / f"step-{step:07d}.pt", buffer.getbuffer())
     for old in checkpoint_paths(t.out)[:-t.config.keep]:
         old.unlink(missing_ok=True)
 
@@ -858,7 +868,7 @@ def _feature_pass(config: TrainConfig, model, samples, store: Path, *, grouping,
                 continue
             try:
                 run.add(D.compute_features(trunk, job, grouping=grouping, device=device, precision=precision))
-            except Exception as exc:  # noqa: BLE001 - one bad image never stops the run
+            except (SegsortError, OSError) as exc:  # a bad image is skipped; a bug surfaces
                 bad.add(job.sample.key)
                 run.fail(job.key, exc)
     summary.failed.extend(run.summary.failed)

@@ -349,3 +349,108 @@ def test_palette_label_pngs_are_read_as_their_indices(tmp_path):
     np.testing.assert_array_equal(D.grid_labels(png, (2, 3), flip=True), indices[:, ::-1])
     np.testing.assert_array_equal(read_label_png(png), indices)  # the package's one reader
     assert not hasattr(D, "read_label_png") or D.read_label_png is read_label_png
+
+
+# -- the run folder: locks, grown inputs, full disks, leftovers -----------------------------------
+def test_a_second_train_into_a_running_folder_is_refused_and_the_first_is_unharmed(tiny, reference, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen(_cli(tiny, out), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (out / "metrics.jsonl").exists() and first.poll() is None:
+        time.sleep(0.01)
+    first.send_signal(signal.SIGSTOP)  # held mid-run while the second one starts
+    try:
+        assert first.poll() is None, "the first run ended before the second started"
+        second = subprocess.run(_cli(tiny, out, "--overwrite"), cwd=REPO, env=_env(), capture_output=True, text=True,
+                                timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 1
+    assert second.stderr.strip().splitlines()[-1].endswith(
+        "another segsort-unsup train is using this run folder; wait for it to end or choose another -o folder")
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    _assert_same_weights(reference / "model.pt", out / "model.pt")
+    assert _losses(out) == _losses(reference)
+
+
+def test_a_grown_input_is_refused_by_the_command_and_retrained_by_pipelines(tiny, tmp_path):
+    from segsort_unsup.ucm.stage import UcmConfig
+    from segsort_unsup.ucm.stage import run as run_ucm
+
+    edges = tmp_path / "edges"
+    edges.mkdir()
+    photos = sorted((tiny["root"] / "edges").glob("*.png"))
+    for path in photos[:3]:
+        shutil.copy(path, edges / path.name)
+    store = tmp_path / "segments"
+    run_ucm(UcmConfig(levels=(0.3,)), edges, store)
+    cfg = _config(tiny, steps=2, features_dir=str(tmp_path / "features"))
+    run(cfg, store, tmp_path / "run")
+    assert load_model(tmp_path / "run" / "model.pt")[1]["images"] == 3
+    shutil.copy(photos[3], edges / photos[3].name)
+    run_ucm(UcmConfig(levels=(0.3,)), edges, store)  # the segments store grows by one item
+    with pytest.raises(InputError, match="segments_contents: items of the segments store added, removed or recomputed"):
+        run(cfg, store, tmp_path / "run")
+    again = run(cfg, store, tmp_path / "run", overwrite="changed")
+    assert again.done == 2 and again.skipped == 0
+    assert load_model(tmp_path / "run" / "model.pt")[1]["images"] == 4
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(tiny, tmp_path, monkeypatch):
+    import segsort_unsup.embed.train as T
+    from segsort_unsup.io.atomic import DiskFullError, atomic_path
+
+    out = tmp_path / "run"
+    run(_config(tiny, steps=4, checkpoint_every=2), tiny["store"], out)
+    (out / "model.pt").unlink()
+    (out / "checkpoints" / "step-0000004.pt").unlink()
+
+    def onto_a_full_disk(path, data):  # the kernel's own ENOSPC, from /dev/full
+        with atomic_path(path), open("/dev/full", "wb") as fh:
+            fh.write(data)
+
+    monkeypatch.setattr(T, "atomic_write_bytes", onto_a_full_disk)
+    with pytest.raises(DiskFullError, match=r"step-0000004\.pt: no space left on the device") as info:
+        run(_config(tiny, steps=4, checkpoint_every=2), tiny["store"], out)
+    assert "\n" not in str(info.value)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000002.pt"]
+
+
+def test_temporaries_of_a_run_killed_while_saving_are_cleaned(tiny, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    stale = [out / "checkpoints" / ".step-0000003.pt.4242.tmp", out / ".model.pt.4242.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    run(_config(tiny, steps=2), tiny["store"], out)
+    assert not any(path.exists() for path in stale)
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_the_feature_pass_skips_bad_images_but_surfaces_bugs(tiny, tmp_path, monkeypatch):
+    from segsort_unsup.embed import data as D
+
+    def broken(*args, **kwargs):
+        raise TypeError("a programming error")
+
+    monkeypatch.setattr(D, "compute_features", broken)
+    with pytest.raises(TypeError, match="a programming error"):
+        run(_config(tiny, steps=2, features_dir=str(tmp_path / "features")), tiny["store"], tmp_path / "run")
+
+
+@pytest.mark.parametrize(("device", "backend"), [("cpu", "gloo"), ("cuda", "nccl")])
+def test_the_process_group_has_an_explicit_timeout(monkeypatch, device, backend):
+    """Rank 0 runs the whole feature pass while the others wait: the default 10/30 min would end the run."""
+    import torch.distributed as dist
+
+    import segsort_unsup.embed.train as T
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroyed"))
+    with T._process_group(2, torch.device(device, 0) if device == "cuda" else torch.device(device)):
+        pass
+    assert calls == [(backend, {"timeout": T.DIST_TIMEOUT}), "destroyed"]
+    assert T.DIST_TIMEOUT.total_seconds() >= 3600
