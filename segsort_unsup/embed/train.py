@@ -300,6 +300,7 @@ class _Training:
     model: Any = None
     trainable: Any = None  # what a step runs: the model (full) or its head (cached), DDP-wrapped under torchrun
     optimizer: Any = None
+    scaler: Any = None  # fp16's loss scaler (a pass-through otherwise)
     memory: Any = None  # the supervised loss's prototype memory
     n_images: int = 0
     recent_losses: list[float] = field(default_factory=list)
@@ -541,8 +542,10 @@ def _photo_batches(t: _Training, samples: list, grouping) -> Iterator[dict[str, 
 
 
 def _build_optimizer(t: _Training) -> None:
-    """SGD over the trainable parameters (head at ``head_lr_mult``), the prototype memory, DDP."""
+    """SGD over the trainable parameters (head at ``head_lr_mult``), the loss scaler, the prototype memory, DDP."""
     import torch
+
+    from ..runtime import grad_scaler
 
     from .losses import PrototypeMemory
 
@@ -552,6 +555,7 @@ def _build_optimizer(t: _Training) -> None:
         g["base_lr"] = g["lr"]
     fused = {"fused": True} if _fused_sgd_ok(t.device) else {}
     t.optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, **fused)
+    t.scaler = grad_scaler(t.device, t.precision)
     t.memory = PrototypeMemory(config.memory_banks) if config.labels_dir else None
     t.trainable = t.model if config.mode == "full" else t.model.head
     if t.world > 1:
@@ -570,6 +574,8 @@ def _restore(t: _Training, state: dict[str, Any] | None) -> None:
     if unexpected or (t.config.mode == "full" and missing):
         raise WeightsError(checkpoint_paths(t.out)[-1], "checkpoint weights do not fit this model; pass --overwrite")
     t.optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        t.scaler.load_state_dict(state["scaler"])
     if t.memory is not None and state.get("memory"):
         t.memory.load_state_dict(state["memory"])
     _set_rng_state(state["rng"])
@@ -603,8 +609,9 @@ def _train_step(t: _Training, batch: dict[str, Any], step: int) -> float:
     if not math.isfinite(value):
         _diverged(t, step + 1, f"the loss is {value}")
     t.optimizer.zero_grad(set_to_none=True)
-    (loss * t.world if t.world > 1 else loss).backward()  # DDP averages; the global gradient is the sum
-    t.optimizer.step()
+    t.scaler.scale(loss * t.world if t.world > 1 else loss).backward()  # DDP averages; the gradient is the sum
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
     return value
 
 
@@ -759,7 +766,7 @@ def save_checkpoint(t: _Training, step: int) -> None:
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step,
                "identity": json.dumps(t.identity, sort_keys=True),
                "model": {k: v.detach().cpu() for k, v in weights.items()},
-               "optimizer": t.optimizer.state_dict(), "rng": _rng_state(),
+               "optimizer": t.optimizer.state_dict(), "scaler": t.scaler.state_dict(), "rng": _rng_state(),
                "memory": t.memory.state_dict() if t.memory is not None else {}}
     buffer = io.BytesIO()  # serialised first: a full disk then fails as an OSError, one line
     torch.save(payload, buffer)

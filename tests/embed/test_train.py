@@ -454,3 +454,17 @@ def test_the_process_group_has_an_explicit_timeout(monkeypatch, device, backend)
         pass
     assert calls == [(backend, {"timeout": T.DIST_TIMEOUT}), "destroyed"]
     assert T.DIST_TIMEOUT.total_seconds() >= 3600
+
+
+def test_fp16_training_steps_through_the_loss_scaler(tiny, tmp_path):
+    from segsort_unsup.embed.train import load_checkpoint
+
+    def last_checkpoint(precision: str) -> dict:
+        out = tmp_path / precision
+        cfg = _config(tiny, steps=3, precision=precision, device="cpu", features_dir=str(tmp_path / "features"))
+        assert run(cfg, tiny["store"], out).done == 3
+        return load_checkpoint(sorted((out / "checkpoints").glob("step-*.pt"))[-1])
+
+    scaler = last_checkpoint("fp16")["scaler"]
+    assert scaler["scale"] == 65536.0 and scaler["_growth_tracker"] == 3  # three finite scaled steps
+    assert last_checkpoint("bf16")["scaler"] == {}  # bf16 needs none
