@@ -200,7 +200,7 @@ def test_truncated_or_foreign_checkpoints_give_one_line_errors(tiny, tmp_path):
     with pytest.raises(WeightsError, match="not a segsort-unsup training checkpoint"):
         run(_config(tiny, steps=4), tiny["store"], out)
     bad.unlink()
-    with pytest.raises(InputError, match=r"other settings \(lr\)"):
+    with pytest.raises(InputError, match=r"other settings or input \(lr\)"):
         run(_config(tiny, steps=4, lr=1e-3), tiny["store"], out)
     summary = run(_config(tiny, steps=6, lr=1e-3), tiny["store"], out, overwrite=True)
     assert summary.done == 6
