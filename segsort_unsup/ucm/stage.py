@@ -136,8 +136,12 @@ def process_item(job: _Job) -> Item:
     per-grid-edge arrays, float16 maps read as stored), each full-size array dropped as soon as it
     is no longer needed: the input maps after the watershed, the RAG's per-edge sums once merged.
     """
-    edge, orient, attrs = _load(job)
     cfg = job.config
+    if cfg.png_dir or cfg.mat_dir:  # a key that cannot name its exports fails before any work
+        from .export import export_paths
+
+        export_paths(job.key, png_dir=cfg.png_dir, mat_dir=cfg.mat_dir)
+    edge, orient, attrs = _load(job)
     h, w = edge.shape
     if cfg.oriented and orient is None:
         from ..edgemaps import edge_orientation
