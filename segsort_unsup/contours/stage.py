@@ -198,7 +198,7 @@ def run(config: ContoursConfig, inputs: str | os.PathLike | list[ImageRef], outp
             run.run_jobs(executor, process_image, jobs, desc="contours")
         if pngs is not None:
             run.writer.flush()
-            _settle_pngs(pngs, run, config, output, stored_before)
+            _settle_pngs(pngs, run, config, output, stored_before, {ref.key for ref in refs})
     return run.summary
 
 
@@ -215,7 +215,7 @@ def _png_folder(config: ContoursConfig, identity: dict[str, Any], overwrite: boo
 
 
 def _settle_pngs(folder: OutputFolder, run: StageRun, config: ContoursConfig, store: str | os.PathLike,
-                 stored_before: set[str]) -> None:
+                 stored_before: set[str], inputs: set[str]) -> None:
     """Record the PNGs this run wrote; redo from the store those of items stored without them."""
     from ..io.store import StoreReader
 
@@ -224,7 +224,7 @@ def _settle_pngs(folder: OutputFolder, run: StageRun, config: ContoursConfig, st
             edge = reader.read(key, ("edge",)).arrays["edge"]
             _write_pngs(folder.path, key, edge, nms=config.nms_png, compression=config.png_compression)
 
-        keys = sorted(run.writer.completed)
+        keys = sorted(run.writer.completed & inputs)  # items of inputs no longer given are left alone
         failed = settle_exports(folder, keys, targets=lambda key: _png_targets(config, key),
                                 fresh=run.writer.completed - stored_before, redo=redo)
     for key, reason in failed:

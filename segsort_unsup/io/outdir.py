@@ -254,7 +254,7 @@ class OutputFolder:
                       if p.name not in _RESERVED and not p.name.startswith(f".{MANIFEST_NAME}.")]
             if others:
                 raise OutputFolderError(self.path, "is not empty and was not written by segsort-unsup; "
-                                                   "choose an empty folder")
+                                                   f"choose an empty folder (this one has no {MANIFEST_NAME})")
         else:
             if old["kind"] != self.kind:
                 raise OutputFolderError(self.path, f"holds a {old['kind']!r} output, not {self.kind!r}; choose "
@@ -285,13 +285,24 @@ class OutputFolder:
         self._write_manifest()
 
     def _load(self, manifest: Mapping[str, Any]) -> None:
-        """The files and folders of a manifest plus its journal (a torn last line is ignored)."""
+        """The files and folders of a manifest plus its journal, every name checked."""
         self._files = {str(k): (int(v) if isinstance(v, int) else None) for k, v in manifest["files"].items()}
         self._folders = {str(f) for f in manifest.get("folders", [])}
         self._trees = {str(f) for f in manifest.get("trees", [])}
         journal = self.path / JOURNAL_NAME
-        if not journal.is_file():
-            return
+        if journal.is_file():
+            self._replay(journal)
+        # Every listed name was checked when it was written; a hand-edited manifest is checked again.
+        for rel in [*self._files, *self._folders, *self._trees]:
+            try:
+                self._inside(rel)
+            except UnsafeNameError as exc:
+                raise OutputFolderError(self.path / MANIFEST_NAME, f"lists {rel!r}, which this tool never writes "
+                                                                   f"({exc.reason}); delete the folder to start "
+                                                                   "over") from None
+
+    def _replay(self, journal: Path) -> None:
+        """Apply the journal's lines (a torn last line, from a kill mid-append, is ignored)."""
         with open(journal, encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 try:
@@ -307,9 +318,6 @@ class OutputFolder:
                         self._trees.add(str(entry["tree"]))
                 except (ValueError, TypeError, AttributeError):
                     continue
-        # Every listed name was checked when it was written; a hand-edited manifest is checked again.
-        for rel in [*self._files, *self._folders, *self._trees]:
-            self._inside(rel)
 
     def _clear(self) -> None:
         """Delete what the manifest lists (files, owned trees, then created folders if empty)."""

@@ -276,13 +276,11 @@ def _settle_exports(exports: list[tuple[OutputFolder, dict[str, str]]], run: Sta
     from .export import export_item, export_paths
 
     by_key = {job.key: job for job in jobs}
-    keys = sorted(run.writer.completed)
+    keys = sorted(run.writer.completed & by_key.keys())  # items of inputs no longer given are left alone
     with StoreReader(store, kind="segments") as reader:
         for folder, dirs in exports:
             def redo(key: str, dirs: dict[str, str] = dirs) -> None:
-                job = by_key.get(key)
-                if job is None:
-                    raise InputError(f"{key} is no longer in the input; its exports cannot be redone")
+                job = by_key[key]
                 edge = _load(job)[0]
                 export_item(reader.read(key), config, **dirs, edge=edge,
                             source_store=job.path if job.kind == "store" else "")

@@ -157,7 +157,7 @@ def test_a_hand_edited_manifest_cannot_make_overwrite_delete_outside(tmp_path):
     data = _manifest(root)
     data["files"]["../victim.txt"] = 4
     (root / MANIFEST_NAME).write_text(json.dumps(data))
-    with pytest.raises(UnsafeNameError, match="'../victim.txt'"):
+    with pytest.raises(OutputFolderError, match="lists '../victim.txt'"):
         OutputFolder(root, kind="t", identity={}, overwrite=True).open()
     assert victim.read_text() == "keep"
 
