@@ -229,3 +229,25 @@ def test_hostile_pipeline_section_names_are_refused_with_one_line(tmp_path, name
     result = CliRunner().invoke(main, ["run", str(tmp_path / "p.toml")])
     assert result.exit_code != 0 and repr(name) in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.toml", "photos"]
+
+
+@pytest.mark.parametrize("executor", ["local", pytest.param("dask-local", marks=pytest.mark.slow)])
+def test_exports_written_by_worker_processes_are_recorded_not_redone(tmp_path, edge_crops, executor, monkeypatch):
+    from segsort_unsup.parallel import make_executor
+    from segsort_unsup.ucm import export
+    from segsort_unsup.ucm.stage import UcmConfig, run
+
+    src = _contours_store(tmp_path / "contours", ["a", "sub/b", "c"], edge_crops)
+    reference = tmp_path / "reference"
+    run(UcmConfig(png_dir=str(reference)), src, tmp_path / "ref-seg")
+    redone = []
+    real = export.export_item
+    monkeypatch.setattr(export, "export_item", lambda item, *a, **k: (redone.append(item.key), real(item, *a, **k)))
+    out = tmp_path / "png"
+    with make_executor(executor, workers=2) as workers:
+        summary = run(UcmConfig(png_dir=str(out)), src, tmp_path / "seg", executor=workers)
+    assert (summary.done, summary.failed) == (3, []) and redone == []  # the workers' files, recorded as found
+    listed = json.loads((out / MANIFEST_NAME).read_text())["files"]
+    assert listed == {rel: (reference / rel).stat().st_size for rel in listed} and len(listed) == 9
+    for rel in listed:
+        assert (out / rel).read_bytes() == (reference / rel).read_bytes(), rel
