@@ -127,6 +127,8 @@ def test_ucm_overwrite_keeps_a_users_files_in_the_export_folder(tmp_path, edge_c
     with pytest.raises(OutputFolderError, match="not written by segsort-unsup; choose an empty folder"):
         run(UcmConfig(png_dir=str(tmp_path / "album")), src, tmp_path / "seg2", overwrite=True)
     assert (tmp_path / "album" / "a_ucm.png").read_bytes() == b"named like an export"
+    with pytest.raises(OutputFolderError, match="is a segsort-unsup store, not a folder of files"):
+        run(UcmConfig(png_dir=str(tmp_path / "seg3")), src, tmp_path / "seg3")
 
 
 # -- contours PNGs ---------------------------------------------------------------------------------

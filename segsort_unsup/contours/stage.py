@@ -181,9 +181,9 @@ def run(config: ContoursConfig, inputs: str | os.PathLike | list[ImageRef], outp
     meta = {"model": config.model, "weights_sha256": weights_sha256, "weights_file": weights_file,
             "precision": precision, "scales": list(config.scales), **tiles, "settings": config.to_dict()}
     with contextlib.ExitStack() as stack:
-        pngs = stack.enter_context(_png_folder(config, identity, overwrite)) if config.png_dir else None
         run = stack.enter_context(StageRun("contours", output, kind="contours", identity=identity, meta=meta,
                                            overwrite=overwrite, shard_size=config.shard_size))
+        pngs = stack.enter_context(_png_folder(config, identity, overwrite)) if config.png_dir else None
         stored_before = set(run.writer.completed)
         _log.info("contours: %s (%s), %s, scales %s, tiles of %s above %d px, on %s", config.model,
                   weights_sha256[:12], precision, ",".join(f"{s:g}" for s in config.scales),

@@ -187,9 +187,13 @@ class OutputFolder:
     # -- opening and closing ---------------------------------------------------------------------
     def open(self) -> OutputFolder:
         """Take the lock, check the manifest, clear (``overwrite``) or resume; returns ``self``."""
+        from .store import MANIFEST_NAME as STORE_MANIFEST
         from .store import StoreLock
 
         self._make_folder()
+        if (self.path / STORE_MANIFEST).exists():
+            raise OutputFolderError(self.path, "is a segsort-unsup store, not a folder of files; choose another "
+                                               "folder")
         lock = StoreLock(self.path)
         try:
             lock.acquire()

@@ -241,9 +241,9 @@ def run(config: UcmConfig, inputs: str | os.PathLike, output: str | os.PathLike,
     identity = config.identity(**provenance)
     meta = {"source": os.path.abspath(source), **provenance}
     with contextlib.ExitStack() as stack:
-        exports = [(stack.enter_context(folder), dirs) for folder, dirs in _export_folders(config, identity, overwrite)]
         run = stack.enter_context(StageRun("ucm", output, kind="segments", identity=identity, meta=meta,
                                            overwrite=overwrite, shard_size=config.shard_size))
+        exports = [(stack.enter_context(folder), dirs) for folder, dirs in _export_folders(config, identity, overwrite)]
         stored_before = set(run.writer.completed)
         run.run_jobs(executor or InProcess(), process_item, jobs, desc="ucm")
         if exports:
