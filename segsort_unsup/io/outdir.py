@@ -130,19 +130,25 @@ def read_output_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
     return data
 
 
-def child_path(root: str | os.PathLike, relative: str) -> Path:
-    """``root/relative`` for a name checked by :func:`safe_relative_name` that does not lead out of
-    ``root`` through a symbolic link either."""
+def child_path(root: str | os.PathLike, relative: str, *, checked: set[Path] | None = None) -> Path:
+    """``root/relative`` for a name checked by :func:`safe_relative_name` whose folder does not lead
+    out of ``root`` through a symbolic link either (the file itself is replaced, never followed, by
+    atomic writes). ``checked``: folders already found inside ``root`` (a cache)."""
     root = Path(root)
     target = root.joinpath(*safe_relative_name(relative, what="file name").split("/"))
-    real_root, real = root.resolve(), target.resolve()
+    if checked is not None and target.parent in checked:
+        return target
+    real_root, real = root.resolve(), target.parent.resolve()
     if real != real_root and real_root not in real.parents:
         raise OutputFolderError(target, f"leads out of the output folder {root} (a symbolic link); "
                                         "remove the link or choose another output folder")
+    if checked is not None and target.parent.is_dir():
+        checked.add(target.parent)
     return target
 
 
-def key_path(root: str | os.PathLike, key: str, suffix: str = "", *, folder: str = "") -> Path:
+def key_path(root: str | os.PathLike, key: str, suffix: str = "", *, folder: str = "",
+             checked: set[Path] | None = None) -> Path:
     """``root/<folder>/<key><suffix>``, ``key`` checked by :func:`safe_relative_name` (one line naming
     it when refused). Usable where no :class:`OutputFolder` is at hand (worker processes)."""
     safe_relative_name(key)
@@ -150,7 +156,7 @@ def key_path(root: str | os.PathLike, key: str, suffix: str = "", *, folder: str
     if len(last) > _MAX_PART_BYTES:
         raise UnsafeNameError(key, "key", f"with {suffix!r} its file name is {len(last)} bytes long "
                                           f"(at most {_MAX_PART_BYTES})")
-    return child_path(root, f"{folder.strip('/')}/{key}{suffix}" if folder else f"{key}{suffix}")
+    return child_path(root, f"{folder.strip('/')}/{key}{suffix}" if folder else f"{key}{suffix}", checked=checked)
 
 
 class OutputFolder:
@@ -180,6 +186,7 @@ class OutputFolder:
         self._files: dict[str, int | None] = {}  # relative path -> size (None: announced, not recorded)
         self._folders: set[str] = set()  # subfolders this tool created
         self._trees: set[str] = set()  # subfolders it owns whole
+        self._checked: set[Path] = set()  # folders found inside (no symbolic link leading out)
         self._manifest: dict[str, Any] = {}
         self._journal = None
         self._lock = None
@@ -378,11 +385,11 @@ class OutputFolder:
 
     def file_for(self, key: str, suffix: str = "", *, folder: str = "") -> Path:
         """The path of ``<folder>/<key><suffix>`` (``key`` checked by :func:`safe_relative_name`)."""
-        return key_path(self.path, key, suffix, folder=folder)
+        return key_path(self.path, key, suffix, folder=folder, checked=self._checked)
 
     def path_for(self, relative: str) -> Path:
         """The path of a fixed relative name (``index.html``, ``montages/a.png``), checked."""
-        return child_path(self.path, relative)
+        return child_path(self.path, relative, checked=self._checked)
 
     # -- state -----------------------------------------------------------------------------------
     @property
