@@ -46,7 +46,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import changed_keys, config_hash
-from ..errors import InputError, StoreError, _PathError
+from ..errors import InputError, SegsortError, StoreError, _PathError
 from .atomic import DiskFullError, atomic_path, atomic_write_text, fsync_dir, is_disk_full
 
 MANIFEST_NAME = ".segsort-output.json"
@@ -340,7 +340,7 @@ class OutputFolder:
             if tree.is_dir() and not tree.is_symlink():
                 shutil.rmtree(tree)
         self._remove_stale_temps()
-        for rel in sorted(self._known_folders(), key=lambda r: r.count("/"), reverse=True):
+        for rel in sorted(self._folders, key=lambda r: r.count("/"), reverse=True):
             with contextlib.suppress(OSError):  # only empty ones go: a folder holding a user's file stays
                 self._inside(rel).rmdir()
         (self.path / JOURNAL_NAME).unlink(missing_ok=True)
@@ -348,7 +348,7 @@ class OutputFolder:
         self._files, self._folders, self._trees = {}, set(), set()
 
     def _known_folders(self) -> set[str]:
-        """Listed subfolders, and those holding listed files (worker processes create folders unlisted)."""
+        """Listed subfolders, and those holding listed files (where a killed write left its temporary)."""
         parents = {rel.rsplit("/", 1)[0] for rel in [*self._files, *self._trees] if "/" in rel}
         parents |= {"/".join(p.split("/")[:i]) for p in parents for i in range(1, p.count("/") + 1)}
         return self._folders | parents
@@ -442,6 +442,14 @@ class OutputFolder:
             self._append({"tree": rel})
         return target
 
+    def make_parents(self, target: str | os.PathLike) -> Path:
+        """Create (and list) the folders of ``target``, e.g. before worker processes write it (a folder
+        they create is not listed, so ``overwrite`` would leave it, empty)."""
+        rel = self._relative(target)
+        if "/" in rel:
+            self.folder(rel.rsplit("/", 1)[0])
+        return Path(target)
+
     def announce(self, target: str | os.PathLike) -> Path:
         """List ``target`` as being written (owned, not complete) and create its folders."""
         rel = self._relative(target)
@@ -491,6 +499,18 @@ class OutputFolder:
             Path(tmp).write_text(text, encoding="utf-8")
 
 
+def prepare_exports(folder: OutputFolder, keys: Iterable[str], *, targets: Callable[[str], list[Path]]) -> None:
+    """Create (and list) the subfolders that worker processes will write ``keys``' exports into
+    (keys that cannot name a file are left to fail where they are processed)."""
+    for key in keys:
+        try:
+            paths = targets(key)
+        except SegsortError:
+            continue
+        for path in paths:
+            folder.make_parents(path)
+
+
 def settle_exports(folder: OutputFolder, keys: Iterable[str], *, targets: Callable[[str], list[Path]],
                    fresh: Container[str], redo: Callable[[str], None]) -> list[tuple[str, str]]:
     """Make the export files of every stored item complete in ``folder``; returns ``(key, reason)``
@@ -521,4 +541,4 @@ def settle_exports(folder: OutputFolder, keys: Iterable[str], *, targets: Callab
 
 
 __all__ = ["MANIFEST_NAME", "OutputFolder", "OutputFolderError", "UnsafeNameError", "key_path", "read_output_manifest",
-           "safe_relative_name", "settle_exports"]
+           "prepare_exports", "safe_relative_name", "settle_exports"]
