@@ -23,7 +23,7 @@ import numpy as np
 from ..config import StageConfig, config_hash, run_only, setting
 from ..errors import SegsortError
 from ..io.atomic import atomic_write_bytes
-from ..io.outdir import OutputFolder, key_path, settle_exports
+from ..io.outdir import OutputFolder, key_path, prepare_exports, settle_exports
 from ..io.images import DEFAULT_MAX_PIXELS, ImageRef, list_images, read_image
 from ..io.sources import item_sources
 from ..io.store import Item
@@ -182,10 +182,12 @@ def run(config: ContoursConfig, inputs: str | os.PathLike | list[ImageRef], outp
     meta = {"model": config.model, "weights_sha256": weights_sha256, "weights_file": weights_file,
             "precision": precision, "scales": list(config.scales), **tiles, "settings": config.to_dict()}
     with contextlib.ExitStack() as stack:
-        pngs = stack.enter_context(_png_folder(config, identity, overwrite)) if config.png_dir else None
         run = stack.enter_context(StageRun("contours", output, kind="contours", identity=identity, meta=meta,
                                            overwrite=overwrite, shard_size=config.shard_size,
                                            sources=item_sources(refs)))
+        pngs = stack.enter_context(_png_folder(config, identity, overwrite)) if config.png_dir else None
+        if pngs is not None:
+            prepare_exports(pngs, [ref.key for ref in refs], targets=lambda key: _png_targets(config, key))
         stored_before = set(run.writer.completed)
         _log.info("contours: %s (%s), %s, scales %s, tiles of %s above %d px, on %s", config.model,
                   weights_sha256[:12], precision, ",".join(f"{s:g}" for s in config.scales),
@@ -200,7 +202,7 @@ def run(config: ContoursConfig, inputs: str | os.PathLike | list[ImageRef], outp
             run.run_jobs(executor, process_image, jobs, desc="contours")
         if pngs is not None:
             run.writer.flush()
-            _settle_pngs(pngs, run, config, output, stored_before)
+            _settle_pngs(pngs, run, config, output, stored_before, {ref.key for ref in refs})
     return run.summary
 
 
@@ -217,7 +219,7 @@ def _png_folder(config: ContoursConfig, identity: dict[str, Any], overwrite: boo
 
 
 def _settle_pngs(folder: OutputFolder, run: StageRun, config: ContoursConfig, store: str | os.PathLike,
-                 stored_before: set[str]) -> None:
+                 stored_before: set[str], inputs: set[str]) -> None:
     """Record the PNGs this run wrote; redo from the store those of items stored without them."""
     from ..io.store import StoreReader
 
@@ -226,7 +228,7 @@ def _settle_pngs(folder: OutputFolder, run: StageRun, config: ContoursConfig, st
             edge = reader.read(key, ("edge",)).arrays["edge"]
             _write_pngs(folder.path, key, edge, nms=config.nms_png, compression=config.png_compression)
 
-        keys = sorted(run.writer.completed)
+        keys = sorted(run.writer.completed & inputs)  # items of inputs no longer given are left alone
         failed = settle_exports(folder, keys, targets=lambda key: _png_targets(config, key),
                                 fresh=run.writer.completed - stored_before, redo=redo)
     for key, reason in failed:

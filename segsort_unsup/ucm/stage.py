@@ -21,7 +21,7 @@ import numpy as np
 from ..config import StageConfig, config_hash, run_only
 from ..errors import BadImageError, InputError
 from ..io.images import list_images, read_edge_png
-from ..io.outdir import OutputFolder, settle_exports
+from ..io.outdir import OutputFolder, prepare_exports, settle_exports
 from ..io.sources import item_sources
 from ..io.store import DeferredArray, Item, StoreReader, cached_reader, is_store
 from ..log import get_logger
@@ -137,8 +137,12 @@ def process_item(job: _Job) -> Item:
     per-grid-edge arrays, float16 maps read as stored), each full-size array dropped as soon as it
     is no longer needed: the input maps after the watershed, the RAG's per-edge sums once merged.
     """
-    edge, orient, attrs = _load(job)
     cfg = job.config
+    if cfg.png_dir or cfg.mat_dir:  # a key that cannot name its exports fails before any work
+        from .export import export_paths
+
+        export_paths(job.key, png_dir=cfg.png_dir, mat_dir=cfg.mat_dir)
+    edge, orient, attrs = _load(job)
     h, w = edge.shape
     if cfg.oriented and orient is None:
         from ..edgemaps import edge_orientation
@@ -238,10 +242,16 @@ def run(config: UcmConfig, inputs: str | os.PathLike, output: str | os.PathLike,
     identity = config.identity(**provenance)
     meta = {"source": os.path.abspath(source), **provenance}
     with contextlib.ExitStack() as stack:
-        exports = [(stack.enter_context(folder), dirs) for folder, dirs in _export_folders(config, identity, overwrite)]
         run = stack.enter_context(StageRun("ucm", output, kind="segments", identity=identity, meta=meta,
                                            overwrite=overwrite, shard_size=config.shard_size,
                                            sources=item_sources(source)))
+        exports = [(stack.enter_context(folder), dirs) for folder, dirs in _export_folders(config, identity, overwrite)]
+        if exports:
+            from .export import export_paths
+
+            for folder, dirs in exports:
+                prepare_exports(folder, [job.key for job in jobs],
+                                targets=lambda key, dirs=dirs: export_paths(key, **dirs))
         stored_before = set(run.writer.completed)
         run.run_jobs(executor or InProcess(), process_item, jobs, desc="ucm")
         if exports:
@@ -274,13 +284,11 @@ def _settle_exports(exports: list[tuple[OutputFolder, dict[str, str]]], run: Sta
     from .export import export_item, export_paths
 
     by_key = {job.key: job for job in jobs}
-    keys = sorted(run.writer.completed)
+    keys = sorted(run.writer.completed & by_key.keys())  # items of inputs no longer given are left alone
     with StoreReader(store, kind="segments") as reader:
         for folder, dirs in exports:
             def redo(key: str, dirs: dict[str, str] = dirs) -> None:
-                job = by_key.get(key)
-                if job is None:
-                    raise InputError(f"{key} is no longer in the input; its exports cannot be redone")
+                job = by_key[key]
                 edge = _load(job)[0]
                 export_item(reader.read(key), config, **dirs, edge=edge,
                             source_store=job.path if job.kind == "store" else "")

@@ -341,14 +341,52 @@ def test_two_transfer_processes_into_one_folder_the_second_is_refused(tmp_path):
         time.sleep(0.005)
     first.send_signal(signal.SIGSTOP)
     try:
+        written = sorted(p.name for p in out.glob("*.png"))
         second = _console("transfer", tmp_path / "lab", tmp_path / "q", "-o", out, "--k", "1")
-        _, err = second.communicate(timeout=120)
+        third = _console("transfer", tmp_path / "lab", tmp_path / "q", "-o", out, "--k", "3", "--overwrite")
+        errors = [second.communicate(timeout=120)[1], third.communicate(timeout=120)[1]]
+        assert sorted(p.name for p in out.glob("*.png")) == written  # --overwrite deleted nothing
     finally:
         first.send_signal(signal.SIGCONT)
-    assert second.returncode != 0
-    assert "another segsort-unsup run is writing this folder" in err and err.strip().count("\n") == 0
+    for proc, err in zip((second, third), errors):
+        assert proc.returncode != 0
+        assert "another segsort-unsup run is writing this folder" in err and err.strip().count("\n") == 0
     _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
     assert "300 done" in err
     for key in ("img0000", "img0299"):
         np.testing.assert_array_equal(_labels(out / f"{key}.png"), expected)
+
+
+def test_a_killed_transfer_resumes_and_redoes_only_what_was_not_recorded(tmp_path):
+    import json
+    import re
+    import signal
+    import time
+
+    from segsort_unsup.io.outdir import JOURNAL_NAME
+
+    keys = [f"img{i:04d}" for i in range(300)]
+    expected = _toy_stores(tmp_path, keys)
+    out = tmp_path / "out"
+    first = _console("transfer", tmp_path / "lab", tmp_path / "q", "-o", out, "--k", "1")
+    journal = out / JOURNAL_NAME
+    deadline = time.monotonic() + 120
+    while not (journal.is_file() and journal.read_text().count("\n") >= 20):
+        assert first.poll() is None, first.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=60)
+    recorded = {json.loads(line)["file"] for line in journal.read_text().splitlines()
+                if line.endswith("}") and json.loads(line).get("size") is not None}
+    again = _console("transfer", tmp_path / "lab", tmp_path / "q", "-o", out, "--k", "1")
+    _, err = again.communicate(timeout=120)
+    assert again.returncode == 0, err
+    done, skipped = map(int, re.search(r"(\d+) done, (\d+) already complete", err).groups())
+    assert skipped == len(recorded - {"transfer.json"}) and done + skipped == len(keys)
+    listed = json.loads((out / "transfer.json").read_text())
+    assert listed["num_classes"] == 2
+    for key in keys[::37]:
+        np.testing.assert_array_equal(_labels(out / f"{key}.png"), expected)
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
