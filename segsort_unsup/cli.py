@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "inspect": "segsort_unsup.commands.inspect:inspect",
     "embed": "segsort_unsup.commands.embed:embed",
     "transfer": "segsort_unsup.commands.transfer:transfer",
+    "cluster": "segsort_unsup.commands.cluster:cluster",
     "retrieve": "segsort_unsup.commands.retrieve:retrieve",
 }
 
@@ -50,6 +51,7 @@ SUMMARIES: dict[str, str] = {
     "inspect": "What a store, run folder or model file holds (--json for scripts).",
     "embed": "Segments and one prototype per segment (SegSort embeddings + pixel sorting).",
     "transfer": "kNN label transfer from labelled prototypes: a label PNG per image.",
+    "cluster": "Label-free cluster maps of prototypes (k-means / FINCH) for the Hungarian-matched mIoU.",
     "retrieve": "Pictures of query segments next to their nearest labelled segments.",
 }
 _GLOBAL_FLAGS = {"-v", "-vv", "-vvv", "--verbose", "-q", "--quiet"}

@@ -297,6 +297,7 @@ STAGE_MODULES: tuple[str, ...] = (
     "segsort_unsup.embed.train",
     "segsort_unsup.embed.infer",
     "segsort_unsup.embed.transfer",
+    "segsort_unsup.discover.clusters",
     "segsort_unsup.evaluate.semantic_stage",
     "segsort_unsup.discover.stage",
     "segsort_unsup.evaluate.stage",

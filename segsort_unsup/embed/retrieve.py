@@ -215,10 +215,10 @@ def run_retrieve(labelled: str | os.PathLike, query: str | os.PathLike, output: 
     import cv2
 
     from ..io.outdir import OutputFolder
-    from .transfer import _open
+    from .transfer import open_prototypes
 
-    lab = _open(labelled, "labelled")
-    qry = _open(query, "query")
+    lab = open_prototypes(labelled, "labelled")
+    qry = open_prototypes(query, "query")
     try:
         same = Path(labelled).resolve() == Path(query).resolve()
         neighbours = _Neighbours(lab, qry, same=same, top=top, class_names=class_names)

@@ -19,6 +19,7 @@ image whose key could leave the folder fails alone, with one line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import numpy as np
 from ..config import StageConfig, config_hash, run_only
 from ..errors import InputError, StoreError
 from ..io.outdir import OutputFolder
+from ..io.sources import store_content
 from ..io.store import StoreReader
 from ..log import get_logger, progress
 from ..parallel import Executor
@@ -39,6 +41,7 @@ log = get_logger("transfer")
 
 INDEXES = ("flat", "ivf")
 MANIFEST = "transfer.json"
+ORIGINS = "made_from.json"  # key -> sha256 of the query shard its PNG was computed from
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,8 @@ def pixel_labels(votes: np.ndarray, maps: np.ndarray, *, fill: int = 255) -> np.
     return out
 
 
-def _open(path: str | os.PathLike, what: str) -> StoreReader:
+def open_prototypes(path: str | os.PathLike, what: str) -> StoreReader:
+    """A prototypes store to read (``what`` names its role in errors: labelled, query, scored)."""
     from ..io.store import is_store
 
     if not is_store(path):
@@ -170,7 +174,7 @@ def labelled_table(reader: StoreReader, *, ignore_label: int | None = None) -> t
     return x, y
 
 
-def _png(path: Path, labels: np.ndarray) -> bytes:
+def label_png(path: Path, labels: np.ndarray) -> bytes:
     """The label PNG's bytes (8-bit, or 16-bit for class ids above 255)."""
     import cv2
 
@@ -192,8 +196,8 @@ def run(config: TransferConfig, inputs: Any, output: str | os.PathLike, *,
         labelled_path, query_path = inputs
     except (TypeError, ValueError):
         raise InputError("transfer needs two inputs: a labelled prototypes store and a query prototypes store") from None
-    labelled = _open(labelled_path, "labelled")
-    query = _open(query_path, "query")
+    labelled = open_prototypes(labelled_path, "labelled")
+    query = open_prototypes(query_path, "query")
     x, y = labelled_table(labelled, ignore_label=config.ignore_label)
     num_classes = int(y.max()) + 1
     known = set(np.unique(y).tolist())
@@ -207,7 +211,8 @@ def run(config: TransferConfig, inputs: Any, output: str | os.PathLike, *,
     if x.shape[1] != query.read(query.keys()[0], ("prototypes",)).arrays["prototypes"].shape[1]:
         raise InputError(f"prototype dimensions differ between {labelled_path} and {query_path} "
                          "(embed both with the same model and --features)")
-    identity = config.identity(labelled=labelled.config_hash, query=query.config_hash)
+    identity = config.identity(labelled=labelled.config_hash, query=query.config_hash,
+                               labelled_content=store_content(labelled))
     record = {"identity": identity, "num_classes": num_classes, "labelled": str(labelled_path),
               "query": str(query_path)}
     with OutputFolder(output, kind="labels", identity=identity, overwrite=overwrite,
@@ -232,6 +237,7 @@ def _label_images(config: TransferConfig, folder: OutputFolder, query: StoreRead
     fill = config.ignore_label if config.ignore_label is not None else 255
     log.info("transfer: %d labelled prototypes (%d classes), %d query images, k=%d, %s index", len(y),
              num_classes, len(keys), config.k, config.index)
+    _forget_stale(folder, query, keys)
     for key in progress(keys, desc="transfer"):
         try:
             target = folder.file_for(key, ".png")
@@ -242,13 +248,38 @@ def _label_images(config: TransferConfig, folder: OutputFolder, query: StoreRead
             maps = item.arrays.get("views", item.arrays["segments"])
             votes = knn_votes(item.arrays["prototypes"], index, y, k=config.k, num_classes=num_classes,
                               batch=config.batch)
-            folder.write_bytes(target, _png(target, pixel_labels(votes, maps, fill=fill)))
+            folder.write_bytes(target, label_png(target, pixel_labels(votes, maps, fill=fill)))
             summary.done += 1
         except Exception as exc:  # noqa: BLE001 - one bad item never stops the run
             reason = failure_reason(exc)
             log.warning("transfer: %s: %s", key, reason)
             summary.failed.append((key, reason))
     return summary
+
+
+def _forget_stale(folder: OutputFolder, query: StoreReader, keys: list[str]) -> None:
+    """Un-record the PNGs of query items recomputed since they were written (a changed photo lands in
+    a new shard), then record what every PNG of this run is made from: the query shard's sha256."""
+    made_from = _read_origins(folder)
+    origins = {key: query.shard_sha256(key) for key in keys}
+    for key in keys:
+        if made_from.get(key) != origins[key]:
+            with contextlib.suppress(InputError):  # a key unfit for a file name fails in the loop
+                folder.forget(folder.file_for(key, ".png"))
+    folder.write_text(folder.path_for(ORIGINS), json.dumps(origins, indent=0, sort_keys=True))
+
+
+def _read_origins(folder: OutputFolder) -> dict[str, str]:
+    """Which query item (its shard's sha256) each recorded PNG was made from: a query item
+    recomputed since (a changed photo) has its PNG redone; a damaged record redoes them all."""
+    path = folder.path_for(ORIGINS)
+    if not folder.is_complete(path):
+        return {}
+    try:
+        origins = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return origins if isinstance(origins, dict) else {}
 
 
 def _has_labels(reader: StoreReader) -> bool:

@@ -266,7 +266,7 @@ def test_transfer_overwrite_removes_only_its_own_pngs(tmp_path):
     import json
 
     listed = json.loads((out / MANIFEST_NAME).read_text())["files"]
-    assert sorted(listed) == ["a.png", "sub/b.png", "transfer.json"]
+    assert sorted(listed) == ["a.png", "made_from.json", "sub/b.png", "transfer.json"]
 
 
 def test_transfer_refuses_a_folder_of_photos_and_leaves_it_alone(tmp_path):
@@ -384,9 +384,31 @@ def test_a_killed_transfer_resumes_and_redoes_only_what_was_not_recorded(tmp_pat
     _, err = again.communicate(timeout=120)
     assert again.returncode == 0, err
     done, skipped = map(int, re.search(r"(\d+) done, (\d+) already complete", err).groups())
-    assert skipped == len(recorded - {"transfer.json"}) and done + skipped == len(keys)
+    assert skipped == len(recorded - {"transfer.json", "made_from.json"}) and done + skipped == len(keys)
     listed = json.loads((out / "transfer.json").read_text())
     assert listed["num_classes"] == 2
     for key in keys[::37]:
         np.testing.assert_array_equal(_labels(out / f"{key}.png"), expected)
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_transfer_redoes_the_png_of_a_query_item_recomputed_since(tmp_path):
+    """A changed photo's prototypes land in a new shard of the query store: its label PNG is redone,
+    the others are kept (issue: stale results when the input changes)."""
+    _toy_stores(tmp_path, ["a", "b"])
+    out = tmp_path / "out"
+    first = run(TransferConfig(k=1), [tmp_path / "lab", tmp_path / "q"], out)
+    assert first.done == 2
+    before = _labels(out / "a.png")
+    from segsort_unsup.io.store import StoreReader
+
+    with StoreReader(tmp_path / "q") as reader:
+        item = reader.read("a")
+    flipped = Item("a", {**item.arrays, "prototypes": item.arrays["prototypes"][::-1].copy()})
+    with StoreWriter(tmp_path / "q", kind="prototypes", config={"stage": "test", "name": str(tmp_path / "q")}) as w:
+        w.add(flipped)  # the same key recomputed into a new shard
+    again = run(TransferConfig(k=1), [tmp_path / "lab", tmp_path / "q"], out)
+    assert (again.done, again.skipped) == (1, 1)
+    after = _labels(out / "a.png")
+    assert not np.array_equal(before, after)  # the twins swapped: every pixel's label flipped
+    assert run(TransferConfig(k=1), [tmp_path / "lab", tmp_path / "q"], out).skipped == 2
