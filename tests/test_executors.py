@@ -187,3 +187,51 @@ def test_killed_parent_leaves_no_worker_processes(tmp_path, local_stores):
     while time.monotonic() < deadline and any(_alive(p) for p in workers):
         time.sleep(0.1)
     assert not [p for p in workers if _alive(p)]
+
+
+def _declared_extras() -> dict[str, list[str]]:
+    import tomllib
+
+    with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as fh:
+        return tomllib.load(fh)["project"]["optional-dependencies"]
+
+
+def test_the_dask_hint_names_an_extra_that_installs_distributed(monkeypatch):
+    import re
+
+    from segsort_unsup import parallel
+
+    monkeypatch.setitem(sys.modules, "distributed", None)  # as on a machine without it
+    with pytest.raises(InputError) as info:
+        parallel.make_executor("dask-local", workers=1)
+    hint = re.search(r"pip install 'segsort-unsup\[(\w+)\]'", str(info.value))
+    assert hint, str(info.value)
+    extra = _declared_extras().get(hint.group(1))
+    assert extra is not None, f"pyproject declares no extra {hint.group(1)!r}"
+    assert any(re.match(r"dask\[.*distributed.*\]", req) or req.startswith("distributed") for req in extra), extra
+
+
+def test_the_built_package_provides_the_dask_extra(tmp_path):
+    """What pip reads: the wheel's metadata, built from a copy of the tracked files."""
+    import shutil
+    import zipfile
+
+    pytest.importorskip("setuptools")
+    repo = Path(__file__).resolve().parents[1]
+    tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    for name in tracked.stdout.splitlines():
+        if (repo / name).is_file():
+            (tmp_path / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / name, tmp_path / "src" / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "wheel"), str(tmp_path / "src")], capture_output=True, text=True,
+                           timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    wheel = next((tmp_path / "wheel").glob("*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        metadata = zf.read(next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    assert "Provides-Extra: dask" in metadata
+    assert any(line.startswith("Requires-Dist: dask[distributed]") and 'extra == "dask"' in line
+               for line in metadata.splitlines()), metadata
