@@ -14,7 +14,7 @@ and missing paths are errors naming file, section and key::
     input = "photos"            # folder, glob or list file
     output = "runs/photos"      # contours/, segments/, eval/ go here
     executor = "local"          # local | dask | dask-local
-    workers = 2                 # processes (local) or Dask workers (dask-local)
+    workers = 2                 # processes (local) or Dask workers (dask-local); default: one per core
     # scheduler = "tcp://host:8786"   # with executor = "dask"
 
     [contours]
@@ -61,7 +61,7 @@ from .config import SEED_MAX, StageConfig, did_you_mean
 from .errors import InputError
 from .io.images import excluding_outputs
 from .log import get_logger
-from .parallel import EXECUTORS, make_executor
+from .parallel import EXECUTORS, available_cores, make_executor
 from .stages import Stage, StageSummary, registry, run_stage
 
 log = get_logger("pipeline")
@@ -213,7 +213,7 @@ def load_pipeline(path: str | os.PathLike, *, input: str | None = None,  # noqa:
         raise InputError(f"{path}: input name(s) {clash} are also stage names; rename the input(s)")
 
     pipeline = Pipeline(path, output, executor=executor,
-                        workers=int(head.get("workers", 1)), scheduler=head.get("scheduler", ""), inputs=all_inputs)
+                        workers=int(head.get("workers") or available_cores()), scheduler=head.get("scheduler", ""), inputs=all_inputs)
     for stage in stages.values():
         raw = data.get(stage.name)
         if raw is None:

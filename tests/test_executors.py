@@ -63,9 +63,9 @@ def _images(bsds: Path) -> list[str]:
     return [str(p) for p in sorted((bsds / "images" / "test").glob("*.jpg"))[:N_IMAGES]]
 
 
-def _assert_same_stores(a: Path, b: Path) -> None:
+def _assert_same_stores(a: Path, b: Path, n: int = N_IMAGES) -> None:
     with StoreReader(a) as ra, StoreReader(b) as rb:
-        assert ra.keys() == rb.keys() and len(ra) == N_IMAGES
+        assert ra.keys() == rb.keys() and len(ra) == n
         assert ra.config_hash == rb.config_hash
         for key in ra.keys():
             ia, ib = ra[key], rb[key]
@@ -235,3 +235,22 @@ def test_the_built_package_provides_the_dask_extra(tmp_path):
     assert "Provides-Extra: dask" in metadata
     assert any(line.startswith("Requires-Dist: dask[distributed]") and 'extra == "dask"' in line
                for line in metadata.splitlines()), metadata
+
+
+@pytest.mark.slow
+def test_the_default_model_gives_the_same_bits_in_every_executor(tmp_path, bsds, pidinet_dir):
+    """pidinet at its default precision (bf16 on CPUs with AVX512-BF16/AMX): torch splits reductions by
+    thread count, so every inference call uses the same threads whatever the executor."""
+    images = tmp_path / "images.txt"
+    images.write_text("".join(f"{p}\n" for p in _images(bsds)[:4]))
+    config = contours.ContoursConfig(model="pidinet", weights=str(pidinet_dir / "table5_pidinet.pth"),
+                                     device="cpu", resize_to=192, shard_size=2)
+    executors = {"inprocess": InProcess(), "pool": ProcessPool(2), "dask": make_executor("dask-local", workers=2)}
+    for name, executor in executors.items():
+        with executor:
+            assert contours.run(config, str(images), tmp_path / name / "contours", executor=executor).ok
+            assert ucm.run(ucm.UcmConfig(), tmp_path / name / "contours", tmp_path / name / "segments",
+                           executor=executor).ok
+    for name in ("pool", "dask"):
+        _assert_same_stores(tmp_path / "inprocess" / "contours", tmp_path / name / "contours", n=4)
+        _assert_same_stores(tmp_path / "inprocess" / "segments", tmp_path / name / "segments", n=4)

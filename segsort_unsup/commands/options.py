@@ -28,12 +28,26 @@ def output_option(help: str) -> Callable:  # noqa: A002 - click's spelling
     return click.option("-o", "--output", required=True, type=click.Path(file_okay=True, path_type=Path), help=help)
 
 
+def _cores() -> int:
+    from ..parallel import available_cores
+
+    return available_cores()
+
+
+def threads_option(func: Callable) -> Callable:
+    """``--threads``: torch threads of each inference call (one place, the same in every executor)."""
+    return click.option("--threads", type=click.IntRange(min=1), default=None,
+                        help="Torch threads per image [default: 1, in every executor, so that every executor "
+                             "gives the same bits; workers give the parallelism]. More speed up a few huge "
+                             "images; the maps then differ in the last bits.")(func)
+
+
 def executor_options(func: Callable) -> Callable:
     """``--executor``, ``--workers``, ``--scheduler``: where per-image work runs."""
     func = click.option("--scheduler", default=None, metavar="tcp://HOST:8786",
                         help="Dask scheduler address (with --executor dask).")(func)
-    func = click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-                        help="Worker processes (local) or Dask workers (dask-local).")(func)
+    func = click.option("--workers", type=click.IntRange(min=1), default=_cores, show_default="one per core",
+                        help="Worker processes (local; 1 runs in this process) or Dask workers (dask-local).")(func)
     func = click.option("--executor", type=click.Choice(["local", "dask", "dask-local"]), default="local",
                         show_default=True,
                         help="local: this process or --workers processes; dask: a Dask cluster at --scheduler; "

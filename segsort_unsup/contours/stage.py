@@ -24,7 +24,7 @@ from ..io.atomic import atomic_write_bytes
 from ..io.images import DEFAULT_MAX_PIXELS, ImageRef, list_images, read_image
 from ..io.store import Item
 from ..log import get_logger
-from ..parallel import Executor, InProcess
+from ..parallel import Executor, InProcess, inference_threads, use_torch_threads
 from ..stages import Stage, StageRun, StageSummary
 from ..edgemaps import edge_nms, edge_orientation
 from .registry import DEFAULT_MODEL, MODELS
@@ -125,6 +125,7 @@ def _detector(config: ContoursConfig, threads: int | None):
 def process_image(job: _Job) -> Item:
     """Edge map of one image (module-level: local worker processes and Dask tasks run it)."""
     detector = _detector(job.config, job.threads)
+    use_torch_threads(job.threads)
     edge = detector.detect(read_image(job.path, max_pixels=job.config.max_pixels, resize_to=job.config.resize_to))
     return _item(job.key, job.path, edge, job.config, detector)
 
@@ -185,9 +186,7 @@ def run(config: ContoursConfig, inputs: str | os.PathLike | list[ImageRef], outp
         if isinstance(executor, InProcess):
             _run_batched(run, config, refs)
         else:
-            threads = config.threads
-            if threads is None and executor.local_workers:  # workers sharing this machine share its cores
-                threads = max(1, (os.cpu_count() or 1) // executor.local_workers)
+            threads = inference_threads(config.threads)  # the same in every executor: the same bits
             jobs = [_Job(ref.key, os.path.abspath(ref.path), config, threads) for ref in refs]
             run.run_jobs(executor, process_image, jobs, desc="contours")
     return run.summary
@@ -200,7 +199,9 @@ def _run_batched(run: StageRun, config: ContoursConfig, refs: list[ImageRef]) ->
     todo = run.todo(refs)
     if not todo:
         return
-    detector = _detector(config, config.threads)
+    threads = inference_threads(config.threads)
+    detector = _detector(config, threads)
+    use_torch_threads(threads)
     with progress(total=len(todo), desc="contours") as bar:
         for det in detector.detect_files(todo, max_pixels=config.max_pixels, resize_to=config.resize_to):
             bar.update(1)
