@@ -35,6 +35,10 @@ COMMANDS: dict[str, str] = {
     "transfer": "segsort_unsup.commands.transfer:transfer",
     "retrieve": "segsort_unsup.commands.retrieve:retrieve",
 }
+# The commands of pipeline stages, in pipeline order (the order of stages.STAGE_MODULES; `help`
+# lists them first, then the others in OTHER_COMMANDS' order). A test keeps the two orders equal.
+STAGE_COMMANDS: tuple[str, ...] = ("contours", "ucm", "train", "embed", "transfer", "discover", "evaluate")
+OTHER_COMMANDS: tuple[str, ...] = ("run", "demo", "retrieve", "inspect", "weights")
 
 
 # command name -> one-line summary for `--help` (kept here so help needs no heavy imports)
@@ -64,7 +68,8 @@ class _BadInput(click.ClickException):
 
 class _LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(name for name, target in COMMANDS.items() if _importable(target))
+        ordered = [*STAGE_COMMANDS, *OTHER_COMMANDS, *sorted(set(COMMANDS) - {*STAGE_COMMANDS, *OTHER_COMMANDS})]
+        return [name for name in ordered if name in COMMANDS and _importable(COMMANDS[name])]
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         target = COMMANDS.get(name)
@@ -82,10 +87,12 @@ class _LazyGroup(click.Group):
         return super().resolve_command(ctx, args)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = [(name, SUMMARIES.get(name, "")) for name in self.list_commands(ctx)]
-        if rows:
-            with formatter.section("Commands"):
-                formatter.write_dl(rows)
+        names = self.list_commands(ctx)
+        for title, members in (("Stages, in pipeline order", [n for n in names if n in STAGE_COMMANDS]),
+                               ("Other commands", [n for n in names if n not in STAGE_COMMANDS])):
+            if members:
+                with formatter.section(title):
+                    formatter.write_dl([(name, SUMMARIES.get(name, "")) for name in members])
 
     def invoke(self, ctx: click.Context):
         verbose = ctx.params.get("verbose", 0) > 0
@@ -121,7 +128,8 @@ def _importable(target: str) -> bool:
 def main(verbose: int, quiet: bool) -> None:
     """Unsupervised segments and visual groups from a folder of photos (SegSort pipeline).
 
-    Stages: contours -> ucm -> (train -> discover); evaluate measures them on BSDS500.
+    Stages: contours -> ucm -> train -> embed -> transfer / discover; evaluate measures them.
+    `run PIPELINE.toml` runs them all in order (see pipelines/*.toml).
     """
     setup_logging(-1 if quiet else verbose)
 

@@ -11,6 +11,21 @@ import click
 from ..log import LOGGER_NAME
 from ..stages import StageSummary
 
+class FullHelpGroup(click.Group):
+    """A command group whose ``--help`` shows each sub-command's whole first line (click cuts it at 45
+    characters with "...")."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=10_000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
 overwrite_option = click.option(
     "--overwrite", is_flag=True, help="Replace an existing output store instead of resuming it."
 )

@@ -525,7 +525,9 @@ def _run(config: TrainConfig, segments: Path, out: Path, *, device, precision: s
             "supervised": bool(config.labels_dir), "steps": config.steps, "seed": config.seed,
             "precision": precision, "images": n_images, "segments_threshold": seg_config.get("threshold"),
             "cut": config.cut if config.cut is not None else seg_config.get("threshold"),
-            "train_config": json.dumps(config.result_fields(), sort_keys=True), **provenance})
+            **provenance, "backbone_weights_sha256": _trunk_weights_sha256(config),
+            # the settings as a table; freeze_blocks as trained (cached mode freezes the whole trunk)
+            "train_config": {**config.result_fields(), "freeze_blocks": model_cfg["freeze_blocks"]}})
         tail = losses[-5:] if losses else []
         summary.note = (f"{config.mode} mode, {n_images} images, step {step}/{config.steps}"
                         + (f", loss {np.mean(tail):.4f} (last {len(tail)})" if tail else "")
@@ -533,6 +535,17 @@ def _run(config: TrainConfig, segments: Path, out: Path, *, device, precision: s
     _barrier(world)
     summary.losses = losses  # type: ignore[attr-defined]  # for tests and benchmarks
     return summary
+
+
+def _trunk_weights_sha256(config: TrainConfig) -> str:
+    """sha256 of the trunk's pretrained weights: the given file, or the cached HED weights it defaults to."""
+    if config.backbone_weights:
+        return sha256_file(config.backbone_weights)
+    if config.backbone == "vgg16-hed":
+        from ..contours.weights import resolve_weights
+
+        return resolve_weights("hed-bsds500", None)[1]  # what the trunk was loaded from (sha256-checked)
+    return ""
 
 
 def _fused_sgd_ok(device) -> bool:
