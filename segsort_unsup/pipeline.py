@@ -323,8 +323,9 @@ def run_pipeline(pipeline: Pipeline, *, overwrite: bool = False, from_stage: str
     """
     span = _span(pipeline, from_stage, until_stage)
     summaries: list[StageSummary] = []
+    scheduler = pipeline.scheduler or None
     with excluding_outputs(*written_folders(pipeline)), \
-            make_executor(pipeline.executor, workers=pipeline.workers, scheduler=pipeline.scheduler or None) as executor:
+            make_executor(pipeline.executor, workers=pipeline.workers, scheduler=scheduler) as executor:
         for section in span:
             started = time.perf_counter()
             try:
