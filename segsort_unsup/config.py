@@ -47,6 +47,11 @@ def setting(default: Any, *, help: str = "") -> Any:  # noqa: A002
     return field(default=default, metadata={_HELP: help})
 
 
+def help_of(f: dataclasses.Field) -> str:
+    """The help text of a config field (its ``setting``/``run_only`` metadata), "" if none."""
+    return str(f.metadata.get(_HELP, ""))
+
+
 def did_you_mean(unknown: list[str], known: typing.Iterable[str]) -> str:
     """`` (did you mean 'threshold'?)`` for the first unknown name close to a known one, else ""."""
     import difflib

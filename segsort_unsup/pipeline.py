@@ -14,7 +14,7 @@ and missing paths are errors naming file, section and key::
     input = "photos"            # folder, glob or list file
     output = "runs/photos"      # contours/, segments/, eval/ go here
     executor = "local"          # local | dask | dask-local
-    workers = 2                 # processes (local) or Dask workers (dask-local)
+    workers = 2                 # processes (local) or Dask workers (dask-local); default: one per core
     # scheduler = "tcp://host:8786"   # with executor = "dask"
 
     [contours]
@@ -62,7 +62,7 @@ from .errors import InputError
 from .io.images import excluding_outputs
 from .io.outdir import UnsafeNameError, safe_relative_name
 from .log import get_logger
-from .parallel import EXECUTORS, make_executor
+from .parallel import EXECUTORS, available_cores, make_executor
 from .stages import Stage, StageSummary, registry, run_stage
 
 log = get_logger("pipeline")
@@ -214,7 +214,7 @@ def load_pipeline(path: str | os.PathLike, *, input: str | None = None,  # noqa:
         raise InputError(f"{path}: input name(s) {clash} are also stage names; rename the input(s)")
 
     pipeline = Pipeline(path, output, executor=executor,
-                        workers=int(head.get("workers", 1)), scheduler=head.get("scheduler", ""), inputs=all_inputs)
+                        workers=int(head.get("workers") or available_cores()), scheduler=head.get("scheduler", ""), inputs=all_inputs)
     for stage in stages.values():
         raw = data.get(stage.name)
         if raw is None:
@@ -329,8 +329,9 @@ def run_pipeline(pipeline: Pipeline, *, overwrite: bool = False, from_stage: str
     """
     span = _span(pipeline, from_stage, until_stage)
     summaries: list[StageSummary] = []
+    scheduler = pipeline.scheduler or None
     with excluding_outputs(*written_folders(pipeline)), \
-            make_executor(pipeline.executor, workers=pipeline.workers, scheduler=pipeline.scheduler or None) as executor:
+            make_executor(pipeline.executor, workers=pipeline.workers, scheduler=scheduler) as executor:
         for section in span:
             started = time.perf_counter()
             try:

@@ -23,6 +23,8 @@ from segsort_unsup.io.images import read_image
 SCRIPT = Path(sys.executable).parent / "segsort-unsup"
 IDS = ("100007", "100039", "100099")
 SIZE = (120, 80)  # width, height: tiny photos keep every command at a few seconds
+# One process: worker pools (the default, one per core) would only add start-up time to these tiny runs.
+ONE_WORKER = {name: ("--workers", "1") for name in ("contours", "ucm", "embed")}
 
 
 def cli(*args: object, home: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -30,8 +32,8 @@ def cli(*args: object, home: Path | None = None, timeout: float = 300) -> subpro
     env = dict(os.environ)
     if home is not None:
         env["SEGSORT_UNSUP_HOME"] = str(home)
-    return subprocess.run([str(SCRIPT), "-q", *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    return subprocess.run([str(SCRIPT), "-q", *map(str, args), *ONE_WORKER.get(str(args[0]), ())],
+                          capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def _check(result: subprocess.CompletedProcess, code: int) -> None:
@@ -115,7 +117,7 @@ def test_contours_exit_codes(photos, contours_store, pidinet_dir, tmp_path):
                  "--weights", weights)
     _check(failed, 1)
     assert "1 done, 0 already complete, 1 failed of 2" in failed.stderr
-    _check(cli("contours", photos, "-o", tmp_path / "c2", "--workers", "0"), 2)  # usage error
+    _check(cli("contours", photos, "-o", tmp_path / "c2", "--model", "nosuch"), 2)  # usage error
 
 
 def test_ucm_exit_codes(segments, tmp_path):
@@ -193,7 +195,7 @@ def test_evaluate_exit_codes(tmp_path):
 def test_run_exits_1_when_a_stage_had_failures(photos, pidinet_dir, tmp_path):
     mixed = _with_garbage(tmp_path, photos)
     pipeline = tmp_path / "p.toml"
-    pipeline.write_text(f'[pipeline]\ninput = "{mixed}"\noutput = "{tmp_path / "out"}"\n'
+    pipeline.write_text(f'[pipeline]\ninput = "{mixed}"\noutput = "{tmp_path / "out"}"\nworkers = 1\n'
                         f'[contours]\nmodel = "pidinet-tiny"\nprecision = "fp32"\n'
                         f'weights = "{pidinet_dir / "table5_pidinet-tiny.pth"}"\n[ucm]\n')
     failed = cli("run", pipeline)

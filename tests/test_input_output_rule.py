@@ -36,6 +36,7 @@ def test_a_pipeline_writing_into_its_input_does_not_grow(bsds, pidinet_dir, tmp_
 [pipeline]
 input = "."
 output = "{output}"
+workers = 1
 [contours]
 model = "pidinet-tiny"
 precision = "fp32"

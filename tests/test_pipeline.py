@@ -254,3 +254,14 @@ def test_camvid_pipeline_file_runs_end_to_end_and_takes_another_scored_set(tmp_p
 def test_pipeline_seed_is_every_seeded_stages_default(tmp_path):
     pipe = load_pipeline(_write(tmp_path, "[pipeline]\ninput='a'\noutput='b'\nseed=7\n[train]\n[embed]\n[discover]\nseed=3\n"))
     assert pipe.configs["train"].seed == 7 and pipe.configs["discover"].seed == 3
+
+
+def test_workers_default_to_one_per_core_and_paths_are_relative_to_the_file(tmp_path):
+    import os
+
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "p.toml"
+    path.write_text("[pipeline]\ninput='photos'\noutput='../out'\n")
+    pipe = load_pipeline(path)
+    assert pipe.workers == len(os.sched_getaffinity(0))
+    assert pipe.input == str(tmp_path / "sub" / "photos") and pipe.output == tmp_path / "out"

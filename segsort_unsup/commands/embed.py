@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .options import executor_options, finish, float_list, output_option, overwrite_option, shard_size_option
+from .options import (executor_options, finish, float_list, output_option,
+                      overwrite_option, shard_size_option, threads_option)
 
 
 @click.command("embed")
@@ -31,7 +32,7 @@ from .options import executor_options, finish, float_list, output_option, overwr
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="auto: bf16 on CPUs with AMX/AVX512-BF16 and on CUDA, else fp32.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1...")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads per process.")
+@threads_option
 @executor_options
 @shard_size_option
 @overwrite_option

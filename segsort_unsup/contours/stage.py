@@ -28,7 +28,7 @@ from ..io.images import DEFAULT_MAX_PIXELS, ImageRef, list_images, read_image
 from ..io.sources import item_sources
 from ..io.store import Item
 from ..log import get_logger
-from ..parallel import Executor, InProcess
+from ..parallel import Executor, InProcess, inference_threads, use_torch_threads
 from ..stages import Stage, StageRun, StageSummary
 from ..edgemaps import edge_nms, edge_orientation
 from .registry import DEFAULT_MODEL, MODELS
@@ -129,6 +129,7 @@ def _detector(config: ContoursConfig, threads: int | None):
 def process_image(job: _Job) -> Item:
     """Edge map of one image (module-level: local worker processes and Dask tasks run it)."""
     detector = _detector(job.config, job.threads)
+    use_torch_threads(job.threads)
     edge = detector.detect(read_image(job.path, max_pixels=job.config.max_pixels, resize_to=job.config.resize_to))
     return _item(job.key, job.path, edge, job.config, detector)
 
@@ -195,9 +196,7 @@ def run(config: ContoursConfig, inputs: str | os.PathLike | list[ImageRef], outp
         if isinstance(executor, InProcess):
             _run_batched(run, config, refs)
         else:
-            threads = config.threads
-            if threads is None and executor.local_workers:  # workers sharing this machine share its cores
-                threads = max(1, (os.cpu_count() or 1) // executor.local_workers)
+            threads = inference_threads(config.threads)  # the same in every executor: the same bits
             jobs = [_Job(ref.key, os.path.abspath(ref.path), config, threads) for ref in refs]
             run.run_jobs(executor, process_image, jobs, desc="contours")
         if pngs is not None:
@@ -243,7 +242,9 @@ def _run_batched(run: StageRun, config: ContoursConfig, refs: list[ImageRef]) ->
     todo = run.todo(refs)
     if not todo:
         return
-    detector = _detector(config, config.threads)
+    threads = inference_threads(config.threads)
+    detector = _detector(config, threads)
+    use_torch_threads(threads)
     with progress(total=len(todo), desc="contours") as bar:
         for det in detector.detect_files(todo, max_pixels=config.max_pixels, resize_to=config.resize_to):
             bar.update(1)
