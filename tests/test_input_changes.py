@@ -161,3 +161,43 @@ def test_distributed_tasks_record_inputs_too(tmp_path, photos, pidinet_dir):
     assert (again.done, again.skipped) == (1, 1)
     assert run_contours(config, str(images), tmp_path / "clean").ok
     _same_items(tmp_path / "contours", tmp_path / "clean")
+
+
+def test_pipeline_rerun_after_adding_photos(tmp_path, photos, pidinet_dir):
+    """`segsort-unsup run` (the installed script) after a photo was added and one replaced: only they are
+    computed, in both stages."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in photos[:2]:
+        shutil.copy(path, images / path.name)
+    toml = tmp_path / "p.toml"
+    toml.write_text(f"""
+[pipeline]
+input = "images"
+output = "out"
+[contours]
+model = "pidinet-tiny"
+weights = "{pidinet_dir / 'table5_pidinet-tiny.pth'}"
+precision = "fp32"
+device = "cpu"
+[ucm]
+""")
+    exe = Path(sys.executable).parent / "segsort-unsup"
+
+    def run() -> str:
+        out = subprocess.run([str(exe), "run", str(toml)], capture_output=True, text=True, env=os.environ,
+                             timeout=600)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout + out.stderr
+
+    run()
+    shutil.copy(photos[2], images / photos[2].name)
+    shutil.copy(photos[3], images / photos[0].name)
+    text = run()
+    assert "contours: 2 done, 1 already complete" in text and "ucm: 2 done, 1 already complete" in text
+    with StoreReader(tmp_path / "out" / "segments") as reader:
+        assert reader.keys() == sorted(p.stem for p in photos[:3])

@@ -465,9 +465,8 @@ def _build_model(t: _Training) -> None:
     config = t.config
     seed_everything(config.seed)
     model_cfg = {"backbone": config.backbone, "feature_layer": config.feature_layer,
-                 "freeze_blocks": config.freeze_blocks, "embedding_dim": config.embedding_dim,
+                 "freeze_blocks": _frozen_blocks(config), "embedding_dim": config.embedding_dim,
                  "head": config.head, "hidden": config.hidden}
-    model_cfg["freeze_blocks"] = _frozen_blocks(config)
     model = build_model(model_cfg, backbone_weights=config.backbone_weights).to(t.device)
     if t.precision != "fp32":
         model = model.to(memory_format=torch.channels_last)
