@@ -74,6 +74,8 @@ CHECKPOINT_VERSION = 1
 # group's timeout is set explicitly, well above the defaults (10 min gloo, 30 min nccl).
 DIST_TIMEOUT = timedelta(hours=4)
 TEST_SIGTERM_ENV = "SEGSORT_TEST_SIGTERM_AFTER_STEP"
+LONG_RUN_SECONDS = 120.0  # a run estimated longer than this says so once, with how to shorten it
+PACE_STEPS = 3  # steps timed (after the first, which warms up) for that estimate
 
 
 class TrainingDiverged(SegsortError):
@@ -644,7 +646,7 @@ def _loss(t: _Training, emb, target):
 def _train_loop(t: _Training, batches: Iterator[dict[str, Any]]) -> int:
     """Steps ``start .. steps - 1``; a stop request (Ctrl-C, SIGTERM) is honoured between steps."""
     config, step = t.config, t.start
-    meter = _Meter(step)
+    meter, pace = _Meter(step), _Pace(t)
     with _stop_between_steps(), _MetricsLog(t) as metrics:
         while step < config.steps:
             if _stop_requested():
@@ -655,6 +657,7 @@ def _train_loop(t: _Training, batches: Iterator[dict[str, Any]]) -> int:
             t.summary.done += 1
             t.recent_losses = [*t.recent_losses[-4:], loss]
             metrics.step(step, loss, meter)
+            pace.after(step)
             if step % config.checkpoint_every == 0 and step < config.steps:
                 save_checkpoint(t, step)
     return step
@@ -719,6 +722,32 @@ class _Meter:
         ips = (step - self.tick_step) * batch / max(now - self.tick, 1e-9)
         self.tick, self.tick_step = now, step
         return ips
+
+
+class _Pace:
+    """Before a long run: one line with the time left, measured on the first steps after the warm-up."""
+
+    def __init__(self, t: _Training):
+        self.t, self.began = t, None
+
+    def after(self, step: int) -> None:
+        t = self.t
+        if step == t.start + 1:
+            self.began = time.perf_counter()
+        if self.began is None or step != t.start + 1 + PACE_STEPS:
+            return
+        per_step = (time.perf_counter() - self.began) / PACE_STEPS
+        left = (t.config.steps - step) * per_step
+        if t.main and left > LONG_RUN_SECONDS:
+            head = "" if t.config.head == "conv1" else " or --head conv1"
+            log.info("train: about %s left for %d steps (%.2f s a step); for a shorter run use fewer --steps, "
+                     "a smaller --crop (now %d)%s", _duration(left), t.config.steps - step, per_step, t.config.crop,
+                     head)
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{max(minutes, 1)} min"
 
 
 class _MetricsLog:
