@@ -238,7 +238,7 @@ def test_two_process_torchrun_follows_one_process(tiny, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
                 "127.0.0.1", "--master-port", str(29500 + os.getpid() % 1000)]
     cmd = _cli(tiny, tmp_path / "two", *common)
-    two = subprocess.run(torchrun + ["-m", "segsort_unsup.cli"] + cmd[3:], cwd=REPO, env=env,
+    two = subprocess.run(torchrun + ["-m", "segsort_unsup.cli"] + cmd[1:], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     a = np.array([m["loss"] for m in _metrics(tmp_path / "one")])
