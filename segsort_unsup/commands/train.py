@@ -41,7 +41,8 @@ from .options import finish, float_list, output_option, overwrite_option, seed_o
               show_default=True, help="Cached mode: image scales whose features are cached.")
 @click.option("--no-flip", is_flag=True, help="No horizontal flips.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-              help="auto: bf16 on CPUs with AVX512-BF16/AMX and on CUDA, else fp32.")
+              help="auto: bf16 on CPUs with AVX512-BF16/AMX and on CUDA GPUs that have it, fp16 (with loss "
+                   "scaling) on older GPUs, else fp32.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
               help="Data-loading processes (full mode).")
@@ -58,8 +59,8 @@ def train(segments, output, mode, images, cut, labels_dir, ignore_label, backbon
           threads, checkpoint_every, keep, log_every, features_dir, seed, overwrite):
     """Train a SegSort embedding on the segments of SEGMENTS (a store written by `segsort-unsup ucm`).
 
-    Under `torchrun --nproc-per-node N` the same command trains with DDP. Ctrl-C saves a
-    checkpoint; re-running the same command resumes it.
+    Under `torchrun --nproc-per-node N` the same command trains with DDP. Ctrl-C or SIGTERM stops at
+    the end of the current step with a checkpoint; re-running the same command resumes it.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
     from ..embed.train import TrainConfig, run

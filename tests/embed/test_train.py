@@ -145,6 +145,7 @@ def test_sigterm_right_after_an_optimizer_step_stops_at_the_step_boundary(tiny, 
     again = subprocess.run(_cli(tiny, out), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "at step 7 of 24" in again.stdout + again.stderr
+    assert "7/24" in again.stderr and "0/17" not in again.stderr  # the bar counts the resumed steps
     _assert_same_weights(reference / "model.pt", out / "model.pt")
     assert _losses(out) == _losses(reference)
 
@@ -237,7 +238,7 @@ def test_two_process_torchrun_follows_one_process(tiny, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
                 "127.0.0.1", "--master-port", str(29500 + os.getpid() % 1000)]
     cmd = _cli(tiny, tmp_path / "two", *common)
-    two = subprocess.run(torchrun + ["-m", "segsort_unsup.cli"] + cmd[3:], cwd=REPO, env=env,
+    two = subprocess.run(torchrun + ["-m", "segsort_unsup.cli"] + cmd[1:], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     a = np.array([m["loss"] for m in _metrics(tmp_path / "one")])
@@ -429,12 +430,12 @@ def test_temporaries_of_a_run_killed_while_saving_are_cleaned(tiny, tmp_path):
 
 
 def test_the_feature_pass_skips_bad_images_but_surfaces_bugs(tiny, tmp_path, monkeypatch):
-    from segsort_unsup.embed import data as D
+    from segsort_unsup.embed import features as F
 
     def broken(*args, **kwargs):
         raise TypeError("a programming error")
 
-    monkeypatch.setattr(D, "compute_features", broken)
+    monkeypatch.setattr(F, "compute_features", broken)
     with pytest.raises(TypeError, match="a programming error"):
         run(_config(tiny, steps=2, features_dir=str(tmp_path / "features")), tiny["store"], tmp_path / "run")
 
@@ -468,3 +469,18 @@ def test_fp16_training_steps_through_the_loss_scaler(tiny, tmp_path):
     scaler = last_checkpoint("fp16")["scaler"]
     assert scaler["scale"] == 65536.0 and scaler["_growth_tracker"] == 3  # three finite scaled steps
     assert last_checkpoint("bf16")["scaler"] == {}  # bf16 needs none
+
+
+def test_a_long_run_says_how_long_and_how_to_shorten_it(tiny, tmp_path, monkeypatch, caplog):
+    import segsort_unsup.embed.train as T
+
+    monkeypatch.setattr(T, "LONG_RUN_SECONDS", 0.0)  # every run counts as long
+    began = time.perf_counter()
+    with caplog.at_level("INFO", logger="segsort_unsup"):
+        run(_config(tiny, steps=24, checkpoint_every=100), tiny["store"], tmp_path / "run")
+    per_step = (time.perf_counter() - began) / 24
+    lines = [r.getMessage() for r in caplog.records if "left for" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "left for 20 steps" in lines[0] and "--steps" in lines[0] and "--crop (now 96)" in lines[0]
+    estimate = float(lines[0].split("(")[1].split(" s a step")[0])
+    assert 0 < estimate < 5 * per_step  # the run's own steps, not a guess (setup included in per_step)
