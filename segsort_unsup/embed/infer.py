@@ -183,54 +183,79 @@ def embed_image(model, rgb: np.ndarray, *, features: str = "head", window: int =
     return F.normalize(total, dim=1)[0]
 
 
-def segment_table(embedding, segments: np.ndarray, labels: np.ndarray | None = None
-                  ) -> dict[str, np.ndarray]:
-    """Prototypes, areas, boxes (and majority classes) of a segment map.
+def segment_table(embedding, segments, labels=None) -> dict[str, np.ndarray]:
+    """Prototypes, areas, boxes (and majority classes) of a segment map, as host arrays.
 
-    embedding : (D, H, W) tensor, unit rows. segments : (H, W) ids 0..K-1, -1 = left out.
-    labels : (H, W) classes (used where ``segments >= 0``): each segment takes its majority class
-    (ties: the lowest class) and its prototype uses only the pixels of that class.
+    embedding : (D, H, W) tensor, unit rows. segments : (H, W) ids 0..K-1, -1 = left out (array
+    or tensor). labels : (H, W) classes (used where ``segments >= 0``): each segment takes its
+    majority class (ties: the lowest class) and its prototype uses only the pixels of that class.
+    Computed on the embedding's device (:func:`device_segment_table`), then moved to the host.
     """
+    dev = embedding.device
+    table = device_segment_table(embedding, _as_tensor(segments, dev),
+                                 None if labels is None else _as_tensor(labels, dev))
+    return to_host(table)
+
+
+def device_segment_table(embedding, segments, labels=None) -> dict[str, Any]:
+    """:func:`segment_table` as tensors on the embedding's device (nothing leaves the device but
+    the segment count)."""
     import torch
     import torch.nn.functional as F
 
-    seg = np.asarray(segments)
-    k = int(seg.max()) + 1 if seg.size and seg.max() >= 0 else 0
-    d = embedding.shape[0]
-    flat = seg.reshape(-1)
-    keep = flat >= 0
-    ids = flat[keep].astype(np.int64)
-    area = np.bincount(ids, minlength=k).astype(np.int64)
-    ys, xs = np.divmod(np.flatnonzero(keep), seg.shape[1])
-    bbox = np.zeros((k, 4), np.int32)
-    if k:
-        bbox[:, 0] = np.full(k, seg.shape[0]); bbox[:, 1] = np.full(k, seg.shape[1])  # noqa: E702
-        np.minimum.at(bbox[:, 0], ids, ys)
-        np.minimum.at(bbox[:, 1], ids, xs)
-        np.maximum.at(bbox[:, 2], ids, ys + 1)
-        np.maximum.at(bbox[:, 3], ids, xs + 1)
-    out: dict[str, np.ndarray] = {"area": area, "bbox": bbox}
+    dev = embedding.device
+    d, h, w = embedding.shape
+    flat = segments.to(dev).reshape(-1).long()
+    k = int(flat.max()) + 1 if flat.numel() else 0
+    pix = torch.nonzero(flat >= 0).squeeze(1)
+    ids = flat[pix]
+    ys, xs = torch.div(pix, w, rounding_mode="floor"), pix % w
+    bbox = torch.stack([
+        torch.full((k,), h, dtype=torch.long, device=dev).scatter_reduce_(0, ids, ys, "amin"),
+        torch.full((k,), w, dtype=torch.long, device=dev).scatter_reduce_(0, ids, xs, "amin"),
+        torch.zeros(k, dtype=torch.long, device=dev).scatter_reduce_(0, ids, ys + 1, "amax"),
+        torch.zeros(k, dtype=torch.long, device=dev).scatter_reduce_(0, ids, xs + 1, "amax"),
+    ], dim=1).int()
+    out: dict[str, Any] = {"area": torch.bincount(ids, minlength=k), "bbox": bbox}
     members = ids
-    pix = torch.from_numpy(np.flatnonzero(keep))
     if labels is not None:
-        lab = np.asarray(labels).reshape(-1)[keep].astype(np.int64)
-        n_cls = int(lab.max()) + 1 if lab.size else 1
-        counts = np.zeros((k, n_cls), np.int64)
-        np.add.at(counts, (ids, lab), 1)
-        majority = counts.argmax(axis=1).astype(np.int32)
+        lab = labels.to(dev).reshape(-1).long()[pix]
+        n_cls = int(lab.max()) + 1 if lab.numel() else 1
+        counts = torch.bincount(ids * n_cls + lab, minlength=k * n_cls).reshape(k, n_cls)
+        majority = counts.argmax(dim=1)  # the first (lowest) class among equal counts
         own = majority[ids] == lab
-        members = ids[own]
-        pix = pix[torch.from_numpy(own)]
-        out["label"] = majority
+        members, pix = ids[own], pix[own]
+        out["label"] = majority.int()
     emb = embedding.reshape(d, -1).float()[:, pix].T  # (P, D)
-    sums = torch.zeros(k, d, dtype=torch.float32).index_add_(0, torch.from_numpy(members), emb.cpu())
-    out["prototypes"] = F.normalize(sums, dim=1).numpy().astype(np.float32)
+    sums = emb.new_zeros(k, d).index_add_(0, members, emb)
+    out["prototypes"] = F.normalize(sums, dim=1)
     return out
 
 
+def to_host(arrays: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The one place results leave the device: tensors -> NumPy arrays (store dtypes)."""
+    import torch
+
+    dtypes = {"prototypes": np.float32, "area": np.int64}
+    out = {}
+    for name, value in arrays.items():
+        arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        out[name] = arr.astype(dtypes.get(name, np.int32), copy=False)
+    return out
+
+
+def _as_tensor(values, device):
+    import torch
+
+    if isinstance(values, torch.Tensor):
+        return values.to(device)
+    return torch.from_numpy(np.ascontiguousarray(values)).to(device)
+
+
 def sort_pixels(embedding, *, valid=None, grid: tuple[int, int] = (5, 5), iterations: int = 10,
-                location_weight: float = 1.0, stride: int = 1) -> np.ndarray:
-    """Pixel sorting of one ``(D, H, W)`` embedding -> ``(H, W)`` int32 segment ids (-1: not valid).
+                location_weight: float = 1.0, stride: int = 1):
+    """Pixel sorting of one ``(D, H, W)`` embedding -> ``(H, W)`` int64 segment ids (-1: not
+    valid), a tensor on the embedding's device.
 
     ``stride=1`` is :func:`~segsort_unsup.embed.sorting.pixel_sort` on every pixel (the
     reference). ``stride=s`` sorts the ``s x s`` average-pooled embedding (cells with an invalid
@@ -244,16 +269,18 @@ def sort_pixels(embedding, *, valid=None, grid: tuple[int, int] = (5, 5), iterat
     from .sorting import consecutive_labels, location_features, pixel_sort
 
     d, h, w = embedding.shape
+    dev = embedding.device
+    if valid is not None:
+        valid = valid.to(dev)
     if stride == 1 or min(h, w) < 2 * stride:
         return pixel_sort(embedding[None], valid=valid, grid=grid, iterations=iterations,
-                          location_weight=location_weight)[0].cpu().numpy().astype(np.int32)
+                          location_weight=location_weight)[0]
     emb = embedding.float()
     pooled = F.normalize(F.avg_pool2d(emb[None], stride, ceil_mode=True), dim=1)
-    ph, pw = pooled.shape[-2:]
     pvalid = None
     if valid is not None:
         pvalid = -F.max_pool2d(-valid.float()[None], stride, ceil_mode=True)[0] > 0.5  # all pixels valid
-    locs = location_features(h, w)
+    locs = location_features(h, w, device=dev)
     ploc = F.avg_pool2d(locs[None], stride, ceil_mode=True)[0]
     small = pixel_sort(pooled, valid=pvalid, grid=grid, iterations=iterations, locations=ploc,
                        location_weight=location_weight)[0]
@@ -261,13 +288,13 @@ def sort_pixels(embedding, *, valid=None, grid: tuple[int, int] = (5, 5), iterat
     lab = small.reshape(-1)
     keep = lab >= 0
     k = int(lab.max()) + 1
-    sums = torch.zeros(k, d + 2).index_add_(0, lab[keep], x_small[:, keep].T)
+    sums = x_small.new_zeros(k, d + 2).index_add_(0, lab[keep], x_small[:, keep].T)
     centres = F.normalize(sums, dim=1)
     x = F.normalize(torch.cat([emb, locs * location_weight]), dim=0).reshape(d + 2, -1)
     labels = (centres @ x).argmax(dim=0)
     if valid is not None:
         labels = torch.where(valid.reshape(-1), labels, -1)
-    return consecutive_labels(labels[None])[0].reshape(h, w).numpy().astype(np.int32)
+    return consecutive_labels(labels[None])[0].reshape(h, w)
 
 
 def _resize_rgb(rgb: np.ndarray, scale: float) -> np.ndarray:
@@ -282,38 +309,43 @@ def _resize_rgb(rgb: np.ndarray, scale: float) -> np.ndarray:
 
 def image_prototypes(model, rgb: np.ndarray, config: EmbedConfig, *, labels: np.ndarray | None = None,
                      precision: str = "fp32", device: Any = "cpu") -> dict[str, np.ndarray]:
-    """Every view's segments and prototypes of one image: the arrays of one store item."""
+    """Every view's segments and prototypes of one image: the arrays of one store item.
+
+    Everything is computed on ``device``; the finished item moves to the host once (:func:`to_host`).
+    """
     import torch
     import torch.nn.functional as F
 
+    dev = torch.device(device)
     h, w = rgb.shape[:2]
-    valid = None
+    valid = lab = None
     if labels is not None:
         if labels.shape != (h, w):
             raise InputError(f"label map is {labels.shape[0]}x{labels.shape[1]} but the image is {h}x{w}")
-        valid = torch.from_numpy(labels != config.ignore_label)[None]
+        lab = torch.from_numpy(np.ascontiguousarray(labels)).to(dev)
+        valid = (lab != config.ignore_label)[None]
     tables, maps, offset = [], [], 0
     for scale, mirrored in config.views:
         view = _resize_rgb(rgb, scale)
         if mirrored:
             view = np.ascontiguousarray(view[:, ::-1])
         emb = embed_image(model, view, features=config.features, window=config.window,
-                          window_stride=config.window_stride, precision=precision, device=device)
+                          window_stride=config.window_stride, precision=precision, device=dev)
         if mirrored:
             emb = emb.flip(-1)
         if emb.shape[-2:] != (h, w):
             emb = F.normalize(F.interpolate(emb[None], size=(h, w), mode="bilinear", align_corners=False)[0], dim=0)
         seg = sort_pixels(emb, valid=valid, grid=tuple(config.grid), iterations=config.iterations,
                           location_weight=config.location_weight, stride=config.sort_stride)
-        table = segment_table(emb.cpu(), seg, None if labels is None else labels)
+        table = device_segment_table(emb, seg, lab)
         tables.append(table)
-        maps.append(np.where(seg >= 0, seg + offset, -1).astype(np.int32))
+        maps.append(torch.where(seg >= 0, seg + offset, -1))
         offset += len(table["prototypes"])
-    arrays = {name: np.concatenate([t[name] for t in tables]) for name in tables[0]}
+    arrays = {name: torch.cat([t[name] for t in tables]) for name in tables[0]}
     arrays["segments"] = maps[0]
     if len(maps) > 1:
-        arrays["views"] = np.stack(maps)
-    return arrays
+        arrays["views"] = torch.stack(maps)
+    return to_host(arrays)
 
 
 # --------------------------------------------------------------------------------------------

@@ -223,7 +223,7 @@ def test_sort_stride_is_pooled_kmeans_then_one_assignment(camvid_small):
     key, s = CAMVID_KEYS[0], 4
     emb = _embedding(camvid_small, key).numpy().astype(np.float64)
     valid = read_label_png(camvid_small / "lab" / f"{key}.png") != IGNORE
-    got = sort_pixels(torch.from_numpy(emb).float(), valid=torch.from_numpy(valid)[None], stride=s)
+    got = sort_pixels(torch.from_numpy(emb).float(), valid=torch.from_numpy(valid)[None], stride=s).numpy()
     d, h, w = emb.shape
     ph, pw = -(-h // s), -(-w // s)
     yy, xx = np.meshgrid(np.arange(h) / h, np.arange(w) / w, indexing="ij")
