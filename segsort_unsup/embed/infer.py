@@ -391,8 +391,8 @@ def _model(path: str, sha256: str, device: str, precision: str, threads: int | N
         if threads is not None:
             torch.set_num_threads(int(threads))
         dev, prec = _resolve(device, precision)
-        model, _ = load_model(path, map_location=dev)
-        model.eval()
+        model, _ = load_model(path)  # rebuilt on the host: move it, whatever the file's tensors were on
+        model = model.to(dev).eval()
         if dev.type == "cpu" and prec in ("bf16", "fp32"):
             model.backbone.fuse_for_cpu(torch.bfloat16 if prec == "bf16" else torch.float32)
             if prec == "bf16":

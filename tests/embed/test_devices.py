@@ -139,3 +139,32 @@ def test_losses_and_their_gradients_stay_on_the_device(embedding, labels):
         assert on_device(dev_memory.prototypes)  # this batch's prototypes joined the host ones
     for g, e in zip(got, expected):
         torch.testing.assert_close(host(g), e, rtol=1e-5, atol=1e-6)
+
+
+def test_embed_stage_runs_on_the_device_named_in_its_settings(tiny_model, tmp_path):
+    """``embed`` with ``device`` set: the model file is loaded onto that device and the store
+    equals the CPU's (the model must not stay on the host where torch.load put it)."""
+    import cv2
+
+    from segsort_unsup.embed.infer import EmbedConfig, _MODELS, run
+    from segsort_unsup.embed.model import save_model
+    from segsort_unsup.io.store import StoreReader
+
+    save_model(tmp_path / "model.pt", tiny_model)
+    (tmp_path / "img").mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("a", "b"):
+        cv2.imwrite(str(tmp_path / "img" / f"{name}.png"), (rng.random((40, 48, 3)) * 255).astype(np.uint8))
+    inputs = [tmp_path / "model.pt", tmp_path / "img"]
+    run(EmbedConfig(precision="fp32", device="cpu", sort_stride=2), inputs, tmp_path / "cpu")
+    _MODELS.clear()
+    try:
+        with VirtualDevice():
+            summary = run(EmbedConfig(precision="fp32", device="meta", sort_stride=2), inputs, tmp_path / "dev")
+    finally:
+        _MODELS.clear()
+    assert summary.done == 2 and summary.ok
+    cpu, dev = StoreReader(tmp_path / "cpu"), StoreReader(tmp_path / "dev")
+    for key in cpu.keys():
+        for name, arr in cpu[key].arrays.items():
+            np.testing.assert_allclose(dev[key].arrays[name], arr, atol=1e-6)
