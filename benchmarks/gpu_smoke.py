@@ -117,7 +117,8 @@ def prepare(shared: Path, work: Path, sizes: Sizes, device: str) -> dict[str, Pa
         small = work / "val"
         small.mkdir(exist_ok=True)
         for src in val:
-            cv2.imwrite(str(small / src.name), cv2.resize(cv2.imread(str(src)), sizes.side, interpolation=cv2.INTER_AREA))
+            img = cv2.resize(cv2.imread(str(src)), sizes.side, interpolation=cv2.INTER_AREA)
+            cv2.imwrite(str(small / src.name), img)
         val = sorted(small.glob("*.png"))
     listing = work / "embed_list.txt"
     listing.write_text("".join(f"{p}\n" for p in val))

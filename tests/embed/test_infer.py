@@ -10,7 +10,7 @@ from segsort_unsup.embed.infer import EmbedConfig, embed_image, image_prototypes
 from segsort_unsup.errors import InputError
 from segsort_unsup.io.store import StoreReader
 
-from . import np_pixel_sort
+from . import assert_segments_match
 
 CAMVID_KEYS = ("0001TP_006690", "0001TP_006810")
 CROP = (slice(100, 196), slice(160, 296))  # 96 x 136: not a multiple of 8 in width
@@ -82,12 +82,12 @@ def test_store_matches_numpy_reference(camvid_small, tmp_path, features):
         emb = _embedding(camvid_small, key, features).numpy()
         lab = read_label_png(camvid_small / "lab" / f"{key}.png").astype(np.int64)
         valid = lab != IGNORE
-        expected = np_pixel_sort(emb, valid)
-        np.testing.assert_array_equal(item.arrays["segments"], expected)
-        protos, classes = _np_table(emb.astype(np.float64), expected, np.where(valid, lab, -1))
+        seg = item.arrays["segments"]
+        assert_segments_match(seg, emb, valid)
+        # the table of the stored segments (a near-tie pixel would move a prototype by ~1/area)
+        protos, classes = _np_table(emb.astype(np.float64), seg, np.where(valid, lab, -1))
         np.testing.assert_array_equal(item.arrays["label"], classes)
         np.testing.assert_allclose(item.arrays["prototypes"], protos, atol=1e-5)
-        seg = item.arrays["segments"]
         for s in range(len(protos)):
             ys, xs = np.nonzero(seg == s)
             assert item.arrays["area"][s] == len(ys)
@@ -164,7 +164,7 @@ def test_views_flip_give_mirrored_segments(camvid_small):
     k0 = views[0].max() + 1
     assert views[1].min() == k0 and views[1].max() + 1 == len(arrays["prototypes"])
     mirrored = embed_image(model, np.ascontiguousarray(rgb[:, ::-1]), precision="fp32").numpy()[:, :, ::-1]
-    np.testing.assert_array_equal(views[1] - k0, np_pixel_sort(np.ascontiguousarray(mirrored)))
+    assert_segments_match(views[1] - k0, np.ascontiguousarray(mirrored))
 
 
 def test_bad_inputs(camvid_small, tmp_path):
