@@ -123,6 +123,10 @@ class EmbedConfig(StageConfig):
         return [(s, f) for f in ((False, True) if self.flip else (False,)) for s in self.scales]
 
 
+class NonFiniteEmbeddingError(InputError):
+    """The model gave NaN or infinite embeddings (a diverged training): nothing is stored."""
+
+
 # --------------------------------------------------------------------------------------------
 # Embedding and prototypes (plain functions: arrays in, arrays out)
 # --------------------------------------------------------------------------------------------
@@ -331,6 +335,10 @@ def image_prototypes(model, rgb: np.ndarray, config: EmbedConfig, *, labels: np.
             view = np.ascontiguousarray(view[:, ::-1])
         emb = embed_image(model, view, features=config.features, window=config.window,
                           window_stride=config.window_stride, precision=precision, device=dev)
+        if not bool(torch.isfinite(emb).all()):
+            raise NonFiniteEmbeddingError(
+                f"the model's embedding of this image (view: scale {scale:g}{', mirrored' if mirrored else ''}) "
+                "has NaN or infinite values; the model is broken (retrain it, e.g. with a lower --lr)")
         if mirrored:
             emb = emb.flip(-1)
         if emb.shape[-2:] != (h, w):
@@ -428,8 +436,13 @@ def process_image(job: _Job) -> Item:
         if labels.shape != rgb.shape[:2]:
             raise BadImageError(job.label_path, f"label map is {labels.shape[0]}x{labels.shape[1]} but the image "
                                                 f"{job.path} is {rgb.shape[0]}x{rgb.shape[1]}")
-    arrays = image_prototypes(loaded.model, rgb, job.config, labels=labels, precision=loaded.precision,
-                              device=loaded.device)
+    try:
+        arrays = image_prototypes(loaded.model, rgb, job.config, labels=labels, precision=loaded.precision,
+                                  device=loaded.device)
+    except NonFiniteEmbeddingError as exc:
+        raise BadImageError(job.path, str(exc)) from None
+    if not np.isfinite(arrays["prototypes"]).all():
+        raise BadImageError(job.path, "non-finite prototypes (NaN or infinite values); the model is broken")
     return Item(job.key, arrays, {"source": job.path, "height": int(rgb.shape[0]), "width": int(rgb.shape[1]),
                                   "views": len(job.config.views)})
 

@@ -251,3 +251,29 @@ def test_sort_stride_is_pooled_kmeans_then_one_assignment(camvid_small):
     remap = {v: i for i, v in enumerate(order)}
     expected = np.array([remap.get(v, -1) for v in lab.tolist()]).reshape(h, w)
     assert (got == expected).mean() > 0.999  # float32 vs float64 may flip a near-tie
+
+
+def test_nan_model_fails_each_image_by_name_and_exits_1(camvid_small, tmp_path):
+    """A model with NaN weights (a diverged training): embed stores nothing, names every image
+    and the reason, and the console script exits 1."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from segsort_unsup.embed.model import load_model, save_model
+
+    model, _ = load_model(camvid_small / "model.pt")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    save_model(tmp_path / "nan.pt", model)
+    cli = Path(sys.executable).parent / "segsort-unsup"
+    result = subprocess.run([str(cli), "embed", str(tmp_path / "nan.pt"), str(camvid_small / "img"), "-o",
+                             str(tmp_path / "p"), "--precision", "fp32", "--device", "cpu"],
+                            capture_output=True, text=True, env=dict(os.environ), timeout=600)
+    assert result.returncode == 1, result.stdout + result.stderr
+    for key in CAMVID_KEYS:
+        assert key in result.stderr + result.stdout
+    assert "NaN" in result.stderr + result.stdout
+    assert StoreReader(tmp_path / "p", kind="prototypes").keys() == []
