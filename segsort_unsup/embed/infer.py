@@ -70,6 +70,10 @@ class EmbedConfig(StageConfig):
     window, window_stride : sliding windows for images with a side above ``window``.
     grid, iterations, location_weight : pixel sorting (5 x 5, 10, 1 in the reference).
     labels : folder of label PNGs (the labelled set); ``ignore_label`` pixels are dropped.
+    units : the segments prototypes are made of (see :func:`parse_units`): ``gridN`` pixel sorting
+        from an N x N grid (None: the ``grid`` setting, 5 x 5 as released), ``ucm:T`` the regions
+        of the segments store ``segments`` (``segsort-unsup ucm`` of these images) at the stored
+        cut T, one prototype per region.
     sort_stride : 1 (the reference) sorts every pixel; s > 1 runs the k-means on the embedding
         average-pooled s x s (a cell is used when all its pixels are valid), then gives every
         full-resolution pixel the cluster of largest cosine (one more E-step): s^2 times less
@@ -90,6 +94,8 @@ class EmbedConfig(StageConfig):
     precision: str = "auto"
     labels: str | None = None
     ignore_label: int = 255
+    units: str | None = None
+    segments: str | None = None
     device: str = run_only("auto")
     threads: int | None = run_only(None)
     shard_size: int = run_only(64)
@@ -111,6 +117,15 @@ class EmbedConfig(StageConfig):
             raise self.bad_value("iterations", "must be >= 0")
         if self.sort_stride < 1:
             raise self.bad_value("sort_stride", "must be >= 1")
+        if self.units is not None:
+            kind, value = parse_units(self.units)
+            if kind == "grid" and tuple(self.grid) != (5, 5):
+                raise self.bad_value("units", "give the cells either as units = \"gridN\" or as grid, not both")
+            if kind == "ucm" and not self.segments:
+                raise self.bad_value("segments", f"units {self.units!r} need the segments store of these images "
+                                                 "(segments = \"<ucm store>\", --segments)")
+        if self.segments and (self.units is None or not self.units.startswith("ucm:")):
+            raise self.bad_value("segments", "is only used with units = \"ucm:T\"; remove it or set units")
         if not self.location_weight >= 0:
             raise self.bad_value("location_weight", "must be >= 0")
         for key in ("threads", "shard_size"):
@@ -119,9 +134,43 @@ class EmbedConfig(StageConfig):
                 raise self.bad_value(key, "must be >= 1")
 
     @property
+    def sorting_grid(self) -> tuple[int, int]:
+        """The initial k-means cells: ``gridN`` units, else the ``grid`` setting."""
+        if self.units is not None and self.units.startswith("grid"):
+            n = int(parse_units(self.units)[1])
+            return (n, n)
+        return (int(self.grid[0]), int(self.grid[1]))
+
+    @property
+    def units_label(self) -> str:
+        """The units as recorded in the store's meta (``grid5``, ``grid4x6``, ``ucm:0.3``)."""
+        if self.units is not None:
+            return self.units
+        gy, gx = self.sorting_grid
+        return f"grid{gy}" if gy == gx else f"grid{gy}x{gx}"
+
+    @property
     def views(self) -> list[tuple[float, bool]]:
         """(scale, mirrored) of every view, in store order."""
         return [(s, f) for f in ((False, True) if self.flip else (False,)) for s in self.scales]
+
+
+def parse_units(units: str) -> tuple[str, float]:
+    """``"gridN"`` -> ``("grid", N)`` (1 <= N <= 64); ``"ucm:T"`` -> ``("ucm", T)``; else InputError."""
+    text = str(units).strip()
+    try:
+        if text.startswith("grid"):
+            n = int(text[4:])
+            if 1 <= n <= 64:
+                return "grid", n
+        elif text.startswith("ucm:"):
+            t = float(text[4:])
+            if math.isfinite(t) and t >= 0:
+                return "ucm", t
+    except ValueError:
+        pass
+    raise InputError(f"units {units!r}: give gridN (N x N k-means cells, e.g. grid5, grid8, grid12) or "
+                     "ucm:T (the regions of a segments store at its stored cut T, e.g. ucm:0.3)")
 
 
 class NonFiniteEmbeddingError(InputError):
@@ -302,6 +351,20 @@ def sort_pixels(embedding, *, valid=None, grid: tuple[int, int] = (5, 5), iterat
     return consecutive_labels(labels[None])[0].reshape(h, w)
 
 
+def _region_segments(regions: np.ndarray, valid, device):
+    """(H, W) region ids -> segment ids 0..R-1 in raster order of first appearance (-1: not valid)."""
+    import torch
+
+    from .sorting import consecutive_labels
+
+    h, w = regions.shape
+    seg = torch.from_numpy(np.ascontiguousarray(regions, dtype=np.int64)).to(device)
+    seg = seg - seg.min()  # region ids are >= 0 from here; -1 marks pixels left out
+    if valid is not None:
+        seg = torch.where(valid[0], seg, -1)
+    return consecutive_labels(seg.reshape(1, -1))[0].reshape(h, w)
+
+
 def _resize_rgb(rgb: np.ndarray, scale: float) -> np.ndarray:
     import cv2
 
@@ -313,10 +376,14 @@ def _resize_rgb(rgb: np.ndarray, scale: float) -> np.ndarray:
 
 
 def image_prototypes(model, rgb: np.ndarray, config: EmbedConfig, *, labels: np.ndarray | None = None,
-                     precision: str = "fp32", device: Any = "cpu") -> dict[str, np.ndarray]:
+                     regions: np.ndarray | None = None, precision: str = "fp32",
+                     device: Any = "cpu") -> dict[str, np.ndarray]:
     """Every view's segments and prototypes of one image: the arrays of one store item.
 
-    Everything is computed on ``device``; the finished item moves to the host once (:func:`to_host`).
+    ``regions`` (H, W) integer map: the units instead of pixel sorting (``ucm:T`` units): every
+    region is one segment (ids renumbered in raster order of first appearance; ignore-label
+    pixels left out). Everything is computed on ``device``; the finished item moves to the host
+    once (:func:`to_host`).
     """
     import torch
     import torch.nn.functional as F
@@ -329,6 +396,7 @@ def image_prototypes(model, rgb: np.ndarray, config: EmbedConfig, *, labels: np.
             raise InputError(f"label map is {labels.shape[0]}x{labels.shape[1]} but the image is {h}x{w}")
         lab = torch.from_numpy(np.ascontiguousarray(labels)).to(dev)
         valid = (lab != config.ignore_label)[None]
+    fixed = None if regions is None else _region_segments(regions, valid, dev)
     tables, maps, offset = [], [], 0
     for scale, mirrored in config.views:
         view = _resize_rgb(rgb, scale)
@@ -344,8 +412,9 @@ def image_prototypes(model, rgb: np.ndarray, config: EmbedConfig, *, labels: np.
             emb = emb.flip(-1)
         if emb.shape[-2:] != (h, w):
             emb = F.normalize(F.interpolate(emb[None], size=(h, w), mode="bilinear", align_corners=False)[0], dim=0)
-        seg = sort_pixels(emb, valid=valid, grid=tuple(config.grid), iterations=config.iterations,
-                          location_weight=config.location_weight, stride=config.sort_stride)
+        seg = fixed if fixed is not None else sort_pixels(
+            emb, valid=valid, grid=config.sorting_grid, iterations=config.iterations,
+            location_weight=config.location_weight, stride=config.sort_stride)
         table = device_segment_table(emb, seg, lab)
         tables.append(table)
         maps.append(torch.where(seg >= 0, seg + offset, -1))
@@ -421,6 +490,25 @@ class _Job:
     model_sha256: str
     config: EmbedConfig
     threads: int | None
+    regions: tuple[str, str, int | None] | None = None  # ucm units: (segments store, dataset, level)
+
+
+def _read_regions(job: _Job, shape: tuple[int, int]) -> np.ndarray:
+    """This image's regions at the units' cut, from the segments store."""
+    from ..io.store import StoreReader
+
+    store, name, level = job.regions
+    with StoreReader(store, kind="segments") as reader:
+        if job.key not in reader:
+            raise BadImageError(job.path, f"no item {job.key!r} in the segments store {store} "
+                                          "(run `segsort-unsup ucm` on these images' contours)")
+        regions = np.asarray(reader.read(job.key, names=(name,)).arrays[name])
+    if level is not None:
+        regions = regions[level]
+    if regions.shape != shape:
+        raise BadImageError(job.path, f"its regions in {store} are {regions.shape[0]}x{regions.shape[1]} but the "
+                                      f"image is {shape[0]}x{shape[1]} (segments of other images?)")
+    return regions
 
 
 def process_image(job: _Job) -> Item:
@@ -437,15 +525,35 @@ def process_image(job: _Job) -> Item:
         if labels.shape != rgb.shape[:2]:
             raise BadImageError(job.label_path, f"label map is {labels.shape[0]}x{labels.shape[1]} but the image "
                                                 f"{job.path} is {rgb.shape[0]}x{rgb.shape[1]}")
+    regions = _read_regions(job, rgb.shape[:2]) if job.regions else None
     try:
-        arrays = image_prototypes(loaded.model, rgb, job.config, labels=labels, precision=loaded.precision,
-                                  device=loaded.device)
+        arrays = image_prototypes(loaded.model, rgb, job.config, labels=labels, regions=regions,
+                                  precision=loaded.precision, device=loaded.device)
     except NonFiniteEmbeddingError as exc:
         raise BadImageError(job.path, str(exc)) from None
     if not np.isfinite(arrays["prototypes"]).all():
         raise BadImageError(job.path, "non-finite prototypes (NaN or infinite values); the model is broken")
     return Item(job.key, arrays, {"source": job.path, "height": int(rgb.shape[0]), "width": int(rgb.shape[1]),
                                   "views": len(job.config.views)})
+
+
+def _units_source(config: EmbedConfig) -> tuple[tuple[str, str, int | None] | None, dict[str, Any]]:
+    """For ``ucm:T`` units: (segments store, dataset, level) of the cut and the store's provenance
+    for the identity (what it holds, so regions recomputed by another ucm run change it)."""
+    if config.units is None or not config.units.startswith("ucm:"):
+        return None, {}
+    from ..io.sources import store_content
+    from ..io.store import StoreReader, is_store
+    from .data import grouping_names
+
+    root = Path(config.segments)
+    if not is_store(root):
+        raise InputError(f"segments {root}: not a store; give the segments store of these images "
+                         "(`segsort-unsup ucm` output)")
+    with StoreReader(root, kind="segments") as reader:
+        name, level = grouping_names(reader, parse_units(config.units)[1])
+        provenance = {"segments_identity": reader.config_hash, "segments_content": store_content(reader)}
+    return (str(root.resolve()), name, level), provenance
 
 
 def _label_paths(folder: str) -> dict[str, Path]:
@@ -481,9 +589,10 @@ def run(config: EmbedConfig, inputs: Any, output: str | os.PathLike, *,
     sha = sha256_file(model_path)
     dev, precision = _resolve(config.device, config.precision)
     label_files = _label_paths(config.labels) if config.labels is not None else {}
-    identity = config.identity(model_sha256=sha, precision=precision)
+    regions, provenance = _units_source(config)
+    identity = config.identity(model_sha256=sha, precision=precision, **provenance)
     meta = {"model_file": str(model_path.resolve()), "model_sha256": sha, "precision": precision,
-            "device": str(dev), "settings": config.to_dict()}
+            "device": str(dev), "units": config.units_label, "settings": config.to_dict()}
     threads = config.threads
     if threads is None and executor.local_workers:
         threads = max(1, (os.cpu_count() or 1) // executor.local_workers)
@@ -492,15 +601,15 @@ def run(config: EmbedConfig, inputs: Any, output: str | os.PathLike, *,
     for ref in refs:
         lab = label_files.get(image_id(ref.key))
         jobs.append(_Job(ref.key, os.path.abspath(ref.path), None if lab is None else str(lab.resolve()),
-                         str(model_path.resolve()), sha, config, threads))
+                         str(model_path.resolve()), sha, config, threads, regions))
     with StageRun("embed", output, kind="prototypes", identity=identity, meta=meta, overwrite=overwrite,
                   shard_size=config.shard_size,
                   sources=FileSources({j.key: (j.path, j.label_path) for j in jobs})) as run:
-        log.info("embed: %s (%s), %s features, %s, %d view(s), on %s", model_path, sha[:12], config.features,
-                 precision, len(config.views), executor.describe())
+        log.info("embed: %s (%s), %s features, %s units, %s, %d view(s), on %s", model_path, sha[:12],
+                 config.features, config.units_label, precision, len(config.views), executor.describe())
         run.run_jobs(executor, process_image, jobs, desc="embed")
     return run.summary
 
 
 STAGE = Stage("embed", EmbedConfig, run, sources=("train", "input"), output="prototypes", optional=True,
-              input_paths=("labels",), help="segments + one prototype per segment, per image")
+              input_paths=("labels", "segments"), help="segments + one prototype per segment, per image")
