@@ -556,6 +556,16 @@ def _units_source(config: EmbedConfig) -> tuple[tuple[str, str, int | None] | No
     return (str(root.resolve()), name, level), provenance
 
 
+def units_of(reader: Any) -> str:
+    """The segment units of a prototypes store (:class:`StoreReader`), for the stages reading it;
+    stores made before units were recorded sorted pixels from their ``grid`` setting."""
+    units = reader.meta.get("units")
+    if isinstance(units, str):
+        return units
+    grid = (reader.meta.get("settings") or {}).get("grid") or [5, 5]
+    return f"grid{grid[0]}" if grid[0] == grid[1] else f"grid{grid[0]}x{grid[1]}"
+
+
 def _label_paths(folder: str) -> dict[str, Path]:
     from ..evaluate.inputs import image_id
 

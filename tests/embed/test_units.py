@@ -91,3 +91,32 @@ def test_ucm_units_give_one_prototype_per_region(ucm_inputs, tiny_model, tmp_pat
     with pytest.raises(InputError, match="available levels"):
         run(EmbedConfig(units="ucm:0.9", segments=str(store), precision="fp32"), [root / "model.pt", images],
             tmp_path / "r")
+
+
+def test_transfer_and_retrieve_show_the_units(ucm_inputs, tmp_path):
+    """The prototypes stores' units reach transfer's manifest and the retrieval page."""
+    import json
+
+    from segsort_unsup.embed.retrieve import run_retrieve
+    from segsort_unsup.embed.transfer import MANIFEST, TransferConfig
+    from segsort_unsup.embed.transfer import run as transfer
+
+    root, store, images = ucm_inputs
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    import cv2
+
+    from segsort_unsup.io.images import read_image
+
+    for p in sorted(images.glob("*.png")):
+        h, w = read_image(p).shape[:2]
+        cv2.imwrite(str(labels / p.name), (np.arange(w)[None, :] * 3 // w).repeat(h, 0).astype(np.uint8))
+    run(EmbedConfig(units="ucm:0.3", segments=str(store), labels=str(labels), precision="fp32", device="cpu"),
+        [root / "model.pt", images], tmp_path / "lab")
+    run(EmbedConfig(units="grid8", precision="fp32", device="cpu"), [root / "model.pt", images], tmp_path / "qry")
+    transfer(TransferConfig(k=3), [tmp_path / "lab", tmp_path / "qry"], tmp_path / "out")
+    record = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert record["units"] == {"labelled": "ucm:0.3", "query": "grid8"}
+    run_retrieve(tmp_path / "lab", tmp_path / "qry", tmp_path / "ret", n=1, min_area=1)
+    page = (tmp_path / "ret" / "index.html").read_text()
+    assert "(ucm:0.3 units)" in page and "(grid8 units)" in page
