@@ -29,6 +29,11 @@ from .options import (executor_options, finish, float_list, output_option,
               help="Initial k-means cells.")
 @click.option("--iterations", type=click.IntRange(min=0), default=10, show_default=True,
               help="k-means iterations.")
+@click.option("--units", default=None, metavar="gridN|ucm:T",
+              help="Segment units: gridN = pixel sorting from N x N cells (default: --grid, 5 x 5 as released); "
+                   "ucm:T = the regions of --segments at its stored cut T, one prototype each.")
+@click.option("--segments", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Segments store of these images (`segsort-unsup ucm`), for --units ucm:T.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="auto: bf16 on CPUs with AMX/AVX512-BF16 and on CUDA, else fp32.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1...")
@@ -37,7 +42,7 @@ from .options import (executor_options, finish, float_list, output_option,
 @shard_size_option
 @overwrite_option
 def embed(model, input, output, labels, ignore_label, features, scales, flip, window, window_stride, grid,  # noqa: A002
-          iterations, precision, device, threads, executor, workers, scheduler, shard_size, overwrite):
+          iterations, units, segments, precision, device, threads, executor, workers, scheduler, shard_size, overwrite):
     """Segments and one prototype per segment for every image.
 
     MODEL is a model.pt (or a train run folder holding one); INPUT a folder, glob, list file or
@@ -48,7 +53,8 @@ def embed(model, input, output, labels, ignore_label, features, scales, flip, wi
     from ..parallel import make_executor
 
     config = EmbedConfig(features=features, scales=scales, flip=flip, window=window, window_stride=window_stride,
-                         grid=grid, iterations=iterations, precision=precision, labels=labels,
+                         grid=grid, iterations=iterations, units=units, segments=segments, precision=precision,
+                         labels=labels,
                          ignore_label=ignore_label, device=device, threads=threads, shard_size=shard_size)
     with excluding_outputs(output), make_executor(executor, workers=workers, scheduler=scheduler) as pool:
         summary = run(config, [model, input], output, executor=pool, overwrite=overwrite)

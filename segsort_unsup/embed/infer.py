@@ -70,6 +70,10 @@ class EmbedConfig(StageConfig):
     window, window_stride : sliding windows for images with a side above ``window``.
     grid, iterations, location_weight : pixel sorting (5 x 5, 10, 1 in the reference).
     labels : folder of label PNGs (the labelled set); ``ignore_label`` pixels are dropped.
+    units : the segments prototypes are made of (see :func:`parse_units`): ``gridN`` pixel sorting
+        from an N x N grid (None: the ``grid`` setting, 5 x 5 as released), ``ucm:T`` the regions
+        of the segments store ``segments`` (``segsort-unsup ucm`` of these images) at the stored
+        cut T, one prototype per region.
     sort_stride : 1 (the reference) sorts every pixel; s > 1 runs the k-means on the embedding
         average-pooled s x s (a cell is used when all its pixels are valid), then gives every
         full-resolution pixel the cluster of largest cosine (one more E-step): s^2 times less
@@ -90,6 +94,8 @@ class EmbedConfig(StageConfig):
     precision: str = "auto"
     labels: str | None = None
     ignore_label: int = 255
+    units: str | None = None
+    segments: str | None = None
     device: str = run_only("auto")
     threads: int | None = run_only(None)
     shard_size: int = run_only(64)
@@ -111,6 +117,15 @@ class EmbedConfig(StageConfig):
             raise self.bad_value("iterations", "must be >= 0")
         if self.sort_stride < 1:
             raise self.bad_value("sort_stride", "must be >= 1")
+        if self.units is not None:
+            kind, value = parse_units(self.units)
+            if kind == "grid" and tuple(self.grid) != (5, 5):
+                raise self.bad_value("units", "give the cells either as units = \"gridN\" or as grid, not both")
+            if kind == "ucm" and not self.segments:
+                raise self.bad_value("segments", f"units {self.units!r} need the segments store of these images "
+                                                 "(segments = \"<ucm store>\", --segments)")
+        if self.segments and (self.units is None or not self.units.startswith("ucm:")):
+            raise self.bad_value("segments", "is only used with units = \"ucm:T\"; remove it or set units")
         if not self.location_weight >= 0:
             raise self.bad_value("location_weight", "must be >= 0")
         for key in ("threads", "shard_size"):
@@ -119,9 +134,47 @@ class EmbedConfig(StageConfig):
                 raise self.bad_value(key, "must be >= 1")
 
     @property
+    def sorting_grid(self) -> tuple[int, int]:
+        """The initial k-means cells: ``gridN`` units, else the ``grid`` setting."""
+        if self.units is not None and self.units.startswith("grid"):
+            n = int(parse_units(self.units)[1])
+            return (n, n)
+        return (int(self.grid[0]), int(self.grid[1]))
+
+    @property
+    def units_label(self) -> str:
+        """The units as recorded in the store's meta (``grid5``, ``grid4x6``, ``ucm:0.3``)."""
+        if self.units is not None:
+            return self.units
+        gy, gx = self.sorting_grid
+        return f"grid{gy}" if gy == gx else f"grid{gy}x{gx}"
+
+    @property
     def views(self) -> list[tuple[float, bool]]:
         """(scale, mirrored) of every view, in store order."""
         return [(s, f) for f in ((False, True) if self.flip else (False,)) for s in self.scales]
+
+
+def parse_units(units: str) -> tuple[str, float]:
+    """``"gridN"`` -> ``("grid", N)`` (1 <= N <= 64); ``"ucm:T"`` -> ``("ucm", T)``; else InputError."""
+    text = str(units).strip()
+    try:
+        if text.startswith("grid"):
+            n = int(text[4:])
+            if 1 <= n <= 64:
+                return "grid", n
+        elif text.startswith("ucm:"):
+            t = float(text[4:])
+            if math.isfinite(t) and t >= 0:
+                return "ucm", t
+    except ValueError:
+        pass
+    raise InputError(f"units {units!r}: give gridN (N x N k-means cells, e.g. grid5, grid8, grid12) or "
+                     "ucm:T (the regions of a segments store at its stored cut T, e.g. ucm:0.3)")
+
+
+class NonFiniteEmbeddingError(InputError):
+    """The model gave NaN or infinite embeddings (a diverged training): nothing is stored."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,54 +237,79 @@ def embed_image(model, rgb: np.ndarray, *, features: str = "head", window: int =
     return F.normalize(total, dim=1)[0]
 
 
-def segment_table(embedding, segments: np.ndarray, labels: np.ndarray | None = None
-                  ) -> dict[str, np.ndarray]:
-    """Prototypes, areas, boxes (and majority classes) of a segment map.
+def segment_table(embedding, segments, labels=None) -> dict[str, np.ndarray]:
+    """Prototypes, areas, boxes (and majority classes) of a segment map, as host arrays.
 
-    embedding : (D, H, W) tensor, unit rows. segments : (H, W) ids 0..K-1, -1 = left out.
-    labels : (H, W) classes (used where ``segments >= 0``): each segment takes its majority class
-    (ties: the lowest class) and its prototype uses only the pixels of that class.
+    embedding : (D, H, W) tensor, unit rows. segments : (H, W) ids 0..K-1, -1 = left out (array
+    or tensor). labels : (H, W) classes (used where ``segments >= 0``): each segment takes its
+    majority class (ties: the lowest class) and its prototype uses only the pixels of that class.
+    Computed on the embedding's device (:func:`device_segment_table`), then moved to the host.
     """
+    dev = embedding.device
+    table = device_segment_table(embedding, _as_tensor(segments, dev),
+                                 None if labels is None else _as_tensor(labels, dev))
+    return to_host(table)
+
+
+def device_segment_table(embedding, segments, labels=None) -> dict[str, Any]:
+    """:func:`segment_table` as tensors on the embedding's device (nothing leaves the device but
+    the segment count)."""
     import torch
     import torch.nn.functional as F
 
-    seg = np.asarray(segments)
-    k = int(seg.max()) + 1 if seg.size and seg.max() >= 0 else 0
-    d = embedding.shape[0]
-    flat = seg.reshape(-1)
-    keep = flat >= 0
-    ids = flat[keep].astype(np.int64)
-    area = np.bincount(ids, minlength=k).astype(np.int64)
-    ys, xs = np.divmod(np.flatnonzero(keep), seg.shape[1])
-    bbox = np.zeros((k, 4), np.int32)
-    if k:
-        bbox[:, 0] = np.full(k, seg.shape[0]); bbox[:, 1] = np.full(k, seg.shape[1])  # noqa: E702
-        np.minimum.at(bbox[:, 0], ids, ys)
-        np.minimum.at(bbox[:, 1], ids, xs)
-        np.maximum.at(bbox[:, 2], ids, ys + 1)
-        np.maximum.at(bbox[:, 3], ids, xs + 1)
-    out: dict[str, np.ndarray] = {"area": area, "bbox": bbox}
+    dev = embedding.device
+    d, h, w = embedding.shape
+    flat = segments.to(dev).reshape(-1).long()
+    k = int(flat.max()) + 1 if flat.numel() else 0
+    pix = torch.nonzero(flat >= 0).squeeze(1)
+    ids = flat[pix]
+    ys, xs = torch.div(pix, w, rounding_mode="floor"), pix % w
+    bbox = torch.stack([
+        torch.full((k,), h, dtype=torch.long, device=dev).scatter_reduce_(0, ids, ys, "amin"),
+        torch.full((k,), w, dtype=torch.long, device=dev).scatter_reduce_(0, ids, xs, "amin"),
+        torch.zeros(k, dtype=torch.long, device=dev).scatter_reduce_(0, ids, ys + 1, "amax"),
+        torch.zeros(k, dtype=torch.long, device=dev).scatter_reduce_(0, ids, xs + 1, "amax"),
+    ], dim=1).int()
+    out: dict[str, Any] = {"area": torch.bincount(ids, minlength=k), "bbox": bbox}
     members = ids
-    pix = torch.from_numpy(np.flatnonzero(keep))
     if labels is not None:
-        lab = np.asarray(labels).reshape(-1)[keep].astype(np.int64)
-        n_cls = int(lab.max()) + 1 if lab.size else 1
-        counts = np.zeros((k, n_cls), np.int64)
-        np.add.at(counts, (ids, lab), 1)
-        majority = counts.argmax(axis=1).astype(np.int32)
+        lab = labels.to(dev).reshape(-1).long()[pix]
+        n_cls = int(lab.max()) + 1 if lab.numel() else 1
+        counts = torch.bincount(ids * n_cls + lab, minlength=k * n_cls).reshape(k, n_cls)
+        majority = counts.argmax(dim=1)  # the first (lowest) class among equal counts
         own = majority[ids] == lab
-        members = ids[own]
-        pix = pix[torch.from_numpy(own)]
-        out["label"] = majority
+        members, pix = ids[own], pix[own]
+        out["label"] = majority.int()
     emb = embedding.reshape(d, -1).float()[:, pix].T  # (P, D)
-    sums = torch.zeros(k, d, dtype=torch.float32).index_add_(0, torch.from_numpy(members), emb.cpu())
-    out["prototypes"] = F.normalize(sums, dim=1).numpy().astype(np.float32)
+    sums = emb.new_zeros(k, d).index_add_(0, members, emb)
+    out["prototypes"] = F.normalize(sums, dim=1)
     return out
 
 
+def to_host(arrays: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The one place results leave the device: tensors -> NumPy arrays (store dtypes)."""
+    import torch
+
+    dtypes = {"prototypes": np.float32, "area": np.int64}
+    out = {}
+    for name, value in arrays.items():
+        arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        out[name] = arr.astype(dtypes.get(name, np.int32), copy=False)
+    return out
+
+
+def _as_tensor(values, device):
+    import torch
+
+    if isinstance(values, torch.Tensor):
+        return values.to(device)
+    return torch.from_numpy(np.ascontiguousarray(values)).to(device)
+
+
 def sort_pixels(embedding, *, valid=None, grid: tuple[int, int] = (5, 5), iterations: int = 10,
-                location_weight: float = 1.0, stride: int = 1) -> np.ndarray:
-    """Pixel sorting of one ``(D, H, W)`` embedding -> ``(H, W)`` int32 segment ids (-1: not valid).
+                location_weight: float = 1.0, stride: int = 1):
+    """Pixel sorting of one ``(D, H, W)`` embedding -> ``(H, W)`` int64 segment ids (-1: not
+    valid), a tensor on the embedding's device.
 
     ``stride=1`` is :func:`~segsort_unsup.embed.sorting.pixel_sort` on every pixel (the
     reference). ``stride=s`` sorts the ``s x s`` average-pooled embedding (cells with an invalid
@@ -245,16 +323,18 @@ def sort_pixels(embedding, *, valid=None, grid: tuple[int, int] = (5, 5), iterat
     from .sorting import consecutive_labels, location_features, pixel_sort
 
     d, h, w = embedding.shape
+    dev = embedding.device
+    if valid is not None:
+        valid = valid.to(dev)
     if stride == 1 or min(h, w) < 2 * stride:
         return pixel_sort(embedding[None], valid=valid, grid=grid, iterations=iterations,
-                          location_weight=location_weight)[0].cpu().numpy().astype(np.int32)
+                          location_weight=location_weight)[0]
     emb = embedding.float()
     pooled = F.normalize(F.avg_pool2d(emb[None], stride, ceil_mode=True), dim=1)
-    ph, pw = pooled.shape[-2:]
     pvalid = None
     if valid is not None:
         pvalid = -F.max_pool2d(-valid.float()[None], stride, ceil_mode=True)[0] > 0.5  # all pixels valid
-    locs = location_features(h, w)
+    locs = location_features(h, w, device=dev)
     ploc = F.avg_pool2d(locs[None], stride, ceil_mode=True)[0]
     small = pixel_sort(pooled, valid=pvalid, grid=grid, iterations=iterations, locations=ploc,
                        location_weight=location_weight)[0]
@@ -262,13 +342,27 @@ def sort_pixels(embedding, *, valid=None, grid: tuple[int, int] = (5, 5), iterat
     lab = small.reshape(-1)
     keep = lab >= 0
     k = int(lab.max()) + 1
-    sums = torch.zeros(k, d + 2).index_add_(0, lab[keep], x_small[:, keep].T)
+    sums = x_small.new_zeros(k, d + 2).index_add_(0, lab[keep], x_small[:, keep].T)
     centres = F.normalize(sums, dim=1)
     x = F.normalize(torch.cat([emb, locs * location_weight]), dim=0).reshape(d + 2, -1)
     labels = (centres @ x).argmax(dim=0)
     if valid is not None:
         labels = torch.where(valid.reshape(-1), labels, -1)
-    return consecutive_labels(labels[None])[0].reshape(h, w).numpy().astype(np.int32)
+    return consecutive_labels(labels[None])[0].reshape(h, w)
+
+
+def _region_segments(regions: np.ndarray, valid, device):
+    """(H, W) region ids -> segment ids 0..R-1 in raster order of first appearance (-1: not valid)."""
+    import torch
+
+    from .sorting import consecutive_labels
+
+    h, w = regions.shape
+    seg = torch.from_numpy(np.ascontiguousarray(regions, dtype=np.int64)).to(device)
+    seg = seg - seg.min()  # region ids are >= 0 from here; -1 marks pixels left out
+    if valid is not None:
+        seg = torch.where(valid[0], seg, -1)
+    return consecutive_labels(seg.reshape(1, -1))[0].reshape(h, w)
 
 
 def _resize_rgb(rgb: np.ndarray, scale: float) -> np.ndarray:
@@ -282,39 +376,54 @@ def _resize_rgb(rgb: np.ndarray, scale: float) -> np.ndarray:
 
 
 def image_prototypes(model, rgb: np.ndarray, config: EmbedConfig, *, labels: np.ndarray | None = None,
-                     precision: str = "fp32", device: Any = "cpu") -> dict[str, np.ndarray]:
-    """Every view's segments and prototypes of one image: the arrays of one store item."""
+                     regions: np.ndarray | None = None, precision: str = "fp32",
+                     device: Any = "cpu") -> dict[str, np.ndarray]:
+    """Every view's segments and prototypes of one image: the arrays of one store item.
+
+    ``regions`` (H, W) integer map: the units instead of pixel sorting (``ucm:T`` units): every
+    region is one segment (ids renumbered in raster order of first appearance; ignore-label
+    pixels left out). Everything is computed on ``device``; the finished item moves to the host
+    once (:func:`to_host`).
+    """
     import torch
     import torch.nn.functional as F
 
+    dev = torch.device(device)
     h, w = rgb.shape[:2]
-    valid = None
+    valid = lab = None
     if labels is not None:
         if labels.shape != (h, w):
             raise InputError(f"label map is {labels.shape[0]}x{labels.shape[1]} but the image is {h}x{w}")
-        valid = torch.from_numpy(labels != config.ignore_label)[None]
+        lab = torch.from_numpy(np.ascontiguousarray(labels)).to(dev)
+        valid = (lab != config.ignore_label)[None]
+    fixed = None if regions is None else _region_segments(regions, valid, dev)
     tables, maps, offset = [], [], 0
     for scale, mirrored in config.views:
         view = _resize_rgb(rgb, scale)
         if mirrored:
             view = np.ascontiguousarray(view[:, ::-1])
         emb = embed_image(model, view, features=config.features, window=config.window,
-                          window_stride=config.window_stride, precision=precision, device=device)
+                          window_stride=config.window_stride, precision=precision, device=dev)
+        if not bool(torch.isfinite(emb).all()):
+            raise NonFiniteEmbeddingError(
+                f"the model's embedding of this image (view: scale {scale:g}{', mirrored' if mirrored else ''}) "
+                "has NaN or infinite values; the model is broken (retrain it, e.g. with a lower --lr)")
         if mirrored:
             emb = emb.flip(-1)
         if emb.shape[-2:] != (h, w):
             emb = F.normalize(F.interpolate(emb[None], size=(h, w), mode="bilinear", align_corners=False)[0], dim=0)
-        seg = sort_pixels(emb, valid=valid, grid=tuple(config.grid), iterations=config.iterations,
-                          location_weight=config.location_weight, stride=config.sort_stride)
-        table = segment_table(emb.cpu(), seg, None if labels is None else labels)
+        seg = fixed if fixed is not None else sort_pixels(
+            emb, valid=valid, grid=config.sorting_grid, iterations=config.iterations,
+            location_weight=config.location_weight, stride=config.sort_stride)
+        table = device_segment_table(emb, seg, lab)
         tables.append(table)
-        maps.append(np.where(seg >= 0, seg + offset, -1).astype(np.int32))
+        maps.append(torch.where(seg >= 0, seg + offset, -1))
         offset += len(table["prototypes"])
-    arrays = {name: np.concatenate([t[name] for t in tables]) for name in tables[0]}
+    arrays = {name: torch.cat([t[name] for t in tables]) for name in tables[0]}
     arrays["segments"] = maps[0]
     if len(maps) > 1:
-        arrays["views"] = np.stack(maps)
-    return arrays
+        arrays["views"] = torch.stack(maps)
+    return to_host(arrays)
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,8 +469,8 @@ def _model(path: str, sha256: str, device: str, precision: str, threads: int | N
         if threads is not None:
             torch.set_num_threads(int(threads))
         dev, prec = _resolve(device, precision)
-        model, _ = load_model(path, map_location=dev)
-        model.eval()
+        model, _ = load_model(path)  # rebuilt on the host: move it, whatever the file's tensors were on
+        model = model.to(dev).eval()
         if dev.type == "cpu" and prec in ("bf16", "fp32"):
             model.backbone.fuse_for_cpu(torch.bfloat16 if prec == "bf16" else torch.float32)
             if prec == "bf16":
@@ -381,6 +490,25 @@ class _Job:
     model_sha256: str
     config: EmbedConfig
     threads: int | None
+    regions: tuple[str, str, int | None] | None = None  # ucm units: (segments store, dataset, level)
+
+
+def _read_regions(job: _Job, shape: tuple[int, int]) -> np.ndarray:
+    """This image's regions at the units' cut, from the segments store."""
+    from ..io.store import StoreReader
+
+    store, name, level = job.regions
+    with StoreReader(store, kind="segments") as reader:
+        if job.key not in reader:
+            raise BadImageError(job.path, f"no item {job.key!r} in the segments store {store} "
+                                          "(run `segsort-unsup ucm` on these images' contours)")
+        regions = np.asarray(reader.read(job.key, names=(name,)).arrays[name])
+    if level is not None:
+        regions = regions[level]
+    if regions.shape != shape:
+        raise BadImageError(job.path, f"its regions in {store} are {regions.shape[0]}x{regions.shape[1]} but the "
+                                      f"image is {shape[0]}x{shape[1]} (segments of other images?)")
+    return regions
 
 
 def process_image(job: _Job) -> Item:
@@ -399,10 +527,45 @@ def process_image(job: _Job) -> Item:
         if labels.shape != rgb.shape[:2]:
             raise BadImageError(job.label_path, f"label map is {labels.shape[0]}x{labels.shape[1]} but the image "
                                                 f"{job.path} is {rgb.shape[0]}x{rgb.shape[1]}")
-    arrays = image_prototypes(loaded.model, rgb, job.config, labels=labels, precision=loaded.precision,
-                              device=loaded.device)
+    regions = _read_regions(job, rgb.shape[:2]) if job.regions else None
+    try:
+        arrays = image_prototypes(loaded.model, rgb, job.config, labels=labels, regions=regions,
+                                  precision=loaded.precision, device=loaded.device)
+    except NonFiniteEmbeddingError as exc:
+        raise BadImageError(job.path, str(exc)) from None
+    if not np.isfinite(arrays["prototypes"]).all():
+        raise BadImageError(job.path, "non-finite prototypes (NaN or infinite values); the model is broken")
     return Item(job.key, arrays, {"source": job.path, "height": int(rgb.shape[0]), "width": int(rgb.shape[1]),
                                   "views": len(job.config.views)})
+
+
+def _units_source(config: EmbedConfig) -> tuple[tuple[str, str, int | None] | None, dict[str, Any]]:
+    """For ``ucm:T`` units: (segments store, dataset, level) of the cut and the store's provenance
+    for the identity (what it holds, so regions recomputed by another ucm run change it)."""
+    if config.units is None or not config.units.startswith("ucm:"):
+        return None, {}
+    from ..io.sources import store_content
+    from ..io.store import StoreReader, is_store
+    from .data import grouping_names
+
+    root = Path(config.segments)
+    if not is_store(root):
+        raise InputError(f"segments {root}: not a store; give the segments store of these images "
+                         "(`segsort-unsup ucm` output)")
+    with StoreReader(root, kind="segments") as reader:
+        name, level = grouping_names(reader, parse_units(config.units)[1])
+        provenance = {"segments_identity": reader.config_hash, "segments_content": store_content(reader)}
+    return (str(root.resolve()), name, level), provenance
+
+
+def units_of(reader: Any) -> str:
+    """The segment units of a prototypes store (:class:`StoreReader`), for the stages reading it;
+    stores made before units were recorded sorted pixels from their ``grid`` setting."""
+    units = reader.meta.get("units")
+    if isinstance(units, str):
+        return units
+    grid = (reader.meta.get("settings") or {}).get("grid") or [5, 5]
+    return f"grid{grid[0]}" if grid[0] == grid[1] else f"grid{grid[0]}x{grid[1]}"
 
 
 def _label_paths(folder: str) -> dict[str, Path]:
@@ -438,24 +601,25 @@ def run(config: EmbedConfig, inputs: Any, output: str | os.PathLike, *,
     sha = sha256_file(model_path)
     dev, precision = _resolve(config.device, config.precision)
     label_files = _label_paths(config.labels) if config.labels is not None else {}
-    identity = config.identity(model_sha256=sha, precision=precision)
+    regions, provenance = _units_source(config)
+    identity = config.identity(model_sha256=sha, precision=precision, **provenance)
     meta = {"model_file": str(model_path.resolve()), "model_sha256": sha, "precision": precision,
-            "device": str(dev), "settings": config.to_dict()}
+            "device": str(dev), "units": config.units_label, "settings": config.to_dict()}
     threads = inference_threads(config.threads)  # the same in every executor: the same bits
     _model(str(model_path.resolve()), sha, config.device, config.precision, threads)  # a bad file fails here, once
     jobs = []
     for ref in refs:
         lab = label_files.get(image_id(ref.key))
         jobs.append(_Job(ref.key, os.path.abspath(ref.path), None if lab is None else str(lab.resolve()),
-                         str(model_path.resolve()), sha, config, threads))
+                         str(model_path.resolve()), sha, config, threads, regions))
     with StageRun("embed", output, kind="prototypes", identity=identity, meta=meta, overwrite=overwrite,
                   shard_size=config.shard_size,
                   sources=FileSources({j.key: (j.path, j.label_path) for j in jobs})) as run:
-        log.info("embed: %s (%s), %s features, %s, %d view(s), on %s", model_path, sha[:12], config.features,
-                 precision, len(config.views), executor.describe())
+        log.info("embed: %s (%s), %s features, %s units, %s, %d view(s), on %s", model_path, sha[:12],
+                 config.features, config.units_label, precision, len(config.views), executor.describe())
         run.run_jobs(executor, process_image, jobs, desc="embed")
     return run.summary
 
 
 STAGE = Stage("embed", EmbedConfig, run, sources=("train", "input"), output="prototypes", optional=True,
-              input_paths=("labels",), help="segments + one prototype per segment, per image")
+              input_paths=("labels", "segments"), help="segments + one prototype per segment, per image")

@@ -140,8 +140,10 @@ class PrototypeMemory:
         if self.capacity is not None and len(c) > self.capacity:
             keep = torch.randperm(len(c), generator=self.generator)[: self.capacity].to(c.device)
             p, c = p[keep], c[keep]
+        # entries restored from a checkpoint may sit on the host: keep the memory on the batch's device
+        self._entries = [(q.to(p.device), k.to(p.device)) for q, k in self._entries[-(self.banks - 1):]
+                         ] if self.banks > 1 else []
         self._entries.append((p.clone(), c.clone()))
-        del self._entries[: -self.banks]
 
     def clear(self) -> None:
         self._entries.clear()

@@ -215,6 +215,7 @@ def run_retrieve(labelled: str | os.PathLike, query: str | os.PathLike, output: 
     import cv2
 
     from ..io.outdir import OutputFolder
+    from .infer import units_of
     from .transfer import open_prototypes
 
     lab = open_prototypes(labelled, "labelled")
@@ -242,8 +243,9 @@ def run_retrieve(labelled: str | os.PathLike, query: str | os.PathLike, output: 
                                  f"<p>nearest: {html.escape(nearest)}</p>"
                                  f"<img src=\"{html.escape(quote(target.relative_to(folder.path).as_posix()))}\">")
             page = ("<!doctype html><meta charset=utf-8><title>segment retrieval</title>"
-                    f"<h1>Nearest labelled segments</h1><p>labelled: {html.escape(str(labelled))}; query: "
-                    f"{html.escape(str(query))}</p>" + "\n".join(rows_html))
+                    f"<h1>Nearest labelled segments</h1><p>labelled: {html.escape(str(labelled))} "
+                    f"({html.escape(units_of(lab))} units); query: {html.escape(str(query))} "
+                    f"({html.escape(units_of(qry))} units)</p>" + "\n".join(rows_html))
             folder.write_text(folder.path_for("index.html"), page)
     finally:
         lab.close()

@@ -213,8 +213,12 @@ def run(config: TransferConfig, inputs: Any, output: str | os.PathLike, *,
                          "(embed both with the same model and --features)")
     identity = config.identity(labelled=labelled.config_hash, query=query.config_hash,
                                labelled_content=store_content(labelled))
+    from .infer import units_of
+
+    units = {"labelled": units_of(labelled), "query": units_of(query)}
+    log.info("transfer: segment units: labelled %s, query %s", units["labelled"], units["query"])
     record = {"identity": identity, "num_classes": num_classes, "labelled": str(labelled_path),
-              "query": str(query_path)}
+              "query": str(query_path), "units": units}
     with OutputFolder(output, kind="labels", identity=identity, overwrite=overwrite,
                       meta={"labelled": str(labelled_path), "query": str(query_path)}) as folder:
         if folder.replaced_keys:

@@ -68,18 +68,21 @@ def np_grid_labels(height: int, width: int, grid=(5, 5)) -> np.ndarray:
     return y + (y.max() + 1) * x
 
 
-def np_kmeans(features: np.ndarray, init: np.ndarray, num_clusters: int, iterations: int = 10) -> np.ndarray:
+def np_kmeans(features: np.ndarray, init: np.ndarray, num_clusters: int, iterations: int = 10,
+              *, return_similarity: bool = False):
     """``kmeans_with_initial_labels`` on (P, C) unit rows: one-hot^T @ x, divide by the norm
     (0/0 = NaN for an empty cluster), argmax of x @ prototypes^T skipping NaN (TF's argmax never
-    picks a NaN)."""
+    picks a NaN). With ``return_similarity``: also the (P, K) cosines of the last E-step."""
     labels = init.copy()
+    similarity = np.full((len(labels), num_clusters), np.nan)
     for _ in range(iterations):
         one_hot = np.eye(num_clusters)[labels]
         sums = one_hot.T @ features
         with np.errstate(invalid="ignore", divide="ignore"):
             prototypes = sums / np.linalg.norm(sums, axis=1, keepdims=True)
-        labels = np.nanargmax(features @ prototypes.T, axis=1)
-    return labels
+        similarity = features @ prototypes.T
+        labels = np.nanargmax(similarity, axis=1)
+    return (labels, similarity) if return_similarity else labels
 
 
 def np_unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -91,9 +94,12 @@ def np_unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values[np.sort(first)], rank[inverse.ravel()]
 
 
-def np_pixel_sort(emb: np.ndarray, valid: np.ndarray | None = None, grid=(5, 5), iterations: int = 10) -> np.ndarray:
+def np_pixel_sort(emb: np.ndarray, valid: np.ndarray | None = None, grid=(5, 5), iterations: int = 10,
+                  *, return_similarity: bool = False):
     """One image, as ``add_segsort_loss`` / ``extract_trained_prototypes`` do it: (D, H, W) -> (H, W)
-    labels (tf.unique numbering, -1 where not valid)."""
+    labels (tf.unique numbering, -1 where not valid). With ``return_similarity``: also the
+    (H*W, m) cosines of the last E-step with columns in the labels' numbering (NaN rows where not
+    valid)."""
     d, h, w = emb.shape
     e = emb.reshape(d, -1).T.astype(np.float64)
     e = e / np.linalg.norm(e, axis=1, keepdims=True)
@@ -102,7 +108,34 @@ def np_pixel_sort(emb: np.ndarray, valid: np.ndarray | None = None, grid=(5, 5),
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
     init = np_grid_labels(h, w, grid).ravel()
     keep = np.ones(h * w, bool) if valid is None else valid.ravel()
-    labels = np_kmeans(x[keep], init[keep], grid[0] * grid[1], iterations)
+    labels, sim = np_kmeans(x[keep], init[keep], grid[0] * grid[1], iterations, return_similarity=True)
+    uniq, renumbered = np_unique_inverse(labels)
     out = np.full(h * w, -1)
-    out[keep] = np_unique_inverse(labels)[1]
-    return out.reshape(h, w)
+    out[keep] = renumbered
+    if not return_similarity:
+        return out.reshape(h, w)
+    similarity = np.full((h * w, len(uniq)), np.nan)
+    similarity[keep] = sim[:, uniq]
+    return out.reshape(h, w), similarity
+
+
+NEAR_TIE = 1e-6  # cosines this close may be ordered differently by another summation order
+
+
+def assert_segments_match(got: np.ndarray, emb: np.ndarray, valid: np.ndarray | None = None, **options) -> np.ndarray:
+    """``got`` equals the NumPy reference k-means of ``emb`` except at documented near-ties: a
+    pixel may take another segment only where its last-E-step cosines to the two segments agree
+    within ``NEAR_TIE`` (another CPU's matmul, e.g. oneDNN on AMX, sums in another order), and
+    such pixels stay rare (<= 0.1%). Returns the reference labels."""
+    expected, similarity = np_pixel_sort(emb, valid, return_similarity=True, **options)
+    got = np.asarray(got)
+    assert got.shape == expected.shape
+    differ = np.flatnonzero(got.ravel() != expected.ravel())
+    if differ.size:
+        g, e = got.ravel()[differ], expected.ravel()[differ]
+        assert (g >= 0).all() and (e >= 0).all() and (g < similarity.shape[1]).all(), \
+            f"{differ.size} pixels differ, some in validity or numbering"
+        gap = np.abs(similarity[differ, g] - similarity[differ, e])
+        assert gap.max() <= NEAR_TIE, f"{differ.size} pixels differ, cosine gaps up to {gap.max():.2e} (not near-ties)"
+        assert differ.size <= max(1, 1e-3 * got.size), f"{differ.size} near-ties of {got.size} pixels"
+    return expected

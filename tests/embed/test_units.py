@@ -1,0 +1,122 @@
+"""Segment units of the embed stage: pixel sorting from N x N cells, or the regions of a UCM cut."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from segsort_unsup.embed.infer import EmbedConfig, embed_image, image_prototypes, run
+from segsort_unsup.errors import InputError
+from segsort_unsup.io.store import StoreReader
+
+from . import np_grid_labels, np_unique_inverse
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from segsort_unsup.embed.model import build_model
+
+    torch.manual_seed(0)
+    return build_model({"backbone": "scratch", "feature_layer": "conv4_3", "embedding_dim": 8, "hidden": 8}).eval()
+
+
+@pytest.mark.parametrize("units, n", [("grid5", 5), ("grid8", 8), ("grid12", 12)])
+def test_grid_units_start_from_that_many_cells(tiny_model, units, n):
+    """With no k-means iteration, the segments are the reference's initial N x N grid."""
+    rgb = (np.random.default_rng(0).random((72, 100, 3)) * 255).astype(np.uint8)
+    arrays = image_prototypes(tiny_model, rgb, EmbedConfig(units=units, iterations=0, precision="fp32"))
+    expected = np_unique_inverse(np_grid_labels(72, 100, (n, n)).ravel())[1].reshape(72, 100)
+    np.testing.assert_array_equal(arrays["segments"], expected)
+    assert len(arrays["prototypes"]) == n * n
+
+
+def test_units_settings_are_checked():
+    for bad in ("grid", "grid0", "grid99", "ucm", "ucm:x", "slic:5"):
+        with pytest.raises(InputError, match="units"):
+            EmbedConfig(units=bad)
+    with pytest.raises(InputError, match="segments"):
+        EmbedConfig(units="ucm:0.3")
+    with pytest.raises(InputError, match="segments"):
+        EmbedConfig(segments="somewhere")
+    with pytest.raises(InputError, match="not both"):
+        EmbedConfig(units="grid8", grid=(4, 4))
+    assert EmbedConfig().units_label == "grid5" and EmbedConfig(grid=(4, 6)).units_label == "grid4x6"
+    # the default keeps the identity of stores made before units existed
+    assert "units" not in EmbedConfig().identity()
+
+
+@pytest.fixture(scope="module")
+def ucm_inputs(bsds, tmp_path_factory, tiny_model):
+    """Two half-size BSDS500 photos, their segments store (cuts 0.5 and 0.3) and a model.pt."""
+    from segsort_unsup.embed.model import save_model
+
+    from .train_data import make_segments
+
+    root = tmp_path_factory.mktemp("units")
+    store, images = make_segments(bsds, root, ids=("100007", "100039"), levels=(0.3,))
+    save_model(root / "model.pt", tiny_model)
+    return root, store, images
+
+
+def test_ucm_units_give_one_prototype_per_region(ucm_inputs, tiny_model, tmp_path):
+    """ucm:0.3: every region of the stored 0.3 cut is one segment; its area is the region's pixel
+    count and its prototype the normalised mean embedding of its pixels (NumPy reference)."""
+    from segsort_unsup.io.images import read_image
+
+    root, store, images = ucm_inputs
+    cfg = EmbedConfig(units="ucm:0.3", segments=str(store), precision="fp32", device="cpu")
+    summary = run(cfg, [root / "model.pt", images], tmp_path / "p")
+    assert summary.done == 2 and summary.ok
+    reader = StoreReader(tmp_path / "p", kind="prototypes")
+    assert reader.meta["units"] == "ucm:0.3"
+    segments = StoreReader(store, kind="segments")
+    for key in reader.keys():
+        item = reader[key]
+        regions = np.asarray(segments[key].arrays["labels_levels"])[0]
+        emb = embed_image(tiny_model, read_image(images / f"{key}.png"), precision="fp32").numpy().astype(np.float64)
+        order, ids = np_unique_inverse(regions.ravel())
+        assert len(item.arrays["prototypes"]) == len(order) > 5
+        np.testing.assert_array_equal(item.arrays["segments"].ravel(), ids)
+        for s, region in enumerate(order):
+            inside = regions == region
+            assert item.arrays["area"][s] == inside.sum()
+            mean = emb[:, inside].sum(axis=1)
+            np.testing.assert_allclose(item.arrays["prototypes"][s], mean / np.linalg.norm(mean), atol=1e-5)
+    # another cut is other units: other regions; a cut the store lacks is one line naming the levels
+    coarse = run(EmbedConfig(units="ucm:0.5", segments=str(store), precision="fp32", device="cpu"),
+                 [root / "model.pt", images], tmp_path / "q")
+    assert coarse.done == 2
+    assert len(StoreReader(tmp_path / "q")[key].arrays["area"]) < len(item.arrays["area"])
+    with pytest.raises(InputError, match="available levels"):
+        run(EmbedConfig(units="ucm:0.9", segments=str(store), precision="fp32"), [root / "model.pt", images],
+            tmp_path / "r")
+
+
+def test_transfer_and_retrieve_show_the_units(ucm_inputs, tmp_path):
+    """The prototypes stores' units reach transfer's manifest and the retrieval page."""
+    import json
+
+    from segsort_unsup.embed.retrieve import run_retrieve
+    from segsort_unsup.embed.transfer import MANIFEST, TransferConfig
+    from segsort_unsup.embed.transfer import run as transfer
+
+    root, store, images = ucm_inputs
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    import cv2
+
+    from segsort_unsup.io.images import read_image
+
+    for p in sorted(images.glob("*.png")):
+        h, w = read_image(p).shape[:2]
+        cv2.imwrite(str(labels / p.name), (np.arange(w)[None, :] * 3 // w).repeat(h, 0).astype(np.uint8))
+    run(EmbedConfig(units="ucm:0.3", segments=str(store), labels=str(labels), precision="fp32", device="cpu"),
+        [root / "model.pt", images], tmp_path / "lab")
+    run(EmbedConfig(units="grid8", precision="fp32", device="cpu"), [root / "model.pt", images], tmp_path / "qry")
+    transfer(TransferConfig(k=3), [tmp_path / "lab", tmp_path / "qry"], tmp_path / "out")
+    record = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert record["units"] == {"labelled": "ucm:0.3", "query": "grid8"}
+    run_retrieve(tmp_path / "lab", tmp_path / "qry", tmp_path / "ret", n=1, min_area=1)
+    page = (tmp_path / "ret" / "index.html").read_text()
+    assert "(ucm:0.3 units)" in page and "(grid8 units)" in page
