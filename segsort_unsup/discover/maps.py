@@ -1,7 +1,9 @@
 """2-D maps of prototypes (the SegSort paper's figures 9 and 10): t-SNE, or PCA as a fallback.
 
-:func:`embed_2d` places the rows of a feature table in the plane; :func:`draw_map` draws them
-coloured by group and, when classes are known, a second panel coloured by class.
+:func:`embed_2d` places the rows of a feature table in the plane; :func:`snap_to_grid` keeps one
+point per cell of a grid laid over that plane (the gallery draws each kept point's segment as a
+thumbnail in its cell); :func:`group_colours` gives distinguishable frame colours;
+:func:`draw_map` draws a plain scatter plot coloured by group and, when classes are known, by class.
 """
 
 from __future__ import annotations
@@ -59,6 +61,39 @@ def embed_2d(x: np.ndarray, *, method: str = "auto", seed: int = 0) -> tuple[np.
                         learning_rate="auto")
             return tsne.fit_transform(reduced).astype(np.float32), "t-SNE"
     return pca_2d(x), "PCA"
+
+
+def snap_to_grid(xy: np.ndarray, cols: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """One point per grid cell: ``(indices of the kept points, their cell = row * cols + col)``.
+
+    The plane spanned by ``xy`` is divided into ``cols`` x ``rows`` cells; of the points falling
+    in a cell the one nearest its centre is kept (ties: the lower index). Cost: one sort.
+    """
+    xy = np.asarray(xy, np.float64)
+    n = xy.shape[0]
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    lo, hi = xy.min(axis=0), xy.max(axis=0)
+    scaled = (xy - lo) / np.maximum(hi - lo, 1e-12) * np.array([cols, rows])
+    cell_xy = np.minimum(scaled.astype(np.int64), np.array([cols - 1, rows - 1]))
+    dist = ((scaled - cell_xy - 0.5) ** 2).sum(axis=1)
+    cell = cell_xy[:, 1] * cols + cell_xy[:, 0]
+    order = np.lexsort((np.arange(n), dist, cell))
+    first = np.ones(n, bool)
+    first[1:] = cell[order][1:] != cell[order][:-1]
+    kept = order[first]
+    return kept, cell[kept]
+
+
+def group_colours(n: int) -> list[str]:
+    """``n`` CSS colours, neighbours in the list far apart in hue (golden angle), two lightnesses."""
+    import colorsys
+
+    out = []
+    for i in range(n):
+        r, g, b = colorsys.hls_to_rgb((i * 0.381966) % 1.0, 0.45 if i % 2 == 0 else 0.62, 0.75)
+        out.append(f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}")
+    return out
 
 
 def _colours(values: np.ndarray, cmap_name: str = "tab20") -> np.ndarray:

@@ -237,18 +237,21 @@ def test_gallery_pages_links_and_files(camvid_protos, tmp_path):
     groups = read_groups(tmp_path / "g")
     html = (folder / "gallery.html").read_text()
     assert html == (folder / "level-00.html").read_text()
-    for page in folder.glob("*.html"):
+    pages = [*folder.glob("*.html"), *folder.glob("photos/*.html")]
+    assert len(list(folder.glob("photos/*.html"))) > 0
+    for page in pages:
         text = page.read_text()
         for src in re.findall(r"src='([^']+)'", text):
-            assert (folder / src).is_file(), (page.name, src)
+            assert (page.parent / src).is_file(), (page.name, src)
         for href in re.findall(r"href='([^'#]+)", text):
-            assert (folder / href).is_file(), (page.name, href)
+            assert (page.parent / href).is_file(), (page.name, href)
     if len(groups.levels) > 1:
         text = (folder / "level-01.html").read_text()
         parent = groups.levels[0].arrays["parent"]
         for g in range(groups.levels[1].attrs["groups"]):
-            card = re.search(rf"<div class='card' id='g{g}'>.*?</div></div>", text, re.S).group(0)
-            listed = [int(x) for x in re.findall(r"level-00.html#g(\d+)", card)]
+            links = re.search(rf"<div class='card' id='g{g}'[^>]*>.*?<div class='links'>(.*?)</div></div>", text,
+                              re.S).group(1)
+            listed = [int(x) for x in re.findall(r"level-00(?:-p\d+)?\.html#g(\d+)", links)]
             assert sorted(listed) == np.flatnonzero(parent == g).tolist()
 
 
