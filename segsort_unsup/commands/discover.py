@@ -63,7 +63,7 @@ def _level(ctx: click.Context | None, param: click.Parameter | None, value: str 
               show_default=True, help="2-D map: t-SNE (scikit-learn), PCA, or none; auto = t-SNE if available.")
 @click.option("--map-points", type=click.IntRange(min=2), default=2000, show_default=True,
               help="Sample of prototypes placed on the map (seeded; one per grid cell is drawn).")
-@click.option("--no-gallery", is_flag=True, help="Only the groups store: no HTML, montages or map.")
+@click.option("--no-gallery", is_flag=True, help="Only the groups store: no gallery pages, crops or map.")
 @overwrite_option
 def discover(prototypes, output, min_area, classes, exclude_classes, max_prototypes, seed, req_clust, distance,
              level, representatives, random_members, max_groups, groups_per_page, overviews, map_method, map_points,

@@ -2,17 +2,13 @@
 
 :func:`embed_2d` places the rows of a feature table in the plane; :func:`snap_to_grid` keeps one
 point per cell of a grid laid over that plane (the gallery draws each kept point's segment as a
-thumbnail in its cell); :func:`group_colours` gives distinguishable frame colours;
-:func:`draw_map` draws a plain scatter plot coloured by group and, when classes are known, by class.
+thumbnail in its cell); :func:`group_colours` gives distinguishable frame colours.
 """
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from ..io.atomic import atomic_path
 from ..log import get_logger
 
 log = get_logger("discover.maps")
@@ -94,45 +90,3 @@ def group_colours(n: int) -> list[str]:
         r, g, b = colorsys.hls_to_rgb((i * 0.381966) % 1.0, 0.45 if i % 2 == 0 else 0.62, 0.75)
         out.append(f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}")
     return out
-
-
-def _colours(values: np.ndarray, cmap_name: str = "tab20") -> np.ndarray:
-    import matplotlib
-
-    cmap = matplotlib.colormaps[cmap_name]
-    _, inverse = np.unique(values, return_inverse=True)
-    return cmap(inverse % cmap.N)
-
-
-def draw_map(xy: np.ndarray, groups: np.ndarray, path: str | os.PathLike, *, labels: np.ndarray | None = None,
-             title: str = "", class_names: dict[int, str] | None = None) -> None:
-    """Draw ``xy`` coloured by ``groups`` (and by ``labels`` in a second panel) into the PNG ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    panels = 2 if labels is not None else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6.0 * panels, 6.0), dpi=90, squeeze=False)
-    size = max(2.0, min(20.0, 4000.0 / max(len(xy), 1)))
-    ax = axes[0, 0]
-    ax.scatter(xy[:, 0], xy[:, 1], c=_colours(groups), s=size, linewidths=0)
-    ax.set_title(f"{title} — by group ({len(np.unique(groups))} groups)" if title else "by group")
-    if labels is not None:
-        ax = axes[0, 1]
-        classes = np.unique(labels)
-        cmap = matplotlib.colormaps["tab20"]
-        for i, c in enumerate(classes):
-            sel = labels == c
-            name = (class_names or {}).get(int(c), str(int(c)))
-            ax.scatter(xy[sel, 0], xy[sel, 1], color=cmap(i % cmap.N), s=size, linewidths=0, label=name)
-        ax.set_title("by class")
-        if len(classes) <= 20:
-            ax.legend(markerscale=max(1.0, 8.0 / size), fontsize=7, loc="best")
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)

@@ -153,7 +153,7 @@ def _title(level: int | str) -> str:
     return "requested partition" if level == "requested" else f"level {level}"
 
 
-def _head(title: str, script: str, prefix: str = "") -> str:
+def _head(title: str, script: str) -> str:
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<meta name='viewport' content='width=device-width,initial-scale=1'><title>{esc(title)}</title>"
             f"<style>{STYLE}</style><script>{script}</script></head><body><main>")

@@ -17,9 +17,12 @@ shard, so it appears whole or not at all:
 - item ``requested`` (with ``req_clust``): the partition with exactly that many groups.
 
 Same inputs and settings: nothing is recomputed. Beside the shard, ``gallery/`` holds
-``gallery.html`` (one page per level, montages of each group's most representative and some
-random members) and ``map.png`` (2-D map coloured by group and by class); gallery settings are
-run-only, so changing them redraws the gallery without re-clustering.
+``gallery.html`` and its pages (:mod:`segsort_unsup.discover.gallery`: groups largest first with
+crops of their members, photo pages, a thumbnail map); gallery settings are run-only, so changing
+them redraws the gallery without re-clustering. The store's lock is held until the gallery is
+drawn, so a concurrent ``--overwrite`` waits instead of pulling the store from under it. The
+summary counts the prototypes store's images: one that cannot be read is left out and reported
+as failed (on every later run that keeps these groups, too); non-finite prototypes are refused.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ class DiscoverConfig(StageConfig):
     req_clust: int | None = None
     distance: str = "cosine"
     level: int | str | None = run_only(None, help="gallery level: a number or 'requested'")
-    gallery: bool = run_only(True, help="write gallery/ (HTML, montages, 2-D map)")
+    gallery: bool = run_only(True, help="write gallery/ (pages, segment crops, thumbnail map)")
     representatives: int = run_only(5, help="members nearest the group mean shown per group")
     random_members: int = run_only(2, help="random members shown per group")
     max_groups: int = run_only(200, help="levels with more groups get no gallery page")
