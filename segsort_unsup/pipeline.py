@@ -59,6 +59,7 @@ from typing import Any
 
 from .config import StageConfig
 from .errors import InputError
+from .io.outdir import UnsafeNameError, safe_relative_name
 from .log import get_logger
 from .parallel import EXECUTORS, make_executor
 from .stages import Stage, StageSummary, registry, run_stage
@@ -206,6 +207,11 @@ def load_pipeline(path: str | os.PathLike, *, input: str | None = None,  # noqa:
         instances = _instances(stage, raw)
         for name, section in instances:
             where = f"{path} [{name}]"
+            if name != stage.name:  # the instance name becomes a folder under the output
+                try:
+                    safe_relative_name(name.split(".", 1)[1], what="section name", subfolders=False)
+                except UnsafeNameError as exc:
+                    raise InputError(f"{path}: {exc}") from None
             sources = _section_sources(stage, section.pop("from", None), pipeline, where)
             for key in stage.input_paths:
                 value = section.get(key)
