@@ -11,15 +11,14 @@ the coarser group holding it. The first page of each level holds the 2-D map: t-
 a sample of segments snapped to a grid, each cell the segment's thumbnail framed in its group's
 colour; hover shows the segment, click opens its group, the legend highlights a group.
 
-The gallery is drawn into a fresh folder that then replaces ``gallery/`` (so no stale file
-survives a redraw and a half-drawn gallery is never visible); ``gallery.json`` records what was
-drawn, so an identical redraw is skipped. File names come from row and image numbers, never
-from store keys. Cost: linear in the rows (one pass per level) plus the members and map cells drawn.
+``gallery/`` is an output folder (:mod:`segsort_unsup.io.outdir`): a manifest of what drew it
+and from what, its lock held while drawing, a redraw with other settings removes only what the
+last drawing listed (``tiles/`` and ``photos/`` are owned whole), an identical redraw is skipped.
+File names come from row and image numbers, never from store keys. Cost: linear in the rows (one pass per level) plus the members and map cells drawn.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections import defaultdict
@@ -31,7 +30,6 @@ import numpy as np
 from PIL import Image
 
 from ..errors import BadImageError
-from ..io.atomic import fsync_dir
 from ..io.images import read_image
 from ..io.store import StoreReader
 from ..log import get_logger, progress
@@ -43,8 +41,8 @@ TILE = 160  # px, a member's crop
 CELL = 28  # px, a map thumbnail
 PHOTO_SIDE = 1024  # px, longest side of a photo page's picture
 OUTLINE = np.array([255, 214, 0], np.uint8)
-MANIFEST = "gallery.json"
-VERSION = 2  # of the drawing: a new version redraws
+OLD_MANIFEST = "gallery.json"  # a gallery drawn before output folders
+VERSION = 3  # of the drawing: a new version redraws
 
 
 @dataclass
@@ -211,19 +209,18 @@ def _map_view(protos: np.ndarray, *, method: str, points: int, seed: int) -> Map
 # --------------------------------------------------------------------------------------------
 # Drawing
 # --------------------------------------------------------------------------------------------
-def _identity_record(identity: str, level: Any, settings: dict[str, Any], overview_dir: Path | None) -> dict:
-    return {"version": VERSION, "groups": identity, "level": level, **settings,
-            "overviews": str(overview_dir) if overview_dir else ""}
+def _retire_pre_manifest_gallery(folder: Path) -> None:
+    """Delete a gallery drawn before galleries were output folders (its ``gallery.json``, pages,
+    montages and map); anything else in the folder is left for the output folder to refuse."""
+    from ..io.outdir import read_output_manifest
 
-
-def _up_to_date(folder: Path, record: dict) -> bool:
-    manifest = folder / MANIFEST
-    if not (manifest.is_file() and (folder / "gallery.html").is_file()):
-        return False
-    try:
-        return json.loads(manifest.read_text(encoding="utf-8")) == record
-    except ValueError:
-        return False
+    if not (folder / OLD_MANIFEST).is_file() or read_output_manifest(folder) is not None:
+        return
+    for path in folder.glob("*.html"):
+        path.unlink()
+    (folder / "map.png").unlink(missing_ok=True)
+    shutil.rmtree(folder / "montages", ignore_errors=True)
+    (folder / OLD_MANIFEST).unlink()
 
 
 def write_gallery(groups: Any, prototypes: str | os.PathLike, folder: str | os.PathLike, *, level: int | str,
@@ -232,25 +229,39 @@ def write_gallery(groups: Any, prototypes: str | os.PathLike, folder: str | os.P
                   overview_dir: str | os.PathLike | None = None) -> Path:
     """Draw the gallery of ``groups`` (:class:`~segsort_unsup.discover.stage.Groups`) into ``folder``.
 
-    ``identity`` names the groups' content (the store's identity hash); with the same settings
-    a gallery recorded for it is kept. ``overview_dir`` holds the ucm ``<key>_overview.png``
-    pictures to link (if any). Returns the path of ``gallery.html``.
+    ``folder`` is an output folder (:class:`~segsort_unsup.io.outdir.OutputFolder`, kind
+    ``gallery``): its manifest records what was drawn from what (``identity``, the groups' content,
+    and the settings), so the same drawing is kept, another replaces only the files it listed.
+    ``overview_dir`` holds the ucm ``<key>_overview.png`` pictures to link (if any). Returns the
+    path of ``gallery.html`` (written last: present and listed means the drawing is whole).
     """
-    from .pages import Context, level_page, photo_page
+    from ..io.outdir import OutputFolder
 
     folder = Path(folder)
     overview_dir = Path(overview_dir).resolve() if overview_dir and Path(overview_dir).is_dir() else None
-    settings = {"representatives": representatives, "random_members": random_members, "max_groups": max_groups,
-                "groups_per_page": groups_per_page, "seed": seed, "map_method": map_method, "map_points": map_points}
-    record = _identity_record(identity, level, settings, overview_dir)
-    if _up_to_date(folder, record):
-        log.info("discover: gallery in %s is up to date", folder)
-        return folder / "gallery.html"
-    stage = folder.parent / f".{folder.name}-new"
-    shutil.rmtree(stage, ignore_errors=True)
-    for sub in ("tiles", "photos"):
-        (stage / sub).mkdir(parents=True)
+    record = {"version": VERSION, "groups": identity, "level": level, "representatives": representatives,
+              "random_members": random_members, "max_groups": max_groups, "groups_per_page": groups_per_page,
+              "seed": seed, "map_method": map_method, "map_points": map_points,
+              "overviews": str(overview_dir) if overview_dir else ""}
+    _retire_pre_manifest_gallery(folder)
+    with OutputFolder(folder, kind="gallery", identity=record, overwrite="changed",
+                      meta={"groups": str(groups.root), "prototypes": str(Path(prototypes).resolve())}) as out:
+        if out.resumed and out.is_complete(folder / "gallery.html"):
+            log.info("discover: gallery in %s is up to date", folder)
+            return folder / "gallery.html"
+        _draw_into(out, groups, prototypes, level=level, representatives=representatives,
+                   random_members=random_members, max_groups=max_groups, groups_per_page=groups_per_page, seed=seed,
+                   map_method=map_method, map_points=map_points, overview_dir=overview_dir)
+    return folder / "gallery.html"
 
+
+def _draw_into(out: Any, groups: Any, prototypes: str | os.PathLike, *, level: int | str, representatives: int,
+               random_members: int, max_groups: int, groups_per_page: int, seed: int, map_method: str,
+               map_points: int, overview_dir: Path | None) -> None:
+    from .pages import Context, level_page, photo_page
+
+    out.own_tree("tiles")
+    out.own_tree("photos")
     keys = groups.image_keys
     image = groups.rows.arrays["image"]
     segment = groups.rows.arrays["segment"]
@@ -271,29 +282,29 @@ def write_gallery(groups: Any, prototypes: str | os.PathLike, folder: str | os.P
         if the_map is not None:
             for row in the_map.row:
                 wanted[int(image[row])].add(int(row))
-        thumbs = _draw_photos(reader, keys, image, segment, wanted, stage, overview_dir, folder / "photos")
+        thumbs = _draw_photos(reader, keys, image, segment, wanted, out.path, overview_dir, out.path / "photos")
         meta = dict(reader.meta)
     if the_map is not None:
         sprite = np.full((the_map.rows * CELL, the_map.cols * CELL, 3), 245, np.uint8)
         for row, cell in zip(the_map.row, the_map.cell):
             y, x = divmod(int(cell), the_map.cols)
             sprite[y * CELL:(y + 1) * CELL, x * CELL:(x + 1) * CELL] = thumbs[int(row)]
-        _save_jpeg(sprite, stage / "map.jpg", quality=90)
+        with out.writing(out.path_for("map.jpg")) as tmp:
+            _save_jpeg(sprite, Path(tmp), quality=90)
 
     ctx = Context(groups=groups, views=views, chosen=chosen, keys=keys, image=image, segment=segment,
                   the_map=the_map, meta=meta, colours=group_colours(max(len(v.order) for v in views)),
                   prototypes=str(Path(prototypes).resolve()))
+    for img, info in thumbs.photo_info.items():
+        (out.path / photo_name(img)).write_text(photo_page(ctx, img, *info), encoding="utf-8")
+    first = ""
     for view in views:
         for number, on_page in enumerate(view.pages()):
             text = level_page(ctx, view, number, on_page)
-            (stage / page_name(view.level, number)).write_text(text, encoding="utf-8")
+            out.write_text(out.path_for(page_name(view.level, number)), text)
             if view is chosen and number == 0:
-                (stage / "gallery.html").write_text(text, encoding="utf-8")
-    for img, info in thumbs.photo_info.items():
-        (stage / photo_name(img)).write_text(photo_page(ctx, img, *info), encoding="utf-8")
-    (stage / MANIFEST).write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
-    _swap_in(stage, folder)
-    return folder / "gallery.html"
+                first = text
+    out.write_text(out.path_for("gallery.html"), first)
 
 
 class _Thumbs(dict):
@@ -348,14 +359,3 @@ def _read_source(source: str, shape: tuple[int, ...]) -> np.ndarray | None:
                     tuple(shape))
         return None
     return rgb
-
-
-def _swap_in(stage: Path, folder: Path) -> None:
-    """Replace ``folder`` by the freshly drawn ``stage`` (the old one is deleted after the swap)."""
-    old = folder.parent / f".{folder.name}-old"
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(stage, folder)
-    fsync_dir(folder.parent)
-    shutil.rmtree(old, ignore_errors=True)

@@ -57,7 +57,7 @@ tr.cur td{background:#e8f0ff;font-weight:600}
  border-radius:6px;padding:6px}
 .legend a{display:inline-flex;align-items:center;gap:4px;margin:2px 6px 2px 0;color:var(--ink)}
 .legend i{display:inline-block;width:12px;height:12px;border-radius:2px;background:var(--c)}
-.photo{position:relative;display:inline-block;max-width:100%%}.photo img{display:block;max-width:100%%;height:auto}
+.photo{position:relative;display:inline-block;max-width:100%%;overflow:hidden}.photo img{display:block;max-width:100%%;height:auto}
 .photo .box{position:absolute;border:3px solid #ff2d55;box-shadow:0 0 0 9999px rgba(0,0,0,.25);display:none}
 @media (max-width:700px){.members img{width:calc(50vw - 30px);height:auto}main{padding:10px}}
 """ % {"tile": TILE, "mapmax": 40 * CELL}
@@ -243,7 +243,8 @@ def _map_html(ctx: Context, view: LevelView) -> str:
             "<p class='about'>Hover a thumbnail to see the segment; click it to open its group. Hover a legend "
             "entry to highlight its group (legend: group (size), largest first; grey frame: a group without a "
             "card).</p>"
-            f"<div class='mapbox'><div class='map'><img class='sprite' src='map.jpg' width='{m.cols * CELL}' "
+            f"<div class='mapbox'><div class='map' style='max-width:{min(m.cols * CELL * 8 // 5, 40 * CELL)}px'>"
+            f"<img class='sprite' src='map.jpg' width='{m.cols * CELL}' "
             f"height='{m.rows * CELL}' alt='thumbnail map'>{''.join(cells)}</div>"
             "<div class='side'><div id='preview'><img alt='segment under the pointer'><div class='cap'>"
             "Hover a thumbnail.</div></div>"

@@ -216,14 +216,14 @@ def test_idempotent_resume_and_changed_settings(camvid_protos, tmp_path):
     cfg = DiscoverConfig(map_method="pca")
     first = run(cfg, camvid_protos, out)
     shard = next(out.glob("part-*.h5"))
-    stamp = (shard.stat().st_mtime_ns, (out / "gallery" / "gallery.json").stat().st_mtime_ns)
+    stamp = (shard.stat().st_mtime_ns, (out / "gallery" / "gallery.html").stat().st_mtime_ns)
     second = run(cfg, camvid_protos, out)
     assert second.done == 0 and second.skipped == first.done
-    assert (shard.stat().st_mtime_ns, (out / "gallery" / "gallery.json").stat().st_mtime_ns) == stamp
+    assert (shard.stat().st_mtime_ns, (out / "gallery" / "gallery.html").stat().st_mtime_ns) == stamp
     # a gallery-only change redraws the gallery, never re-clusters
     run(cfg.replace(representatives=2), camvid_protos, out)
     assert shard.stat().st_mtime_ns == stamp[0]
-    assert (out / "gallery" / "gallery.json").stat().st_mtime_ns != stamp[1]
+    assert (out / "gallery" / "gallery.html").stat().st_mtime_ns != stamp[1]
     # a result-changing setting needs --overwrite
     with pytest.raises(StoreError, match="differs in: min_area"):
         run(cfg.replace(min_area=50), camvid_protos, out)
