@@ -61,7 +61,7 @@ def _level(ctx: click.Context | None, param: click.Parameter | None, value: str 
                    "[default: png/segments beside OUTPUT, if there].")
 @click.option("--map", "map_method", type=click.Choice(["auto", "tsne", "pca", "none"]), default="auto",
               show_default=True, help="2-D map: t-SNE (scikit-learn), PCA, or none; auto = t-SNE if available.")
-@click.option("--map-points", type=click.IntRange(min=2), default=2000, show_default=True,
+@click.option("--map-points", type=click.IntRange(min=2), default=1000, show_default=True,
               help="Sample of prototypes placed on the map (seeded; one per grid cell is drawn).")
 @click.option("--no-gallery", is_flag=True, help="Only the groups store: no gallery pages, crops or map.")
 @overwrite_option

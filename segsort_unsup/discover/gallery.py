@@ -225,7 +225,7 @@ def _retire_pre_manifest_gallery(folder: Path) -> None:
 
 def write_gallery(groups: Any, prototypes: str | os.PathLike, folder: str | os.PathLike, *, level: int | str,
                   identity: str, representatives: int = 5, random_members: int = 2, max_groups: int = 200,
-                  groups_per_page: int = 30, seed: int = 0, map_method: str = "auto", map_points: int = 2000,
+                  groups_per_page: int = 30, seed: int = 0, map_method: str = "auto", map_points: int = 1000,
                   overview_dir: str | os.PathLike | None = None) -> Path:
     """Draw the gallery of ``groups`` (:class:`~segsort_unsup.discover.stage.Groups`) into ``folder``.
 

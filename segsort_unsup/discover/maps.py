@@ -53,9 +53,14 @@ def embed_2d(x: np.ndarray, *, method: str = "auto", seed: int = 0) -> tuple[np.
         else:
             reduced = PCA(n_components=min(50, x.shape[1], n), random_state=seed).fit_transform(x) \
                 if x.shape[1] > 50 else x
+            from threadpoolctl import threadpool_limits
+
             tsne = TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30.0, (n - 1) / 3.0),
                         learning_rate="auto")
-            return tsne.fit_transform(reduced).astype(np.float32), "t-SNE"
+            # One thread: t-SNE's OpenMP threads spin against each other on a busy machine (300 points:
+            # 66 s with 2 threads on 2 shared cores, 6 s with one), and one thread gives the same map.
+            with threadpool_limits(1):
+                return tsne.fit_transform(reduced).astype(np.float32), "t-SNE"
     return pca_2d(x), "PCA"
 
 

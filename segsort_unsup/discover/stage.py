@@ -86,7 +86,7 @@ class DiscoverConfig(StageConfig):
     max_groups: int = run_only(200, help="levels with more groups get no gallery page")
     groups_per_page: int = run_only(30, help="group cards per gallery page")
     map_method: str = run_only("auto", help="2-D map: auto (t-SNE, else PCA), tsne, pca or none")
-    map_points: int = run_only(2000, help="sample of segments placed on the 2-D map (one per grid cell kept)")
+    map_points: int = run_only(1000, help="sample of segments placed on the 2-D map (one per grid cell kept)")
     overviews: str | None = run_only(None, help="folder of the ucm <key>_overview.png pictures to link "
                                                 "(default: png/segments beside the output, if there)")
     threads: int | None = run_only(None, help="FINCH worker threads")
