@@ -207,7 +207,11 @@ def _quiet_interrupts(unraisable) -> None:
 
 
 def run(args: list[str] | None = None) -> int:
-    """The console entry point: exit 130 after Ctrl-C or SIGTERM (finished work is saved), no traceback."""
+    """The console entry point; returns the exit code.
+
+    0: every item done; 1: some item failed (the rest are saved) or the run stopped on an error;
+    2: a usage error or bad input; 130: Ctrl-C or SIGTERM (finished work is saved). No traceback.
+    """
     from .parallel import clear_stop
 
     args = _hoist_global_flags(list(sys.argv[1:] if args is None else args))
@@ -217,7 +221,9 @@ def run(args: list[str] | None = None) -> int:
     _start_stop_watchdog()
     sys.unraisablehook = _quiet_interrupts
     try:
-        main.main(args=args, prog_name="segsort-unsup", standalone_mode=False)
+        # Outside standalone mode click *returns* the code of an ``Exit`` (``finish`` raises
+        # ``Exit(1)`` when items failed) instead of raising it: that code is the process's.
+        code = main.main(args=args, prog_name="segsort-unsup", standalone_mode=False)
     except (KeyboardInterrupt, click.Abort):
         click.echo("\nInterrupted: finished items are saved; run the same command again to resume.", err=True)
         # Stores are closed by now (their context managers ran). Leave at once: a worker pool whose
@@ -230,7 +236,7 @@ def run(args: list[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
-    return 0
+    return code if isinstance(code, int) and not isinstance(code, bool) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -112,6 +112,9 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         if path.suffix in (".pt", ".pth"):
             return _describe_model(path)
         raise InputError(f"{path}: not a store folder, run folder or model file (.pt)")
+    if not path.is_dir():
+        raise InputError(f"{path}: neither a file nor a folder (a device or a pipe); give a store folder, "
+                         "run folder or model file (.pt)")
     if (path / "store.json").is_file():
         return _describe_store(path)
     if any((path / name).exists() for name in ("config.toml", "metrics.jsonl", "model.pt")) or any(

@@ -49,7 +49,7 @@ def test_interrupt_exits_130_without_tracebacks_and_resumes(tmp_path, bsds, sig)
         photo = io.imread(path)
         sob = filters.sobel(color.rgb2gray(photo))
         Image.fromarray((255 * sob / sob.max()).astype("uint8")).save(edges / f"{image_id}.png")
-    cmd = [sys.executable, "-m", "segsort_unsup.cli", "ucm", str(edges), "-o", str(tmp_path / "seg"),
+    cmd = [str(Path(sys.executable).parent / "segsort-unsup"), "ucm", str(edges), "-o", str(tmp_path / "seg"),
            "--workers", "2", "--shard-size", "1"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

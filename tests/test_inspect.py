@@ -28,3 +28,16 @@ def test_store_model_and_run_folder(tmp_path):
     assert data["model"]["provenance"]["identity_hash"] == "h" and data["stores"]["feats"]["items_complete"] == 1
     bad = CliRunner().invoke(main, ["inspect", str(tmp_path)])
     assert bad.exit_code != 0 and "holds no segsort-unsup store" in bad.output
+
+
+def test_devices_and_empty_or_foreign_model_files_get_one_line(tmp_path):
+    device = CliRunner().invoke(main, ["inspect", "/dev/null"])
+    assert device.exit_code == 2 and "neither a file nor a folder" in device.output, device.output
+    empty = tmp_path / "model.pt"
+    empty.write_bytes(b"")
+    result = CliRunner().invoke(main, ["inspect", str(empty)])
+    assert result.exit_code == 1 and "empty file (0 bytes" in result.output, result.output
+    assert "unexpected" not in result.output
+    empty.write_bytes(b"PK\x03\x04 truncated zip")
+    result = CliRunner().invoke(main, ["inspect", str(empty)])
+    assert result.exit_code == 1 and "not a readable segsort-unsup model" in result.output, result.output

@@ -253,3 +253,8 @@ def test_exports_written_by_worker_processes_are_recorded_not_redone(tmp_path, e
     assert listed == {rel: (reference / rel).stat().st_size for rel in listed} and len(listed) == 9
     for rel in listed:
         assert (out / rel).read_bytes() == (reference / rel).read_bytes(), rel
+    from segsort_unsup.io.outdir import OutputFolder
+
+    with OutputFolder(out, kind="ucm-png", identity={"other": 1}, overwrite=True):
+        pass  # the subfolder the workers wrote into was created, and listed, by this process: it goes
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME]

@@ -64,6 +64,7 @@ def contours(inputs, output, model, weights_path, precision, scales, device, bat
     the exit code is 1 if any image failed.
     """
     from ..contours.stage import ContoursConfig, run
+    from ..io.images import excluding_outputs
     from ..parallel import make_executor
 
     if nms_png and png_dir is None:
@@ -72,6 +73,6 @@ def contours(inputs, output, model, weights_path, precision, scales, device, bat
                             max_side=max_side, tile_side=tile_side, tile=not no_tile, max_pixels=max_pixels,
                             resize_to=resize_to, threads=threads, shard_size=shard_size,
                             weights=weights_path, png_dir=png_dir, nms_png=nms_png)
-    with make_executor(executor, workers=workers, scheduler=scheduler) as pool:
+    with excluding_outputs(output, png_dir), make_executor(executor, workers=workers, scheduler=scheduler) as pool:
         summary = run(config, inputs, output, executor=pool, overwrite=overwrite)
     finish(summary)

@@ -43,11 +43,12 @@ def embed(model, input, output, labels, ignore_label, features, scales, flip, wi
     image. A killed run resumes where it stopped.
     """
     from ..embed.infer import EmbedConfig, run
+    from ..io.images import excluding_outputs
     from ..parallel import make_executor
 
     config = EmbedConfig(features=features, scales=scales, flip=flip, window=window, window_stride=window_stride,
                          grid=grid, iterations=iterations, precision=precision, labels=labels,
                          ignore_label=ignore_label, device=device, threads=threads, shard_size=shard_size)
-    with make_executor(executor, workers=workers, scheduler=scheduler) as pool:
+    with excluding_outputs(output), make_executor(executor, workers=workers, scheduler=scheduler) as pool:
         summary = run(config, [model, input], output, executor=pool, overwrite=overwrite)
     finish(summary)

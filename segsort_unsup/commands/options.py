@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import click
 
+from ..log import LOGGER_NAME
 from ..stages import StageSummary
 
 overwrite_option = click.option(
@@ -17,7 +19,7 @@ shard_size_option = click.option(
     help="Items per HDF5 shard (a killed run redoes at most this many).",
 )
 seed_option = click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed of every random choice (same seed, same result).",
+    "--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed of every random choice (same seed, same result).",
 )
 
 
@@ -64,17 +66,26 @@ def float_list(*, low: float | None = None, high: float | None = None, example: 
 
 
 def finish(*summaries: StageSummary) -> None:
-    """Print each summary line; exit 1 if any item failed (the rest are saved)."""
+    """Print each summary line; exit 1 if any item failed (the rest are saved).
+
+    Each failure is printed once: stages log it (a warning) as it happens, so the summary only
+    lists failures when warnings are hidden (``-q``).
+    """
     failed = False
+    already_shown = logging.getLogger(LOGGER_NAME).isEnabledFor(logging.WARNING)
     for summary in summaries:
         click.echo(summary.line(), err=True)
-        if not summary.ok:
-            failed = True
-            shown = summary.failed[:5]
-            for key, reason in shown:
-                click.echo(f"  failed: {key}: {reason}", err=True)
-            if len(summary.failed) > len(shown):
-                click.echo(f"  ... and {len(summary.failed) - len(shown)} more (see failures.tsv in the output)",
-                           err=True)
+        if summary.ok:
+            continue
+        failed = True
+        if already_shown:
+            click.echo(f"  {len(summary.failed)} failed item(s): the reasons are above", err=True)
+            continue
+        shown = summary.failed[:5]
+        for key, reason in shown:
+            click.echo(f"  failed: {key}: {reason}", err=True)
+        if len(summary.failed) > len(shown):
+            click.echo(f"  ... and {len(summary.failed) - len(shown)} more (see failures.tsv in the output)",
+                       err=True)
     if failed:
         raise click.exceptions.Exit(1)

@@ -23,8 +23,9 @@ import numpy as np
 from ..config import StageConfig, config_hash, run_only, setting
 from ..errors import SegsortError
 from ..io.atomic import atomic_write_bytes
-from ..io.outdir import OutputFolder, key_path, settle_exports
+from ..io.outdir import OutputFolder, key_path, prepare_exports, settle_exports
 from ..io.images import DEFAULT_MAX_PIXELS, ImageRef, list_images, read_image
+from ..io.sources import item_sources
 from ..io.store import Item
 from ..log import get_logger
 from ..parallel import Executor, InProcess
@@ -182,8 +183,11 @@ def run(config: ContoursConfig, inputs: str | os.PathLike | list[ImageRef], outp
             "precision": precision, "scales": list(config.scales), **tiles, "settings": config.to_dict()}
     with contextlib.ExitStack() as stack:
         run = stack.enter_context(StageRun("contours", output, kind="contours", identity=identity, meta=meta,
-                                           overwrite=overwrite, shard_size=config.shard_size))
+                                           overwrite=overwrite, shard_size=config.shard_size,
+                                           sources=item_sources(refs)))
         pngs = stack.enter_context(_png_folder(config, identity, overwrite)) if config.png_dir else None
+        if pngs is not None:
+            prepare_exports(pngs, [ref.key for ref in refs], targets=lambda key: _png_targets(config, key))
         stored_before = set(run.writer.completed)
         _log.info("contours: %s (%s), %s, scales %s, tiles of %s above %d px, on %s", config.model,
                   weights_sha256[:12], precision, ",".join(f"{s:g}" for s in config.scales),

@@ -48,6 +48,7 @@ import numpy as np
 from ..config import StageConfig, run_only
 from ..errors import BadImageError, InputError
 from ..io.images import list_images, read_image
+from ..io.sources import FileSources
 from ..io.store import Item
 from ..log import get_logger
 from ..parallel import Executor, InProcess
@@ -448,7 +449,8 @@ def run(config: EmbedConfig, inputs: Any, output: str | os.PathLike, *,
         jobs.append(_Job(ref.key, os.path.abspath(ref.path), None if lab is None else str(lab.resolve()),
                          str(model_path.resolve()), sha, config, threads))
     with StageRun("embed", output, kind="prototypes", identity=identity, meta=meta, overwrite=overwrite,
-                  shard_size=config.shard_size) as run:
+                  shard_size=config.shard_size,
+                  sources=FileSources({j.key: (j.path, j.label_path) for j in jobs})) as run:
         log.info("embed: %s (%s), %s features, %s, %d view(s), on %s", model_path, sha[:12], config.features,
                  precision, len(config.views), executor.describe())
         run.run_jobs(executor, process_image, jobs, desc="embed")

@@ -158,8 +158,9 @@ def labelled_table(reader: StoreReader, *, ignore_label: int | None = None) -> t
         raise StoreError(reader.root, f"item {bad[0]} cannot be read ({bad[1]})")
     if protos.keys != labels.keys:
         unlabelled = sorted(set(protos.keys) - set(labels.keys))
-        raise StoreError(reader.root, f"item {unlabelled[0] if unlabelled else '?'} has prototypes but no labels; "
-                                      "embed the whole labelled set with --labels DIR")
+        raise StoreError(reader.root, f"{len(unlabelled)} item(s) have prototypes but no labels (e.g. "
+                                      f"{unlabelled[0]!r}); embed the labelled set again with --labels DIR "
+                                      "holding a label PNG for every image")
     x, y = protos.array, labels.array.astype(np.int64)
     if ignore_label is not None:
         keep = y != ignore_label

@@ -46,7 +46,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import changed_keys, config_hash
-from ..errors import InputError, StoreError, _PathError
+from ..errors import InputError, SegsortError, StoreError, _PathError
 from .atomic import DiskFullError, atomic_path, atomic_write_text, fsync_dir, is_disk_full
 
 MANIFEST_NAME = ".segsort-output.json"
@@ -130,19 +130,25 @@ def read_output_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
     return data
 
 
-def child_path(root: str | os.PathLike, relative: str) -> Path:
-    """``root/relative`` for a name checked by :func:`safe_relative_name` that does not lead out of
-    ``root`` through a symbolic link either."""
+def child_path(root: str | os.PathLike, relative: str, *, checked: set[Path] | None = None) -> Path:
+    """``root/relative`` for a name checked by :func:`safe_relative_name` whose folder does not lead
+    out of ``root`` through a symbolic link either (the file itself is replaced, never followed, by
+    atomic writes). ``checked``: folders already found inside ``root`` (a cache)."""
     root = Path(root)
     target = root.joinpath(*safe_relative_name(relative, what="file name").split("/"))
-    real_root, real = root.resolve(), target.resolve()
+    if checked is not None and target.parent in checked:
+        return target
+    real_root, real = root.resolve(), target.parent.resolve()
     if real != real_root and real_root not in real.parents:
         raise OutputFolderError(target, f"leads out of the output folder {root} (a symbolic link); "
                                         "remove the link or choose another output folder")
+    if checked is not None and target.parent.is_dir():
+        checked.add(target.parent)
     return target
 
 
-def key_path(root: str | os.PathLike, key: str, suffix: str = "", *, folder: str = "") -> Path:
+def key_path(root: str | os.PathLike, key: str, suffix: str = "", *, folder: str = "",
+             checked: set[Path] | None = None) -> Path:
     """``root/<folder>/<key><suffix>``, ``key`` checked by :func:`safe_relative_name` (one line naming
     it when refused). Usable where no :class:`OutputFolder` is at hand (worker processes)."""
     safe_relative_name(key)
@@ -150,7 +156,7 @@ def key_path(root: str | os.PathLike, key: str, suffix: str = "", *, folder: str
     if len(last) > _MAX_PART_BYTES:
         raise UnsafeNameError(key, "key", f"with {suffix!r} its file name is {len(last)} bytes long "
                                           f"(at most {_MAX_PART_BYTES})")
-    return child_path(root, f"{folder.strip('/')}/{key}{suffix}" if folder else f"{key}{suffix}")
+    return child_path(root, f"{folder.strip('/')}/{key}{suffix}" if folder else f"{key}{suffix}", checked=checked)
 
 
 class OutputFolder:
@@ -180,6 +186,7 @@ class OutputFolder:
         self._files: dict[str, int | None] = {}  # relative path -> size (None: announced, not recorded)
         self._folders: set[str] = set()  # subfolders this tool created
         self._trees: set[str] = set()  # subfolders it owns whole
+        self._checked: set[Path] = set()  # folders found inside (no symbolic link leading out)
         self._manifest: dict[str, Any] = {}
         self._journal = None
         self._lock = None
@@ -333,7 +340,7 @@ class OutputFolder:
             if tree.is_dir() and not tree.is_symlink():
                 shutil.rmtree(tree)
         self._remove_stale_temps()
-        for rel in sorted(self._known_folders(), key=lambda r: r.count("/"), reverse=True):
+        for rel in sorted(self._folders, key=lambda r: r.count("/"), reverse=True):
             with contextlib.suppress(OSError):  # only empty ones go: a folder holding a user's file stays
                 self._inside(rel).rmdir()
         (self.path / JOURNAL_NAME).unlink(missing_ok=True)
@@ -341,7 +348,7 @@ class OutputFolder:
         self._files, self._folders, self._trees = {}, set(), set()
 
     def _known_folders(self) -> set[str]:
-        """Listed subfolders, and those holding listed files (worker processes create folders unlisted)."""
+        """Listed subfolders, and those holding listed files (where a killed write left its temporary)."""
         parents = {rel.rsplit("/", 1)[0] for rel in [*self._files, *self._trees] if "/" in rel}
         parents |= {"/".join(p.split("/")[:i]) for p in parents for i in range(1, p.count("/") + 1)}
         return self._folders | parents
@@ -378,11 +385,11 @@ class OutputFolder:
 
     def file_for(self, key: str, suffix: str = "", *, folder: str = "") -> Path:
         """The path of ``<folder>/<key><suffix>`` (``key`` checked by :func:`safe_relative_name`)."""
-        return key_path(self.path, key, suffix, folder=folder)
+        return key_path(self.path, key, suffix, folder=folder, checked=self._checked)
 
     def path_for(self, relative: str) -> Path:
         """The path of a fixed relative name (``index.html``, ``montages/a.png``), checked."""
-        return child_path(self.path, relative)
+        return child_path(self.path, relative, checked=self._checked)
 
     # -- state -----------------------------------------------------------------------------------
     @property
@@ -435,6 +442,14 @@ class OutputFolder:
             self._append({"tree": rel})
         return target
 
+    def make_parents(self, target: str | os.PathLike) -> Path:
+        """Create (and list) the folders of ``target``, e.g. before worker processes write it (a folder
+        they create is not listed, so ``overwrite`` would leave it, empty)."""
+        rel = self._relative(target)
+        if "/" in rel:
+            self.folder(rel.rsplit("/", 1)[0])
+        return Path(target)
+
     def announce(self, target: str | os.PathLike) -> Path:
         """List ``target`` as being written (owned, not complete) and create its folders."""
         rel = self._relative(target)
@@ -484,6 +499,18 @@ class OutputFolder:
             Path(tmp).write_text(text, encoding="utf-8")
 
 
+def prepare_exports(folder: OutputFolder, keys: Iterable[str], *, targets: Callable[[str], list[Path]]) -> None:
+    """Create (and list) the subfolders that worker processes will write ``keys``' exports into
+    (keys that cannot name a file are left to fail where they are processed)."""
+    for key in keys:
+        try:
+            paths = targets(key)
+        except SegsortError:
+            continue
+        for path in paths:
+            folder.make_parents(path)
+
+
 def settle_exports(folder: OutputFolder, keys: Iterable[str], *, targets: Callable[[str], list[Path]],
                    fresh: Container[str], redo: Callable[[str], None]) -> list[tuple[str, str]]:
     """Make the export files of every stored item complete in ``folder``; returns ``(key, reason)``
@@ -514,4 +541,4 @@ def settle_exports(folder: OutputFolder, keys: Iterable[str], *, targets: Callab
 
 
 __all__ = ["MANIFEST_NAME", "OutputFolder", "OutputFolderError", "UnsafeNameError", "key_path", "read_output_manifest",
-           "safe_relative_name", "settle_exports"]
+           "prepare_exports", "safe_relative_name", "settle_exports"]

@@ -21,7 +21,8 @@ import numpy as np
 from ..config import StageConfig, config_hash, run_only
 from ..errors import BadImageError, InputError
 from ..io.images import list_images, read_edge_png
-from ..io.outdir import OutputFolder, settle_exports
+from ..io.outdir import OutputFolder, prepare_exports, settle_exports
+from ..io.sources import item_sources
 from ..io.store import DeferredArray, Item, StoreReader, cached_reader, is_store
 from ..log import get_logger
 from ..parallel import Executor, InProcess
@@ -242,8 +243,15 @@ def run(config: UcmConfig, inputs: str | os.PathLike, output: str | os.PathLike,
     meta = {"source": os.path.abspath(source), **provenance}
     with contextlib.ExitStack() as stack:
         run = stack.enter_context(StageRun("ucm", output, kind="segments", identity=identity, meta=meta,
-                                           overwrite=overwrite, shard_size=config.shard_size))
+                                           overwrite=overwrite, shard_size=config.shard_size,
+                                           sources=item_sources(source)))
         exports = [(stack.enter_context(folder), dirs) for folder, dirs in _export_folders(config, identity, overwrite)]
+        if exports:
+            from .export import export_paths
+
+            for folder, dirs in exports:
+                prepare_exports(folder, [job.key for job in jobs],
+                                targets=lambda key, dirs=dirs: export_paths(key, **dirs))
         stored_before = set(run.writer.completed)
         run.run_jobs(executor or InProcess(), process_item, jobs, desc="ucm")
         if exports:

@@ -341,12 +341,16 @@ def test_two_transfer_processes_into_one_folder_the_second_is_refused(tmp_path):
         time.sleep(0.005)
     first.send_signal(signal.SIGSTOP)
     try:
+        written = sorted(p.name for p in out.glob("*.png"))
         second = _console("transfer", tmp_path / "lab", tmp_path / "q", "-o", out, "--k", "1")
-        _, err = second.communicate(timeout=120)
+        third = _console("transfer", tmp_path / "lab", tmp_path / "q", "-o", out, "--k", "3", "--overwrite")
+        errors = [second.communicate(timeout=120)[1], third.communicate(timeout=120)[1]]
+        assert sorted(p.name for p in out.glob("*.png")) == written  # --overwrite deleted nothing
     finally:
         first.send_signal(signal.SIGCONT)
-    assert second.returncode != 0
-    assert "another segsort-unsup run is writing this folder" in err and err.strip().count("\n") == 0
+    for proc, err in zip((second, third), errors):
+        assert proc.returncode != 0
+        assert "another segsort-unsup run is writing this folder" in err and err.strip().count("\n") == 0
     _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
     assert "300 done" in err

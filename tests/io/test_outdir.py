@@ -110,6 +110,9 @@ def test_overwrite_removes_only_listed_files_and_keeps_the_users(tmp_path):
     (root / "nested" / "mine.png").write_bytes(b"user file")
     (root / "album").mkdir()
     (root / "album" / "x.png").write_bytes(b"user")
+    (root / "empty").mkdir()  # the user's folders stay, even empty ones that held our files
+    with OutputFolder(root, kind="labels", identity={"k": 1}) as folder:
+        _write(folder, "empty/d", b"old")
     with OutputFolder(root, kind="labels", identity={"k": 1}, overwrite=True) as folder:
         assert folder.files == {}
         _write(folder, "a", b"new")
@@ -117,6 +120,7 @@ def test_overwrite_removes_only_listed_files_and_keeps_the_users(tmp_path):
     assert (root / "nested" / "mine.png").read_bytes() == b"user file"
     assert (root / "album" / "x.png").read_bytes() == b"user"
     assert not (root / "nested" / "b.png").exists() and not (root / "gone").exists()
+    assert (root / "empty").is_dir() and not list((root / "empty").iterdir())
     assert (root / "a.png").read_bytes() == b"new"
     assert _manifest(root)["files"] == {"a.png": 3}
 
