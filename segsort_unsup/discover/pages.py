@@ -160,16 +160,19 @@ def _head(title: str, script: str) -> str:
 
 
 def units_line(meta: dict[str, Any]) -> str:
-    """Which segments were clustered (from the prototypes store's embed settings)."""
+    """Which segments were clustered (from the prototypes store's embed settings ``units``/``grid``)."""
     settings = meta.get("settings") or {}
-    units = settings.get("units")
-    if units and units != "sorting":
-        return f"segments: {esc(str(units))} regions, one prototype each (embed units = {esc(str(units))})"
+    units = str(settings.get("units") or "")
+    if units.startswith("ucm:"):
+        return (f"segments: the OWT-UCM regions cut at {esc(units[4:])} (embed units = {esc(units)}), one "
+                "prototype each: the regions of the ucm overviews")
     grid = settings.get("grid") or [5, 5]
-    grid_text = "×".join(str(int(v)) for v in grid) if isinstance(grid, (list, tuple)) else esc(str(grid))
+    cells = [int(v) for v in grid] if isinstance(grid, (list, tuple)) else [5, 5]
+    if units.startswith("grid") and units[4:].isdigit():
+        cells = [int(units[4:])] * 2
     return (f"segments: SegSort pixel sorting of the {esc(str(settings.get('features', 'head')))} embedding "
-            f"(k-means from a {grid_text} grid: up to {np.prod([int(v) for v in grid]) if isinstance(grid, (list, tuple)) else '?'} "
-            "per photo), one prototype each; not the OWT-UCM regions of the ucm overviews")
+            f"(k-means from a {'×'.join(map(str, cells))} grid: up to {int(np.prod(cells))} per photo), one "
+            "prototype each; not the OWT-UCM regions of the ucm overviews")
 
 
 def model_line(meta: dict[str, Any], prototypes: str) -> str:
