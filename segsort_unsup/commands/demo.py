@@ -58,7 +58,7 @@ def demo_pipeline_file() -> Path:
 
 
 @click.command()
-@click.argument("photos", required=False, type=click.Path(exists=True, path_type=Path))
+@click.argument("photos", required=False, type=click.Path(path_type=Path))
 @click.option("--out", "-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("demo-out"), show_default=True, help="Folder for the demo's photos, stores and pictures.")
 @click.option("--model", default="hed-bsds500", show_default=True,
@@ -90,5 +90,6 @@ def demo(photos: Path | None, out_dir: Path, model: str, overwrite: bool) -> Non
     try:
         finish(*run_pipeline(pipeline, overwrite=overwrite))
     finally:
-        click.echo(f"pictures: {out_dir / 'png'} (contours/, segments/: image | contour map | segments at two cuts)")
+        if (out_dir / "png").is_dir():
+            click.echo(f"pictures: {out_dir / 'png'} (contours/, segments/: image | contour map | segments at two cuts)")
         print_artefacts(pipeline)
