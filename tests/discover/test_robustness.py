@@ -112,3 +112,24 @@ def test_non_finite_prototypes_are_refused_in_one_line_naming_the_item(bsds, tmp
     errors = [line for line in done.stderr.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and "'photo-2'" in errors[0] and "non-finite" in errors[0], done.stderr
     assert "unexpected" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_redraw_removes_only_what_the_gallery_wrote(bsds, tmp_path):
+    photo = sorted((bsds / "images" / "val").glob("*.jpg"))[0]
+    protos = _store(tmp_path / "protos", photo)
+    out = tmp_path / "groups"
+    # a gallery drawn before galleries were output folders is retired, not refused
+    run(DiscoverConfig(gallery=False), protos, out)
+    old = out / "gallery"
+    (old / "montages").mkdir(parents=True)
+    for name in ("gallery.json", "gallery.html", "level-00.html", "map.png", "montages/level-00-g0000.png"):
+        (old / name).write_text("old")
+    run(DiscoverConfig(map_method="pca"), protos, out)
+    assert not (old / "montages").exists() and not (old / "map.png").exists() and not (old / "gallery.json").exists()
+    assert "<h1>Visual groups" in (old / "gallery.html").read_text()
+    tiles = sorted(p.name for p in (old / "tiles").iterdir())
+    # a user's note survives a redraw with other settings; the old drawing's files do not
+    (old / "my notes.txt").write_text("mine")
+    run(DiscoverConfig(map_method="pca", representatives=1, random_members=0), protos, out)
+    assert (old / "my notes.txt").read_text() == "mine"
+    assert len(list((old / "tiles").iterdir())) < len(tiles)
