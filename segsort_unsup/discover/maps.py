@@ -1,16 +1,14 @@
 """2-D maps of prototypes (the SegSort paper's figures 9 and 10): t-SNE, or PCA as a fallback.
 
-:func:`embed_2d` places the rows of a feature table in the plane; :func:`draw_map` draws them
-coloured by group and, when classes are known, a second panel coloured by class.
+:func:`embed_2d` places the rows of a feature table in the plane; :func:`snap_to_grid` keeps one
+point per cell of a grid laid over that plane (the gallery draws each kept point's segment as a
+thumbnail in its cell); :func:`group_colours` gives distinguishable frame colours.
 """
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from ..io.atomic import atomic_path
 from ..log import get_logger
 
 log = get_logger("discover.maps")
@@ -55,49 +53,45 @@ def embed_2d(x: np.ndarray, *, method: str = "auto", seed: int = 0) -> tuple[np.
         else:
             reduced = PCA(n_components=min(50, x.shape[1], n), random_state=seed).fit_transform(x) \
                 if x.shape[1] > 50 else x
+            from threadpoolctl import threadpool_limits
+
             tsne = TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30.0, (n - 1) / 3.0),
                         learning_rate="auto")
-            return tsne.fit_transform(reduced).astype(np.float32), "t-SNE"
+            # One thread: t-SNE's OpenMP threads spin against each other on a busy machine (300 points:
+            # 66 s with 2 threads on 2 shared cores, 6 s with one), and one thread gives the same map.
+            with threadpool_limits(1):
+                return tsne.fit_transform(reduced).astype(np.float32), "t-SNE"
     return pca_2d(x), "PCA"
 
 
-def _colours(values: np.ndarray, cmap_name: str = "tab20") -> np.ndarray:
-    import matplotlib
+def snap_to_grid(xy: np.ndarray, cols: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """One point per grid cell: ``(indices of the kept points, their cell = row * cols + col)``.
 
-    cmap = matplotlib.colormaps[cmap_name]
-    _, inverse = np.unique(values, return_inverse=True)
-    return cmap(inverse % cmap.N)
+    The plane spanned by ``xy`` is divided into ``cols`` x ``rows`` cells; of the points falling
+    in a cell the one nearest its centre is kept (ties: the lower index). Cost: one sort.
+    """
+    xy = np.asarray(xy, np.float64)
+    n = xy.shape[0]
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    lo, hi = xy.min(axis=0), xy.max(axis=0)
+    scaled = (xy - lo) / np.maximum(hi - lo, 1e-12) * np.array([cols, rows])
+    cell_xy = np.minimum(scaled.astype(np.int64), np.array([cols - 1, rows - 1]))
+    dist = ((scaled - cell_xy - 0.5) ** 2).sum(axis=1)
+    cell = cell_xy[:, 1] * cols + cell_xy[:, 0]
+    order = np.lexsort((np.arange(n), dist, cell))
+    first = np.ones(n, bool)
+    first[1:] = cell[order][1:] != cell[order][:-1]
+    kept = order[first]
+    return kept, cell[kept]
 
 
-def draw_map(xy: np.ndarray, groups: np.ndarray, path: str | os.PathLike, *, labels: np.ndarray | None = None,
-             title: str = "", class_names: dict[int, str] | None = None) -> None:
-    """Draw ``xy`` coloured by ``groups`` (and by ``labels`` in a second panel) into the PNG ``path``."""
-    import matplotlib
+def group_colours(n: int) -> list[str]:
+    """``n`` CSS colours, neighbours in the list far apart in hue (golden angle), two lightnesses."""
+    import colorsys
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    panels = 2 if labels is not None else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6.0 * panels, 6.0), dpi=90, squeeze=False)
-    size = max(2.0, min(20.0, 4000.0 / max(len(xy), 1)))
-    ax = axes[0, 0]
-    ax.scatter(xy[:, 0], xy[:, 1], c=_colours(groups), s=size, linewidths=0)
-    ax.set_title(f"{title} — by group ({len(np.unique(groups))} groups)" if title else "by group")
-    if labels is not None:
-        ax = axes[0, 1]
-        classes = np.unique(labels)
-        cmap = matplotlib.colormaps["tab20"]
-        for i, c in enumerate(classes):
-            sel = labels == c
-            name = (class_names or {}).get(int(c), str(int(c)))
-            ax.scatter(xy[sel, 0], xy[sel, 1], color=cmap(i % cmap.N), s=size, linewidths=0, label=name)
-        ax.set_title("by class")
-        if len(classes) <= 20:
-            ax.legend(markerscale=max(1.0, 8.0 / size), fontsize=7, loc="best")
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    out = []
+    for i in range(n):
+        r, g, b = colorsys.hls_to_rgb((i * 0.381966) % 1.0, 0.45 if i % 2 == 0 else 0.62, 0.75)
+        out.append(f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}")
+    return out

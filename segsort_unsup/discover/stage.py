@@ -17,9 +17,12 @@ shard, so it appears whole or not at all:
 - item ``requested`` (with ``req_clust``): the partition with exactly that many groups.
 
 Same inputs and settings: nothing is recomputed. Beside the shard, ``gallery/`` holds
-``gallery.html`` (one page per level, montages of each group's most representative and some
-random members) and ``map.png`` (2-D map coloured by group and by class); gallery settings are
-run-only, so changing them redraws the gallery without re-clustering.
+``gallery.html`` and its pages (:mod:`segsort_unsup.discover.gallery`: groups largest first with
+crops of their members, photo pages, a thumbnail map); gallery settings are run-only, so changing
+them redraws the gallery without re-clustering. The store's lock is held until the gallery is
+drawn, so a concurrent ``--overwrite`` waits instead of pulling the store from under it. The
+summary counts the prototypes store's images: one that cannot be read is left out and reported
+as failed (on every later run that keeps these groups, too); non-finite prototypes are refused.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from ..config import StageConfig, run_only, setting
 from ..errors import InputError, StoreError
 from ..io.sources import store_content
 from ..io.store import Item, StoreReader, is_store, read_manifest
-from ..log import get_logger, progress
+from ..log import get_logger
 from ..parallel import Executor
 from ..stages import Stage, StageRun, StageSummary
 from .finch import finch
@@ -77,12 +80,15 @@ class DiscoverConfig(StageConfig):
     req_clust: int | None = None
     distance: str = "cosine"
     level: int | str | None = run_only(None, help="gallery level: a number or 'requested'")
-    gallery: bool = run_only(True, help="write gallery/ (HTML, montages, 2-D map)")
-    representatives: int = run_only(6, help="members nearest the group mean shown per group")
-    random_members: int = run_only(4, help="random members shown per group")
-    max_groups: int = run_only(200, help="levels with more groups get no montage page")
+    gallery: bool = run_only(True, help="write gallery/ (pages, segment crops, thumbnail map)")
+    representatives: int = run_only(5, help="members nearest the group mean shown per group")
+    random_members: int = run_only(2, help="random members shown per group")
+    max_groups: int = run_only(200, help="levels with more groups get no gallery page")
+    groups_per_page: int = run_only(30, help="group cards per gallery page")
     map_method: str = run_only("auto", help="2-D map: auto (t-SNE, else PCA), tsne, pca or none")
-    map_points: int = run_only(5000, help="at most this many points on the 2-D map")
+    map_points: int = run_only(1000, help="sample of segments placed on the 2-D map (one per grid cell kept)")
+    overviews: str | None = run_only(None, help="folder of the ucm <key>_overview.png pictures to link "
+                                                "(default: png/segments beside the output, if there)")
     threads: int | None = run_only(None, help="FINCH worker threads")
 
     def validate(self) -> None:
@@ -103,8 +109,8 @@ class DiscoverConfig(StageConfig):
             raise self.bad_value("representatives", "member counts must be >= 0")
         if self.representatives + self.random_members < 1:
             raise self.bad_value("representatives", "show at least one member per group")
-        if self.max_groups < 1 or self.map_points < 2:
-            raise self.bad_value("max_groups", "max_groups must be >= 1 and map_points >= 2")
+        if self.max_groups < 1 or self.map_points < 2 or self.groups_per_page < 1:
+            raise self.bad_value("max_groups", "max_groups and groups_per_page must be >= 1, map_points >= 2")
         if self.map_method not in ("auto", "tsne", "pca", "none"):
             raise self.bad_value("map_method", "must be auto, tsne, pca or none")
 
@@ -161,6 +167,7 @@ class Selection:
     area: np.ndarray  # N int64
     label: np.ndarray | None  # N int32, or None when unlabelled
     total: int  # rows in the store before filtering
+    unreadable: list[tuple[str, str]]  # items left out: (key, reason)
 
 
 def open_prototypes(source: str | os.PathLike) -> StoreReader:
@@ -184,12 +191,13 @@ def select(reader: StoreReader, config: DiscoverConfig) -> Selection:
     """Stack the store's prototypes and apply the filters and the cap of ``config``."""
     stacked, failed = reader.stack("prototypes")
     for key, reason in failed:
-        log.warning("discover: %s: skipped (%s)", key, reason)
+        log.warning("discover: %s: left out, unreadable (%s)", key, reason)
     keys = stacked.keys
     if not keys or stacked.array.shape[0] == 0:
         raise StoreError(reader.root, "no prototypes could be read from this store; run `segsort-unsup embed` again")
     protos = np.ascontiguousarray(stacked.array, np.float32)
     counts = np.diff(stacked.offsets)
+    _refuse_non_finite(reader.root, protos, stacked.offsets, keys)
     image = np.repeat(np.arange(len(keys), dtype=np.int32), counts)
     segment = np.concatenate([np.arange(c, dtype=np.int32) for c in counts])
     area = np.concatenate([reader.read(k, ("area",)).arrays["area"] for k in keys]).astype(np.int64)
@@ -217,7 +225,19 @@ def select(reader: StoreReader, config: DiscoverConfig) -> Selection:
         rng = np.random.default_rng(config.seed)
         rows = np.sort(rng.choice(rows, size=config.max_prototypes, replace=False))
     return Selection(protos[rows], list(keys), image[rows], segment[rows], area[rows],
-                     None if label is None else label[rows], total)
+                     None if label is None else label[rows], total, list(failed))
+
+
+def _refuse_non_finite(root: Path, protos: np.ndarray, offsets: np.ndarray, keys: list[str]) -> None:
+    """One line naming the first image with NaN/inf prototype rows (a broken model made them)."""
+    bad_rows = np.flatnonzero(~np.isfinite(protos).all(axis=1))
+    if bad_rows.size:
+        images = np.searchsorted(offsets, bad_rows, side="right") - 1
+        first = keys[int(images[0])]
+        others = len(np.unique(images)) - 1
+        raise InputError(f"{root}: item {first!r} has {int((images == images[0]).sum())} non-finite (NaN/inf) "
+                         f"prototype row(s)" + (f", and {others} more item(s) too" if others else "")
+                         + "; the model that made them is broken: retrain it, then re-run `segsort-unsup embed`")
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,6 +343,8 @@ def run(config: DiscoverConfig, inputs: str | os.PathLike, output: str | os.Path
 
     ``executor`` is unused (FINCH runs on threads in this process); it is accepted so the
     pipeline calls every stage alike. A complete store with the same identity is kept as is.
+    The summary counts images of the prototypes store (an unreadable one is a failure, left
+    out of the groups); the store's lock is held until the gallery is drawn.
     """
     del executor
     output = Path(output)
@@ -330,40 +352,74 @@ def run(config: DiscoverConfig, inputs: str | os.PathLike, output: str | os.Path
         provenance = source_identity(reader)
         identity = config.identity(**provenance)
         meta = {"source": os.path.abspath(inputs), "source_kind": "prototypes"}
+        n_images = len(reader)
         with StageRun("discover", output, kind="groups", identity=identity, meta=meta, overwrite=overwrite,
                       shard_size=1 << 30) as run_:
             summary = run_.summary
+            summary.total = n_images
             if ROWS_KEY in run_.writer.completed:
-                summary.skipped = summary.total = len(run_.writer.completed)
+                groups = read_groups(output)
+                unreadable = [tuple(pair) for pair in json.loads(str(groups.rows.attrs.get("unreadable", "[]")))]
+                summary.skipped = n_images - len(unreadable)
                 log.info("discover: %s is complete for these settings: kept", output)
+                for key, reason in unreadable:
+                    log.warning("discover: %s: left out when these groups were made (%s)", key, reason)
             else:
-                items = _cluster(reader, config)
-                summary.total = len(items)
+                items, unreadable = _cluster(reader, config)
                 for item in items:
-                    run_.add(item)
-    groups = read_groups(output)
-    summary.note = _score_note(groups.levels)
-    if groups.requested is not None and "purity" in groups.requested.attrs:
-        a = groups.requested.attrs
-        summary.note += f"; requested {a['groups']} (purity {a['purity']:.3f}, NMI {a['nmi']:.3f})"
-    for item in groups.levels:
-        log.info("discover: level %d: %d groups%s", item.attrs["level"], item.attrs["groups"],
-                 f", purity {item.attrs['purity']:.4f}, NMI {item.attrs['nmi']:.4f}" if "purity" in item.attrs else "")
-    if config.gallery:
-        from .gallery import write_gallery
-
-        level: int | str | None = config.level
-        if level is None:
-            level = REQUESTED_KEY if groups.requested is not None else \
-                default_level(np.array([i.attrs["groups"] for i in groups.levels]))
-        groups.level(level)  # a level that does not exist: one-line error before any drawing
-        write_gallery(groups, inputs, output / GALLERY_DIR, level=level, representatives=config.representatives,
-                      random_members=config.random_members, max_groups=config.max_groups, seed=config.seed,
-                      map_method=config.map_method, map_points=config.map_points)
+                    run_.writer.add(item)
+                summary.done = n_images - len(unreadable)
+                groups = _groups_from_items(output, items, meta)
+            summary.failed.extend((key, reason) for key, reason in unreadable)
+            summary.note = _note(groups)
+            if config.gallery:
+                _draw(config, groups, inputs, output, run_.writer.config_hash)
     return summary
 
 
-def _cluster(reader: StoreReader, config: DiscoverConfig) -> list[Item]:
+def _note(groups: Groups) -> str:
+    note = _score_note(groups.levels)
+    if groups.requested is not None and "purity" in groups.requested.attrs:
+        a = groups.requested.attrs
+        note += f"; requested {a['groups']} (purity {a['purity']:.3f}, NMI {a['nmi']:.3f})"
+    for item in groups.levels:
+        log.info("discover: level %d: %d groups%s", item.attrs["level"], item.attrs["groups"],
+                 f", purity {item.attrs['purity']:.4f}, NMI {item.attrs['nmi']:.4f}" if "purity" in item.attrs else "")
+    return note
+
+
+def _groups_from_items(root: Path, items: list[Item], meta: dict[str, Any]) -> Groups:
+    """The groups just computed, as :func:`read_groups` would return them once written."""
+    by_key = {item.key: item for item in items}
+    levels = []
+    while level_key(len(levels)) in by_key:
+        levels.append(by_key[level_key(len(levels))])
+    return Groups(root, by_key[ROWS_KEY], levels, by_key.get(REQUESTED_KEY), dict(meta))
+
+
+def default_overviews(output: Path) -> Path | None:
+    """The ucm overview pictures of a pipeline run: ``png/segments`` beside the groups folder."""
+    candidate = output.absolute().parent / "png" / "segments"
+    return candidate if candidate.is_dir() else None
+
+
+def _draw(config: DiscoverConfig, groups: Groups, inputs: str | os.PathLike, output: Path, identity: str) -> None:
+    from .gallery import write_gallery
+
+    level: int | str | None = config.level
+    if level is None:
+        level = REQUESTED_KEY if groups.requested is not None else \
+            default_level(np.array([i.attrs["groups"] for i in groups.levels]))
+    groups.level(level)  # a level that does not exist: one-line error before any drawing
+    overviews = config.overviews if config.overviews is not None else default_overviews(output)
+    write_gallery(groups, inputs, output / GALLERY_DIR, level=level, identity=identity,
+                  representatives=config.representatives, random_members=config.random_members,
+                  max_groups=config.max_groups, groups_per_page=config.groups_per_page, seed=config.seed,
+                  map_method=config.map_method, map_points=config.map_points, overview_dir=overviews)
+
+
+def _cluster(reader: StoreReader, config: DiscoverConfig) -> tuple[list[Item], list[tuple[str, str]]]:
+    """FINCH of the selected rows: the store's items, and the unreadable prototypes items left out."""
     sel = select(reader, config)
     n, d = sel.prototypes.shape
     log.info("discover: clustering %d of %d prototypes (D=%d) from %d images", n, sel.total, d, len(sel.image_keys))
@@ -377,7 +433,7 @@ def _cluster(reader: StoreReader, config: DiscoverConfig) -> list[Item]:
         rows["label"] = sel.label
     items = []
     parts = result.partitions
-    for level in progress(range(parts.shape[1]), desc="discover levels", unit="level"):
+    for level in range(parts.shape[1]):
         fine = parts[:, level]
         k = int(result.counts[level])
         parent = (parent_links(fine, parts[:, level + 1], k) if level + 1 < parts.shape[1]
@@ -387,8 +443,9 @@ def _cluster(reader: StoreReader, config: DiscoverConfig) -> list[Item]:
         items.append(_level_item(REQUESTED_KEY, sel.prototypes, result.req_partition, None, label, n_classes,
                                  {"level": -1, "req_clust": int(config.req_clust)}))
     items.append(Item(ROWS_KEY, rows, {"rows": n, "total": sel.total, "dim": d, "levels": parts.shape[1],
-                                       "labelled": sel.label is not None}))
-    return items
+                                       "labelled": sel.label is not None,
+                                       "unreadable": json.dumps(sel.unreadable)}))
+    return items, sel.unreadable
 
 
 STAGE = Stage("discover", DiscoverConfig, run, sources=("embed",), output="groups", optional=True,

@@ -238,19 +238,41 @@ def run_retrieve(labelled: str | os.PathLike, query: str | os.PathLike, output: 
                     raise OSError(f"cannot encode {target}")
                 folder.write_bytes(target, data.tobytes())
                 written.append(target)
-                nearest = "; ".join(f"{k}:{s} ({t[-1]})" for k, s, t in captions)
-                rows_html.append(f"<h3>{html.escape(q.key)} segment {q.segment}</h3>"
-                                 f"<p>nearest: {html.escape(nearest)}</p>"
-                                 f"<img src=\"{html.escape(quote(target.relative_to(folder.path).as_posix()))}\">")
-            page = ("<!doctype html><meta charset=utf-8><title>segment retrieval</title>"
-                    f"<h1>Nearest labelled segments</h1><p>labelled: {html.escape(str(labelled))} "
-                    f"({html.escape(units_of(lab))} units); query: {html.escape(str(query))} "
-                    f"({html.escape(units_of(qry))} units)</p>" + "\n".join(rows_html))
+                rows_html.append(_query_card(q, target.relative_to(folder.path).as_posix(), captions))
+            page = index_page(rows_html, labelled=str(labelled), query=str(query),
+                              has_labels=neighbours.classes is not None,
+                              units=(units_of(lab), units_of(qry)))
             folder.write_text(folder.path_for("index.html"), page)
     finally:
         lab.close()
         qry.close()
     return written
+
+
+def _query_card(q: Query, picture: str, captions: list[tuple[str, int, list[str]]]) -> str:
+    nearest = "; ".join(f"{k}:{s} ({', '.join(t)})" for k, s, t in captions)
+    return (f"<div class='card'><h3>{html.escape(q.key)} <span class='n'>· segment {q.segment}</span></h3>"
+            f"<p class='facts'>nearest: {html.escape(nearest)}</p>"
+            f"<img class='wide' src='{html.escape(quote(picture))}' alt='query and nearest segments'></div>")
+
+
+def index_page(cards: list[str], *, labelled: str, query: str, has_labels: bool,
+               units: tuple[str, str] = ("?", "?")) -> str:
+    """``index.html``: one card per query, in the gallery's style; pictures shrink to the window."""
+    from ..discover.pages import STYLE
+
+    what = "Nearest labelled segments" if has_labels else "Nearest segments"
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width,initial-scale=1'>"
+            f"<title>segment retrieval</title><style>{STYLE}img.wide{{display:block;max-width:100%;height:auto}}"
+            f"</style></head><body><main><h1>{what}</h1>"
+            f"<p class='about'>Each row: the query segment (red frame), then its nearest segments by cosine "
+            f"similarity of their prototypes{', with their class' if has_labels else ''} (listed as "
+            f"key:segment (cosine{', class' if has_labels else ''})); segments of the "
+            f"query's own photo are left out when both stores are the same.</p>"
+            f"<p class='about'>searched: {html.escape(labelled)} ({html.escape(units[0])} units) · queries from: "
+            f"{html.escape(query)} ({html.escape(units[1])} units)</p>"
+            + "\n".join(cards) + "</main></body></html>")
 
 
 def _frame(tile: np.ndarray, width: int = 4) -> np.ndarray:
@@ -260,4 +282,4 @@ def _frame(tile: np.ndarray, width: int = 4) -> np.ndarray:
     return out
 
 
-__all__: list[Any] = ["Query", "parse_query", "read_class_names", "cutout", "run_retrieve"]
+__all__: list[Any] = ["Query", "parse_query", "read_class_names", "cutout", "run_retrieve", "index_page"]

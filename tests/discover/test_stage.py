@@ -216,14 +216,14 @@ def test_idempotent_resume_and_changed_settings(camvid_protos, tmp_path):
     cfg = DiscoverConfig(map_method="pca")
     first = run(cfg, camvid_protos, out)
     shard = next(out.glob("part-*.h5"))
-    stamp = (shard.stat().st_mtime_ns, (out / "gallery" / "gallery.json").stat().st_mtime_ns)
+    stamp = (shard.stat().st_mtime_ns, (out / "gallery" / "gallery.html").stat().st_mtime_ns)
     second = run(cfg, camvid_protos, out)
     assert second.done == 0 and second.skipped == first.done
-    assert (shard.stat().st_mtime_ns, (out / "gallery" / "gallery.json").stat().st_mtime_ns) == stamp
+    assert (shard.stat().st_mtime_ns, (out / "gallery" / "gallery.html").stat().st_mtime_ns) == stamp
     # a gallery-only change redraws the gallery, never re-clusters
     run(cfg.replace(representatives=2), camvid_protos, out)
     assert shard.stat().st_mtime_ns == stamp[0]
-    assert (out / "gallery" / "gallery.json").stat().st_mtime_ns != stamp[1]
+    assert (out / "gallery" / "gallery.html").stat().st_mtime_ns != stamp[1]
     # a result-changing setting needs --overwrite
     with pytest.raises(StoreError, match="differs in: min_area"):
         run(cfg.replace(min_area=50), camvid_protos, out)
@@ -237,18 +237,21 @@ def test_gallery_pages_links_and_files(camvid_protos, tmp_path):
     groups = read_groups(tmp_path / "g")
     html = (folder / "gallery.html").read_text()
     assert html == (folder / "level-00.html").read_text()
-    for page in folder.glob("*.html"):
+    pages = [*folder.glob("*.html"), *folder.glob("photos/*.html")]
+    assert len(list(folder.glob("photos/*.html"))) > 0
+    for page in pages:
         text = page.read_text()
         for src in re.findall(r"src='([^']+)'", text):
-            assert (folder / src).is_file(), (page.name, src)
+            assert (page.parent / src).is_file(), (page.name, src)
         for href in re.findall(r"href='([^'#]+)", text):
-            assert (folder / href).is_file(), (page.name, href)
+            assert (page.parent / href).is_file(), (page.name, href)
     if len(groups.levels) > 1:
         text = (folder / "level-01.html").read_text()
         parent = groups.levels[0].arrays["parent"]
         for g in range(groups.levels[1].attrs["groups"]):
-            card = re.search(rf"<div class='card' id='g{g}'>.*?</div></div>", text, re.S).group(0)
-            listed = [int(x) for x in re.findall(r"level-00.html#g(\d+)", card)]
+            links = re.search(rf"<div class='card' id='g{g}'[^>]*>.*?<div class='links'>(.*?)</div></div>", text,
+                              re.S).group(1)
+            listed = [int(x) for x in re.findall(r"level-00(?:-p\d+)?\.html#g(\d+)", links)]
             assert sorted(listed) == np.flatnonzero(parent == g).tolist()
 
 
@@ -256,29 +259,93 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+def _browser_flags(browser: str, profile: str) -> list[str]:
+    return [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={profile}", "--virtual-time-budget=15000"]
+
+
+def _dump_dom(flags: list[str], page: Path) -> str:
+    return subprocess.run(flags + ["--dump-dom", page.resolve().as_uri()], capture_output=True, text=True,
+                          timeout=120).stdout
+
+
+# Appended to a copy of a gallery page: hover a map cell and a legend entry, then report through the DOM.
+_HOVER_PROBE = """<script>
+window.addEventListener('load', function () { setTimeout(function () {
+  var cells = document.querySelectorAll('.map a.cell'), cell = cells[%(cell)d];
+  cell.dispatchEvent(new MouseEvent('mouseover', {bubbles: true}));
+  var prev = document.getElementById('preview'), img = prev.querySelector('img');
+  var key = document.querySelector(".legend a[data-g='" + cell.getAttribute('data-g') + "']");
+  key.dispatchEvent(new MouseEvent('mouseenter'));
+  var on = document.querySelectorAll('.map.focus a.cell.on').length;
+  setTimeout(function () {
+    var b = document.body;
+    b.setAttribute('data-probe-shown', prev.classList.contains('show') ? '1' : '0');
+    b.setAttribute('data-probe-src', img.getAttribute('src'));
+    b.setAttribute('data-probe-width', String(img.naturalWidth));
+    b.setAttribute('data-probe-caption', prev.querySelector('.cap').textContent);
+    b.setAttribute('data-probe-on', String(on));
+  }, 500);
+}, 100); });
+</script>"""
+_CLICK_PROBE = """<script>
+window.addEventListener('load', function () { setTimeout(function () {
+  document.querySelectorAll('.map a.cell')[%(cell)d].click();
+}, 100); });
+</script>"""
+
+
 @pytest.mark.slow
 def test_gallery_in_headless_chromium(camvid_protos, tmp_path):
     browser = _chromium()
     if browser is None:
         pytest.skip(f"chromium not installed: {CHROMIUM_INSTALL}")
-    run(DiscoverConfig(map_method="pca"), camvid_protos, tmp_path / "g")
-    page = (tmp_path / "g" / "gallery" / "gallery.html").resolve().as_uri()
-    n_imgs = (tmp_path / "g" / "gallery" / "gallery.html").read_text().count("<img")
-    assert n_imgs > 1
+    run(DiscoverConfig(map_method="pca", level=0, groups_per_page=10), camvid_protos, tmp_path / "g")
+    folder = tmp_path / "g" / "gallery"
+    groups = read_groups(tmp_path / "g")
+    text = (folder / "gallery.html").read_text()
+    n_imgs = len(re.findall(r"<img [^>]*src=", text))
+    assert n_imgs > 20 and (folder / "level-00-p2.html").is_file()
+    cells = re.findall(r"<a class='cell' href='([^']+)' data-g='(\d+)' data-row='(\d+)' data-tile='([^']+)' "
+                       r"title='([^']+)'", text)
+    assert cells
+    pick = len(cells) // 2
+    href, g, row, tile, title = cells[pick]
+    partition = groups.levels[0].arrays["partition"]
+    assert int(partition[int(row)]) == int(g)  # the cell's group is its segment's group
     with tempfile.TemporaryDirectory() as profile:
-        flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={profile}", "--virtual-time-budget=10000"]
-        dom = subprocess.run(flags + ["--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
-        assert 'data-images="ok"' in dom, dom[:500]
-        assert dom.count('data-loaded="1"') == n_imgs and 'data-loaded="0"' not in dom
+        flags = _browser_flags(browser, profile)
+        for page in (folder / "gallery.html", folder / "level-00-p2.html", next(folder.glob("photos/*.html"))):
+            dom = _dump_dom(flags, page)
+            wanted = len(re.findall(r"<img [^>]*src=", page.read_text()))
+            assert 'data-images="ok"' in dom, (page.name, dom[:300])
+            assert dom.count('data-loaded="1"') == wanted and 'data-loaded="0"' not in dom, page.name
+
+        probe = folder / "probe-hover.html"
+        probe.write_text(text.replace("</body>", _HOVER_PROBE % {"cell": pick} + "</body>"))
+        dom = _dump_dom(flags, probe)
+        assert 'data-probe-shown="1"' in dom, dom[-600:]
+        assert f'data-probe-src="{tile}"' in dom and 'data-probe-width="160"' in dom
+        key = groups.image_keys[int(groups.rows.arrays["image"][int(row)])]
+        assert key in re.search(r'data-probe-caption="([^"]*)"', dom).group(1)
+        members_on_map = sum(1 for c in cells if c[1] == g)
+        assert f'data-probe-on="{members_on_map}"' in dom
+
+        probe = folder / "probe-click.html"
+        probe.write_text(text.replace("</body>", _CLICK_PROBE % {"cell": pick} + "</body>"))
+        dom = _dump_dom(flags, probe)
+        focused = re.findall(r"<div class=\"card\" id=\"g(\d+)\"[^>]*data-focus=\"1\"", dom)
+        assert focused == [g], (href, focused)
+        assert href.split("#")[1] == f"g{g}" and re.fullmatch(r"level-00(-p\d+)?\.html", href.split("#")[0])
+
         shot = tmp_path / "gallery.png"
-        subprocess.run(flags + ["--hide-scrollbars", f"--screenshot={shot}", "--window-size=1200,1600", page],
-                       capture_output=True, timeout=120)
+        subprocess.run(flags + ["--hide-scrollbars", f"--screenshot={shot}", "--window-size=1280,1600",
+                                (folder / "gallery.html").as_uri()], capture_output=True, timeout=120)
     from PIL import Image
 
     with Image.open(shot) as im:
-        assert im.size == (1200, 1600)
+        assert im.size == (1280, 1600)
         assert np.asarray(im.convert("L")).std() > 10  # not a blank page
 
 
