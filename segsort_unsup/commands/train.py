@@ -9,6 +9,23 @@ import click
 from .options import finish, float_list, output_option, overwrite_option, seed_option
 
 
+class _BackboneChoice(click.Choice):
+    """The backbone registry's names, read when first needed (the registry imports torch)."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from ..embed.backbones import BACKBONES
+
+        return tuple(BACKBONES)
+
+    @choices.setter
+    def choices(self, value) -> None:  # click.Choice.__init__ assigns; the registry is the source
+        pass
+
+
 @click.command("train")
 @click.argument("segments", type=click.Path(exists=True, file_okay=False))
 @output_option("Run folder: config.toml, metrics.jsonl, checkpoints/, model.pt (re-running resumes).")
@@ -22,12 +39,13 @@ from .options import finish, float_list, output_option, overwrite_option, seed_o
 @click.option("--supervised", "labels_dir", type=click.Path(exists=True, file_okay=False),
               help="Class-label PNG folder: train the supervised counterpart instead.")
 @click.option("--ignore-label", type=int, default=255, show_default=True, help="Label of unlabelled pixels.")
-@click.option("--backbone", type=click.Choice(["vgg16-hed", "vgg16", "scratch"]), default="vgg16-hed",
-              show_default=True)
+@click.option("--backbone", type=_BackboneChoice(), default="vgg16-hed", show_default=True,
+              help="Trunk from the backbone registry (README: Backbones).")
 @click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False),
-              help="Local weights for the backbone (torchvision vgg16 checkpoint for --backbone vgg16).")
-@click.option("--feature-layer", type=click.Choice(["conv4_3", "conv5_3"]), default="conv4_3", show_default=True)
-@click.option("--freeze-blocks", type=click.IntRange(0, 5), default=0, show_default=True,
+              help="Local weights for the backbone (e.g. a torchvision vgg16/resnet50 or dino checkpoint).")
+@click.option("--feature-layer", default=None,
+              help="Trunk layer feeding the head (default: the backbone's first: conv4_3 for the VGG16 trunks).")
+@click.option("--freeze-blocks", type=click.IntRange(min=0), default=0, show_default=True,
               help="Trunk blocks kept frozen in full mode.")
 @click.option("--head", type=click.Choice(["conv3", "conv1"]), default="conv3", show_default=True)
 @click.option("--steps", type=click.IntRange(min=0), default=1000, show_default=True,
@@ -62,7 +80,10 @@ def train(segments, output, mode, images, cut, labels_dir, ignore_label, backbon
     checkpoint; re-running the same command resumes it.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
+    from ..embed.backbones import check_feature_layer
     from ..embed.train import TrainConfig, run
+
+    feature_layer = check_feature_layer(backbone, feature_layer)
 
     config = TrainConfig(mode=mode, images=images, cut=cut, labels_dir=labels_dir, ignore_label=ignore_label,
                          backbone=backbone, backbone_weights=backbone_weights, feature_layer=feature_layer,

@@ -34,14 +34,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from .backbones import DEFAULT_BACKBONE, VggTrunk, build_backbone
+from .backbones import DEFAULT_BACKBONE, build_backbone
+from .trunk import Trunk
 
 HEADS = ("conv3", "conv1")
 HEAD_LR_MULT = 10.0
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "backbone": DEFAULT_BACKBONE,
-    "feature_layer": "conv5_3",
+    "feature_layer": None,  # the backbone's default (conv4_3 for the VGG16 trunks)
     "freeze_blocks": 0,
     "embedding_dim": 32,
     "head": "conv3",
@@ -73,10 +74,10 @@ class EmbeddingHead(nn.Module):
 class SegSortNet(nn.Module):
     """RGB float 0..255 ``(N, 3, H, W)`` -> unit-norm pixel embeddings ``(N, D, ceil(H/8), ceil(W/8))``."""
 
-    def __init__(self, backbone: VggTrunk, *, embedding_dim: int = 32, head: str = "conv3", hidden: int = 256):
+    def __init__(self, backbone: Trunk, *, embedding_dim: int = 32, head: str = "conv3", hidden: int = 256):
         super().__init__()
-        if not isinstance(backbone, VggTrunk):
-            raise InputError(f"backbone must be a VggTrunk (see embed.backbones.build_backbone), "
+        if not isinstance(backbone, Trunk):
+            raise InputError(f"backbone must be a Trunk (see embed.backbones.build_backbone), "
                              f"got {type(backbone).__name__}")
         self.backbone = backbone
         self.head = EmbeddingHead(backbone.out_channels, embedding_dim=embedding_dim, head=head, hidden=hidden)
@@ -101,6 +102,25 @@ class SegSortNet(nn.Module):
 
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(rgb))
+
+    # -- partial fine-tuning: the trunk's upper blocks and the head on cached maps -------------------
+    def cache_layer(self, train_blocks: int | str) -> str:
+        """The layer to cache when the last ``train_blocks`` trunk blocks train (0: the feature
+        layer itself, the head-only mode; ``"all"``: the image)."""
+        return self.backbone.layer_at(self.backbone.train_blocks_index(train_blocks)).name
+
+    def features_at(self, layer: str, rgb: torch.Tensor) -> torch.Tensor:
+        """The trunk's map at ``layer`` for RGB 0..255 images (what partial fine-tuning caches)."""
+        return self.backbone.features_at(layer, rgb)
+
+    def forward_from(self, layer: str, features: torch.Tensor) -> torch.Tensor:
+        """Embeddings from the trunk's map at ``layer``: the trunk's blocks above it, then the head."""
+        return self.head(self.backbone.forward_from(layer, features))
+
+    def train_blocks(self, train_blocks: int | str) -> "SegSortNet":
+        """Freeze every trunk block below the last ``train_blocks`` (``"all"``: train them all)."""
+        self.backbone.freeze(self.backbone.train_blocks_index(train_blocks))
+        return self
 
     def freeze_backbone(self, n_blocks: int | None = None) -> "SegSortNet":
         """Freeze the first ``n_blocks`` trunk blocks (all when ``None``): the head-only mode."""
@@ -127,11 +147,7 @@ class SegSortNet(nn.Module):
 
     def model_config(self) -> dict[str, Any]:
         """Everything :func:`build_model` needs to rebuild this architecture (plain types)."""
-        frozen = 0
-        for block in self.backbone.blocks:
-            if any(p.requires_grad for p in block.parameters()):
-                break
-            frozen += 1
+        frozen = self.backbone.frozen_blocks()
         return {
             "backbone": self.backbone.name or DEFAULT_BACKBONE,
             "feature_layer": self.backbone.feature_layer,

@@ -111,8 +111,12 @@ class TrainConfig(StageConfig):
     def validate(self) -> None:
         if self.mode not in MODES:
             raise self.bad_value("mode", f"choose one of {', '.join(MODES)}")
-        if self.feature_layer not in ("conv5_3", "conv4_3"):
-            raise self.bad_value("feature_layer", "choose conv5_3 or conv4_3")
+        from .backbones import check_feature_layer
+
+        try:
+            check_feature_layer(self.backbone, self.feature_layer)
+        except InputError as exc:
+            raise self.bad_value("feature_layer", str(exc)) from None
         if self.steps < 0:
             raise self.bad_value("steps", "must be >= 0 (0: the untrained initialisation)")
         for key in ("batch_size", "embedding_dim", "hidden", "checkpoint_every", "keep", "log_every",
@@ -360,9 +364,9 @@ def _run(config: TrainConfig, segments: Path, out: Path, *, device, precision: s
     model_cfg = {"backbone": config.backbone, "feature_layer": config.feature_layer,
                  "freeze_blocks": config.freeze_blocks, "embedding_dim": config.embedding_dim,
                  "head": config.head, "hidden": config.hidden}
-    if config.mode == "cached":
-        model_cfg["freeze_blocks"] = 5 if config.feature_layer == "conv5_3" else 4
     model = build_model(model_cfg, backbone_weights=config.backbone_weights).to(device)
+    if config.mode == "cached":
+        model.freeze_backbone()
     fast_layout = precision != "fp32"
     if fast_layout:
         model = model.to(memory_format=torch.channels_last)
