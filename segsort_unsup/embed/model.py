@@ -170,21 +170,59 @@ def build_model(config: Mapping[str, Any] | None = None, *, backbone_weights: st
     Raises
     ------
     InputError
-        Unknown config keys or values.
+        Unknown config keys or values (sizes above :data:`SIZE_LIMITS` included).
     """
-    config = dict(config or {})
-    unknown = sorted(set(config) - set(DEFAULT_CONFIG))
-    if unknown:
-        raise InputError(f"unknown model config keys {unknown}; known: {', '.join(DEFAULT_CONFIG)}")
-    cfg = {**DEFAULT_CONFIG, **config}
-    if not isinstance(cfg["freeze_blocks"], int):
-        raise InputError(f"freeze_blocks must be an integer, got {cfg['freeze_blocks']!r}")
-    trunk = build_backbone(cfg["backbone"], weights=backbone_weights, feature_layer=cfg["feature_layer"],
-                           freeze_blocks=cfg["freeze_blocks"], pretrained=state_dict is None)
-    model = SegSortNet(trunk, embedding_dim=cfg["embedding_dim"], head=cfg["head"], hidden=cfg["hidden"])
+    model = _build_architecture(config, pretrained=state_dict is None, backbone_weights=backbone_weights)
     if state_dict is not None:
         model.load_state_dict(state_dict)
     return model
+
+
+# Sizes a config may declare; far above any real head, far below what would exhaust memory.
+SIZE_LIMITS = {"embedding_dim": 4096, "hidden": 16384}
+
+
+def _build_architecture(config: Mapping[str, Any] | None, *, pretrained: bool,
+                        backbone_weights: str | os.PathLike | None = None) -> SegSortNet:
+    if config is not None and not isinstance(config, Mapping):
+        raise InputError(f"model config must be a table of settings, got {type(config).__name__}")
+    config = dict(config or {})
+    unknown = sorted(map(str, set(config) - set(DEFAULT_CONFIG)))
+    if unknown:
+        raise InputError(f"unknown model config keys {unknown}; known: {', '.join(DEFAULT_CONFIG)}")
+    cfg = {**DEFAULT_CONFIG, **config}
+    if isinstance(cfg["freeze_blocks"], bool) or not isinstance(cfg["freeze_blocks"], int):
+        raise InputError(f"freeze_blocks must be an integer, got {cfg['freeze_blocks']!r}")
+    for key, limit in SIZE_LIMITS.items():
+        if isinstance(cfg[key], int) and cfg[key] > limit:
+            raise InputError(f"{key} = {cfg[key]} is above the limit {limit}")
+    trunk = build_backbone(cfg["backbone"], weights=backbone_weights, feature_layer=cfg["feature_layer"],
+                           freeze_blocks=cfg["freeze_blocks"], pretrained=pretrained)
+    return SegSortNet(trunk, embedding_dim=cfg["embedding_dim"], head=cfg["head"], hidden=cfg["hidden"])
+
+
+def check_state_fits_config(config: Mapping[str, Any], state_dict: Mapping[str, Any]) -> None:
+    """Check, before anything is allocated, that ``state_dict`` holds exactly the tensors (names
+    and shapes) of the architecture ``config`` declares: the architecture is built on the meta
+    device (shapes only, no memory). Raises :class:`InputError` naming the first misfit."""
+    if not isinstance(state_dict, Mapping):
+        raise InputError(f"state_dict must be a table of tensors, got {type(state_dict).__name__}")
+    bad = next((k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise InputError(f"state_dict entry {bad!r} is a {type(state_dict[bad]).__name__}, not a tensor")
+    with torch.device("meta"):
+        expected = _build_architecture(config, pretrained=False).state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    extra = [k for k in state_dict if k not in expected]
+    if missing or extra:
+        what = f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r}, which it does not use"
+        raise InputError(f"the weights do not fit model_config: the file {what} "
+                         f"({len(missing)} missing, {len(extra)} unexpected tensors)")
+    for key, want in expected.items():
+        got = state_dict[key]
+        if tuple(got.shape) != tuple(want.shape):
+            raise InputError(f"model_config declares {key} of shape {tuple(want.shape)}, the file holds "
+                             f"{tuple(got.shape)}")
 
 
 MODEL_FORMAT = "segsort-unsup-model"
@@ -229,6 +267,8 @@ def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "c
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise WeightsError(path, "model file not found (train one with `segsort-unsup train`)")
+    if os.path.getsize(path) == 0:
+        raise WeightsError(path, "empty model file (an interrupted copy?); train again or copy model.pt again")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated zip, pickle refused by weights_only, ...
@@ -239,9 +279,17 @@ def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "c
     if payload.get("version") != MODEL_VERSION:
         raise WeightsError(path, f"model format version {payload.get('version')} is not supported "
                                  f"(this version reads {MODEL_VERSION})")
+    for key, kind in (("model_config", "a table of settings"), ("state_dict", "a table of tensors")):
+        if not isinstance(payload.get(key), dict):
+            raise WeightsError(path, f"{key} is {type(payload.get(key)).__name__}, expected {kind} "
+                                     "(a damaged or foreign model file)")
     try:
+        check_state_fits_config(payload["model_config"], payload["state_dict"])  # before allocating
         model = build_model(payload["model_config"], state_dict=payload["state_dict"])
-    except (KeyError, RuntimeError, InputError) as exc:
-        raise WeightsError(path, f"model weights do not fit their config ({exc})") from None
+    except (RuntimeError, InputError) as exc:
+        raise WeightsError(path, f"model weights do not fit their config: {str(exc).splitlines()[0][:200]}") from None
     model.eval()
-    return model, dict(payload.get("provenance", {}))
+    provenance = payload.get("provenance", {})
+    if not isinstance(provenance, dict):
+        raise WeightsError(path, f"provenance is {type(provenance).__name__}, expected a table")
+    return model, dict(provenance)
