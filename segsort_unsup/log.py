@@ -34,8 +34,11 @@ def setup_logging(verbosity: int = 0) -> None:
     logger.setLevel(level)
 
 
-def progress(iterable=None, *, total: int | None = None, desc: str = "", unit: str = "img", disable: bool | None = None):
-    """A tqdm bar with the package's defaults (hidden when output is not a terminal and quiet)."""
+def progress(iterable=None, *, total: int | None = None, desc: str = "", unit: str = "img", disable: bool | None = None,
+             initial: int = 0):
+    """A tqdm bar with the package's defaults (hidden when output is not a terminal and quiet);
+    ``initial``: work already done (a resumed run's bar starts there)."""
     if disable is None:
         disable = logging.getLogger(LOGGER_NAME).level > logging.INFO
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True,
+                initial=initial)

@@ -26,6 +26,7 @@ __all__ = [
     "barrier",
     "cpu_has_fast_bf16",
     "dist_info",
+    "grad_scaler",
     "is_main_process",
     "release_free_memory",
     "resolve_device",
@@ -111,6 +112,12 @@ def autocast(device: torch.device | str, precision: str) -> Iterator[None]:
         raise InputError(f"precision {precision!r}: resolve it first (fp32, bf16 or fp16)")
     with torch.autocast(device_type, dtype=_DTYPES.get(precision, torch.bfloat16), enabled=precision != "fp32"):
         yield
+
+
+def grad_scaler(device: torch.device | str, precision: str) -> torch.amp.GradScaler:
+    """The loss scaler a training step needs: on for fp16 (whose gradients underflow without it), a
+    pass-through for bf16 and fp32 (``scale`` returns the loss, ``step`` calls the optimiser)."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
 
 
 def seed_everything(seed: int) -> None:

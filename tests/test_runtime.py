@@ -115,3 +115,33 @@ def test_barrier_and_main_process_in_a_process_group(tmp_path, monkeypatch):
         R.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def test_grad_scaler_is_on_for_fp16_only():
+    assert R.grad_scaler(CPU, "fp16").is_enabled()
+    assert not R.grad_scaler(CPU, "bf16").is_enabled()
+    assert not R.grad_scaler(CPU, "fp32").is_enabled()
+
+
+def test_an_fp16_autocast_step_through_the_scaler_on_cpu_matches_the_unscaled_gradient():
+    """The scaler multiplies the loss and divides the gradients back: the step equals a plain one."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, device=CPU)
+    plain = torch.nn.Linear(8, 2).to(CPU)
+    scaled = torch.nn.Linear(8, 2).to(CPU)
+    scaled.load_state_dict(plain.state_dict())
+    grads = []
+    for module, precision in ((plain, "fp32"), (scaled, "fp16")):
+        opt = torch.optim.SGD(module.parameters(), lr=0.1)
+        scaler = R.grad_scaler(CPU, precision)
+        with R.autocast(CPU, precision):
+            loss = module(x).float().square().mean()
+        scaler.scale(loss).backward()
+        if precision == "fp16":  # the gradient was computed on the scaled loss
+            assert scaler.get_scale() == 65536.0
+        scaler.unscale_(opt)
+        grads.append(module.weight.grad.clone())
+        scaler.step(opt)
+        scaler.update()
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-2, atol=1e-3)  # fp16 matmul rounding
+    torch.testing.assert_close(scaled.weight, plain.weight, rtol=1e-2, atol=1e-3)

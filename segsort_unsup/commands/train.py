@@ -47,6 +47,9 @@ class _BackboneChoice(click.Choice):
               help="Trunk layer feeding the head (default: the backbone's first: conv4_3 for the VGG16 trunks).")
 @click.option("--freeze-blocks", type=click.IntRange(min=0), default=0, show_default=True,
               help="Trunk blocks kept frozen in full mode.")
+@click.option("--train-blocks", type=click.IntRange(min=0), default=None,
+              help="Cached mode: the last N trunk blocks train with the head, on maps cached at the input of "
+                   "the first (1 at conv4_3: conv4 from pool3's maps). Default: the head only.")
 @click.option("--head", type=click.Choice(["conv3", "conv1"]), default="conv3", show_default=True)
 @click.option("--steps", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Optimiser steps; 0 writes the untrained initialisation (trunk + seeded random head) as a baseline.")
@@ -59,7 +62,8 @@ class _BackboneChoice(click.Choice):
               show_default=True, help="Cached mode: image scales whose features are cached.")
 @click.option("--no-flip", is_flag=True, help="No horizontal flips.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-              help="auto: bf16 on CPUs with AVX512-BF16/AMX and on CUDA, else fp32.")
+              help="auto: bf16 on CPUs with AVX512-BF16/AMX and on CUDA GPUs that have it, fp16 (with loss "
+                   "scaling) on older GPUs, else fp32.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
               help="Data-loading processes (full mode).")
@@ -72,12 +76,12 @@ class _BackboneChoice(click.Choice):
 @seed_option
 @overwrite_option
 def train(segments, output, mode, images, cut, labels_dir, ignore_label, backbone, backbone_weights, feature_layer,
-          freeze_blocks, head, steps, batch_size, crop, lr, feature_scales, no_flip, precision, device, workers,
-          threads, checkpoint_every, keep, log_every, features_dir, seed, overwrite):
+          freeze_blocks, train_blocks, head, steps, batch_size, crop, lr, feature_scales, no_flip, precision, device,
+          workers, threads, checkpoint_every, keep, log_every, features_dir, seed, overwrite):
     """Train a SegSort embedding on the segments of SEGMENTS (a store written by `segsort-unsup ucm`).
 
-    Under `torchrun --nproc-per-node N` the same command trains with DDP. Ctrl-C saves a
-    checkpoint; re-running the same command resumes it.
+    Under `torchrun --nproc-per-node N` the same command trains with DDP. Ctrl-C or SIGTERM stops at
+    the end of the current step with a checkpoint; re-running the same command resumes it.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
     from ..embed.backbones import check_feature_layer
@@ -87,7 +91,7 @@ def train(segments, output, mode, images, cut, labels_dir, ignore_label, backbon
 
     config = TrainConfig(mode=mode, images=images, cut=cut, labels_dir=labels_dir, ignore_label=ignore_label,
                          backbone=backbone, backbone_weights=backbone_weights, feature_layer=feature_layer,
-                         freeze_blocks=freeze_blocks, head=head, steps=steps, batch_size=batch_size, crop=crop,
+                         freeze_blocks=freeze_blocks, train_blocks=train_blocks, head=head, steps=steps, batch_size=batch_size, crop=crop,
                          lr=lr, feature_scales=feature_scales, flip=not no_flip, precision=precision, device=device,
                          workers=workers, threads=threads, checkpoint_every=checkpoint_every, keep=keep,
                          log_every=log_every, features_dir=features_dir, seed=seed)

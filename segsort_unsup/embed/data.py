@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import BadImageError, InputError, StoreError
-from ..io.images import IMAGE_EXTENSIONS, image_size, read_image
+from ..io.images import IMAGE_EXTENSIONS, read_image, read_label_png
 from ..io.store import DatasetSpec, Item, StoreReader, StoreSchema, cached_reader, register_schema
 from ..log import get_logger
 from .losses import PAD_SEGMENT, segments_to_grid
@@ -138,7 +138,7 @@ def list_samples(segments: str | os.PathLike, *, images: str | os.PathLike | Non
                     dropped.append((key, f"no label PNG for {key!r} in {labels}"))
                     continue
                 try:
-                    lw, lh = image_size(lp)
+                    lh, lw = read_label_png(lp).shape
                 except BadImageError as exc:
                     dropped.append((key, str(exc)))
                     continue
@@ -149,16 +149,6 @@ def list_samples(segments: str | os.PathLike, *, images: str | os.PathLike | Non
                 label = str(lp)
             samples.append(Sample(key, str(path), str(root.resolve()), label))
     return samples, dropped
-
-
-def read_label_png(path: str | os.PathLike) -> np.ndarray:
-    """A class-label PNG as int32 (H, W) (first channel of a colour PNG)."""
-    arr = cv2.imread(os.fspath(path), cv2.IMREAD_UNCHANGED)
-    if arr is None:
-        raise BadImageError(path, "not a readable label PNG")
-    if arr.ndim == 3:
-        arr = arr[..., 0]
-    return arr.astype(np.int32)
 
 
 def load_sample(sample: Sample, *, grouping: tuple[str, int | None] = ("labels", None)
@@ -173,7 +163,7 @@ def load_sample(sample: Sample, *, grouping: tuple[str, int | None] = ("labels",
                                           f"{seg.shape[1]}x{seg.shape[0]} (wrong --images folder?)")
     cls = None
     if sample.label is not None:
-        cls = read_label_png(sample.label)
+        cls = read_label_png(sample.label).astype(np.int32)
         if cls.shape != seg.shape:
             raise BadImageError(sample.label, f"label map is {cls.shape[1]}x{cls.shape[0]}, image "
                                               f"{seg.shape[1]}x{seg.shape[0]}")
@@ -366,7 +356,7 @@ def grid_labels(label_png: str | os.PathLike, grid: tuple[int, int], *, flip: bo
     The grid of a rescaled image is reached from the full-size labels directly by nearest
     neighbour (:func:`segments_to_grid`), as the map's grouping is.
     """
-    cls = read_label_png(label_png)
+    cls = read_label_png(label_png).astype(np.int32)
     if flip:
         cls = cls[:, ::-1]
     return segments_to_grid(torch.from_numpy(np.ascontiguousarray(cls))[None], grid)[0].numpy()

@@ -117,6 +117,10 @@ class SegSortNet(nn.Module):
         """Embeddings from the trunk's map at ``layer``: the trunk's blocks above it, then the head."""
         return self.head(self.backbone.forward_from(layer, features))
 
+    def from_layer(self, layer: str) -> "FromLayer":
+        """This model seen from the cached layer ``layer`` (see :class:`FromLayer`)."""
+        return FromLayer(self, layer)
+
     def train_blocks(self, train_blocks: int | str) -> "SegSortNet":
         """Freeze every trunk block below the last ``train_blocks`` (``"all"``: train them all)."""
         self.backbone.freeze(self.backbone.train_blocks_index(train_blocks))
@@ -156,6 +160,23 @@ class SegSortNet(nn.Module):
             "head": self._head_kind,
             "hidden": self._hidden,
         }
+
+
+class FromLayer(nn.Module):
+    """A :class:`SegSortNet` from a cached layer: ``forward(maps)`` runs the trunk's blocks above
+    ``layer`` and the head (what partial fine-tuning trains, DDP-wrappable); ``features(rgb)`` gives
+    the maps at ``layer`` (what its feature pass caches). Shares the model's parameters."""
+
+    def __init__(self, model: SegSortNet, layer: str):
+        super().__init__()
+        model.backbone.block_index(layer)  # an unknown layer is an error now, not at the first step
+        self.model, self.layer = model, layer
+
+    def features(self, rgb: torch.Tensor) -> torch.Tensor:
+        return self.model.features_at(self.layer, rgb)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_from(self.layer, maps)
 
 
 def build_model(config: Mapping[str, Any] | None = None, *, backbone_weights: str | os.PathLike | None = None,

@@ -39,24 +39,30 @@ Distributed
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..config import StageConfig, changed_keys, config_hash, run_only, setting
-from ..errors import InputError, WeightsError
-from ..io.atomic import atomic_path, atomic_write_text, sha256_file
-from ..io.store import StoreReader
+from ..errors import InputError, SegsortError, StoreError, WeightsError
+from ..io.atomic import atomic_write_bytes, atomic_write_text, remove_stale_temps, sha256_file
+from ..io.store import StoreLock, StoreReader
 from ..log import get_logger, progress
-from ..parallel import Executor
+from ..parallel import Executor, check_stop, request_stop
 from ..stages import Stage, StageRun, StageSummary
 
 log = get_logger("train")
@@ -64,6 +70,16 @@ log = get_logger("train")
 MODES = ("auto", "full", "cached")
 CHECKPOINT_FORMAT = "segsort-unsup-train-checkpoint"
 CHECKPOINT_VERSION = 1
+# Under torchrun rank 0 runs the whole feature pass while the others wait in a barrier: the process
+# group's timeout is set explicitly, well above the defaults (10 min gloo, 30 min nccl).
+DIST_TIMEOUT = timedelta(hours=4)
+TEST_SIGTERM_ENV = "SEGSORT_TEST_SIGTERM_AFTER_STEP"
+LONG_RUN_SECONDS = 120.0  # a run estimated longer than this says so once, with how to shorten it
+PACE_STEPS = 3  # steps timed (after the first, which warms up) for that estimate
+
+
+class TrainingDiverged(SegsortError):
+    """The loss (or the weights) became non-finite: training stops, the last good checkpoint is kept."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +93,8 @@ class TrainConfig(StageConfig):
     backbone_weights: str | None = None
     feature_layer: str = "conv4_3"
     freeze_blocks: int = 0
+    train_blocks: int | None = setting(None, help="cached mode: the last N trunk blocks train with the head, on "
+                                                  "maps cached at the input of the first (default: the head only)")
     embedding_dim: int = 32
     head: str = "conv3"
     hidden: int = 256
@@ -119,6 +137,9 @@ class TrainConfig(StageConfig):
             raise self.bad_value("feature_layer", str(exc)) from None
         if self.steps < 0:
             raise self.bad_value("steps", "must be >= 0 (0: the untrained initialisation)")
+        if self.train_blocks is not None and (self.train_blocks < 0 or self.mode == "full"):
+            raise self.bad_value("train_blocks", "must be >= 0, with mode cached (mode full trains every "
+                                                 "block not frozen by freeze_blocks)")
         for key in ("batch_size", "embedding_dim", "hidden", "checkpoint_every", "keep", "log_every",
                     "memory_banks"):
             if getattr(self, key) < 1:
@@ -129,6 +150,10 @@ class TrainConfig(StageConfig):
             raise self.bad_value("scale_min", "need 0 < scale_min <= scale_max")
         if not self.feature_scales or any(s <= 0 for s in self.feature_scales):
             raise self.bad_value("feature_scales", "give one or more positive scales")
+        for key, value in self.to_dict().items():  # inf / nan learning rates would train NaN weights
+            values = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise self.bad_value(key, f"{value} is not a finite number")
         for key in ("lr", "kappa", "head_lr_mult"):
             if not getattr(self, key) > 0:
                 raise self.bad_value(key, "must be > 0")
@@ -249,12 +274,12 @@ def _gather_plain(tensor, world: int):
 
 
 # -- the stage -------------------------------------------------------------------------------------
-def segments_identity(segments: Path) -> tuple[str, dict[str, Any]]:
-    """The segments store's identity hash and config (errors name the folder)."""
+def segments_identity(segments: Path) -> tuple[str, dict[str, Any], str]:
+    """The segments store's identity hash, its config and the digest of its items (errors name the folder)."""
     with StoreReader(segments, kind="segments") as reader:
         if not len(reader):
             raise InputError(f"{segments}: the segments store holds no items; run `segsort-unsup ucm` first")
-        return reader.config_hash, reader.config
+        return reader.config_hash, reader.config, reader.contents_digest()
 
 
 def resolve(config: TrainConfig) -> tuple[TrainConfig, Any, str]:
@@ -265,6 +290,39 @@ def resolve(config: TrainConfig) -> tuple[TrainConfig, Any, str]:
     mode = config.mode if config.mode != "auto" else ("full" if device.type == "cuda" else "cached")
     precision = resolve_precision(config.precision, device)
     return config.replace(mode=mode, precision=precision), device, precision
+
+
+@dataclass
+class _Training:
+    """One training run's state: made by :func:`_setup`, used by the step, the checkpoints and the finish."""
+
+    config: TrainConfig
+    segments: Path
+    out: Path
+    device: Any
+    precision: str
+    rank: int
+    world: int
+    identity: dict[str, Any]
+    provenance: dict[str, Any]
+    seg_config: dict[str, Any]
+    summary: StageSummary
+    start: int = 0  # the step this run starts at (the resumed checkpoint's)
+    model: Any = None
+    trainable: Any = None  # what a step runs: the model (full) or its head (cached), DDP-wrapped under torchrun
+    optimizer: Any = None
+    scaler: Any = None  # fp16's loss scaler (a pass-through otherwise)
+    memory: Any = None  # the supervised loss's prototype memory
+    n_images: int = 0
+    recent_losses: list[float] = field(default_factory=list)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ident_hash(self) -> str:
+        return config_hash(self.identity)
 
 
 def run(config: TrainConfig, inputs: str | os.PathLike, output: str | os.PathLike, *,
@@ -278,265 +336,522 @@ def run(config: TrainConfig, inputs: str | os.PathLike, output: str | os.PathLik
     if config.threads:
         torch.set_num_threads(config.threads)
     config, device, precision = resolve(config)
+    if config.batch_size % world:
+        raise InputError(f"batch_size {config.batch_size} must be a multiple of the number of processes ({world})")
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if config.batch_size % world:
-        raise InputError(f"batch_size {config.batch_size} must be a multiple of the number of processes ({world})")
-    started_dist = False
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        started_dist = True
+    out = Path(output)
+    with _process_group(world, device), _run_folder_lock(out, main=rank == 0):
+        t = _setup(config, Path(inputs), out, device=device, precision=precision, rank=rank, world=world)
+        state = _resume_point(t, overwrite)
+        if _already_complete(t):
+            return t.summary
+        _write_run_files(t)
+        _build_model(t)
+        batches = _batches(t)
+        _build_optimizer(t)
+        _restore(t, state)
+        step = _train_loop(t, batches)
+        _finish(t, step)
+    return t.summary
+
+
+# -- setup -----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _process_group(world: int, device) -> Iterator[None]:
+    """Under torchrun: the process group for the run (nccl on CUDA, gloo on CPU), with an explicit timeout."""
+    import torch.distributed as dist
+
+    if world == 1 or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
     try:
-        return _run(config, Path(inputs), Path(output), device=device, precision=precision, rank=rank,
-                    world=world, overwrite=overwrite)
+        yield
     finally:
-        if started_dist:
-            torch.distributed.destroy_process_group()
+        dist.destroy_process_group()
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
+@contextlib.contextmanager
+def _run_folder_lock(out: Path, *, main: bool) -> Iterator[None]:
+    """Hold the run folder's lock for the whole run (rank 0 writes; other ranks only read)."""
+    if not main:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    lock = StoreLock(out)
+    try:
+        lock.acquire()
+    except StoreError:
+        raise StoreError(out, "another segsort-unsup train is using this run folder; wait for it to end "
+                              "or choose another -o folder") from None
+    try:
+        for folder in (out, out / "checkpoints"):  # left by a run killed while writing
+            if folder.is_dir():
+                remove_stale_temps(folder)
+        yield
+    finally:
+        lock.release()
 
-        dist.barrier()
 
-
-def _run(config: TrainConfig, segments: Path, out: Path, *, device, precision: str, rank: int, world: int,
-         overwrite: bool | str) -> StageSummary:
-    import torch
-
-    from ..embed.losses import PrototypeMemory, segments_to_grid, supervised_segsort_loss, unsupervised_segsort_loss
-    from ..embed.model import build_model, save_model
-    from ..runtime import autocast
-    from . import data as D
-
-    main = rank == 0
-    seg_hash, seg_config = segments_identity(segments)
-    with StoreReader(segments, kind="segments") as reader:
-        grouping = D.grouping_names(reader, config.cut)
-    provenance = {"segments_identity": seg_hash,
+def _setup(config: TrainConfig, segments: Path, out: Path, *, device, precision: str, rank: int,
+           world: int) -> _Training:
+    """The run's identity (settings + what it is computed from) and its summary."""
+    seg_hash, seg_config, contents = segments_identity(segments)
+    provenance = {"segments_identity": seg_hash, "segments_contents": contents,
                   "labels_dir": os.path.abspath(config.labels_dir) if config.labels_dir else "",
                   "backbone_weights_sha256": sha256_file(config.backbone_weights) if config.backbone_weights else ""}
     identity = config.identity(**provenance)
-    ident_hash = config_hash(identity)
-    summary = StageSummary("train", total=config.steps, output=str(out), identity_hash=ident_hash)
+    summary = StageSummary("train", total=config.steps, output=str(out), identity_hash=config_hash(identity))
+    return _Training(config, segments, out, device, precision, rank, world, identity, provenance, seg_config,
+                     summary)
 
-    # -- run folder, resume point ----------------------------------------------------------------
+
+def _resume_point(t: _Training, overwrite: bool | str) -> dict[str, Any] | None:
+    """The newest checkpoint's payload (None: start afresh), after ``overwrite`` cleared the folder."""
+    from ..runtime import barrier
+
     if overwrite == "changed":  # pipelines: start over only when the settings or the input changed
-        previous = checkpoint_paths(out)
+        previous = checkpoint_paths(t.out)
         overwrite = bool(previous) and bool(changed_keys(json.loads(load_checkpoint(previous[-1])["identity"]),
-                                                         identity))
+                                                         t.identity))
         if overwrite:
-            log.info("train: settings or input changed; %s starts over", out)
-    if overwrite and main and out.exists():
-        for name in ("checkpoints", "metrics.jsonl", "model.pt", "config.toml"):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    _barrier(world)
-    state = None
-    ckpts = checkpoint_paths(out)
-    if ckpts:
-        state = load_checkpoint(ckpts[-1])
-        old = json.loads(state["identity"])
-        diff = changed_keys(old, identity)
-        if diff:
-            raise InputError(f"{ckpts[-1]}: this run was made with other settings ({', '.join(diff)}); "
-                             "pass --overwrite to start over, or use another -o folder")
-    start = int(state["step"]) if state else 0
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.toml", config_toml(config, {"identity_hash": ident_hash, **provenance}))
-        _trim_metrics(out / "metrics.jsonl", start)
+            log.info("train: settings or input changed; %s starts over", t.out)
+    if overwrite and t.main:
+        _clear_run_folder(t.out)
+    barrier()
+    ckpts = checkpoint_paths(t.out)
+    if not ckpts:
+        return None
+    state = load_checkpoint(ckpts[-1])
+    diff = changed_keys(json.loads(state["identity"]), t.identity)
+    if diff:
+        what = ", ".join(_CHANGES.get(key, key) for key in diff)
+        raise InputError(f"{ckpts[-1]}: this run was made from other settings or input ({what}); "
+                         "pass --overwrite to start over, or use another -o folder")
+    t.start = int(state["step"])
+    return state
 
-    # -- data ------------------------------------------------------------------------------------
-    samples, dropped = D.list_samples(segments, images=config.images, labels=config.labels_dir)
-    if main:
-        for key, reason in dropped:
-            log.warning("train: %s: %s: skipped", key, reason)
-    summary.failed.extend(dropped)
 
-    # -- model -----------------------------------------------------------------------------------
-    torch.manual_seed(config.seed)
+_CHANGES = {"segments_contents": "segments_contents: items of the segments store added, removed or recomputed",
+            "segments_identity": "segments_identity: the segments store's settings"}
+
+
+def _clear_run_folder(out: Path) -> None:
+    """Remove what train writes in a run folder (nothing else: a features store there is kept)."""
+    for name in ("checkpoints", "metrics.jsonl", "model.pt", "config.toml"):
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+def _already_complete(t: _Training) -> bool:
+    """True when the run folder holds this run's final checkpoint and model (nothing to do)."""
+    if t.start < t.config.steps or not (t.out / "model.pt").exists():
+        return False
+    t.summary.skipped = t.config.steps
+    return True
+
+
+def _write_run_files(t: _Training) -> None:
+    """config.toml, and metrics.jsonl cut back to the resume point (rank 0)."""
+    if t.main:
+        t.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(t.out / "config.toml", config_toml(t.config, {"identity_hash": t.ident_hash,
+                                                                         **t.provenance}))
+        _trim_metrics(t.out / "metrics.jsonl", t.start)
+
+
+def _build_model(t: _Training) -> None:
+    """The network, seeded by ``seed`` (cached mode: the whole trunk frozen)."""
+    import torch
+
+    from ..embed.model import build_model
+    from ..runtime import seed_everything
+
+    config = t.config
+    seed_everything(config.seed)
     model_cfg = {"backbone": config.backbone, "feature_layer": config.feature_layer,
                  "freeze_blocks": config.freeze_blocks, "embedding_dim": config.embedding_dim,
                  "head": config.head, "hidden": config.hidden}
-    model = build_model(model_cfg, backbone_weights=config.backbone_weights).to(device)
-    if config.mode == "cached":
-        model.freeze_backbone()
-    fast_layout = precision != "fp32"
-    if fast_layout:
+    model = build_model(model_cfg, backbone_weights=config.backbone_weights).to(t.device)
+    if config.mode == "cached":  # the trunk frozen below its last ``train_blocks`` blocks (default: all of it)
+        model.train_blocks(config.train_blocks or 0)
+        _check_cache_layer(model, config.train_blocks or 0)
+    if t.precision != "fp32":
         model = model.to(memory_format=torch.channels_last)
-    cells = math.ceil(config.crop / D.STRIDE)
+    t.model = model
 
+
+def _check_cache_layer(model, train_blocks: int) -> None:
+    """Cached maps are cropped on the embedding's grid: the cached layer must be at the output stride."""
+    layer = model.backbone.layer_at(model.backbone.train_blocks_index(train_blocks))
+    if layer.stride != model.stride:
+        raise InputError(f"train_blocks={train_blocks} caches {layer.name} at stride {layer.stride}, but cached "
+                         f"training crops maps at the output stride {model.stride}: train fewer blocks "
+                         "or use --mode full")
+
+
+def _batches(t: _Training) -> Iterator[dict[str, Any]]:
+    """This rank's batches of steps ``start .. steps - 1`` (cached features or augmented photos)."""
+    from . import data as D
+
+    config = t.config
+    samples, dropped = D.list_samples(t.segments, images=config.images, labels=config.labels_dir)
+    if t.main:
+        for key, reason in dropped:
+            log.warning("train: %s: %s: skipped", key, reason)
+    t.summary.failed.extend(dropped)
+    with StoreReader(t.segments, kind="segments") as reader:
+        grouping = D.grouping_names(reader, config.cut)
     if config.steps == 0:  # the untrained initialisation (a baseline): no data needed
-        batches, n_images = iter(()), len(samples)
-    elif config.mode == "cached":
-        store = Path(config.features_dir) if config.features_dir else out / "features"
-        if main:
-            _feature_pass(config, model, samples, store, grouping=grouping, device=device, precision=precision,
-                          seg_hash=seg_hash, provenance=provenance, summary=summary)
-        _barrier(world)
-        with StoreReader(store, kind="features") as reader:
-            keys = set(reader.keys())
-        variants: dict[str, list[str]] = {}
-        wanted = {s.key for s in samples}
-        for s in samples:
-            for job in D.feature_jobs([s], config.feature_scales, flip=config.flip):
-                if job.key in keys:
-                    variants.setdefault(s.key, []).append(job.key)
-        images = sorted(k for k in variants if k in wanted)
-        if not images:
-            raise InputError(f"{segments}: no image could be read (see the warnings above); nothing to train on")
-        data = D.FeatureBatches(store, images, variants, seed=config.seed, batch=config.batch_size, rank=rank,
-                                world=world, cells=cells, ignore_label=config.ignore_label,
-                                labels={s.key: s.label for s in samples} if config.labels_dir else None)
-        batches = (data[step] for step in range(start, config.steps))
-        n_images = len(images)
-    else:
-        samples = _readable(samples, summary, main=main)
-        if not samples:
-            raise InputError(f"{segments}: no image could be read (see the warnings above); nothing to train on")
-        dataset = D.PhotoBatches(samples, seed=config.seed, batch=config.batch_size, rank=rank, world=world,
-                                 crop=config.crop, scale_range=(config.scale_min, config.scale_max),
-                                 flip=config.flip, grouping=grouping, ignore_label=config.ignore_label)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, sampler=D.StepSampler(start, config.steps), num_workers=config.workers,
-            worker_init_fn=D.seed_worker if config.workers else None, persistent_workers=config.workers > 0,
-            pin_memory=device.type == "cuda")
-        batches = iter(loader)
-        n_images = len(samples)
+        t.n_images = len(samples)
+        return iter(())
+    if config.mode == "cached":
+        return _feature_batches(t, samples, grouping)
+    return _photo_batches(t, samples, grouping)
 
-    # -- optimiser -------------------------------------------------------------------------------
-    groups = model.param_groups(config.lr, weight_decay=config.weight_decay, head_lr_mult=config.head_lr_mult)
+
+def _feature_batches(t: _Training, samples: list, grouping) -> Iterator[dict[str, Any]]:
+    from ..runtime import barrier
+    from . import data as D
+
+    config = t.config
+    store = Path(config.features_dir) if config.features_dir else t.out / "features"
+    if t.main:
+        _feature_pass(config, t.model, samples, store, grouping=grouping, device=t.device, precision=t.precision,
+                      seg_hash=t.provenance["segments_identity"], provenance=t.provenance, summary=t.summary)
+    barrier()
+    with StoreReader(store, kind="features") as reader:
+        stored = set(reader.keys())
+    variants: dict[str, list[str]] = {}
+    for s in samples:
+        for job in D.feature_jobs([s], config.feature_scales, flip=config.flip):
+            if job.key in stored:
+                variants.setdefault(s.key, []).append(job.key)
+    images = sorted(variants)
+    if not images:
+        raise InputError(f"{t.segments}: no image could be read (see the warnings above); nothing to train on")
+    data = D.FeatureBatches(store, images, variants, seed=config.seed, batch=config.batch_size, rank=t.rank,
+                            world=t.world, cells=math.ceil(config.crop / D.STRIDE), ignore_label=config.ignore_label,
+                            labels={s.key: s.label for s in samples} if config.labels_dir else None)
+    t.n_images = len(images)
+    return (data[step] for step in range(t.start, config.steps))
+
+
+def _photo_batches(t: _Training, samples: list, grouping) -> Iterator[dict[str, Any]]:
+    import torch
+
+    from . import data as D
+
+    config = t.config
+    samples = _readable(samples, t.summary, main=t.main)
+    if not samples:
+        raise InputError(f"{t.segments}: no image could be read (see the warnings above); nothing to train on")
+    dataset = D.PhotoBatches(samples, seed=config.seed, batch=config.batch_size, rank=t.rank, world=t.world,
+                             crop=config.crop, scale_range=(config.scale_min, config.scale_max),
+                             flip=config.flip, grouping=grouping, ignore_label=config.ignore_label)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=D.StepSampler(t.start, config.steps), num_workers=config.workers,
+        worker_init_fn=D.seed_worker if config.workers else None, persistent_workers=config.workers > 0,
+        pin_memory=t.device.type == "cuda")
+    t.n_images = len(samples)
+    return iter(loader)
+
+
+def _build_optimizer(t: _Training) -> None:
+    """SGD over the trainable parameters (head at ``head_lr_mult``), the loss scaler, the prototype memory, DDP."""
+    import torch
+
+    from ..runtime import grad_scaler
+
+    from .losses import PrototypeMemory
+
+    config = t.config
+    groups = t.model.param_groups(config.lr, weight_decay=config.weight_decay, head_lr_mult=config.head_lr_mult)
     for g in groups:
         g["base_lr"] = g["lr"]
-    fused = {"fused": True} if _fused_sgd_ok(device) else {}
-    optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, **fused)
-    memory = PrototypeMemory(config.memory_banks) if config.labels_dir else None
-    trainable = model if config.mode == "full" else model.head
-    ddp = None
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            trainable, device_ids=[device.index] if device.type == "cuda" else None)
-    if state is not None:
-        missing, unexpected = model.load_state_dict(state["model"], strict=False)
-        if unexpected or (config.mode == "full" and missing):
-            raise WeightsError(ckpts[-1], "checkpoint weights do not fit this model; pass --overwrite")
-        optimizer.load_state_dict(state["optimizer"])
-        if memory is not None and state.get("memory"):
-            memory.load_state_dict(state["memory"])
-        _set_rng_state(state["rng"])
-        summary.skipped = start
-        log.info("train: resuming %s at step %d of %d", out, start, config.steps) if main else None
+    fused = {"fused": True} if _fused_sgd_ok(t.device) else {}
+    t.optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, **fused)
+    t.scaler = grad_scaler(t.device, t.precision)
+    t.memory = PrototypeMemory(config.memory_banks) if config.labels_dir else None
+    if config.mode == "full":
+        t.trainable = t.model
+    elif config.train_blocks:  # the upper trunk blocks and the head, from the cached maps
+        t.trainable = t.model.from_layer(t.model.cache_layer(config.train_blocks))
     else:
-        torch.manual_seed(config.seed + 1)
-        np.random.seed(config.seed % 2**32)
-        random.seed(config.seed)
-    model.train()
+        t.trainable = t.model.head
+    if t.world > 1:
+        t.trainable = torch.nn.parallel.DistributedDataParallel(
+            t.trainable, device_ids=[t.device.index] if t.device.type == "cuda" else None)
 
-    def save(step: int) -> None:
-        if not main:
-            return
-        sd = model.state_dict()
-        if config.mode == "cached":
-            sd = {k: v for k, v in sd.items() if k.startswith("head.")}
-        payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step,
-                   "identity": json.dumps(identity, sort_keys=True), "model": {k: v.detach().cpu() for k, v in sd.items()},
-                   "optimizer": optimizer.state_dict(), "rng": _rng_state(),
-                   "memory": memory.state_dict() if memory is not None else {}}
-        folder = out / "checkpoints"
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / f"step-{step:07d}.pt") as tmp:
-            torch.save(payload, tmp)
-        for old in checkpoint_paths(out)[:-config.keep]:
-            old.unlink(missing_ok=True)
 
-    # -- loop ------------------------------------------------------------------------------------
-    step = start
-    losses: list[float] = []
-    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if main else None  # noqa: SIM115
-    bar = progress(total=config.steps - start, desc="train", unit="step", disable=None if main else True)
-    tick, tick_step = time.perf_counter(), start
-    try:
-        for batch in batches:
-            from ..parallel import check_stop
+def _restore(t: _Training, state: dict[str, Any] | None) -> None:
+    """Load a checkpoint's model, optimiser, memory and RNG states, or seed a fresh run."""
+    from ..runtime import seed_everything
 
-            check_stop()
-            for g in optimizer.param_groups:
-                g["lr"] = poly_lr(g["base_lr"], step, config.steps, config.lr_power)
-            x = batch["features" if config.mode == "cached" else "image"].to(device, non_blocking=True)
-            if fast_layout:
-                x = x.contiguous(memory_format=torch.channels_last)
-            seg = batch["segments"].to(device)
-            with autocast(device, precision):
-                if config.mode == "cached":
-                    emb = (ddp or model.head)(x)
-                else:
-                    emb = (ddp or model)(x)
-            emb = emb.float()
-            grid = emb.shape[-2:]
-            if config.mode == "full":
-                target = batch["labels"] if config.labels_dir else seg
-                target = segments_to_grid(target.to(device), grid)
-            else:
-                target = batch["labels"].to(device) if config.labels_dir else seg
-            if world > 1:
-                emb = _GatherBatch.apply(emb, rank, world)
-                target = _gather_plain(target, world)
-            if config.labels_dir:
-                loss = supervised_segsort_loss(emb, target, kappa=config.kappa, ignore_label=config.ignore_label,
-                                               memory=memory)
-            else:
-                loss = unsupervised_segsort_loss(emb, target, kappa=config.kappa)
-            optimizer.zero_grad(set_to_none=True)
-            (loss * world if world > 1 else loss).backward()  # DDP averages; the global gradient is the sum
-            optimizer.step()
+    if state is None:
+        seed_everything(t.config.seed + 1)
+        return
+    missing, unexpected = t.model.load_state_dict(state["model"], strict=False)
+    if unexpected or (t.config.mode == "full" and missing):
+        raise WeightsError(checkpoint_paths(t.out)[-1], "checkpoint weights do not fit this model; pass --overwrite")
+    t.optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        t.scaler.load_state_dict(state["scaler"])
+    if t.memory is not None and state.get("memory"):
+        t.memory.load_state_dict(state["memory"])
+    _set_rng_state(state["rng"])
+    t.summary.skipped = t.start
+    if t.main:
+        log.info("train: resuming %s at step %d of %d", t.out, t.start, t.config.steps)
+
+
+# -- one step --------------------------------------------------------------------------------------
+def _train_step(t: _Training, batch: dict[str, Any], step: int) -> float:
+    """One optimiser step on ``batch`` at the lr of ``step``; returns the loss."""
+    import torch
+
+    from ..runtime import autocast
+
+    config = t.config
+    for g in t.optimizer.param_groups:
+        g["lr"] = poly_lr(g["base_lr"], step, config.steps, config.lr_power)
+    x = batch["features" if config.mode == "cached" else "image"].to(t.device, non_blocking=True)
+    if t.precision != "fp32":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(t.device, t.precision):
+        emb = t.trainable(x)
+    emb = emb.float()
+    target = _targets(t, batch, emb.shape[-2:])
+    if t.world > 1:
+        emb = _GatherBatch.apply(emb, t.rank, t.world)
+        target = _gather_plain(target, t.world)
+    loss = _loss(t, emb, target)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        _diverged(t, step + 1, f"the loss is {value}")
+    t.optimizer.zero_grad(set_to_none=True)
+    t.scaler.scale(loss * t.world if t.world > 1 else loss).backward()  # DDP averages; the gradient is the sum
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    return value
+
+
+def _diverged(t: _Training, step: int, what: str) -> None:
+    """Stop training on a non-finite loss or weights: one line, the last good checkpoint kept."""
+    ckpts = checkpoint_paths(t.out)
+    kept = f"the last good checkpoint ({ckpts[-1].name}) is kept" if ckpts else "no checkpoint was saved"
+    raise TrainingDiverged(f"{t.out}: training diverged at step {step} ({what}); {kept}; lower --lr "
+                           f"(now {t.config.lr:g}) or use --precision fp32, then re-run with --overwrite")
+
+
+def _targets(t: _Training, batch: dict[str, Any], grid):
+    """What the loss groups by: segments (unsupervised) or classes, on the embedding's grid."""
+    from .losses import segments_to_grid
+
+    target = (batch["labels"] if t.config.labels_dir else batch["segments"]).to(t.device)
+    return segments_to_grid(target, grid) if t.config.mode == "full" else target
+
+
+def _loss(t: _Training, emb, target):
+    from .losses import supervised_segsort_loss, unsupervised_segsort_loss
+
+    if t.config.labels_dir:
+        return supervised_segsort_loss(emb, target, kappa=t.config.kappa, ignore_label=t.config.ignore_label,
+                                       memory=t.memory)
+    return unsupervised_segsort_loss(emb, target, kappa=t.config.kappa)
+
+
+# -- the loop --------------------------------------------------------------------------------------
+def _train_loop(t: _Training, batches: Iterator[dict[str, Any]]) -> int:
+    """Steps ``start .. steps - 1``; a stop request (Ctrl-C, SIGTERM) is honoured between steps."""
+    config, step = t.config, t.start
+    meter, pace = _Meter(step), _Pace(t)
+    with _stop_between_steps(), _MetricsLog(t) as metrics:
+        while step < config.steps:
+            if _stop_requested():
+                _stop_at(t, step)
+            loss = _train_step(t, next(batches), step)
             step += 1
-            value = float(loss.detach())
-            losses.append(value)
-            summary.done += 1
-            lr_now = optimizer.param_groups[0]["lr"]
-            bar.update(1)
-            if main and (step % config.log_every == 0 or step == config.steps):
-                now = time.perf_counter()
-                ips = (step - tick_step) * config.batch_size / max(now - tick, 1e-9)
-                tick, tick_step = now, step
-                metrics.write(json.dumps({"step": step, "loss": value, "lr": lr_now, "img_per_s": round(ips, 3)})
-                              + "\n")
-                metrics.flush()
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr_now:.2e}", img_s=f"{ips:.1f}")
+            _test_hook(step)
+            t.summary.done += 1
+            t.recent_losses = [*t.recent_losses[-4:], loss]
+            metrics.step(step, loss, meter)
+            pace.after(step)
             if step % config.checkpoint_every == 0 and step < config.steps:
-                save(step)
+                save_checkpoint(t, step)
+    return step
+
+
+def _stop_requested() -> bool:
+    try:
+        check_stop()
     except KeyboardInterrupt:
-        if step > start:
-            save(step)
+        return True
+    return False
+
+
+def _stop_at(t: _Training, step: int) -> None:
+    """Leave at a step boundary: checkpoint the finished steps, then raise KeyboardInterrupt."""
+    if step > t.start:
+        save_checkpoint(t, step)
+        if t.main:
             log.warning("train: stopped at step %d; checkpoint saved, re-run the same command to resume", step)
-        raise
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _stop_between_steps() -> Iterator[None]:
+    """While training, Ctrl-C / SIGTERM only request a stop (honoured at the next step boundary, so a
+    checkpoint never mixes steps); a second signal interrupts at once (the last checkpoint stands)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request(signum, frame) -> None:
+        if _stop_requested():
+            raise KeyboardInterrupt
+        request_stop()
+
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # The CLI's watchdog (fed by the wakeup fd) would end the process within seconds: a step and its
+    # checkpoint may take longer, and Python's handler runs between steps anyway.
+    wakeup = signal.set_wakeup_fd(-1)
+    try:
+        yield
     finally:
-        bar.close()
-        if metrics is not None:
-            metrics.close()
-    if main:
-        if step > start or not (out / "model.pt").exists():
-            save(step)
-        model.eval()
-        sha = save_model(out / "model.pt", model, provenance={
-            "train_identity_hash": ident_hash, "segments_identity": seg_hash, "mode": config.mode,
-            "supervised": bool(config.labels_dir), "steps": config.steps, "seed": config.seed,
-            "precision": precision, "images": n_images, "segments_threshold": seg_config.get("threshold"),
+        signal.set_wakeup_fd(wakeup, warn_on_full_buffer=False)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _test_hook(step: int) -> None:
+    """Tests: ``SEGSORT_TEST_SIGTERM_AFTER_STEP=k`` sends this process SIGTERM right after optimiser step k."""
+    if os.environ.get(TEST_SIGTERM_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _Meter:
+    """Images per second since the last logged step."""
+
+    def __init__(self, step: int):
+        self.tick, self.tick_step = time.perf_counter(), step
+
+    def images_per_second(self, step: int, batch: int) -> float:
+        now = time.perf_counter()
+        ips = (step - self.tick_step) * batch / max(now - self.tick, 1e-9)
+        self.tick, self.tick_step = now, step
+        return ips
+
+
+class _Pace:
+    """Before a long run: one line with the time left, measured on the first steps after the warm-up."""
+
+    def __init__(self, t: _Training):
+        self.t, self.began = t, None
+
+    def after(self, step: int) -> None:
+        t = self.t
+        if step == t.start + 1:
+            self.began = time.perf_counter()
+        if self.began is None or step != t.start + 1 + PACE_STEPS:
+            return
+        per_step = (time.perf_counter() - self.began) / PACE_STEPS
+        left = (t.config.steps - step) * per_step
+        if t.main and left > LONG_RUN_SECONDS:
+            head = "" if t.config.head == "conv1" else " or --head conv1"
+            log.info("train: about %s left for %d steps (%.2f s a step); for a shorter run use fewer --steps, "
+                     "a smaller --crop (now %d)%s", _duration(left), t.config.steps - step, per_step, t.config.crop,
+                     head)
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{max(minutes, 1)} min"
+
+
+class _MetricsLog:
+    """metrics.jsonl (rank 0) and the progress bar, which counts resumed steps too."""
+
+    def __init__(self, t: _Training):
+        self.t = t
+
+    def __enter__(self) -> _MetricsLog:
+        t = self.t
+        self.file = open(t.out / "metrics.jsonl", "a", encoding="utf-8") if t.main else None  # noqa: SIM115
+        self.bar = progress(total=t.config.steps, initial=t.start, desc="train", unit="step",
+                            disable=None if t.main else True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+        if self.file is not None:
+            self.file.close()
+
+    def step(self, step: int, loss: float, meter: _Meter) -> None:
+        config = self.t.config
+        self.bar.update(1)
+        if self.file is None or not (step % config.log_every == 0 or step == config.steps):
+            return
+        lr = self.t.optimizer.param_groups[0]["lr"]
+        ips = meter.images_per_second(step, config.batch_size)
+        self.file.write(json.dumps({"step": step, "loss": loss, "lr": lr, "img_per_s": round(ips, 3)}) + "\n")
+        self.file.flush()
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
+
+
+# -- checkpoints and the end -----------------------------------------------------------------------
+def save_checkpoint(t: _Training, step: int) -> None:
+    """Write ``checkpoints/step-NNNNNNN.pt`` atomically (rank 0) and drop all but the newest ``keep``."""
+    import torch
+
+    if not t.main:
+        return
+    weights = t.model.state_dict()
+    if t.config.mode == "cached":  # the head and the trunk blocks that train; the frozen rest is rebuilt
+        trained = {name for name, p in t.model.named_parameters() if p.requires_grad}
+        weights = {k: v for k, v in weights.items() if k.startswith("head.") or k in trained}
+    if not all(bool(torch.isfinite(v).all()) for v in weights.values() if v.is_floating_point()):
+        _diverged(t, step, "the weights are not finite")
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step,
+               "identity": json.dumps(t.identity, sort_keys=True),
+               "model": {k: v.detach().cpu() for k, v in weights.items()},
+               "optimizer": t.optimizer.state_dict(), "scaler": t.scaler.state_dict(), "rng": _rng_state(),
+               "memory": t.memory.state_dict() if t.memory is not None else {}}
+    buffer = io.BytesIO()  # serialised first: a full disk then fails as an OSError, one line
+    torch.save(payload, buffer)
+    folder = t.out / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / f"step-{step:07d}.pt", buffer.getbuffer())
+    for old in checkpoint_paths(t.out)[:-t.config.keep]:
+        old.unlink(missing_ok=True)
+
+
+def _finish(t: _Training, step: int) -> None:
+    """The final checkpoint and model.pt (rank 0), and the summary's note."""
+    from ..embed.model import save_model
+    from ..runtime import barrier
+
+    if t.main:
+        if step > t.start or not (t.out / "model.pt").exists():
+            save_checkpoint(t, step)
+        t.model.eval()
+        config, seg_config = t.config, t.seg_config
+        sha = save_model(t.out / "model.pt", t.model, provenance={
+            "train_identity_hash": t.ident_hash, "segments_identity": t.provenance["segments_identity"],
+            "mode": config.mode, "supervised": bool(config.labels_dir), "steps": config.steps, "seed": config.seed,
+            "precision": t.precision, "images": t.n_images, "segments_threshold": seg_config.get("threshold"),
             "cut": config.cut if config.cut is not None else seg_config.get("threshold"),
-            "train_config": json.dumps(config.result_fields(), sort_keys=True), **provenance})
-        tail = losses[-5:] if losses else []
-        summary.note = (f"{config.mode} mode, {n_images} images, step {step}/{config.steps}"
-                        + (f", loss {np.mean(tail):.4f} (last {len(tail)})" if tail else "")
-                        + f", model.pt sha256 {sha[:12]}")
-    _barrier(world)
-    summary.losses = losses  # type: ignore[attr-defined]  # for tests and benchmarks
-    return summary
+            "train_config": json.dumps(config.result_fields(), sort_keys=True), **t.provenance})
+        tail = t.recent_losses
+        t.summary.note = (f"{config.mode} mode, {t.n_images} images, step {step}/{config.steps}"
+                          + (f", loss {np.mean(tail):.4f} (last {len(tail)})" if tail else "")
+                          + f", model.pt sha256 {sha[:12]}")
+    barrier()
 
 
 def _fused_sgd_ok(device) -> bool:
@@ -597,6 +912,9 @@ def _feature_pass(config: TrainConfig, model, samples, store: Path, *, grouping,
              "feature_scales": list(config.feature_scales), "flip": config.flip, "cut": config.cut,
              "precision": precision, "segments_identity": seg_hash,
              "backbone_weights_sha256": provenance["backbone_weights_sha256"]}
+    layer = model.cache_layer(config.train_blocks or 0)
+    if config.train_blocks:  # maps below the feature layer (absent from the head-only stores' identity)
+        ident["cache_layer"] = layer
     jobs = D.feature_jobs(samples, config.feature_scales, flip=config.flip)
     trunk = None
     # small shards: each map costs about a second on a CPU, and a killed pass keeps all but the last few
@@ -607,6 +925,7 @@ def _feature_pass(config: TrainConfig, model, samples, store: Path, *, grouping,
         trunk = copy.deepcopy(model).eval()
         if device.type == "cpu":
             trunk.backbone.fuse_for_cpu(torch.bfloat16 if precision == "bf16" else torch.float32)
+        trunk = trunk.from_layer(layer)  # .features(rgb): the maps at ``layer``
         bad: set[str] = set()
         for job in progress(todo, desc="features", unit="map"):
             check_stop()
@@ -614,7 +933,7 @@ def _feature_pass(config: TrainConfig, model, samples, store: Path, *, grouping,
                 continue
             try:
                 run.add(D.compute_features(trunk, job, grouping=grouping, device=device, precision=precision))
-            except Exception as exc:  # noqa: BLE001 - one bad image never stops the run
+            except (SegsortError, OSError) as exc:  # a bad image is skipped; a bug surfaces
                 bad.add(job.sample.key)
                 run.fail(job.key, exc)
     summary.failed.extend(run.summary.failed)

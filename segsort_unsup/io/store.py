@@ -866,6 +866,21 @@ class StoreReader:
             table = np.zeros((0,), dtype)
         return Stacked(table, done, offsets), failed
 
+    def contents_digest(self) -> str:
+        """sha256 over every key and the sha256 of the shard holding it: what a store computed from
+        this one is computed from (it changes when items are added, removed or recomputed)."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for key in sorted(self._index):
+            shard = self._index[key][0]
+            if shard not in self._sha256:  # a shard missing from the index: hashed once, here
+                from .atomic import sha256_file
+
+                self._sha256[shard] = sha256_file(shard)
+            digest.update(f"{key}\0{self._sha256[shard]}\n".encode())
+        return digest.hexdigest()
+
     def close(self) -> None:
         for fh in self._open.values():
             with contextlib.suppress(Exception):

@@ -4,6 +4,8 @@ from them equals the full forward."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -77,7 +79,8 @@ def test_toy_backbone_trains_and_embeds(toy, tiny, tmp_path, mode):
                          feature_scales=(1.0,), log_every=1, checkpoint_every=3, threads=1, workers=0,
                          head="conv1", hidden=8, embedding_dim=4, images=str(tiny["images"]))
     summary = run(config, tiny["store"], tmp_path / "run")
-    assert summary.ok and summary.done == 3 and np.isfinite(summary.losses).all()
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary.ok and summary.done == 3 and len(losses) == 3 and np.isfinite(losses).all()
     model, _ = load_model(tmp_path / "run" / "model.pt")
     assert model.model_config()["backbone"] == "toy"
     assert model.model_config()["freeze_blocks"] == (2 if mode == "cached" else 0)
@@ -139,3 +142,46 @@ def test_forward_from_checks_the_map(hed_h5):
         trunk.forward_from("pool3", torch.zeros(1, 512, 4, 4))
     with pytest.raises(InputError, match="no layer 'pool9'"):
         trunk.forward_from("pool9", torch.zeros(1, 256, 4, 4))
+
+
+def test_partial_cached_training_trains_the_upper_block_and_resumes(toy, tiny, tmp_path):
+    """train_blocks=1 on the toy trunk: maps cached at 'stem', 'mix' + head train, 'stem' stays; a
+    run resumed from its middle checkpoint ends with the uninterrupted run's weights."""
+    from segsort_unsup.embed.train import TrainConfig, run
+
+    def config(**changes):
+        return TrainConfig(**{**dict(backbone="toy", feature_layer="mix", mode="cached", train_blocks=1, steps=4,
+                                     batch_size=2, crop=64, feature_scales=(1.0,), log_every=1, checkpoint_every=2,
+                                     threads=1, head="conv1", hidden=8, embedding_dim=4, seed=3,
+                                     images=str(tiny["images"]), features_dir=str(tmp_path / "features")),
+                              **changes})
+
+    torch.manual_seed(3)
+    summary = run(config(), tiny["store"], tmp_path / "a")
+    assert summary.ok and summary.done == 4
+    trained, _ = load_model(tmp_path / "a" / "model.pt")
+    init, _ = load_model(_untrained(config, tiny, tmp_path))
+    assert torch.equal(trained.backbone.stem.weight, init.backbone.stem.weight)
+    assert not torch.equal(trained.backbone.mix.weight, init.backbone.mix.weight)
+    assert trained.model_config()["freeze_blocks"] == 1
+
+    run(config(), tiny["store"], tmp_path / "b")
+    (tmp_path / "b" / "checkpoints" / "step-0000004.pt").unlink()
+    (tmp_path / "b" / "model.pt").unlink()
+    resumed = run(config(), tiny["store"], tmp_path / "b")
+    assert resumed.skipped == 2 and resumed.done == 2
+    again, _ = load_model(tmp_path / "b" / "model.pt")
+    for (name, a), b in zip(trained.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    with pytest.raises(InputError, match="caches image at stride 1"):
+        run(config(train_blocks=2), tiny["store"], tmp_path / "c")
+    with pytest.raises(InputError, match="train_blocks"):
+        config(mode="full")
+
+
+def _untrained(config, tiny, tmp_path):
+    from segsort_unsup.embed.train import run
+
+    run(config(steps=0), tiny["store"], tmp_path / "init")
+    return tmp_path / "init" / "model.pt"
