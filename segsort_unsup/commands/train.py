@@ -31,7 +31,8 @@ class _BackboneChoice(click.Choice):
 @output_option("Run folder: config.toml, metrics.jsonl, checkpoints/, model.pt (re-running resumes).")
 @click.option("--mode", type=click.Choice(["auto", "full", "cached"]), default="auto", show_default=True,
               help="full: the whole network on photo crops; cached: the trunk frozen, its features cached once, "
-                   "only the head trains (CPU-practical); auto: full on CUDA, cached on CPU.")
+                   "only the head (or the last --train-blocks blocks) trains (CPU-practical); "
+                   "auto: full on CUDA, cached on CPU.")
 @click.option("--images", type=click.Path(exists=True, file_okay=False),
               help="Folder of the photos when they moved (looked up as <DIR>/<key>.<ext> or by basename).")
 @click.option("--cut", type=float, default=None, help="Stored ucm level to use as the grouping (default: the "
@@ -91,7 +92,8 @@ def train(segments, output, mode, images, cut, labels_dir, ignore_label, backbon
 
     config = TrainConfig(mode=mode, images=images, cut=cut, labels_dir=labels_dir, ignore_label=ignore_label,
                          backbone=backbone, backbone_weights=backbone_weights, feature_layer=feature_layer,
-                         freeze_blocks=freeze_blocks, train_blocks=train_blocks, head=head, steps=steps, batch_size=batch_size, crop=crop,
+                         freeze_blocks=freeze_blocks, train_blocks=train_blocks, head=head, steps=steps,
+                         batch_size=batch_size, crop=crop,
                          lr=lr, feature_scales=feature_scales, flip=not no_flip, precision=precision, device=device,
                          workers=workers, threads=threads, checkpoint_every=checkpoint_every, keep=keep,
                          log_every=log_every, features_dir=features_dir, seed=seed)

@@ -49,14 +49,13 @@ Every trunk takes RGB float 0..255 ``(N, 3, H, W)``; the normalisation happens i
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from ..contours.hed import MEAN_BGR, VGG16_BLOCKS, VggBlock, cpu_fusion_available
-from ..errors import InputError, WeightsError
+from ..errors import InputError
 from .trunk import IMAGENET, Backbone, FeatureLayer, InputConvention, Trunk, read_checkpoint, take_tensor
 
 FEATURE_LAYERS = ("conv5_3", "conv4_3")

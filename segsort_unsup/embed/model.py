@@ -16,7 +16,10 @@ Head
 Modes
     Full: ``model(rgb)``. Head-only: compute ``model.features(rgb)`` once with a frozen trunk
     (no grad), cache it, and train ``model.head`` on the cached features through
-    ``model.embed_features(features)``; the CPU-practical mode.
+    ``model.embed_features(features)``; the CPU-practical mode. Partial: the last N trunk blocks
+    and the head train from the maps at the input of the first of them
+    (``model.train_blocks(n)``, ``layer = model.cache_layer(n)``, ``model.features_at(layer, rgb)``
+    cached once, ``model.forward_from(layer, maps)`` per step; :class:`FromLayer` bundles both).
 
 Rebuilding
     :meth:`SegSortNet.model_config` is a plain dict; ``build_model(config, state_dict=...)``

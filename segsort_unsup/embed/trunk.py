@@ -173,7 +173,8 @@ class Trunk(nn.Module):
         (``"all"``: every block, ``0``: none, the head-only mode)."""
         if train_blocks == "all":
             return 0
-        if isinstance(train_blocks, bool) or not isinstance(train_blocks, int) or not 0 <= train_blocks <= self.n_blocks:
+        valid = isinstance(train_blocks, int) and not isinstance(train_blocks, bool)
+        if not valid or not 0 <= train_blocks <= self.n_blocks:
             raise InputError(f"train_blocks={train_blocks!r}: give 0..{self.n_blocks} or 'all' "
                              f"for backbone {self.name!r} at {self.feature_layer!r} "
                              f"(blocks: {', '.join(self.block_names)})")

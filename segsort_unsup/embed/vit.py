@@ -29,7 +29,6 @@ cached map can be cropped like any other and the blocks above still see the clas
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
