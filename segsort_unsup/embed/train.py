@@ -471,6 +471,7 @@ def _build_model(t: _Training) -> None:
 
     from ..embed.model import build_model
     from ..runtime import seed_everything
+    from . import data as D
 
     config = t.config
     seed_everything(config.seed)
@@ -478,6 +479,9 @@ def _build_model(t: _Training) -> None:
                  "freeze_blocks": config.freeze_blocks, "embedding_dim": config.embedding_dim,
                  "head": config.head, "hidden": config.hidden}
     model = build_model(model_cfg, backbone_weights=config.backbone_weights).to(t.device)
+    if model.stride != D.STRIDE:
+        raise InputError(f"backbone {config.backbone!r} gives features at stride {model.stride}; training works "
+                         f"on the stride-{D.STRIDE} grid (choose a stride-8 backbone, e.g. dino-vits8)")
     if config.mode == "cached":  # the trunk frozen below its last ``train_blocks`` blocks (default: all of it)
         model.train_blocks(config.train_blocks or 0)
         _check_cache_layer(model, config.train_blocks or 0)

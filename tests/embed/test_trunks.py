@@ -185,3 +185,22 @@ def _untrained(config, tiny, tmp_path):
 
     run(config(steps=0), tiny["store"], tmp_path / "init")
     return tmp_path / "init" / "model.pt"
+
+
+def test_training_refuses_a_trunk_off_the_stride_8_grid(monkeypatch, tiny, tmp_path):
+    from segsort_unsup.embed.train import TrainConfig, run
+
+    class Stride16(ToyTrunk):
+        def __init__(self, feature_layer):
+            super().__init__(feature_layer)
+            self.output = FeatureLayer(feature_layer, 16, 16)
+
+        def run_block(self, index, x):
+            x = super().run_block(index, x)
+            return F.max_pool2d(x, 2, ceil_mode=True) if index == 1 else x
+
+    monkeypatch.setitem(BACKBONES, "toy16", Backbone("toy16", "stride 16", lambda **kw: Stride16(kw["feature_layer"]),
+                                                     ("mix",)))
+    with pytest.raises(InputError, match="stride 16"):
+        run(TrainConfig(backbone="toy16", feature_layer="mix", steps=1, batch_size=2, crop=64, threads=1,
+                        images=str(tiny["images"])), tiny["store"], tmp_path / "run")
