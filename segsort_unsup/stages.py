@@ -270,6 +270,7 @@ class Stage:
 STAGE_MODULES: tuple[str, ...] = (
     "segsort_unsup.contours.stage",
     "segsort_unsup.ucm.stage",
+    "segsort_unsup.embed.features",
     "segsort_unsup.embed.train",
     "segsort_unsup.embed.infer",
     "segsort_unsup.embed.transfer",

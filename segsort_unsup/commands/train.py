@@ -6,24 +6,7 @@ import os
 
 import click
 
-from .options import finish, float_list, output_option, overwrite_option, seed_option
-
-
-class _BackboneChoice(click.Choice):
-    """The backbone registry's names, read when first needed (the registry imports torch)."""
-
-    def __init__(self) -> None:
-        super().__init__(())
-
-    @property
-    def choices(self) -> tuple[str, ...]:
-        from ..embed.backbones import BACKBONES
-
-        return tuple(BACKBONES)
-
-    @choices.setter
-    def choices(self, value) -> None:  # click.Choice.__init__ assigns; the registry is the source
-        pass
+from .options import BackboneChoice, finish, float_list, output_option, overwrite_option, seed_option
 
 
 @click.command("train")
@@ -40,7 +23,7 @@ class _BackboneChoice(click.Choice):
 @click.option("--supervised", "labels_dir", type=click.Path(exists=True, file_okay=False),
               help="Class-label PNG folder: train the supervised counterpart instead.")
 @click.option("--ignore-label", type=int, default=255, show_default=True, help="Label of unlabelled pixels.")
-@click.option("--backbone", type=_BackboneChoice(), default="vgg16-hed", show_default=True,
+@click.option("--backbone", type=BackboneChoice(), default="vgg16-hed", show_default=True,
               help="Trunk from the backbone registry (README: Backbones).")
 @click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False),
               help="Local weights for the backbone (e.g. a torchvision vgg16/resnet50 or dino checkpoint).")

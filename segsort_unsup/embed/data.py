@@ -16,21 +16,19 @@ Groupings
     Crop padding is :data:`~segsort_unsup.embed.losses.PAD_SEGMENT` (its own segment) for
     groupings and the ignore label for class labels.
 
-Feature cache (kind ``features``)
-    One item per (image, scale, flip): ``features`` float16 (C, h, w) of the frozen trunk on the
-    rescaled (and flipped) image, ``segments`` int32 (h, w) the grouping resized to that grid by
-    nearest neighbour (:func:`segments_to_grid`). Class labels are not cached: supervised runs
-    resize them to each map's grid as they read it (:func:`grid_labels`), so the unsupervised and
-    the supervised counterpart can share one cache (``features_dir``).
+Cached mode
+    :class:`FeatureBatches` crops the maps of a ``features`` store (written by the
+    :mod:`~segsort_unsup.embed.features` stage). Class labels are not stored there: supervised
+    runs map them to each map's grid as they read it (:func:`grid_labels`), so the unsupervised
+    model and its supervised counterpart share one store (``features_dir``).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -38,16 +36,11 @@ import torch
 
 from ..errors import BadImageError, InputError, StoreError
 from ..io.images import IMAGE_EXTENSIONS, read_image, read_label_png
-from ..io.store import DatasetSpec, Item, StoreReader, StoreSchema, cached_reader, register_schema
+from ..io.store import Item, StoreReader, cached_reader
 from ..log import get_logger
 from .losses import PAD_SEGMENT, segments_to_grid
 
 log = get_logger("train")
-
-FEATURES = register_schema(StoreSchema("features", (
-    DatasetSpec("features", "float16", 3),  # (C, h, w) frozen-trunk features at stride 8
-    DatasetSpec("segments", "int32", 2),  # (h, w) grouping on the feature grid
-)))
 
 STRIDE = 8
 
@@ -289,48 +282,6 @@ def seed_worker(worker_id: int) -> None:
 
 
 # -- cached mode: features -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FeatureJob:
-    """One (image, scale, flip) feature map to compute."""
-
-    key: str
-    sample: Sample
-    scale: float
-    flip: bool
-
-
-def feature_key(key: str, scale: float, flip: bool) -> str:
-    return f"{key}@{scale:g}{'f' if flip else ''}"
-
-
-def feature_jobs(samples: list[Sample], scales: tuple[float, ...], *, flip: bool) -> list[FeatureJob]:
-    flips = (False, True) if flip else (False,)
-    return [FeatureJob(feature_key(s.key, sc, f), s, sc, f) for s in samples for sc in scales for f in flips]
-
-
-def compute_features(model: Any, job: FeatureJob, *, grouping: tuple[str, int | None], device: torch.device,
-                     precision: str) -> Item:
-    """The frozen trunk's features of one rescaled (flipped) image and its grouping on that grid."""
-    from ..runtime import autocast
-
-    rgb, seg, _ = load_sample(replace(job.sample, label=None), grouping=grouping)
-    h, w = seg.shape
-    nh, nw = max(1, round(h * job.scale)), max(1, round(w * job.scale))
-    img = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LINEAR) if (nh, nw) != (h, w) else rgb
-    if job.flip:
-        img, seg = img[:, ::-1], seg[:, ::-1]
-    x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float()[None].to(device)
-    x = x.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad(), autocast(device, precision):
-        feats = model.features(x)
-    feats = feats.float()[0].to(torch.float16).cpu().contiguous().numpy()
-    grid = feats.shape[1:]
-    arrays = {"features": feats,
-              "segments": segments_to_grid(torch.from_numpy(np.ascontiguousarray(seg))[None], grid)[0].numpy()}
-    return Item(job.key, arrays, {"image": job.sample.key, "scale": float(job.scale), "flip": bool(job.flip),
-                                  "source": job.sample.image})
-
-
 def crop_features(feats: np.ndarray, seg: np.ndarray, cls: np.ndarray | None, rng: np.random.Generator, *,
                   cells: int, ignore_label: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """A random ``cells x cells`` crop of cached features (zero padding; groupings padded with

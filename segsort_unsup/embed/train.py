@@ -5,14 +5,14 @@
     RUN_DIR/config.toml        the resolved settings
     RUN_DIR/metrics.jsonl      step, loss, lr, img/s (every --log-every steps)
     RUN_DIR/checkpoints/       step-0000100.pt ... (the last --keep; atomic; weights_only)
-    RUN_DIR/features/          cached mode: the features store (frozen-trunk features per image, scale, flip)
+    RUN_DIR/features/          cached mode: the features store (:mod:`.features`; or --features-dir)
     RUN_DIR/model.pt           the final model (:func:`~segsort_unsup.embed.model.save_model`)
 
 Modes
     ``full``: the network trains end to end on augmented photo crops (random scale, crop, flip;
     default on CUDA). ``cached``: the trunk is frozen; its stride-8 features are computed once per
-    image, scale and flip into a ``features`` store (resumable, like every store), and only the
-    head trains, on random crops of those maps (default on CPU; one to two orders of magnitude
+    image, scale and flip into a ``features`` store (the :mod:`.features` stage, run here when its
+    store is missing or incomplete), and only the head trains, on random crops of those maps (default on CPU; one to two orders of magnitude
     cheaper per step).
 
 Loss
@@ -510,30 +510,37 @@ def _batches(t: _Training) -> Iterator[dict[str, Any]]:
             log.warning("train: %s: %s: skipped", key, reason)
     t.summary.failed.extend(dropped)
     with StoreReader(t.segments, kind="segments") as reader:
-        grouping = D.grouping_names(reader, config.cut)
+        grouping = D.grouping_names(reader, config.cut)  # checked in every mode: a missing level is an error
     if config.steps == 0:  # the untrained initialisation (a baseline): no data needed
         t.n_images = len(samples)
         return iter(())
     if config.mode == "cached":
-        return _feature_batches(t, samples, grouping)
+        return _feature_batches(t, samples)
     return _photo_batches(t, samples, grouping)
 
 
-def _feature_batches(t: _Training, samples: list, grouping) -> Iterator[dict[str, Any]]:
+def _feature_batches(t: _Training, samples: list) -> Iterator[dict[str, Any]]:
+    """Cached mode: the features stage completes its store (rank 0), then crops of its maps."""
     from ..runtime import barrier
     from . import data as D
+    from . import features as F
 
     config = t.config
     store = Path(config.features_dir) if config.features_dir else t.out / "features"
     if t.main:
-        _feature_pass(config, t.model, samples, store, grouping=grouping, device=t.device, precision=t.precision,
-                      seg_hash=t.provenance["segments_identity"], provenance=t.provenance, summary=t.summary)
+        settings = F.FeaturesConfig(backbone=config.backbone, backbone_weights=config.backbone_weights,
+                                    feature_layer=config.feature_layer, feature_scales=config.feature_scales,
+                                    flip=config.flip, cut=config.cut, precision=t.precision, seed=config.seed,
+                                    images=config.images,
+                                    cache_layer=t.model.cache_layer(config.train_blocks) if config.train_blocks else None)
+        t.summary.failed.extend(F.compute(settings, samples, t.segments, store, device=t.device,
+                                          precision=t.precision).failed)
     barrier()
     with StoreReader(store, kind="features") as reader:
         stored = set(reader.keys())
     variants: dict[str, list[str]] = {}
     for s in samples:
-        for job in D.feature_jobs([s], config.feature_scales, flip=config.flip):
+        for job in F.feature_jobs([s], config.feature_scales, flip=config.flip):
             if job.key in stored:
                 variants.setdefault(s.key, []).append(job.key)
     images = sorted(variants)
@@ -900,47 +907,6 @@ def _readable(samples, summary: StageSummary, *, main: bool):
             continue
         keep.append(s)
     return keep
-
-
-def _feature_pass(config: TrainConfig, model, samples, store: Path, *, grouping, device, precision: str,
-                  seg_hash: str, provenance: dict[str, Any], summary: StageSummary) -> None:
-    """Compute the frozen trunk's features of every (image, scale, flip) into the features store."""
-    import copy
-
-    import torch
-
-    from ..parallel import check_stop
-    from . import data as D
-
-    ident = {"stage": "features", "backbone": config.backbone, "feature_layer": config.feature_layer,
-             "feature_scales": list(config.feature_scales), "flip": config.flip, "cut": config.cut,
-             "precision": precision, "segments_identity": seg_hash,
-             "backbone_weights_sha256": provenance["backbone_weights_sha256"]}
-    layer = model.cache_layer(config.train_blocks or 0)
-    if config.train_blocks:  # maps below the feature layer (absent from the head-only stores' identity)
-        ident["cache_layer"] = layer
-    jobs = D.feature_jobs(samples, config.feature_scales, flip=config.flip)
-    trunk = None
-    # small shards: each map costs about a second on a CPU, and a killed pass keeps all but the last few
-    with StageRun("features", store, kind="features", identity=ident, overwrite="changed", shard_size=4) as run:
-        todo = run.todo(jobs)
-        if not todo:
-            return
-        trunk = copy.deepcopy(model).eval()
-        if device.type == "cpu":
-            trunk.backbone.fuse_for_cpu(torch.bfloat16 if precision == "bf16" else torch.float32)
-        trunk = trunk.from_layer(layer)  # .features(rgb): the maps at ``layer``
-        bad: set[str] = set()
-        for job in progress(todo, desc="features", unit="map"):
-            check_stop()
-            if job.sample.key in bad:
-                continue
-            try:
-                run.add(D.compute_features(trunk, job, grouping=grouping, device=device, precision=precision))
-            except (SegsortError, OSError) as exc:  # a bad image is skipped; a bug surfaces
-                bad.add(job.sample.key)
-                run.fail(job.key, exc)
-    summary.failed.extend(run.summary.failed)
 
 
 STAGE = Stage("train", TrainConfig, run, sources=("ucm",), output="train",

@@ -145,6 +145,11 @@ PROTOTYPES = register_schema(StoreSchema("prototypes", (
     DatasetSpec("views", "int32", 3, optional=True),  # V x H x W segment maps of every view (multi-view embed)
     DatasetSpec("votes", "float32", 2, optional=True),
 )))
+# Frozen-trunk features per (image, scale, flip): the ``features`` stage, read by cached-mode train.
+FEATURES = register_schema(StoreSchema("features", (
+    DatasetSpec("features", "float16", 3),  # (C, h, w) trunk features at stride 8
+    DatasetSpec("segments", "int32", 2),  # (h, w) grouping on the feature grid
+)))
 # A FINCH clustering of a prototypes store (the ``discover`` stage): item ``rows`` says which
 # prototype each row is; items ``level-00``, ``level-01``... (finest first) and, with req_clust,
 # ``requested`` hold one partition each.

@@ -201,7 +201,7 @@ def test_truncated_or_foreign_checkpoints_give_one_line_errors(tiny, tmp_path):
     with pytest.raises(WeightsError, match="not a segsort-unsup training checkpoint"):
         run(_config(tiny, steps=4), tiny["store"], out)
     bad.unlink()
-    with pytest.raises(InputError, match=r"other settings \(lr\)"):
+    with pytest.raises(InputError, match=r"other settings or input \(lr\)"):
         run(_config(tiny, steps=4, lr=1e-3), tiny["store"], out)
     summary = run(_config(tiny, steps=6, lr=1e-3), tiny["store"], out, overwrite=True)
     assert summary.done == 6
@@ -238,7 +238,7 @@ def test_two_process_torchrun_follows_one_process(tiny, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
                 "127.0.0.1", "--master-port", str(29500 + os.getpid() % 1000)]
     cmd = _cli(tiny, tmp_path / "two", *common)
-    two = subprocess.run(torchrun + ["-m", "segsort_unsup.cli"] + cmd[3:], cwd=REPO, env=env,
+    two = subprocess.run(torchrun + ["-m", "segsort_unsup.cli"] + cmd[1:], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     a = np.array([m["loss"] for m in _metrics(tmp_path / "one")])
@@ -430,12 +430,12 @@ def test_temporaries_of_a_run_killed_while_saving_are_cleaned(tiny, tmp_path):
 
 
 def test_the_feature_pass_skips_bad_images_but_surfaces_bugs(tiny, tmp_path, monkeypatch):
-    from segsort_unsup.embed import data as D
+    from segsort_unsup.embed import features as F
 
     def broken(*args, **kwargs):
         raise TypeError("a programming error")
 
-    monkeypatch.setattr(D, "compute_features", broken)
+    monkeypatch.setattr(F, "compute_features", broken)
     with pytest.raises(TypeError, match="a programming error"):
         run(_config(tiny, steps=2, features_dir=str(tmp_path / "features")), tiny["store"], tmp_path / "run")
 
