@@ -10,23 +10,27 @@ that other jobs on a shared machine slow both alike:
   (AMX or AVX512-BF16 in /proc/cpuinfo), else fp32 channels_last; parameters stay fp32;
   ``SGD(fused=True)``.
 
-Rows:
+Rows (the three training regimes of the backbone protocol, ``train_blocks`` = how many upper
+trunk blocks train):
 
-* ``full step``: vgg16-hed trunk + embedding head + unsupervised SegSort loss, forward,
-  backward, SGD (momentum 0.9, head at 10x lr, weight decay 5e-4 on weights);
-* ``feature pass``: the one-off trunk forward of the cached-feature mode (no grad); the default
-  path adds oneDNN's fused conv+ReLU with pre-cast weights (:meth:`VggTrunk.fuse_for_cpu`) and
-  caches bf16 features;
-* ``head step``: one training step of the head alone on cached features (the CPU-practical mode).
+* ``full``: vgg16-hed trunk + embedding head + unsupervised SegSort loss, forward, backward, SGD
+  (momentum 0.9, head at 10x lr, weight decay 5e-4 on weights);
+* ``partial``: the last ``--train-blocks`` trunk blocks (default 1: conv4 at conv4_3, from
+  pool3's cached 256-channel stride-8 maps) + the head, from maps cached once
+  (:meth:`SegSortNet.features_at` / :meth:`SegSortNet.forward_from`);
+* ``head``: the head alone on cached feature-layer maps (the head-only cached mode);
+* ``feature pass``: the one-off no-grad trunk forward that fills the cache; the default path adds
+  oneDNN's fused conv+ReLU with pre-cast weights (:meth:`VggTrunk.fuse_for_cpu`).
 
-FLOPs are counted analytically: 2 * Cin * Cout * k * k * Hout * Wout per conv (forward); a
-training step is 3x the forward FLOPs (forward, input gradient, weight gradient) less the input
-gradient of the first conv, whose input needs none (conv1_1 of the trunk; the head's first conv
-on cached features). The loss and pointwise ops are not counted. The machine's
+FLOPs are counted from the convs that actually run (forward hooks): 2 * Cin * Cout * k * k *
+Hout * Wout / groups each; a training step is 3x the forward FLOPs (forward, input gradient,
+weight gradient) less the input gradient of the first conv, whose input needs none (conv1_1 of
+the trunk; the first trainable conv on cached maps). The loss and pointwise ops are not counted. The machine's
 peak is cores x clock x FLOPs/cycle (see :func:`cpu_peak`; override with ``--peak-gflops``)::
 
     .venv/bin/python benchmarks/train.py                      # crop 320, batch 8, 3 steps
     .venv/bin/python benchmarks/train.py --quick              # crop 160, batch 2, 2 steps
+    .venv/bin/python benchmarks/train.py --train-blocks 2     # partial row: conv3 + conv4 from pool2
 """
 
 from __future__ import annotations
@@ -49,10 +53,10 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("SEGSORT_SHARED", ROOT.parent / "shared"))
 DEFAULT_WEIGHTS = SHARED / "weights" / "hed-bsds500" / "hed_bsds500.weights.h5"
 
-from segsort_unsup.contours.hed import MEAN_BGR, VGG16_BLOCKS  # noqa: E402
+from segsort_unsup.contours.hed import MEAN_BGR  # noqa: E402
 from segsort_unsup.embed.losses import PAD_SEGMENT, unsupervised_segsort_loss  # noqa: E402
 from segsort_unsup.embed.model import SegSortNet, build_model  # noqa: E402
 
@@ -110,26 +114,34 @@ def cpu_peak(info: dict, cores: int) -> tuple[float, float, str]:
 
 
 # -- FLOPs ---------------------------------------------------------------------------------------
-def trunk_flops(height: int, width: int, *, feature_layer: str = "conv5_3") -> float:
-    """Forward conv FLOPs of the stride-8 VGG16 trunk for one image."""
-    total, h, w = 0.0, height, width
-    n_blocks = 5 if feature_layer == "conv5_3" else 4
-    for b, (cin, cout, n) in enumerate(VGG16_BLOCKS[:n_blocks]):
-        if b in (1, 2, 3):
-            h, w = -(-h // 2), -(-w // 2)
-        for i in range(n):
-            total += 2.0 * (cin if i == 0 else cout) * cout * 9 * h * w
-    return total
-
-
 def conv_flops(conv: torch.nn.Conv2d, h: int, w: int) -> float:
     """Forward FLOPs of a conv with an h x w output (one image)."""
-    return 2.0 * conv.in_channels * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1] * h * w
+    k = conv.kernel_size[0] * conv.kernel_size[1]
+    return 2.0 * conv.in_channels // conv.groups * conv.out_channels * k * h * w
 
 
-def head_flops(model: SegSortNet, h: int, w: int) -> float:
-    """Forward FLOPs of the embedding head on an h x w feature map (one image)."""
-    return conv_flops(model.head.hidden, h, w) + conv_flops(model.head.out, h, w)
+def counted_flops(module: torch.nn.Module, fn: Callable[[], object]) -> tuple[float, float]:
+    """(total forward conv FLOPs, FLOPs of the first conv that ran) of ``fn()``, from hooks on
+    ``module``'s convs; ``fn`` runs once without grad."""
+    calls: list[float] = []
+
+    def hook(conv, _inputs, out):
+        calls.append(conv_flops(conv, out.shape[-2], out.shape[-1]) * out.shape[0])
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(calls), (calls[0] if calls else 0.0)
+
+
+def train_flops(module: torch.nn.Module, fn: Callable[[], object]) -> float:
+    """A training step's FLOPs: 3x the forward less the first conv's input gradient."""
+    total, first = counted_flops(module, fn)
+    return 3 * total - first
 
 
 # -- synthetic batch -----------------------------------------------------------------------------
@@ -155,40 +167,30 @@ def make_optimizer(params, *, fused: bool) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=2e-3, momentum=0.9, **({"fused": True} if fused else {}))
 
 
-def full_step(model: SegSortNet, images, seg, *, bf16: bool, fused: bool) -> Callable[[], None]:
+def train_step(model: SegSortNet, forward: Callable[[], torch.Tensor], seg, *, bf16: bool,
+               fused: bool) -> Callable[[], None]:
+    """One SGD step of the trainable parameters of ``model`` on ``forward()``'s embeddings."""
     opt = make_optimizer(model.param_groups(2e-3, weight_decay=5e-4), fused=fused)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            emb = model(images)
+            emb = forward()
         unsupervised_segsort_loss(emb, seg).backward()
         opt.step()
 
     return step
 
 
-def head_step(model: SegSortNet, features, seg, *, bf16: bool, fused: bool) -> Callable[[], None]:
-    opt = make_optimizer(model.head.parameters(), fused=fused)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            emb = model.embed_features(features)
-        unsupervised_segsort_loss(emb, seg).backward()
-        opt.step()
-
-    return step
-
-
-def feature_pass(model: SegSortNet, images, *, bf16: bool, fused: bool) -> Callable[[], torch.Tensor]:
+def feature_pass(model: SegSortNet, images, layer: str, *, bf16: bool, fused: bool) -> Callable[[], torch.Tensor]:
+    """The no-grad trunk forward up to ``layer`` (what a cached mode stores)."""
     trunk = copy.deepcopy(model.backbone).eval()
     if fused:
         trunk = trunk.to(memory_format=torch.channels_last).fuse_for_cpu(torch.bfloat16 if bf16 else torch.float32)
 
     def run() -> torch.Tensor:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and not fused):
-            return trunk(images)
+            return trunk.features_at(layer, images)
 
     return run
 
@@ -206,21 +208,51 @@ def interleaved(fns: dict[str, Callable], *, warmup: int, repeats: int) -> dict[
 
 
 # -- main ----------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--crop", type=int, default=320, help="square crop side (pixels)")
     parser.add_argument("--batch", type=int, default=8, help="images per step")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per path (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per path first")
     parser.add_argument("--quick", action="store_true", help="crop 160, batch 2, 2 steps")
-    parser.add_argument("--feature-layer", default="conv5_3", choices=("conv5_3", "conv4_3"))
+    parser.add_argument("--feature-layer", default="conv4_3", choices=("conv4_3", "conv5_3"))
+    parser.add_argument("--train-blocks", type=int, default=1, help="upper trunk blocks of the partial row")
     parser.add_argument("--weights", type=Path, default=None, help="HED weights (default: ../shared copy, else cache)")
     parser.add_argument("--peak-gflops", type=float, default=None, help="override the bf16 peak (GFLOP/s)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--skip-full", action="store_true", help="only the cached-feature rows")
+    parser.add_argument("--skip-full", action="store_true", help="only the cached-map rows")
     args = parser.parse_args(argv)
     if args.quick:
         args.crop, args.batch, args.steps = 160, 2, 2
+    return args
+
+
+def measure_regime(base: SegSortNet, images, seg, *, train_blocks: int | str, bf16: bool, steps: int,
+                   warmup: int) -> tuple[dict[str, float], float, str]:
+    """Seconds per step of baseline and default for one regime, its training FLOPs and the layer
+    its cached maps come from (``image`` for the full regime)."""
+    layer = base.cache_layer(train_blocks)
+    models = {"baseline": copy.deepcopy(base).train_blocks(train_blocks),
+              "default": copy.deepcopy(base).train_blocks(train_blocks).to(memory_format=torch.channels_last)}
+    fns = {}
+    for path, model in models.items():
+        if layer == "image":
+            x = images if path == "baseline" else images.contiguous(memory_format=torch.channels_last)
+        else:
+            x = feature_pass(model, images, layer, bf16=bf16 and path == "default", fused=path == "default")()
+            x = x.contiguous() if path == "baseline" else x
+        forward = (lambda m=model, x=x: m(x)) if layer == "image" else (lambda m=model, x=x: m.forward_from(layer, x))
+        fns[path] = train_step(model, forward, seg, bf16=bf16 and path == "default", fused=path == "default")
+    if layer == "image":
+        flops = train_flops(base, lambda: base(images))
+    else:
+        cached = base.features_at(layer, images)
+        flops = train_flops(base, lambda: base.forward_from(layer, cached))
+    return interleaved(fns, warmup=warmup, repeats=steps), flops, layer
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     weights = args.weights or (DEFAULT_WEIGHTS if DEFAULT_WEIGHTS.is_file() else None)
@@ -246,54 +278,41 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     base = build_model({"feature_layer": args.feature_layer}, backbone_weights=weights)
     images, seg = synthetic_batch(args.batch, args.crop)
-    side = -(-args.crop // 8)
-    fwd_img = trunk_flops(args.crop, args.crop, feature_layer=args.feature_layer) + head_flops(base, side, side)
-    head_img = head_flops(base, side, side)
-    # training = 3x forward, less the input gradient of the first conv (its input needs none)
-    train_full = 3 * fwd_img - conv_flops(base.backbone.block1.convs[0], args.crop, args.crop)
-    train_head = 3 * head_img - conv_flops(base.head.hidden, side, side)
-    images_cl = images.contiguous(memory_format=torch.channels_last)
 
     rows = []
+    regimes = [("head", 0), (f"partial ({args.train_blocks} block)", args.train_blocks)]
     if not args.skip_full:
-        m_base = copy.deepcopy(base)
-        m_def = copy.deepcopy(base).to(memory_format=torch.channels_last)
-        t = interleaved({"baseline": full_step(m_base, images, seg, bf16=False, fused=False),
-                         "default": full_step(m_def, images_cl, seg, bf16=bf16, fused=True)},
-                        warmup=args.warmup, repeats=args.steps)
-        rows.append(("full step (train all)", "steps/s", t, train_full * args.batch, 1.0))
-        del m_base, m_def
+        regimes.append(("full", "all"))
+    for name, n in regimes:
+        t, flops, layer = measure_regime(base, images, seg, train_blocks=n, bf16=bf16,
+                                         steps=max(args.steps, 5) if n == 0 else args.steps,
+                                         warmup=2 if n == 0 else args.warmup)
+        rows.append((f"{name} step from {layer}", "steps/s", t, flops * args.batch, 1.0))
 
-    passes = {"baseline": feature_pass(base, images, bf16=False, fused=False),
-              "default": feature_pass(base, images_cl, bf16=bf16, fused=True)}
+    layer = base.cache_layer(args.train_blocks)
+    passes = {"baseline": feature_pass(base, images, layer, bf16=False, fused=False),
+              "default": feature_pass(base, images.contiguous(memory_format=torch.channels_last), layer,
+                                      bf16=bf16, fused=True)}
     t = interleaved(passes, warmup=1, repeats=args.steps)
-    rows.append(("feature pass (no grad)", "images/s", t, trunk_flops(args.crop, args.crop,
-                                                                      feature_layer=args.feature_layer) * args.batch,
-                 args.batch))
-    feats = {k: fn() for k, fn in passes.items()}
-    feats["baseline"] = feats["baseline"].contiguous()
-    del passes
+    fwd, _ = counted_flops(base, lambda: base.features_at(layer, images))
+    rows.append((f"feature pass to {layer}", "images/s", t, fwd, args.batch))
+    print_table(rows, peak_fp32=peak_fp32, peak_default=peak_default, bf16=bf16)
+    return 0
 
-    h_base, h_def = copy.deepcopy(base), copy.deepcopy(base).to(memory_format=torch.channels_last)
-    t = interleaved({"baseline": head_step(h_base, feats["baseline"], seg, bf16=False, fused=False),
-                     "default": head_step(h_def, feats["default"], seg, bf16=bf16, fused=True)},
-                    warmup=2, repeats=max(args.steps, 5))
-    rows.append(("head step (cached feats)", "images/s", t, train_head * args.batch, args.batch))
 
-    header = (f"{'row':<26}{'unit':>9}{'baseline':>10}{'default':>10}{'ratio':>7}"
+def print_table(rows, *, peak_fp32: float, peak_default: float, bf16: bool) -> None:
+    header = (f"{'row':<34}{'unit':>9}{'baseline':>10}{'default':>10}{'ratio':>7}"
               f"{'GFLOP/s b':>11}{'GFLOP/s d':>11}{'% peak b':>10}{'% peak d':>10}")
     print(header)
     print("-" * len(header))
     for name, unit, t, flops, per in rows:
         rate_b, rate_d = per / t["baseline"], per / t["default"]
         gb, gd = flops / t["baseline"], flops / t["default"]
-        print(f"{name:<26}{unit:>9}{rate_b:>10.3f}{rate_d:>10.3f}{t['baseline'] / t['default']:>6.2f}x"
+        print(f"{name:<34}{unit:>9}{rate_b:>10.3f}{rate_d:>10.3f}{t['baseline'] / t['default']:>6.2f}x"
               f"{gb / 1e9:>11.1f}{gd / 1e9:>11.1f}{100 * gb / peak_fp32:>9.1f}%{100 * gd / peak_default:>9.1f}%")
-    print(f"\n% peak b: baseline vs the fp32 peak; % peak d: default vs the {'bf16' if bf16 else 'fp32'} peak. "
-          f"FLOPs per image: forward {fwd_img / 1e9:.1f} G (trunk + head), head {head_img / 1e9:.2f} G; "
-          f"per training image: full {train_full / 1e9:.1f} G, head {train_head / 1e9:.2f} G "
-          f"(3x forward less the first conv's input gradient). Load average at end {os.getloadavg()[0]:.1f}.")
-    return 0
+    print(f"\n% peak b: baseline vs the fp32 peak; % peak d: default vs the {'bf16' if bf16 else 'fp32'} peak "
+          f"(FLOPs of the convs that ran; training = 3x forward less the first conv's input gradient). "
+          f"Load average at end {os.getloadavg()[0]:.1f}.")
 
 
 if __name__ == "__main__":

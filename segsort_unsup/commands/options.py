@@ -39,6 +39,23 @@ seed_option = click.option(
 )
 
 
+class BackboneChoice(click.Choice):
+    """``--backbone``: the backbone registry's names, read when first needed (the registry imports torch)."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from ..embed.backbones import BACKBONES
+
+        return tuple(BACKBONES)
+
+    @choices.setter
+    def choices(self, value) -> None:  # click.Choice.__init__ assigns; the registry is the source
+        pass
+
+
 def output_option(help: str) -> Callable:  # noqa: A002 - click's spelling
     """``-o/--output``: one spelling across commands."""
     return click.option("-o", "--output", required=True, type=click.Path(file_okay=True, path_type=Path), help=help)

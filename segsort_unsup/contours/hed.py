@@ -34,31 +34,41 @@ VGG16_BLOCKS = ((3, 64, 2), (64, 128, 2), (128, 256, 3), (256, 512, 3), (512, 51
 
 
 class VggBlock(nn.Module):
-    """Optional 2x2 max-pool (rounding up), then ``n_convs`` 3x3 conv + ReLU.
+    """One VGG block: optional 2x2 max-pool (stride 2, rounding up), then ``n_convs`` 3x3 conv +
+    ReLU (padding = ``dilation``). The one VGG module of the package: HED's five blocks and the
+    SegSort trunk's (:class:`segsort_unsup.embed.backbones.VggTrunk`, conv5 dilated by 2).
 
     With ``exact_input`` the first conv always runs in float32, also under autocast: on raw
     pixels (+-150) bfloat16 keeps only ~0.5 grey levels, which alone would double the bf16 error,
-    while that conv (3 -> 64 channels) costs under 1% of HED's FLOPs.
+    while that conv (3 -> 64 channels) costs under 1% of VGG16's FLOPs.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, n_convs: int, *, pool: bool, exact_input: bool = False):
+    def __init__(self, in_channels: int, out_channels: int, n_convs: int, *, pool: bool,
+                 dilation: int = 1, exact_input: bool = False):
         super().__init__()
         self.pool = pool
         self.exact_input = exact_input
         self.convs = nn.ModuleList(
-            nn.Conv2d(in_channels if i == 0 else out_channels, out_channels, kernel_size=3, padding=1)
+            nn.Conv2d(in_channels if i == 0 else out_channels, out_channels, kernel_size=3,
+                      padding=dilation, dilation=dilation)
             for i in range(n_convs)
         )
-        self._fused: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._fused: list[tuple[torch.Tensor, torch.Tensor, int]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pool:
-            x = F.max_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
+        return self.run_convs(self.pool_input(x))
+
+    def pool_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's leading pool (identity when it has none)."""
+        return F.max_pool2d(x, kernel_size=2, stride=2, ceil_mode=True) if self.pool else x
+
+    def run_convs(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's convs + ReLUs (the fused oneDNN path for no-grad CPU calls once fused)."""
         if self._fused is not None and x.device.type == "cpu" and not torch.is_grad_enabled():
             x = x.contiguous(memory_format=torch.channels_last)
-            for weight, bias in self._fused:  # (input, weight, bias, padding, stride, dilation, groups, op...)
+            for weight, bias, dil in self._fused:  # (input, weight, bias, padding, stride, dilation, groups, op...)
                 x = torch.ops.mkldnn._convolution_pointwise(
-                    x.to(weight.dtype), weight, bias, [1, 1], [1, 1], [1, 1], 1, "relu", [None], "")
+                    x.to(weight.dtype), weight, bias, [dil, dil], [1, 1], [dil, dil], 1, "relu", [None], "")
             return x
         for i, conv in enumerate(self.convs):
             if i == 0 and self.exact_input:
@@ -68,13 +78,18 @@ class VggBlock(nn.Module):
                 x = F.relu_(conv(x))
         return x
 
-    def fuse_for_cpu(self, dtype: torch.dtype) -> None:
-        """Inference on CPU: weights pre-cast to ``dtype`` and oneDNN's fused conv+ReLU."""
+    def fuse_for_cpu(self, dtype: torch.dtype | None) -> None:
+        """No-grad CPU inference through oneDNN's fused conv+ReLU with weights pre-cast to
+        ``dtype`` (``None`` undoes it). Gradient-enabled calls always take the plain path, and the
+        pre-cast copies are snapshots: call again after the weights change."""
+        if dtype is None:
+            self._fused = None
+            return
         self._fused = []
         for i, conv in enumerate(self.convs):
             dt = torch.float32 if i == 0 and self.exact_input else dtype
             self._fused.append((conv.weight.detach().to(dt).contiguous(memory_format=torch.channels_last),
-                                conv.bias.detach().to(dt)))
+                                conv.bias.detach().to(dt), conv.dilation[0]))
 
 
 def cpu_fusion_available() -> bool:

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from ..config import StageConfig, run_only, setting
-from ..errors import SegsortError
+from ..errors import InputError, SegsortError
 from ..io.atomic import sha256_file
 from ..io.store import Item, StoreReader
 from ..log import get_logger, progress
@@ -36,9 +36,6 @@ from .data import Sample, grouping_names, list_samples, load_sample
 
 log = get_logger("features")
 
-LAYERS = ("conv4_3", "conv5_3")
-
-
 @dataclass(frozen=True)
 class FeaturesConfig(StageConfig):
     """Settings of the features stage (see the module doc)."""
@@ -47,7 +44,10 @@ class FeaturesConfig(StageConfig):
 
     backbone: str = setting("vgg16-hed", help="the trunk (as train's --backbone)")
     backbone_weights: str | None = setting(None, help="local weights file of the trunk")
-    feature_layer: str = setting("conv4_3", help="conv4_3 or conv5_3 (dilated)")
+    feature_layer: str = setting("conv4_3", help="the layer feeding the head (conv4_3 or conv5_3 for the VGG16 "
+                                                 "trunks; see the backbone registry)")
+    cache_layer: str | None = setting(None, help="store the maps at this trunk layer instead: the input of the "
+                                                 "first block partial fine-tuning trains (train --train-blocks)")
     feature_scales: tuple[float, ...] = setting((0.75, 1.0, 1.25), help="image scales whose features are stored")
     flip: bool = setting(True, help="also the mirrored image at every scale")
     cut: float | None = setting(None, help="stored ucm level used as the grouping (default: the threshold)")
@@ -58,8 +58,12 @@ class FeaturesConfig(StageConfig):
     threads: int | None = run_only(None, help="torch CPU threads (default: all cores)")
 
     def validate(self) -> None:
-        if self.feature_layer not in LAYERS:
-            raise self.bad_value("feature_layer", "choose conv5_3 or conv4_3")
+        from .backbones import check_feature_layer
+
+        try:
+            check_feature_layer(self.backbone, self.feature_layer)
+        except InputError as exc:
+            raise self.bad_value("feature_layer", str(exc)) from None
         if not self.feature_scales or not all(math.isfinite(s) and s > 0 for s in self.feature_scales):
             raise self.bad_value("feature_scales", "give one or more positive, finite scales")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -119,7 +123,8 @@ def feature_identity(config: FeaturesConfig, *, precision: str, segments_identit
             "feature_scales": list(config.feature_scales), "flip": config.flip, "cut": config.cut,
             "precision": precision, "segments_identity": segments_identity,
             "backbone_weights_sha256": sha256_file(config.backbone_weights) if config.backbone_weights else "",
-            **({"seed": config.seed} if config.backbone == "scratch" else {})}
+            **({"seed": config.seed} if config.backbone == "scratch" else {}),
+            **({"cache_layer": config.cache_layer} if config.cache_layer else {})}
 
 
 def run(config: FeaturesConfig, inputs: str | os.PathLike, output: str | os.PathLike, *,
@@ -174,17 +179,17 @@ def _trunk(config: FeaturesConfig, device: Any, precision: str):
 
     from .model import build_model
 
-    frozen = 5 if config.feature_layer == "conv5_3" else 4
     with torch.random.fork_rng(devices=[]):  # a random trunk is train's (same seed, drawn first)
         torch.manual_seed(config.seed)
-        model = build_model({"backbone": config.backbone, "feature_layer": config.feature_layer,
-                             "freeze_blocks": frozen}, backbone_weights=config.backbone_weights).to(device)
+        model = build_model({"backbone": config.backbone, "feature_layer": config.feature_layer},
+                            backbone_weights=config.backbone_weights).to(device)
+    model.freeze_backbone()
     if precision != "fp32":
         model = model.to(memory_format=torch.channels_last)
     model.eval()
     if device.type == "cpu":
         model.backbone.fuse_for_cpu(torch.bfloat16 if precision == "bf16" else torch.float32)
-    return model
+    return model.from_layer(config.cache_layer) if config.cache_layer else model
 
 
 STAGE = Stage("features", FeaturesConfig, run, sources=("ucm",), output="features",

@@ -16,7 +16,10 @@ Head
 Modes
     Full: ``model(rgb)``. Head-only: compute ``model.features(rgb)`` once with a frozen trunk
     (no grad), cache it, and train ``model.head`` on the cached features through
-    ``model.embed_features(features)``; the CPU-practical mode.
+    ``model.embed_features(features)``; the CPU-practical mode. Partial: the last N trunk blocks
+    and the head train from the maps at the input of the first of them
+    (``model.train_blocks(n)``, ``layer = model.cache_layer(n)``, ``model.features_at(layer, rgb)``
+    cached once, ``model.forward_from(layer, maps)`` per step; :class:`FromLayer` bundles both).
 
 Rebuilding
     :meth:`SegSortNet.model_config` is a plain dict; ``build_model(config, state_dict=...)``
@@ -34,14 +37,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from .backbones import DEFAULT_BACKBONE, VggTrunk, build_backbone
+from .backbones import DEFAULT_BACKBONE, build_backbone
+from .trunk import Trunk
 
 HEADS = ("conv3", "conv1")
 HEAD_LR_MULT = 10.0
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "backbone": DEFAULT_BACKBONE,
-    "feature_layer": "conv5_3",
+    "feature_layer": None,  # the backbone's default (conv4_3 for the VGG16 trunks)
     "freeze_blocks": 0,
     "embedding_dim": 32,
     "head": "conv3",
@@ -73,10 +77,10 @@ class EmbeddingHead(nn.Module):
 class SegSortNet(nn.Module):
     """RGB float 0..255 ``(N, 3, H, W)`` -> unit-norm pixel embeddings ``(N, D, ceil(H/8), ceil(W/8))``."""
 
-    def __init__(self, backbone: VggTrunk, *, embedding_dim: int = 32, head: str = "conv3", hidden: int = 256):
+    def __init__(self, backbone: Trunk, *, embedding_dim: int = 32, head: str = "conv3", hidden: int = 256):
         super().__init__()
-        if not isinstance(backbone, VggTrunk):
-            raise InputError(f"backbone must be a VggTrunk (see embed.backbones.build_backbone), "
+        if not isinstance(backbone, Trunk):
+            raise InputError(f"backbone must be a Trunk (see embed.backbones.build_backbone), "
                              f"got {type(backbone).__name__}")
         self.backbone = backbone
         self.head = EmbeddingHead(backbone.out_channels, embedding_dim=embedding_dim, head=head, hidden=hidden)
@@ -101,6 +105,29 @@ class SegSortNet(nn.Module):
 
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(rgb))
+
+    # -- partial fine-tuning: the trunk's upper blocks and the head on cached maps -------------------
+    def cache_layer(self, train_blocks: int | str) -> str:
+        """The layer to cache when the last ``train_blocks`` trunk blocks train (0: the feature
+        layer itself, the head-only mode; ``"all"``: the image)."""
+        return self.backbone.layer_at(self.backbone.train_blocks_index(train_blocks)).name
+
+    def features_at(self, layer: str, rgb: torch.Tensor) -> torch.Tensor:
+        """The trunk's map at ``layer`` for RGB 0..255 images (what partial fine-tuning caches)."""
+        return self.backbone.features_at(layer, rgb)
+
+    def forward_from(self, layer: str, features: torch.Tensor) -> torch.Tensor:
+        """Embeddings from the trunk's map at ``layer``: the trunk's blocks above it, then the head."""
+        return self.head(self.backbone.forward_from(layer, features))
+
+    def from_layer(self, layer: str) -> "FromLayer":
+        """This model seen from the cached layer ``layer`` (see :class:`FromLayer`)."""
+        return FromLayer(self, layer)
+
+    def train_blocks(self, train_blocks: int | str) -> "SegSortNet":
+        """Freeze every trunk block below the last ``train_blocks`` (``"all"``: train them all)."""
+        self.backbone.freeze(self.backbone.train_blocks_index(train_blocks))
+        return self
 
     def freeze_backbone(self, n_blocks: int | None = None) -> "SegSortNet":
         """Freeze the first ``n_blocks`` trunk blocks (all when ``None``): the head-only mode."""
@@ -127,11 +154,7 @@ class SegSortNet(nn.Module):
 
     def model_config(self) -> dict[str, Any]:
         """Everything :func:`build_model` needs to rebuild this architecture (plain types)."""
-        frozen = 0
-        for block in self.backbone.blocks:
-            if any(p.requires_grad for p in block.parameters()):
-                break
-            frozen += 1
+        frozen = self.backbone.frozen_blocks()
         return {
             "backbone": self.backbone.name or DEFAULT_BACKBONE,
             "feature_layer": self.backbone.feature_layer,
@@ -140,6 +163,23 @@ class SegSortNet(nn.Module):
             "head": self._head_kind,
             "hidden": self._hidden,
         }
+
+
+class FromLayer(nn.Module):
+    """A :class:`SegSortNet` from a cached layer: ``forward(maps)`` runs the trunk's blocks above
+    ``layer`` and the head (what partial fine-tuning trains, DDP-wrappable); ``features(rgb)`` gives
+    the maps at ``layer`` (what its feature pass caches). Shares the model's parameters."""
+
+    def __init__(self, model: SegSortNet, layer: str):
+        super().__init__()
+        model.backbone.block_index(layer)  # an unknown layer is an error now, not at the first step
+        self.model, self.layer = model, layer
+
+    def features(self, rgb: torch.Tensor) -> torch.Tensor:
+        return self.model.features_at(self.layer, rgb)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_from(self.layer, maps)
 
 
 def build_model(config: Mapping[str, Any] | None = None, *, backbone_weights: str | os.PathLike | None = None,
@@ -154,21 +194,59 @@ def build_model(config: Mapping[str, Any] | None = None, *, backbone_weights: st
     Raises
     ------
     InputError
-        Unknown config keys or values.
+        Unknown config keys or values (sizes above :data:`SIZE_LIMITS` included).
     """
-    config = dict(config or {})
-    unknown = sorted(set(config) - set(DEFAULT_CONFIG))
-    if unknown:
-        raise InputError(f"unknown model config keys {unknown}; known: {', '.join(DEFAULT_CONFIG)}")
-    cfg = {**DEFAULT_CONFIG, **config}
-    if not isinstance(cfg["freeze_blocks"], int):
-        raise InputError(f"freeze_blocks must be an integer, got {cfg['freeze_blocks']!r}")
-    trunk = build_backbone(cfg["backbone"], weights=backbone_weights, feature_layer=cfg["feature_layer"],
-                           freeze_blocks=cfg["freeze_blocks"], pretrained=state_dict is None)
-    model = SegSortNet(trunk, embedding_dim=cfg["embedding_dim"], head=cfg["head"], hidden=cfg["hidden"])
+    model = _build_architecture(config, pretrained=state_dict is None, backbone_weights=backbone_weights)
     if state_dict is not None:
         model.load_state_dict(state_dict)
     return model
+
+
+# Sizes a config may declare; far above any real head, far below what would exhaust memory.
+SIZE_LIMITS = {"embedding_dim": 4096, "hidden": 16384}
+
+
+def _build_architecture(config: Mapping[str, Any] | None, *, pretrained: bool,
+                        backbone_weights: str | os.PathLike | None = None) -> SegSortNet:
+    if config is not None and not isinstance(config, Mapping):
+        raise InputError(f"model config must be a table of settings, got {type(config).__name__}")
+    config = dict(config or {})
+    unknown = sorted(map(str, set(config) - set(DEFAULT_CONFIG)))
+    if unknown:
+        raise InputError(f"unknown model config keys {unknown}; known: {', '.join(DEFAULT_CONFIG)}")
+    cfg = {**DEFAULT_CONFIG, **config}
+    if isinstance(cfg["freeze_blocks"], bool) or not isinstance(cfg["freeze_blocks"], int):
+        raise InputError(f"freeze_blocks must be an integer, got {cfg['freeze_blocks']!r}")
+    for key, limit in SIZE_LIMITS.items():
+        if isinstance(cfg[key], int) and cfg[key] > limit:
+            raise InputError(f"{key} = {cfg[key]} is above the limit {limit}")
+    trunk = build_backbone(cfg["backbone"], weights=backbone_weights, feature_layer=cfg["feature_layer"],
+                           freeze_blocks=cfg["freeze_blocks"], pretrained=pretrained)
+    return SegSortNet(trunk, embedding_dim=cfg["embedding_dim"], head=cfg["head"], hidden=cfg["hidden"])
+
+
+def check_state_fits_config(config: Mapping[str, Any], state_dict: Mapping[str, Any]) -> None:
+    """Check, before anything is allocated, that ``state_dict`` holds exactly the tensors (names
+    and shapes) of the architecture ``config`` declares: the architecture is built on the meta
+    device (shapes only, no memory). Raises :class:`InputError` naming the first misfit."""
+    if not isinstance(state_dict, Mapping):
+        raise InputError(f"state_dict must be a table of tensors, got {type(state_dict).__name__}")
+    bad = next((k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise InputError(f"state_dict entry {bad!r} is a {type(state_dict[bad]).__name__}, not a tensor")
+    with torch.device("meta"):
+        expected = _build_architecture(config, pretrained=False).state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    extra = [k for k in state_dict if k not in expected]
+    if missing or extra:
+        what = f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r}, which it does not use"
+        raise InputError(f"the weights do not fit model_config: the file {what} "
+                         f"({len(missing)} missing, {len(extra)} unexpected tensors)")
+    for key, want in expected.items():
+        got = state_dict[key]
+        if tuple(got.shape) != tuple(want.shape):
+            raise InputError(f"model_config declares {key} of shape {tuple(want.shape)}, the file holds "
+                             f"{tuple(got.shape)}")
 
 
 MODEL_FORMAT = "segsort-unsup-model"
@@ -225,9 +303,17 @@ def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "c
     if payload.get("version") != MODEL_VERSION:
         raise WeightsError(path, f"model format version {payload.get('version')} is not supported "
                                  f"(this version reads {MODEL_VERSION})")
+    for key, kind in (("model_config", "a table of settings"), ("state_dict", "a table of tensors")):
+        if not isinstance(payload.get(key), dict):
+            raise WeightsError(path, f"{key} is {type(payload.get(key)).__name__}, expected {kind} "
+                                     "(a damaged or foreign model file)")
     try:
+        check_state_fits_config(payload["model_config"], payload["state_dict"])  # before allocating
         model = build_model(payload["model_config"], state_dict=payload["state_dict"])
-    except (KeyError, RuntimeError, InputError) as exc:
-        raise WeightsError(path, f"model weights do not fit their config ({exc})") from None
+    except (RuntimeError, InputError) as exc:
+        raise WeightsError(path, f"model weights do not fit their config: {str(exc).splitlines()[0][:200]}") from None
     model.eval()
-    return model, dict(payload.get("provenance", {}))
+    provenance = payload.get("provenance", {})
+    if not isinstance(provenance, dict):
+        raise WeightsError(path, f"provenance is {type(provenance).__name__}, expected a table")
+    return model, dict(provenance)

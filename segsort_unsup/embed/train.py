@@ -94,6 +94,8 @@ class TrainConfig(StageConfig):
     backbone_weights: str | None = None
     feature_layer: str = "conv4_3"
     freeze_blocks: int = 0
+    train_blocks: int | None = setting(None, help="cached mode: the last N trunk blocks train with the head, on "
+                                                  "maps cached at the input of the first (default: the head only)")
     embedding_dim: int = 32
     head: str = "conv3"
     hidden: int = 256
@@ -128,10 +130,17 @@ class TrainConfig(StageConfig):
     def validate(self) -> None:
         if self.mode not in MODES:
             raise self.bad_value("mode", f"choose one of {', '.join(MODES)}")
-        if self.feature_layer not in ("conv5_3", "conv4_3"):
-            raise self.bad_value("feature_layer", "choose conv5_3 or conv4_3")
+        from .backbones import check_feature_layer
+
+        try:
+            check_feature_layer(self.backbone, self.feature_layer)
+        except InputError as exc:
+            raise self.bad_value("feature_layer", str(exc)) from None
         if self.steps < 0:
             raise self.bad_value("steps", "must be >= 0 (0: the untrained initialisation)")
+        if self.train_blocks is not None and (self.train_blocks < 0 or self.mode == "full"):
+            raise self.bad_value("train_blocks", "must be >= 0, with mode cached (mode full trains every "
+                                                 "block not frozen by freeze_blocks)")
         for key in ("batch_size", "embedding_dim", "hidden", "checkpoint_every", "keep", "log_every",
                     "memory_banks"):
             if getattr(self, key) < 1:
@@ -463,6 +472,7 @@ def _build_model(t: _Training) -> None:
 
     from ..embed.model import build_model
     from ..runtime import seed_everything
+    from . import data as D
 
     config = t.config
     seed_everything(config.seed)
@@ -470,9 +480,24 @@ def _build_model(t: _Training) -> None:
                  "freeze_blocks": _frozen_blocks(config), "embedding_dim": config.embedding_dim,
                  "head": config.head, "hidden": config.hidden}
     model = build_model(model_cfg, backbone_weights=config.backbone_weights).to(t.device)
+    if model.stride != D.STRIDE:
+        raise InputError(f"backbone {config.backbone!r} gives features at stride {model.stride}; training works "
+                         f"on the stride-{D.STRIDE} grid (choose a stride-8 backbone, e.g. dino-vits8)")
+    if config.mode == "cached":  # the trunk frozen below its last ``train_blocks`` blocks (default: all of it)
+        model.train_blocks(config.train_blocks or 0)
+        _check_cache_layer(model, config.train_blocks or 0)
     if t.precision != "fp32":
         model = model.to(memory_format=torch.channels_last)
     t.model = model
+
+
+def _check_cache_layer(model, train_blocks: int) -> None:
+    """Cached maps are cropped on the embedding's grid: the cached layer must be at the output stride."""
+    layer = model.backbone.layer_at(model.backbone.train_blocks_index(train_blocks))
+    if layer.stride != model.stride:
+        raise InputError(f"train_blocks={train_blocks} caches {layer.name} at stride {layer.stride}, but cached "
+                         f"training crops maps at the output stride {model.stride}: train fewer blocks "
+                         "or use --mode full")
 
 
 def _batches(t: _Training) -> Iterator[dict[str, Any]]:
@@ -507,7 +532,8 @@ def _feature_batches(t: _Training, samples: list) -> Iterator[dict[str, Any]]:
         settings = F.FeaturesConfig(backbone=config.backbone, backbone_weights=config.backbone_weights,
                                     feature_layer=config.feature_layer, feature_scales=config.feature_scales,
                                     flip=config.flip, cut=config.cut, precision=t.precision, seed=config.seed,
-                                    images=config.images)
+                                    images=config.images,
+                                    cache_layer=t.model.cache_layer(config.train_blocks) if config.train_blocks else None)
         t.summary.failed.extend(F.compute(settings, samples, t.segments, store, device=t.device,
                                           precision=t.precision).failed)
     barrier()
@@ -564,7 +590,12 @@ def _build_optimizer(t: _Training) -> None:
     t.optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, **fused)
     t.scaler = grad_scaler(t.device, t.precision)
     t.memory = PrototypeMemory(config.memory_banks) if config.labels_dir else None
-    t.trainable = t.model if config.mode == "full" else t.model.head
+    if config.mode == "full":
+        t.trainable = t.model
+    elif config.train_blocks:  # the upper trunk blocks and the head, from the cached maps
+        t.trainable = t.model.from_layer(t.model.cache_layer(config.train_blocks))
+    else:
+        t.trainable = t.model.head
     if t.world > 1:
         t.trainable = torch.nn.parallel.DistributedDataParallel(
             t.trainable, device_ids=[t.device.index] if t.device.type == "cuda" else None)
@@ -793,8 +824,9 @@ def save_checkpoint(t: _Training, step: int) -> None:
     if not t.main:
         return
     weights = t.model.state_dict()
-    if t.config.mode == "cached":
-        weights = {k: v for k, v in weights.items() if k.startswith("head.")}
+    if t.config.mode == "cached":  # the head and the trunk blocks that train; the frozen rest is rebuilt
+        trained = {name for name, p in t.model.named_parameters() if p.requires_grad}
+        weights = {k: v for k, v in weights.items() if k.startswith("head.") or k in trained}
     if not all(bool(torch.isfinite(v).all()) for v in weights.values() if v.is_floating_point()):
         _diverged(t, step, "the weights are not finite")
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step,

@@ -45,7 +45,7 @@ def real_batch(bsds: Path, hed_h5: Path) -> dict[str, np.ndarray]:
             c[-PAD_ROWS:] = IGNORE
         segs.append(s)
         classes.append(c)
-    trunk = build_backbone("vgg16-hed", weights=hed_h5).eval()
+    trunk = build_backbone("vgg16-hed", weights=hed_h5, feature_layer="conv5_3").eval()
     with torch.no_grad():
         feats = trunk(torch.from_numpy(images).permute(0, 3, 1, 2))
         proj = np.random.default_rng(0).standard_normal((32, feats.shape[1])).astype(np.float32)

@@ -26,7 +26,7 @@ def hed_state(hed_h5):
 
 @pytest.fixture(scope="module")
 def hed_trunk(hed_h5):
-    return build_backbone("vgg16-hed", weights=hed_h5).eval()
+    return build_backbone("vgg16-hed", weights=hed_h5, feature_layer="conv5_3").eval()
 
 
 def naive_trunk(state: dict, rgb: torch.Tensor, *, layer: str = "conv5_3") -> torch.Tensor:
@@ -96,7 +96,7 @@ def test_torchvision_layout_round_trip(tmp_path, hed_state, hed_trunk):
     tv["classifier.0.weight"] = torch.zeros(8, 4)
     path = tmp_path / "vgg16-test.pth"
     torch.save(tv, path)
-    trunk = build_backbone("vgg16", weights=path)
+    trunk = build_backbone("vgg16", weights=path, feature_layer="conv5_3")
     loaded = trunk.state_dict()
     for key, value in hed_trunk.state_dict().items():
         assert torch.equal(loaded[key], value), key
@@ -108,7 +108,7 @@ def test_torchvision_layout_round_trip(tmp_path, hed_state, hed_trunk):
     del tv["features.26.weight"]
     torch.save(tv, path)
     with pytest.raises(WeightsError, match="features.26.weight"):
-        build_backbone("vgg16", weights=path)
+        build_backbone("vgg16", weights=path, feature_layer="conv5_3")
 
 
 def test_vgg16_needs_weights():
@@ -136,7 +136,7 @@ def test_scratch_is_random_and_seeded():
 
 
 def test_freeze_blocks(hed_h5):
-    model = build_model({"freeze_blocks": 3}, backbone_weights=hed_h5)
+    model = build_model({"feature_layer": "conv5_3", "freeze_blocks": 3}, backbone_weights=hed_h5)
     trunk = model.backbone
     for i, block in enumerate(trunk.blocks, start=1):
         assert all(p.requires_grad == (i > 3) for p in block.parameters())
@@ -197,5 +197,5 @@ def test_model_config_errors():
         build_model({"backbone": "scratch", "dim": 3})
     with pytest.raises(InputError, match="head"):
         build_model({"backbone": "scratch", "head": "psp"})
-    with pytest.raises(InputError, match="VggTrunk"):
+    with pytest.raises(InputError, match="Trunk"):
         SegSortNet(torch.nn.Identity())

@@ -33,3 +33,76 @@ def test_roundtrip_and_bad_files(tmp_path):
         load_model(tmp_path / "foreign.pt")
     with pytest.raises(WeightsError, match="not found"):
         load_model(tmp_path / "missing.pt")
+
+
+def _payload(model, **changes) -> dict:
+    from segsort_unsup.embed.model import MODEL_FORMAT, MODEL_VERSION
+
+    return {"format": MODEL_FORMAT, "version": MODEL_VERSION, "model_config": model.model_config(),
+            "state_dict": model.state_dict(), "provenance": {}, **changes}
+
+
+def _peak_rss_growth_mb(code: str) -> float:
+    """Peak resident memory (MB) a fresh interpreter adds while running ``code`` after importing torch."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import resource, torch, segsort_unsup.embed.model as m\n"
+              "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+              f"{code}\n"
+              "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ),
+                         check=True, timeout=300)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def test_declared_sizes_are_checked_before_allocating(tmp_path):
+    """A small file declaring ``hidden = 2**20`` is refused in one line without building the network."""
+    model = build_model({"backbone": "scratch", "feature_layer": "conv4_3", "head": "conv1", "hidden": 8,
+                         "embedding_dim": 4})
+    bomb = _payload(model, model_config={**model.model_config(), "hidden": 2 ** 20})
+    bomb["state_dict"] = {k: v for k, v in bomb["state_dict"].items() if k.startswith("head.")}
+    torch.save(bomb, tmp_path / "bomb.pt")
+    assert (tmp_path / "bomb.pt").stat().st_size < 40_000
+    with pytest.raises(WeightsError, match="hidden = 1048576 is above the limit"):
+        load_model(tmp_path / "bomb.pt")
+    # below the limit, the declared size is checked against the tensors in the file, on the meta device
+    bomb["model_config"].update(hidden=16000, head="conv3")
+    torch.save(bomb, tmp_path / "bomb2.pt")
+    with pytest.raises(WeightsError, match=r"lacks 'backbone.block1.convs.0.weight'|declares head.hidden.weight"):
+        load_model(tmp_path / "bomb2.pt")
+    growth = _peak_rss_growth_mb(
+        f"try:\n    m.load_model({str(tmp_path / 'bomb2.pt')!r})\nexcept Exception as e:\n    print(e)")
+    assert growth < 200, growth  # building the 3x3 512 -> 16000 head alone would take 295 MB
+
+
+def test_shape_misfit_names_the_tensor(tmp_path):
+    model = build_model({"backbone": "scratch", "feature_layer": "conv4_3", "head": "conv1", "hidden": 8,
+                         "embedding_dim": 4})
+    torch.save(_payload(model, model_config={**model.model_config(), "embedding_dim": 6}), tmp_path / "m.pt")
+    with pytest.raises(WeightsError, match=r"declares head.out.weight of shape \(6, 8, 1, 1\), the file holds "
+                                           r"\(4, 8, 1, 1\)"):
+        load_model(tmp_path / "m.pt")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_config": [1, 2]}, "model_config is list, expected a table of settings"),
+    ({"state_dict": "weights"}, "state_dict is str, expected a table of tensors"),
+    ({"model_config": {"backbone": 5}}, "unknown backbone 5"),
+    ({"state_dict": {"head.out.weight": [1.0]}}, "'head.out.weight' is a list, not a tensor"),
+    ({"provenance": [1]}, "provenance is list"),
+])
+def test_wrong_types_are_one_line(tmp_path, change, message):
+    model = build_model({"backbone": "scratch", "feature_layer": "conv4_3", "head": "conv1", "hidden": 8,
+                         "embedding_dim": 4})
+    torch.save(_payload(model, **change), tmp_path / "m.pt")
+    with pytest.raises(WeightsError, match=message) as err:
+        load_model(tmp_path / "m.pt")
+    assert "\n" not in str(err.value) and str(err.value).startswith(str(tmp_path / "m.pt"))
+
+
+def test_empty_model_file_is_one_line(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"")
+    with pytest.raises(WeightsError, match=r"model.pt: empty file \(0 bytes"):
+        load_model(tmp_path / "model.pt")
