@@ -49,7 +49,7 @@ def main() -> None:
 
     from segsort_unsup.edgemaps import edge_orientation
     from segsort_unsup.ucm.hierarchy import ultrametric_contour_map
-    from segsort_unsup.ucm.owt import grid_edge_weights
+    from tests.ucm.grid_oracle import grid_edge_weights
     from tests.ucm.maps import TEST_IDS, gt_contour_map
 
     ids = TEST_IDS[: args.images]

@@ -352,11 +352,3 @@ def make_executor(executor: str = "local", *, workers: int = 1, scheduler: str |
             raise InputError("--executor dask-local starts its own cluster; drop --scheduler (or use --executor dask)")
         return DaskExecutor(None, workers=max(1, workers))
     raise InputError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
-
-
-def map_items(fn: Callable[[T], R], items: Iterable[T], *, workers: int = 1, desc: str = "",
-              total: int | None = None, unit: str = "img", initializer: Callable[..., Any] | None = None,
-              initargs: tuple = ()) -> Iterator[Outcome[T, R]]:
-    """Apply ``fn`` to each item on a local executor (in-process, or ``workers`` processes)."""
-    executor = InProcess() if workers <= 1 else ProcessPool(workers)
-    yield from executor.map(fn, items, desc=desc, total=total, unit=unit, initializer=initializer, initargs=initargs)

@@ -24,6 +24,8 @@ __all__ = [
     "PRECISIONS",
     "autocast",
     "barrier",
+    "cpu_fusion_available",
+    "cpu_fusion_dtype",
     "cpu_has_fast_bf16",
     "dist_info",
     "grad_scaler",
@@ -65,6 +67,17 @@ def cpu_has_fast_bf16() -> bool:
     from .sysinfo import cpu_flags
 
     return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
+def cpu_fusion_available() -> bool:
+    """Whether this torch build has oneDNN's fused convolution + pointwise op (conv + ReLU in one call)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+def cpu_fusion_dtype(precision: str) -> torch.dtype | None:
+    """Weight dtype of the fused CPU convolutions for a resolved ``precision``: bfloat16 for bf16,
+    float32 for fp32, None for fp16 (not fused on CPU)."""
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}.get(precision)
 
 
 def resolve_device(device: str = "auto") -> torch.device:

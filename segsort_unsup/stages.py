@@ -310,13 +310,6 @@ def registry() -> list[Stage]:
     return [importlib.import_module(module).STAGE for module in STAGE_MODULES]
 
 
-def get_stage(name: str) -> Stage:
-    for stage in registry():
-        if stage.name == name:
-            return stage
-    raise KeyError(name)
-
-
 def run_stage(stage: Stage, config: StageConfig, inputs: Any, output: str | os.PathLike, *,
               executor: Executor | None = None, overwrite: bool | str = False) -> list[StageSummary]:
     """Call a stage's ``run`` with a default in-process executor; always a list of summaries."""

@@ -161,7 +161,7 @@ def test_the_long_running_kernels_release_the_gil():
     from numba.core.registry import CPUDispatcher
 
     for module in ("segsort_unsup.ucm._kernels", "segsort_unsup.evaluate._kernels",
-                   "segsort_unsup.edgemaps._kernels", "segsort_unsup.discover.finch", "segsort_unsup._heap"):
+                   "segsort_unsup.edgemaps._kernels", "segsort_unsup.discover._kernels", "segsort_unsup._heap"):
         mod = importlib.import_module(module)
         kernels = {name: f for name, f in vars(mod).items()
                    if isinstance(f, CPUDispatcher) and f.__module__ == module}

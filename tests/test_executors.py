@@ -18,7 +18,7 @@ import pytest
 from segsort_unsup.contours import stage as contours
 from segsort_unsup.errors import InputError
 from segsort_unsup.io.store import INDEX_NAME, StoreReader
-from segsort_unsup.parallel import InProcess, ProcessPool, make_executor, map_items
+from segsort_unsup.parallel import InProcess, ProcessPool, make_executor
 from segsort_unsup.ucm import stage as ucm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def _square_or_die(x: int) -> int:
 
 
 def test_in_process_failures_are_per_item():
-    out = {o.item: o for o in map_items(_square_or_die, [1, 2, 5], workers=1)}
+    out = {o.item: o for o in InProcess().map(_square_or_die, [1, 2, 5])}
     assert out[1].result == 1 and out[2].result == 4
     assert isinstance(out[5].error, ValueError)
 

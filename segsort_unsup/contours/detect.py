@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..errors import BadImageError, InputError
 from ..io.images import ImageRef, check_image_size, image_size, read_image, resized_size
 from ..parallel import check_stop
-from ..runtime import autocast, release_free_memory, resolve_device, resolve_precision
+from ..runtime import autocast, cpu_fusion_dtype, release_free_memory, resolve_device, resolve_precision
 from .registry import DEFAULT_MODEL, ContourModel, build_network, get_model
 from .weights import resolve_weights
 
@@ -132,8 +132,9 @@ class EdgeDetector:
         # channels_last lets oneDNN (CPU) and cuDNN (tensor cores) pick their fast convolutions;
         # on CPU, networks that offer it also pre-cast their weights and fuse conv + ReLU.
         self.fused = False
-        if self.device.type == "cpu" and self.precision in ("bf16", "fp32") and hasattr(self.network, "fuse_for_cpu"):
-            self.network.fuse_for_cpu(torch.bfloat16 if self.precision == "bf16" else torch.float32)
+        fused_dtype = cpu_fusion_dtype(self.precision)
+        if self.device.type == "cpu" and fused_dtype is not None and hasattr(self.network, "fuse_for_cpu"):
+            self.network.fuse_for_cpu(fused_dtype)
             self.fused = True
         self.channels_last = self.fused or self.precision != "fp32" or self.device.type == "cuda"
         if self.channels_last:

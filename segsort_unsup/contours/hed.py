@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime import cpu_fusion_available
+
 # Caffe's BGR pixel mean for HED (and VGG16), in 0..255.
 MEAN_BGR = (104.00699, 116.66877, 122.67892)
 
@@ -90,11 +92,6 @@ class VggBlock(nn.Module):
             dt = torch.float32 if i == 0 and self.exact_input else dtype
             self._fused.append((conv.weight.detach().to(dt).contiguous(memory_format=torch.channels_last),
                                 conv.bias.detach().to(dt), conv.dilation[0]))
-
-
-def cpu_fusion_available() -> bool:
-    """Whether this torch build has oneDNN's fused convolution + pointwise op."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
 class HED(nn.Module):

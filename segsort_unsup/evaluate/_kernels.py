@@ -19,6 +19,34 @@ _INF = np.int64(1) << 60
 # --------------------------------------------------------------------------------------
 
 
+# The relaxation step (lower a column's distance, remember the column, push it) stays written out
+# at each of its sites in _augment and _repair_after_removal: as a shared inlined helper returning
+# (n_touched, size) it made the matching of real BSDS maps 20-40% slower (numba 0.68).
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _forget(touched, n_touched, dist, pred, done):
+    """Reset the Dijkstra labels of the columns a search touched (the others were never changed)."""
+    for t in range(n_touched):
+        x = touched[t]
+        dist[x] = _INF
+        pred[x] = -1
+        done[x] = False
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _shift_potentials(finalized, n_final, end_dist, dist, sign, u, v, col_to_row):
+    """Move every finalized column by ``sign * (end_dist - dist)`` and its row (if any) the opposite
+    way, so that reduced costs stay >= 0 and matched edges tight."""
+    for t in range(n_final):
+        x = finalized[t]
+        delta = sign * (end_dist - dist[x])
+        v[x] += delta
+        i = col_to_row[x]
+        if i >= 0:
+            u[i] -= delta
+
+
 @njit(cache=True, nogil=True)
 def _augment(s, indptr, cols, costs, n_cols, outlier_cost, u, v, row_to_col, col_to_row,
              dist, pred, done, touched, finalized, heap_keys, heap_vals):
@@ -88,11 +116,7 @@ def _augment(s, indptr, cols, costs, n_cols, outlier_cost, u, v, row_to_col, col
             size = heap_push(heap_keys, heap_vals, size, d, jj)
     # new potentials: finalized columns (dist < D) and their rows; then augment
     u[s] += end_dist
-    for t in range(n_final):
-        j = finalized[t]
-        delta = end_dist - dist[j]
-        v[j] -= delta
-        u[col_to_row[j]] += delta
+    _shift_potentials(finalized, n_final, end_dist, dist, -1, u, v, col_to_row)
     j = end
     while True:
         i = pred[j]
@@ -102,11 +126,7 @@ def _augment(s, indptr, cols, costs, n_cols, outlier_cost, u, v, row_to_col, col
         if i == s:
             break
         j = prev
-    for t in range(n_touched):
-        j = touched[t]
-        dist[j] = _INF
-        pred[j] = -1
-        done[j] = False
+    _forget(touched, n_touched, dist, pred, done)
 
 
 @njit(cache=True, nogil=True)
@@ -205,13 +225,7 @@ def _repair_after_removal(r, indptr, cols, costs, rev_indptr, rev_rows, rev_cost
                 pred[k] = x
                 size = heap_push(heap_keys, heap_vals, size, d, k)
     # potentials: every finalized column (and the row on it) moves by end_dist - its distance
-    for t in range(n_final):
-        x = finalized[t]
-        delta = end_dist - dist[x]
-        v[x] += delta
-        i = col_to_row[x]
-        if i >= 0:
-            u[i] -= delta
+    _shift_potentials(finalized, n_final, end_dist, dist, 1, u, v, col_to_row)
     if best_col >= 0:
         cur = best_col
         i = col_to_row[cur]
@@ -225,11 +239,7 @@ def _repair_after_removal(r, indptr, cols, costs, rev_indptr, rev_rows, rev_cost
                 break
             i = old
             cur = nxt
-    for t in range(n_touched):
-        x = touched[t]
-        dist[x] = _INF
-        pred[x] = -1
-        done[x] = False
+    _forget(touched, n_touched, dist, pred, done)
 
 
 @njit(cache=True, nogil=True)

@@ -98,15 +98,6 @@ def seg_boundaries(seg: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(bdry[2::2, 2::2])
 
 
-def _disk(radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    r = int(math.ceil(radius))
-    oy, ox = np.mgrid[-r : r + 1, -r : r + 1]
-    d2 = (oy * oy + ox * ox).astype(np.float64)
-    keep = d2 <= radius * radius
-    cost = np.rint(np.sqrt(d2[keep]) * COST_MULTIPLIER).astype(np.int64)
-    return oy[keep].astype(np.int64), ox[keep].astype(np.int64), cost
-
-
 def match_radius(shape: tuple[int, int], max_dist: float = MAX_DIST) -> float:
     """Matching tolerance in pixels: ``max_dist`` x the image diagonal."""
     return float(max_dist * math.sqrt(shape[0] ** 2 + shape[1] ** 2))
@@ -218,10 +209,6 @@ class BoundaryCounts:
     sum_r: np.ndarray
     cnt_p: np.ndarray
     sum_p: np.ndarray
-
-    def as_array(self) -> np.ndarray:
-        """(T, 5) array ``thresh cntR sumR cntP sumP`` (BSR's ``*_ev1.txt``)."""
-        return np.column_stack([self.thresholds, self.cnt_r, self.sum_r, self.cnt_p, self.sum_p]).astype(np.float64)
 
 
 def binary_maps(pb: np.ndarray, thresholds: np.ndarray, *, thin_maps: bool = True) -> list[np.ndarray]:

@@ -9,6 +9,12 @@ Grid conventions shared by every kernel (``H`` rows, ``W`` columns, ``N = H * W`
   their invalid entries are ignored;
 - contour vertices (corners between pixels, the 0-faces of the Khalimsky grid) are
   ``(a, b)`` with ``0 <= a <= H``, ``0 <= b <= W``; vertex ``(a, b)`` is ``ucm2[2a, 2b]``.
+
+No per-grid-edge array is ever allocated (it would cost 16 bytes per pixel): an edge weighs the
+mean of its two pixels and is recomputed from the pixel map when needed, whether it is a
+boundary (cut) edge is read from the two pixels' labels, and its RAG edge is found by binary
+search in the sorted RAG. The tests keep a straightforward per-grid-edge implementation of the
+same steps as the oracle these kernels must equal bit for bit.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from numba.extending import overload
 from .._heap import heap_pop, heap_push
 
 # --------------------------------------------------------------------------------------------
-# 4-adjacency helpers
+# Grid helpers
 # --------------------------------------------------------------------------------------------
 
 
@@ -80,46 +86,85 @@ def _edge_point(e, h, w):
     return np.float64(i) + 0.5, np.float64(p - i * w)
 
 
-@njit(cache=True, nogil=True)
-def pixel_edge_weights(values, h, w, out):
-    """Edge weight = mean of the two pixel values (``values`` flat, length N; ``out`` length 2N)."""
-    n = h * w
-    for p in range(n):
-        j = p % w
-        out[p] = 0.5 * (values[p] + values[p + 1]) if j < w - 1 else 0.0
-        out[n + p] = 0.5 * (values[p] + values[p + w]) if p + w < n else 0.0
+# --------------------------------------------------------------------------------------------
+# Pixel maps: float32, or float16 as its uint16 bits (decoded exactly, no float32 copy)
+# --------------------------------------------------------------------------------------------
 
 
 @njit(cache=True, nogil=True)
-def pixel_edge_orientations(values, orientation, h, w, out):
-    """Edge orientation = orientation of the stronger of its two pixels (ties: the first pixel)."""
+def _half(bits):
+    """The float32 value of float16 ``bits`` (exact; inf/NaN are refused before the kernels run)."""
+    b = np.int64(bits)
+    e = (b >> 10) & 0x1F
+    m = b & 0x3FF
+    if e == 0:
+        v = math.ldexp(np.float64(m), -24)
+    else:
+        v = math.ldexp(np.float64(m + 1024), e - 25)
+    return np.float32(-v if b & 0x8000 else v)
+
+
+def _value(values, p):  # pragma: no cover - replaced by the overload in compiled code
+    raise NotImplementedError
+
+
+@overload(_value, jit_options={"nogil": True})
+def _value_impl(values, p):
+    """Pixel ``p`` of a float32 map, or of a float16 map given as its uint16 bits, as float32."""
+    if values.dtype == types.uint16:
+        def from_bits(values, p):
+            return _half(values[p])
+
+        return from_bits
+
+    def as_float32(values, p):
+        return np.float32(values[p])
+
+    return as_float32
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _edge_pixels(e, h, w):
+    """The two pixels of grid edge ``e`` (a valid edge)."""
     n = h * w
-    for p in range(n):
-        j = p % w
-        if j < w - 1:
-            out[p] = orientation[p] if values[p] >= values[p + 1] else orientation[p + 1]
-        else:
-            out[p] = 0.0
-        if p + w < n:
-            out[n + p] = orientation[p] if values[p] >= values[p + w] else orientation[p + w]
-        else:
-            out[n + p] = 0.0
+    if e < n:
+        return e, e + 1
+    return e - n, e - n + w
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _edge_weight(values, e, h, w):
+    """Weight of grid edge ``e``: as ``pixel_edge_weights`` gives it."""
+    p, q = _edge_pixels(e, h, w)
+    return np.float32(0.5 * (_value(values, p) + _value(values, q)))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _edge_orientation(values, orientation, e, h, w):
+    """Orientation of grid edge ``e``: that of the stronger of its two pixels (ties: the first)."""
+    p, q = _edge_pixels(e, h, w)
+    return _value(orientation, p) if _value(values, p) >= _value(values, q) else _value(orientation, q)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _is_cut(labels, e, h, w):
+    """Whether valid grid edge ``e`` joins two regions of ``labels``."""
+    p, q = _edge_pixels(e, h, w)
+    return labels[p] != labels[q]
+
+
+@njit(cache=True, nogil=True)
+def any_half_nonfinite(bits):
+    """Whether float16 ``bits`` hold an inf or NaN (exponent all ones)."""
+    for i in range(bits.size):
+        if (bits[i] & 0x7C00) == 0x7C00:
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------------------------
 # Watershed cut (drop of water principle)
 # --------------------------------------------------------------------------------------------
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _lowest_edge(weights, p, h, w):
-    """The smallest weight of the edges at pixel ``p`` (``inf`` for a pixel without neighbours)."""
-    best = np.float32(np.inf)
-    for k in range(4):
-        q, e = _pixel_neighbor(p, k, h, w)
-        if q >= 0 and weights[e] < best:
-            best = weights[e]
-    return best
 
 
 @njit(cache=True, nogil=True)
@@ -130,9 +175,21 @@ def _grown(buffer, used):
     return bigger
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _lowest_pixel_edge(values, p, h, w):
+    best = np.float32(np.inf)
+    for k in range(4):
+        q, e = _pixel_neighbor(p, k, h, w)
+        if q >= 0:
+            v = _edge_weight(values, e, h, w)
+            if v < best:
+                best = v
+    return best
+
+
 @njit(cache=True, nogil=True)
-def watershed_cut(weights, h, w, labels):
-    """Label the catchment basins of an edge-weighted 4-adjacency graph; returns the region count.
+def watershed_cut_pixels(values, h, w, labels):
+    """Label the catchment basins of the pixel map's 4-adjacency graph; returns the region count.
 
     Cousty et al.'s stream algorithm (watershed cuts, drop of water principle, PAMI 2009): from
     each unlabelled pixel, follow steepest-descent edges (the pixel's lowest incident edge
@@ -141,11 +198,11 @@ def watershed_cut(weights, h, w, labels):
     basin's first pixel; neighbours are visited up, left, right, down.
 
     Working memory is the current stream only (grown as needed; ``labels`` marks its pixels
-    ``-2``), and each pixel's lowest edge weight is recomputed when needed rather than stored:
-    no full-size temporaries besides ``labels``.
+    ``-2``); edge weights and each pixel's lowest edge weight are recomputed from ``values``
+    when needed: no full-size temporaries besides ``labels``.
     """
     n = h * w
-    labels[:] = -1  # -2: in the stream being followed
+    labels[:] = -1
     stream = np.empty(min(n, 4096), np.int32)
     stack = np.empty(min(n, 4096), np.int32)
     n_labels = 0
@@ -161,10 +218,10 @@ def watershed_cut(weights, h, w, labels):
         while n_stack > 0 and found < 0:
             n_stack -= 1
             y = stack[n_stack]
-            fy = _lowest_edge(weights, y, h, w)
+            fy = _lowest_pixel_edge(values, y, h, w)
             for k in range(4):
                 z, e = _pixel_neighbor(y, k, h, w)
-                if z < 0 or labels[z] == -2 or weights[e] != fy:
+                if z < 0 or labels[z] == -2 or _edge_weight(values, e, h, w) != fy:
                     continue
                 if labels[z] >= 0:
                     found = labels[z]
@@ -174,8 +231,7 @@ def watershed_cut(weights, h, w, labels):
                 stream[n_stream] = z
                 n_stream += 1
                 labels[z] = -2
-                if _lowest_edge(weights, z, h, w) < fy:
-                    # steeper descent from z: continue from there only
+                if _lowest_pixel_edge(values, z, h, w) < fy:
                     stack[0] = z
                     n_stack = 1
                     break
@@ -192,22 +248,20 @@ def watershed_cut(weights, h, w, labels):
 
 
 # --------------------------------------------------------------------------------------------
-# Region adjacency graph
+# Region adjacency graph (RAG)
 # --------------------------------------------------------------------------------------------
 
 
 @njit(cache=True, nogil=True)
-def region_adjacency(labels, h, w, n_regions, edge_rag):
-    """Fill ``edge_rag`` (length 2N) with the RAG edge of each cut edge (-1 elsewhere).
-
-    RAG edges are numbered by (smaller region, larger region): cut edges are bucketed by their
-    smaller region (counting sort), and each bucket's few distinct larger regions are sorted
-    by insertion. Returns ``(sources, targets)``.
-    """
+def rag_from_labels(labels, h, w, n_regions, index):
+    """The RAG of a label map: ``(sources, targets, offsets)``, numbered by (smaller region, larger
+    region). Cut edges are bucketed by their smaller region (counting sort) and each bucket's few
+    distinct larger regions sorted by insertion: RAG edges of region ``a`` (as source) are
+    ``offsets[a]:offsets[a + 1]``, their targets increasing. Counts are held in ``index``'s dtype;
+    working memory 4 bytes per cut edge."""
     n = h * w
-    edge_rag[:] = -1
-    index = edge_rag.dtype  # int32 while 2N < 2**31: every count and id below fits
-    count = np.zeros(n_regions + 1, index)
+    idx = index.dtype
+    count = np.zeros(n_regions + 1, idx)
     for p in range(n):
         if (p % w) < w - 1 and labels[p] != labels[p + 1]:
             count[min(labels[p], labels[p + 1]) + 1] += 1
@@ -215,70 +269,92 @@ def region_adjacency(labels, h, w, n_regions, edge_rag):
             count[min(labels[p], labels[p + w]) + 1] += 1
     for r in range(n_regions):
         count[r + 1] += count[r]
-    total = count[n_regions]
+    other = np.empty(count[n_regions], np.int32)
     fill = count[:-1].copy()
-    cut = np.empty(total, index)
-    other = np.empty(total, np.int32)
     for p in range(n):
         if (p % w) < w - 1 and labels[p] != labels[p + 1]:
             a = min(labels[p], labels[p + 1])
-            cut[fill[a]] = p
             other[fill[a]] = max(labels[p], labels[p + 1])
             fill[a] += 1
         if p + w < n and labels[p] != labels[p + w]:
             a = min(labels[p], labels[p + w])
-            cut[fill[a]] = n + p
             other[fill[a]] = max(labels[p], labels[p + w])
             fill[a] += 1
-    sources = np.empty(total, np.int32)
-    targets = np.empty(total, np.int32)
-    seen = np.full(n_regions, -1, index)  # rag id of (a, b) while bucket a is processed
+    seen = np.full(n_regions, -1, idx)
+    offsets = np.zeros(n_regions + 1, idx)
     n_rag = 0
+    # the sorted distinct targets are written over ``other``: a bucket's entries are read in
+    # order and targets only go to [first, n_rag), where n_rag - 1 <= the entry just read
     for a in range(n_regions):
         first = n_rag
         for t in range(count[a], count[a + 1]):
             b = other[t]
-            if seen[b] < first:  # new neighbour of a: insert b in order among this bucket's
+            if seen[b] < first:  # new neighbour of a (seen[b] >= first: b is in this bucket)
                 i = n_rag
                 n_rag += 1
-                while i > first and targets[i - 1] > b:
-                    targets[i] = targets[i - 1]
-                    seen[targets[i]] = i
+                while i > first and other[i - 1] > b:
+                    other[i] = other[i - 1]
+                    seen[other[i]] = i
                     i -= 1
-                targets[i] = b
-                sources[n_rag - 1] = a  # every edge of the bucket has source a
+                other[i] = b
                 seen[b] = i
-        for t in range(count[a], count[a + 1]):
-            edge_rag[cut[t]] = seen[other[t]]
-    return sources[:n_rag].copy(), targets[:n_rag].copy()
+        offsets[a + 1] = n_rag
+    targets = other[:n_rag].copy()
+    sources = np.empty(n_rag, np.int32)
+    for a in range(n_regions):
+        for r in range(offsets[a], offsets[a + 1]):
+            sources[r] = a
+    return sources, targets, offsets
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _rag_id(offsets, targets, a, b):
+    """RAG edge of regions ``a < b``: binary search among ``a``'s targets."""
+    lo = offsets[a]
+    hi = offsets[a + 1]
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if targets[mid] < b:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 @njit(cache=True, nogil=True)
-def rag_mean(edge_rag, weights, n_rag, sums, lengths):
-    """Sum and count the weights of each RAG edge's cut edges."""
+def rag_mean_labels(labels, values, h, w, offsets, targets, oriented, out, sums, lengths):
+    """Sum and count the weights of each RAG edge's cut edges, in grid order: the RAG edge of a cut
+    edge found by search, its weight taken from ``out`` (``oriented``; cut edges in grid order) or
+    from the pixel map."""
+    n = h * w
     sums[:] = 0.0
     lengths[:] = 0.0
-    for e in range(edge_rag.size):
-        r = edge_rag[e]
-        if r >= 0:
-            sums[r] += weights[e]
-            lengths[r] += 1.0
+    k = 0
+    for e in range(2 * n):
+        p = e if e < n else e - n
+        if e < n:
+            ok = (p % w) < w - 1
+        else:
+            ok = p + w < n
+        if not ok:
+            continue
+        q = p + 1 if e < n else p + w
+        a = labels[p]
+        b = labels[q]
+        if a == b:
+            continue
+        if a > b:
+            a, b = b, a
+        r = _rag_id(offsets, targets, a, b)
+        wv = out[k] if oriented else _edge_weight(values, e, h, w)
+        k += 1
+        sums[r] += wv
+        lengths[r] += 1.0
 
 
 # --------------------------------------------------------------------------------------------
 # Oriented watershed transform
 # --------------------------------------------------------------------------------------------
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _vertex_degree(edge_rag, a, b, h, w):
-    """Number of cut edges at contour vertex ``(a, b)``."""
-    d = 0
-    for k in range(4):
-        e, _, _ = _vertex_edge(a, b, k, h, w)
-        if e >= 0 and edge_rag[e] >= 0:
-            d += 1
-    return d
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -292,26 +368,73 @@ def _see(visited, e):
     visited[e >> 3] |= np.uint8(1 << (e & 7))
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _popcount(x):
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return np.int64((x * np.uint64(0x0101010101010101)) >> np.uint64(56))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _rank(bits, base, e):
+    """Number of cut edges before grid edge ``e`` (in grid order)."""
+    k = e >> 6
+    mask = (np.uint64(1) << np.uint64(e & 63)) - np.uint64(1)
+    return base[k] + _popcount(bits[k] & mask)
+
+
 @njit(cache=True, nogil=True)
-def _walk(edge_rag, h, w, visited, e, a2, b2, elements, n_el):
+def cut_edge_ranks(labels, h, w):
+    """Rank structure of the cut edges in grid order: ``(bits, base)``, one bit per grid edge in
+    uint64 words and the number of cut edges before each word (0.375 bytes per pixel)."""
+    n = h * w
+    words = (2 * n + 63) >> 6
+    bits = np.zeros(words, np.uint64)
+    base = np.zeros(words + 1, np.int64)
+    for e in range(2 * n):
+        p = e if e < n else e - n
+        if e < n:
+            ok = (p % w) < w - 1
+        else:
+            ok = p + w < n
+        if ok and _is_cut(labels, e, h, w):
+            bits[e >> 6] |= np.uint64(1) << np.uint64(e & 63)
+    for k in range(words):
+        base[k + 1] = base[k] + _popcount(bits[k])
+    return bits, base
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _vertex_degree(labels, a, b, h, w):
+    d = 0
+    for k in range(4):
+        e, _, _ = _vertex_edge(a, b, k, h, w)
+        if e >= 0 and _is_cut(labels, e, h, w):
+            d += 1
+    return d
+
+
+@njit(cache=True, nogil=True)
+def _walk(labels, h, w, visited, e, a2, b2, elements, n_el):
     """Follow a contour from edge ``e`` (arriving at vertex ``(a2, b2)``) to a junction or back to its start."""
     while True:
         elements[n_el] = e
         n_el += 1
         _see(visited, e)
-        if _vertex_degree(edge_rag, a2, b2, h, w) != 2:
+        if _vertex_degree(labels, a2, b2, h, w) != 2:
             return n_el
         nxt = -1
         na = 0
         nb = 0
         for k2 in range(4):
             e2, a3, b3 = _vertex_edge(a2, b2, k2, h, w)
-            if e2 >= 0 and edge_rag[e2] >= 0 and not _seen(visited, e2):
+            if e2 >= 0 and _is_cut(labels, e2, h, w) and not _seen(visited, e2):
                 nxt = e2
                 na = a3
                 nb = b3
                 break
-        if nxt < 0:  # closed loop back at its start
+        if nxt < 0:
             return n_el
         e = nxt
         a2 = na
@@ -319,58 +442,58 @@ def _walk(edge_rag, h, w, visited, e, a2, b2, elements, n_el):
 
 
 @njit(cache=True, nogil=True)
-def trace_contours(edge_rag, h, w):
-    """Split the cut edges into polylines running between junctions (or around closed loops).
+def trace_contours_labels(labels, h, w, total, index):
+    """Split the ``total`` cut edges of a label map into polylines running between junctions (or
+    around closed loops).
 
-    Returns ``(elements, offsets)`` in ``edge_rag``'s dtype: polyline ``t`` is
+    Returns ``(elements, offsets)`` in ``index``'s dtype: polyline ``t`` is
     ``elements[offsets[t]:offsets[t + 1]]``, consecutive edges along the contour. Junctions are
     contour vertices of degree other than two (image-border vertices included). Vertices are
     scanned in raster order, directions in the order left, right, up, down: a junction starts
     one polyline per untraced direction; an untraced vertex inside a polyline (or a loop) is
     traced both ways and the first part reversed. This is higra's ``fit_contour_2d`` order, so
-    straight pieces split identically. Vertex degrees are recomputed when needed and traced edges
-    are marked in a bit set: besides the output, N / 4 bytes of working memory.
+    straight pieces split identically. Vertex degrees are recomputed when needed, traced edges
+    are marked in a bit set (N / 4 bytes) and offsets grown as needed.
     """
-    total = 0
-    for a in range(h + 1):
-        for b in range(w + 1):
-            total += _vertex_degree(edge_rag, a, b, h, w)
-    total //= 2
-    elements = np.empty(total, edge_rag.dtype)  # edge ids: int32 while 2N < 2**31
-    offsets = np.empty(total + 1, edge_rag.dtype)
-    visited = np.zeros((edge_rag.size + 7) // 8, np.uint8)
-    order = (1, 2, 0, 3)  # left, right, up, down
+    elements = np.empty(total, index.dtype)
+    offsets = np.empty(min(total + 1, 1024), index.dtype)
+    visited = np.zeros((2 * h * w + 7) // 8, np.uint8)
+    order = (1, 2, 0, 3)
     n_el = 0
     n_poly = 0
     for a in range(h + 1):
         for b in range(w + 1):
-            d = _vertex_degree(edge_rag, a, b, h, w)
+            d = _vertex_degree(labels, a, b, h, w)
             if d == 0:
                 continue
             if d != 2:
                 for k in order:
                     e, a2, b2 = _vertex_edge(a, b, k, h, w)
-                    if e >= 0 and edge_rag[e] >= 0 and not _seen(visited, e):
+                    if e >= 0 and _is_cut(labels, e, h, w) and not _seen(visited, e):
+                        if n_poly + 1 >= offsets.size:
+                            offsets = _grown(offsets, n_poly)
                         offsets[n_poly] = n_el
                         n_poly += 1
-                        n_el = _walk(edge_rag, h, w, visited, e, a2, b2, elements, n_el)
+                        n_el = _walk(labels, h, w, visited, e, a2, b2, elements, n_el)
                 continue
             first = True
             for k in order:
                 e, a2, b2 = _vertex_edge(a, b, k, h, w)
-                if e < 0 or edge_rag[e] < 0 or _seen(visited, e):
+                if e < 0 or not _is_cut(labels, e, h, w) or _seen(visited, e):
                     continue
                 if first:
+                    if n_poly + 1 >= offsets.size:
+                        offsets = _grown(offsets, n_poly)
                     offsets[n_poly] = n_el
                     n_poly += 1
                     start = n_el
-                    n_el = _walk(edge_rag, h, w, visited, e, a2, b2, elements, n_el)
+                    n_el = _walk(labels, h, w, visited, e, a2, b2, elements, n_el)
                     elements[start:n_el] = elements[start:n_el][::-1].copy()
                     first = False
                 else:
-                    n_el = _walk(edge_rag, h, w, visited, e, a2, b2, elements, n_el)
+                    n_el = _walk(labels, h, w, visited, e, a2, b2, elements, n_el)
     offsets[n_poly] = n_el
-    return elements, offsets[: n_poly + 1]
+    return elements, offsets[: n_poly + 1].copy()
 
 
 @njit(cache=True, nogil=True)
@@ -379,16 +502,6 @@ def _chord_distance(r0, c0, r1, c1, r, c):
     if length == 0.0:
         return np.sqrt((r - r0) ** 2 + (c - c0) ** 2)
     return abs((r1 - r0) * c - (c1 - c0) * r + c1 * r0 - r1 * c0) / length
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _edge_orientation(values, orientation, e, h, w):
-    """Orientation of grid edge ``e``: that of the stronger of its two pixels (ties: the first),
-    as :func:`pixel_edge_orientations` gives it."""
-    n = h * w
-    p = e if e < n else e - n
-    q = p + 1 if e < n else p + w
-    return orientation[p] if values[p] >= values[q] else orientation[q]
 
 
 @njit(cache=True, nogil=True)
@@ -437,54 +550,46 @@ def _split_polylines(elements, offsets, h, w, epsilon, min_size):
 
 
 @njit(cache=True, nogil=True)
-def oriented_reweight(elements, offsets, weights, values, orientation, h, w, epsilon, min_size, single_angle, edge_rag):
-    """Oriented watershed transform of the traced polylines (Arbelaez et al. PAMI 2011, sec. 4.1), in place.
+def oriented_weights(elements, offsets, values, orientation, h, w, epsilon, min_size, single_angle, bits, base, out):
+    """Oriented watershed transform of the traced polylines (Arbelaez et al. PAMI 2011, sec. 4.1).
 
     Each polyline is split recursively at its element farthest from the chord (while that
     distance is ``>= epsilon * chord length`` and ``> min_size`` pixels), giving approximately
     straight pieces. Each edge of a piece takes ``max(0, weight * |cos(orientation - pi/2 - angle)|)``,
     the edge-map strength projected on the piece's normal, where ``angle`` is the direction of
-    the piece's chord and ``orientation`` the edge's (:func:`_edge_orientation` of the pixel maps
-    ``values`` and ``orientation``); an edge shared by two pieces keeps the larger value.
-    ``weights`` (length 2N) is overwritten: boundary edges get their new value, the others
-    (``edge_rag < 0``) 0. Working memory: one flag per element and a stack as deep as the longest
-    polyline, instead of full-size copies of the weights and the per-edge orientations.
+    the piece's chord and ``orientation`` the edge's (:func:`_edge_orientation`); an edge shared
+    by two pieces keeps the larger value. The new weight of cut edge ``e`` goes to
+    ``out[rank of e among the cut edges in grid order]`` (``bits``, ``base``: :func:`cut_edge_ranks`).
     """
     half_pi = np.pi / 2
     split = _split_polylines(elements, offsets, h, w, epsilon, min_size)
     for t in range(offsets.size - 1):
         s = offsets[t]
         f = offsets[t + 1] - 1
-        # Pieces run in order along the polyline, and consecutive pieces share one element: its
-        # original weight is kept aside, since the first piece overwrites it.
         first = s
-        w_first = weights[elements[s]]
         for i in range(s + 1, f + 1):
             if not split[i]:
                 continue
             r0, c0 = _edge_point(elements[first], h, w)
             r1, c1 = _edge_point(elements[i], h, w)
             angle = np.arctan2(r0 - r1, c0 - c1) % np.pi
-            w_last = weights[elements[i]]
             for q in range(first, i + 1):
                 e = elements[q]
-                wq = w_first if q == first else (w_last if q == i else weights[e])
-                v = wq * abs(np.cos(_edge_orientation(values, orientation, e, h, w) - half_pi - angle))
+                v = _edge_weight(values, e, h, w) * abs(
+                    np.cos(_edge_orientation(values, orientation, e, h, w) - half_pi - angle))
+                slot = _rank(bits, base, e)
                 if q == first and first != s:  # shared with the previous piece: keep the larger
-                    if v > weights[e]:
-                        weights[e] = v
+                    if v > out[slot]:
+                        out[slot] = v
                 else:
-                    weights[e] = v if v > 0.0 else 0.0
+                    out[slot] = v if v > 0.0 else 0.0
             first = i
-            w_first = w_last
-        if f == s:  # one-edge polyline: its own direction (a horizontal edge's contour is vertical)
+        if f == s:
             e = elements[s]
             angle = single_angle if single_angle >= 0.0 else (half_pi if e < h * w else 0.0)
-            v = weights[e] * abs(np.cos(_edge_orientation(values, orientation, e, h, w) - half_pi - angle))
-            weights[e] = v if v > 0.0 else 0.0
-    for e in range(weights.size):
-        if edge_rag[e] < 0:
-            weights[e] = 0.0
+            v = _edge_weight(values, e, h, w) * abs(
+                np.cos(_edge_orientation(values, orientation, e, h, w) - half_pi - angle))
+            out[_rank(bits, base, e)] = v if v > 0.0 else 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -710,408 +815,9 @@ def _corners_and_frame(ucm2, h, w):
 
 
 @njit(cache=True, nogil=True)
-def paint_ucm2(edge_rag, rag_values, h, w, ucm2):
-    """Write RAG edge values on the doubled grid: 1-faces from edges, 0-faces = max of their 1-faces, frame = copy of its neighbours."""
-    n = h * w
-    for p in range(n):
-        i = p // w
-        j = p - i * w
-        if j < w - 1 and edge_rag[p] >= 0:
-            ucm2[2 * i + 1, 2 * j + 2] = rag_values[edge_rag[p]]
-        if i < h - 1 and edge_rag[n + p] >= 0:
-            ucm2[2 * i + 2, 2 * j + 1] = rag_values[edge_rag[n + p]]
-    _corners_and_frame(ucm2, h, w)
-
-
-# --------------------------------------------------------------------------------------------
-# Lean path for huge maps: no per-grid-edge arrays
-# --------------------------------------------------------------------------------------------
-#
-# The kernels below give the same results as ``pixel_edge_weights`` -> ``watershed_cut`` ->
-# ``region_adjacency`` -> ``trace_contours`` -> ``oriented_reweight`` -> ``rag_mean`` ->
-# ``paint_ucm2`` without the 2N-long ``weights`` and ``edge_rag`` arrays (8 + 8 bytes per pixel):
-# an edge's weight is recomputed from its two pixels, whether it is a boundary edge from the
-# two pixels' labels, and its RAG edge is found by binary search in the sorted RAG. Pixel maps
-# are float32, or float16 passed as their uint16 bits and decoded exactly here (``_value``), so
-# a stored float16 map needs no float32 copy.
-
-
-@njit(cache=True, nogil=True)
-def _half(bits):
-    """The float32 value of float16 ``bits`` (exact; inf/NaN are refused before the kernels run)."""
-    b = np.int64(bits)
-    e = (b >> 10) & 0x1F
-    m = b & 0x3FF
-    if e == 0:
-        v = math.ldexp(np.float64(m), -24)
-    else:
-        v = math.ldexp(np.float64(m + 1024), e - 25)
-    return np.float32(-v if b & 0x8000 else v)
-
-
-def _value(values, p):  # pragma: no cover - replaced by the overload in compiled code
-    raise NotImplementedError
-
-
-@overload(_value, jit_options={"nogil": True})
-def _value_impl(values, p):
-    """Pixel ``p`` of a float32 map, or of a float16 map given as its uint16 bits, as float32."""
-    if values.dtype == types.uint16:
-        def from_bits(values, p):
-            return _half(values[p])
-
-        return from_bits
-
-    def as_float32(values, p):
-        return np.float32(values[p])
-
-    return as_float32
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _edge_pixels(e, h, w):
-    """The two pixels of grid edge ``e`` (a valid edge)."""
-    n = h * w
-    if e < n:
-        return e, e + 1
-    return e - n, e - n + w
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _edge_weight(values, e, h, w):
-    """Weight of grid edge ``e``: as ``pixel_edge_weights`` gives it."""
-    p, q = _edge_pixels(e, h, w)
-    return np.float32(0.5 * (_value(values, p) + _value(values, q)))
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _is_cut(labels, e, h, w):
-    """Whether valid grid edge ``e`` joins two regions of ``labels``."""
-    p, q = _edge_pixels(e, h, w)
-    return labels[p] != labels[q]
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _lowest_pixel_edge(values, p, h, w):
-    best = np.float32(np.inf)
-    for k in range(4):
-        q, e = _pixel_neighbor(p, k, h, w)
-        if q >= 0:
-            v = _edge_weight(values, e, h, w)
-            if v < best:
-                best = v
-    return best
-
-
-@njit(cache=True, nogil=True)
-def watershed_cut_pixels(values, h, w, labels):
-    """:func:`watershed_cut` with each edge weight recomputed from the pixel map ``values``."""
-    n = h * w
-    labels[:] = -1
-    stream = np.empty(min(n, 4096), np.int32)
-    stack = np.empty(min(n, 4096), np.int32)
-    n_labels = 0
-    for x in range(n):
-        if labels[x] >= 0:
-            continue
-        n_stream = 1
-        stream[0] = x
-        n_stack = 1
-        stack[0] = x
-        labels[x] = -2
-        found = -1
-        while n_stack > 0 and found < 0:
-            n_stack -= 1
-            y = stack[n_stack]
-            fy = _lowest_pixel_edge(values, y, h, w)
-            for k in range(4):
-                z, e = _pixel_neighbor(y, k, h, w)
-                if z < 0 or labels[z] == -2 or _edge_weight(values, e, h, w) != fy:
-                    continue
-                if labels[z] >= 0:
-                    found = labels[z]
-                    break
-                if n_stream == stream.size:
-                    stream = _grown(stream, n_stream)
-                stream[n_stream] = z
-                n_stream += 1
-                labels[z] = -2
-                if _lowest_pixel_edge(values, z, h, w) < fy:
-                    stack[0] = z
-                    n_stack = 1
-                    break
-                if n_stack == stack.size:
-                    stack = _grown(stack, n_stack)
-                stack[n_stack] = z
-                n_stack += 1
-        if found < 0:
-            found = n_labels
-            n_labels += 1
-        for t in range(n_stream):
-            labels[stream[t]] = found
-    return n_labels
-
-
-@njit(cache=True, nogil=True)
-def rag_from_labels(labels, h, w, n_regions, index):
-    """The RAG of a label map: ``(sources, targets, offsets)``, sorted as :func:`region_adjacency`
-    numbers them; RAG edges of region ``a`` (as source) are ``offsets[a]:offsets[a + 1]``, their
-    targets increasing. Counts are held in ``index``'s dtype; working memory 4 bytes per cut edge."""
-    n = h * w
-    idx = index.dtype
-    count = np.zeros(n_regions + 1, idx)
-    for p in range(n):
-        if (p % w) < w - 1 and labels[p] != labels[p + 1]:
-            count[min(labels[p], labels[p + 1]) + 1] += 1
-        if p + w < n and labels[p] != labels[p + w]:
-            count[min(labels[p], labels[p + w]) + 1] += 1
-    for r in range(n_regions):
-        count[r + 1] += count[r]
-    other = np.empty(count[n_regions], np.int32)
-    fill = count[:-1].copy()
-    for p in range(n):
-        if (p % w) < w - 1 and labels[p] != labels[p + 1]:
-            a = min(labels[p], labels[p + 1])
-            other[fill[a]] = max(labels[p], labels[p + 1])
-            fill[a] += 1
-        if p + w < n and labels[p] != labels[p + w]:
-            a = min(labels[p], labels[p + w])
-            other[fill[a]] = max(labels[p], labels[p + w])
-            fill[a] += 1
-    seen = np.full(n_regions, -1, idx)
-    offsets = np.zeros(n_regions + 1, idx)
-    n_rag = 0
-    # the sorted distinct targets are written over ``other``: a bucket's entries are read in
-    # order and targets only go to [first, n_rag), where n_rag - 1 <= the entry just read
-    for a in range(n_regions):
-        first = n_rag
-        for t in range(count[a], count[a + 1]):
-            b = other[t]
-            if seen[b] < first:  # new neighbour of a (seen[b] >= first: b is in this bucket)
-                i = n_rag
-                n_rag += 1
-                while i > first and other[i - 1] > b:
-                    other[i] = other[i - 1]
-                    seen[other[i]] = i
-                    i -= 1
-                other[i] = b
-                seen[b] = i
-        offsets[a + 1] = n_rag
-    targets = other[:n_rag].copy()
-    sources = np.empty(n_rag, np.int32)
-    for a in range(n_regions):
-        for r in range(offsets[a], offsets[a + 1]):
-            sources[r] = a
-    return sources, targets, offsets
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _rag_id(offsets, targets, a, b):
-    """RAG edge of regions ``a < b``: binary search among ``a``'s targets."""
-    lo = offsets[a]
-    hi = offsets[a + 1]
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if targets[mid] < b:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
-@njit(cache=True, nogil=True)
-def cut_edge_ranks(labels, h, w):
-    """Rank structure of the cut edges in grid order: ``(bits, base)``, one bit per grid edge in
-    uint64 words and the number of cut edges before each word (0.375 bytes per pixel)."""
-    n = h * w
-    words = (2 * n + 63) >> 6
-    bits = np.zeros(words, np.uint64)
-    base = np.zeros(words + 1, np.int64)
-    for e in range(2 * n):
-        p = e if e < n else e - n
-        if e < n:
-            ok = (p % w) < w - 1
-        else:
-            ok = p + w < n
-        if ok and _is_cut(labels, e, h, w):
-            bits[e >> 6] |= np.uint64(1) << np.uint64(e & 63)
-    for k in range(words):
-        base[k + 1] = base[k] + _popcount(bits[k])
-    return bits, base
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _popcount(x):
-    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
-    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
-    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
-    return np.int64((x * np.uint64(0x0101010101010101)) >> np.uint64(56))
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _rank(bits, base, e):
-    """Number of cut edges before grid edge ``e`` (in grid order)."""
-    k = e >> 6
-    mask = (np.uint64(1) << np.uint64(e & 63)) - np.uint64(1)
-    return base[k] + _popcount(bits[k] & mask)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _vertex_degree_l(labels, a, b, h, w):
-    d = 0
-    for k in range(4):
-        e, _, _ = _vertex_edge(a, b, k, h, w)
-        if e >= 0 and _is_cut(labels, e, h, w):
-            d += 1
-    return d
-
-
-@njit(cache=True, nogil=True)
-def _walk_l(labels, h, w, visited, e, a2, b2, elements, n_el):
-    """:func:`_walk` with cut edges read from the label map."""
-    while True:
-        elements[n_el] = e
-        n_el += 1
-        _see(visited, e)
-        if _vertex_degree_l(labels, a2, b2, h, w) != 2:
-            return n_el
-        nxt = -1
-        na = 0
-        nb = 0
-        for k2 in range(4):
-            e2, a3, b3 = _vertex_edge(a2, b2, k2, h, w)
-            if e2 >= 0 and _is_cut(labels, e2, h, w) and not _seen(visited, e2):
-                nxt = e2
-                na = a3
-                nb = b3
-                break
-        if nxt < 0:
-            return n_el
-        e = nxt
-        a2 = na
-        b2 = nb
-
-
-@njit(cache=True, nogil=True)
-def trace_contours_labels(labels, h, w, total, index):
-    """:func:`trace_contours` with cut edges read from the label map (``total`` cut edges; ids in
-    ``index``'s dtype). Offsets are grown as needed rather than sized for one edge per polyline."""
-    elements = np.empty(total, index.dtype)
-    offsets = np.empty(min(total + 1, 1024), index.dtype)
-    visited = np.zeros((2 * h * w + 7) // 8, np.uint8)
-    order = (1, 2, 0, 3)
-    n_el = 0
-    n_poly = 0
-    for a in range(h + 1):
-        for b in range(w + 1):
-            d = _vertex_degree_l(labels, a, b, h, w)
-            if d == 0:
-                continue
-            if d != 2:
-                for k in order:
-                    e, a2, b2 = _vertex_edge(a, b, k, h, w)
-                    if e >= 0 and _is_cut(labels, e, h, w) and not _seen(visited, e):
-                        if n_poly + 1 >= offsets.size:
-                            offsets = _grown(offsets, n_poly)
-                        offsets[n_poly] = n_el
-                        n_poly += 1
-                        n_el = _walk_l(labels, h, w, visited, e, a2, b2, elements, n_el)
-                continue
-            first = True
-            for k in order:
-                e, a2, b2 = _vertex_edge(a, b, k, h, w)
-                if e < 0 or not _is_cut(labels, e, h, w) or _seen(visited, e):
-                    continue
-                if first:
-                    if n_poly + 1 >= offsets.size:
-                        offsets = _grown(offsets, n_poly)
-                    offsets[n_poly] = n_el
-                    n_poly += 1
-                    start = n_el
-                    n_el = _walk_l(labels, h, w, visited, e, a2, b2, elements, n_el)
-                    elements[start:n_el] = elements[start:n_el][::-1].copy()
-                    first = False
-                else:
-                    n_el = _walk_l(labels, h, w, visited, e, a2, b2, elements, n_el)
-    offsets[n_poly] = n_el
-    return elements, offsets[: n_poly + 1].copy()
-
-
-@njit(cache=True, nogil=True)
-def oriented_weights(elements, offsets, values, orientation, h, w, epsilon, min_size, single_angle, bits, base, out):
-    """:func:`oriented_reweight` writing each cut edge's new weight to ``out[rank]`` (cut edges in
-    grid order) and reading the original weights from the pixel map ``values``."""
-    half_pi = np.pi / 2
-    split = _split_polylines(elements, offsets, h, w, epsilon, min_size)
-    for t in range(offsets.size - 1):
-        s = offsets[t]
-        f = offsets[t + 1] - 1
-        first = s
-        for i in range(s + 1, f + 1):
-            if not split[i]:
-                continue
-            r0, c0 = _edge_point(elements[first], h, w)
-            r1, c1 = _edge_point(elements[i], h, w)
-            angle = np.arctan2(r0 - r1, c0 - c1) % np.pi
-            for q in range(first, i + 1):
-                e = elements[q]
-                v = _edge_weight(values, e, h, w) * abs(
-                    np.cos(_edge_orientation_v(values, orientation, e, h, w) - half_pi - angle))
-                slot = _rank(bits, base, e)
-                if q == first and first != s:  # shared with the previous piece: keep the larger
-                    if v > out[slot]:
-                        out[slot] = v
-                else:
-                    out[slot] = v if v > 0.0 else 0.0
-            first = i
-        if f == s:
-            e = elements[s]
-            angle = single_angle if single_angle >= 0.0 else (half_pi if e < h * w else 0.0)
-            v = _edge_weight(values, e, h, w) * abs(
-                np.cos(_edge_orientation_v(values, orientation, e, h, w) - half_pi - angle))
-            out[_rank(bits, base, e)] = v if v > 0.0 else 0.0
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _edge_orientation_v(values, orientation, e, h, w):
-    """:func:`_edge_orientation` on maps that may be float16 bits."""
-    p, q = _edge_pixels(e, h, w)
-    return _value(orientation, p) if _value(values, p) >= _value(values, q) else _value(orientation, q)
-
-
-@njit(cache=True, nogil=True)
-def rag_mean_labels(labels, values, h, w, offsets, targets, oriented, out, sums, lengths):
-    """:func:`rag_mean` in the same grid order, the RAG edge of each cut edge found by search and its
-    weight taken from ``out`` (``oriented``; cut edges in grid order) or from the pixel map."""
-    n = h * w
-    sums[:] = 0.0
-    lengths[:] = 0.0
-    k = 0
-    for e in range(2 * n):
-        p = e if e < n else e - n
-        if e < n:
-            ok = (p % w) < w - 1
-        else:
-            ok = p + w < n
-        if not ok:
-            continue
-        q = p + 1 if e < n else p + w
-        a = labels[p]
-        b = labels[q]
-        if a == b:
-            continue
-        if a > b:
-            a, b = b, a
-        r = _rag_id(offsets, targets, a, b)
-        wv = out[k] if oriented else _edge_weight(values, e, h, w)
-        k += 1
-        sums[r] += wv
-        lengths[r] += 1.0
-
-
-@njit(cache=True, nogil=True)
 def paint_ucm2_labels(labels, offsets, targets, rag_values, h, w, ucm2):
-    """:func:`paint_ucm2` with each boundary's RAG edge found from the label map."""
+    """Write RAG edge values on the doubled grid: 1-faces between two labels get their RAG edge's
+    value (found by search), 0-faces the max of their 1-faces, the frame a copy of its neighbours."""
     n = h * w
     for p in range(n):
         i = p // w
@@ -1125,12 +831,3 @@ def paint_ucm2_labels(labels, offsets, targets, rag_values, h, w, ucm2):
             b = max(labels[p], labels[p + w])
             ucm2[2 * i + 2, 2 * j + 1] = rag_values[_rag_id(offsets, targets, a, b)]
     _corners_and_frame(ucm2, h, w)
-
-
-@njit(cache=True, nogil=True)
-def any_half_nonfinite(bits):
-    """Whether float16 ``bits`` hold an inf or NaN (exponent all ones)."""
-    for i in range(bits.size):
-        if (bits[i] & 0x7C00) == 0x7C00:
-            return True
-    return False

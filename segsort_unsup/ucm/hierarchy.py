@@ -2,7 +2,7 @@
 
 A hierarchy is ``(parents, altitudes)``: ``2n - 1`` nodes, leaves ``0..n-1`` are the watershed
 regions (pixels map to leaves through the ``leaves`` map of
-:class:`~segsort_unsup.ucm.owt.OrientedWatershed`), node ``n + t`` is the ``t``-th merge, the
+:class:`~segsort_unsup.ucm.owt.WatershedRag`), node ``n + t`` is the ``t``-th merge, the
 root is its own parent, and altitudes never decrease towards the root. The ultrametric
 contour map (ucm) gives each boundary the altitude at which its two regions merge; on the
 doubled grid ``ucm2`` of shape ``(2H + 1, 2W + 1)`` (the BSDS layout) pixel ``(i, j)`` is
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import _kernels as k
-from .owt import OrientedWatershed, WatershedRag, rag_index_dtype, watershed_rag
+from .owt import WatershedRag, rag_index_dtype, watershed_rag
 
 
 def _check_tree(parents: np.ndarray, altitudes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -45,7 +45,7 @@ def _n_leaves(parents: np.ndarray) -> int:
     return (parents.size + 1) // 2
 
 
-def mean_boundary_hierarchy(ows: OrientedWatershed | WatershedRag, *,
+def mean_boundary_hierarchy(ows: WatershedRag, *,
                             consume: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Merge tree of the watershed regions, weakest mean boundary first (BSR's ``ucm_mean_pb``).
 
@@ -97,41 +97,23 @@ def ucm2_from_tree(parents: np.ndarray, altitudes: np.ndarray, leaves: np.ndarra
     if leaves.size and (leaves.min() < 0 or leaves.max() >= n):
         raise ValueError(f"leaves holds labels outside 0..{n - 1} (the tree's leaves)")
     h, w = leaves.shape
-    edge_rag = np.empty(2 * h * w, rag_index_dtype(h, w))
-    sources, targets = k.region_adjacency(leaves.ravel(), h, w, n, edge_rag)
+    sources, targets, offsets = k.rag_from_labels(leaves.reshape(-1), h, w, n, np.empty(0, rag_index_dtype(h, w)))
     values = np.empty(sources.size, np.float64)
     k.lca_altitudes(parents, altitudes, sources, targets, values)
-    return ucm2_from_rag(edge_rag, values.astype(np.float32), (h, w))
-
-
-def ucm2_from_rag(edge_rag: np.ndarray, rag_values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """The ``(2H + 1, 2W + 1)`` float32 ucm2 with each RAG edge's value painted on its boundary.
-
-    ``edge_rag`` is :attr:`OrientedWatershed.edge_rag` (the RAG edge of each grid edge, -1 off the
-    boundaries), ``rag_values`` one value per RAG edge (e.g. the third output of
-    :func:`mean_boundary_hierarchy`); corners take the largest of their four boundaries.
-    """
-    h, w = int(shape[0]), int(shape[1])
-    edge_rag = np.asarray(edge_rag)
-    if edge_rag.shape != (2 * h * w,) or edge_rag.dtype not in (np.int32, np.int64):
-        raise ValueError(f"edge_rag must be a (2*H*W,) int32/int64 array for shape {shape}, got "
-                         f"{edge_rag.shape} {edge_rag.dtype}")
-    rag_values = np.ascontiguousarray(rag_values, dtype=np.float32)
-    if edge_rag.size and edge_rag.max() >= rag_values.size:
-        raise ValueError(f"edge_rag refers to RAG edge {int(edge_rag.max())} but rag_values has {rag_values.size}")
-    ucm2 = np.zeros((2 * h + 1, 2 * w + 1), np.float32)
-    k.paint_ucm2(np.ascontiguousarray(edge_rag), rag_values, h, w, ucm2)
-    return ucm2
+    return ucm2_from_regions(leaves, offsets, targets, values.astype(np.float32))
 
 
 def ucm2_from_regions(leaves: np.ndarray, offsets: np.ndarray, targets: np.ndarray,
                       rag_values: np.ndarray) -> np.ndarray:
-    """:func:`ucm2_from_rag` from the regions and sorted RAG of a
-    :class:`~segsort_unsup.ucm.owt.WatershedRag` (its ``leaves``, ``offsets``, ``targets``): each
-    boundary's RAG edge is found from the two regions it separates, so no per-grid-edge array is needed; the
-    same float32 ucm2. uint16 ``rag_values`` (:func:`quantise_ucm2`) paint a uint16 ucm2 (8 bytes
-    per pixel instead of 16), equal to the quantised float32 ucm2 (corners: max of quantised =
-    quantised max)."""
+    """The ``(2H + 1, 2W + 1)`` ucm2 with each RAG edge's value painted on its boundary.
+
+    ``leaves``, ``offsets``, ``targets`` are the regions and sorted RAG of a
+    :class:`~segsort_unsup.ucm.owt.WatershedRag`, ``rag_values`` one value per RAG edge (e.g. the
+    third output of :func:`mean_boundary_hierarchy`); each boundary's RAG edge is found from the
+    two regions it separates, and corners take the largest of their four boundaries. float32
+    values paint a float32 ucm2; uint16 ``rag_values`` (:func:`quantise_ucm2`) paint a uint16 ucm2
+    (8 bytes per pixel instead of 16), equal to the quantised float32 ucm2 (corners: max of
+    quantised = quantised max)."""
     leaves = np.ascontiguousarray(leaves, dtype=np.int32)
     if leaves.ndim != 2:
         raise ValueError(f"leaves must be a 2-D (H, W) label map, got shape {leaves.shape}")
@@ -252,7 +234,7 @@ def ultrametric_contour_map(
 
     ``edge`` (H, W) contour strength; ``orientation`` (H, W) contour normal in radians (optional,
     enables the oriented watershed transform); the keywords are those of
-    :func:`~segsort_unsup.ucm.owt.oriented_watershed`. Altitudes are mean boundary strengths on the
+    :func:`~segsort_unsup.ucm.owt.watershed_rag`. Altitudes are mean boundary strengths on the
     scale of ``edge`` (no sigmoid calibration as in BSR's gPb ``normalize_output``).
     """
     rag = watershed_rag(edge, orientation, epsilon=epsilon, min_size=min_size, single_edge_angle=single_edge_angle)

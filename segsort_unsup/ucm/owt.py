@@ -12,6 +12,9 @@ boundary edge is re-weighted by the contour strength projected on its piece's no
 as :func:`segsort_unsup.edgemaps.edge_orientation` gives it) and ``theta`` the piece's
 direction: the single-map form of OWT used by MCG/COB (``contours2OWT``) for edge maps that
 come with one orientation map, such as HED's.
+
+Every step works from the pixel maps and the label map, without per-grid-edge arrays (see
+``_kernels``), so a map of N pixels needs about N * (4 + 0.6) bytes besides the inputs.
 """
 
 from __future__ import annotations
@@ -23,47 +26,8 @@ import numpy as np
 from . import _kernels as k
 
 
-@dataclass(frozen=True)
-class OrientedWatershed:
-    """Watershed regions of a contour map and their region adjacency graph (RAG).
-
-    Attributes
-    ----------
-    leaves : (H, W) int32 ndarray
-        Watershed region of each pixel, ``0..n_regions-1`` in raster order of first pixel.
-    n_regions : int
-    sources, targets : (R,) int32 ndarray
-        The RAG edges (``sources < targets``), sorted.
-    edge_rag : (2 * H * W,) int32 ndarray (int64 above 2**30 pixels)
-        RAG edge of each grid edge on a boundary, -1 elsewhere (ids as in ``_kernels``).
-    weights : (2 * H * W,) float32 ndarray
-        Boundary strength of each grid edge after the oriented watershed transform (0 off the
-        boundaries); without an orientation (or a boundary), the plain edge weights.
-    sums, lengths : (R,) float64 ndarray
-        Sum of ``weights`` along each RAG edge's boundary, and the boundary's length in edges.
-    """
-
-    leaves: np.ndarray
-    n_regions: int
-    sources: np.ndarray
-    targets: np.ndarray
-    edge_rag: np.ndarray
-    weights: np.ndarray
-    sums: np.ndarray
-    lengths: np.ndarray
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.leaves.shape  # type: ignore[return-value]
-
-    @property
-    def mean_strength(self) -> np.ndarray:
-        """Mean boundary strength of each RAG edge."""
-        return self.sums / np.maximum(self.lengths, 1.0)
-
-
 def rag_index_dtype(h: int, w: int) -> type:
-    """int32 for the per-grid-edge RAG ids (8 bytes per pixel less than int64) while they fit."""
+    """int32 for grid edge ids and RAG counts (``2 * H * W`` of them) while they fit, else int64."""
     return np.int32 if 2 * h * w < 2**31 else np.int64
 
 
@@ -79,115 +43,22 @@ def _check_map(values: np.ndarray, name: str) -> np.ndarray:
     return arr
 
 
-def grid_edge_weights(edge: np.ndarray, orientation: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Weights (and orientations) of the 4-adjacency edges of an ``(H, W)`` contour map.
-
-    An edge weighs the mean of its two pixels and takes the orientation of the stronger one.
-    Returns ``(weights, orientations)``, float32 arrays of length ``2 * H * W``: the edge
-    between pixels ``p`` and ``p + 1`` is entry ``p``, between ``p`` and ``p + W`` is ``H*W + p``
-    (entries for missing neighbours are 0). ``orientations`` is None without ``orientation``.
-    """
-    edge = _check_map(edge, "edge")
-    h, w = edge.shape
-    weights = np.empty(2 * h * w, np.float32)
-    k.pixel_edge_weights(edge.ravel(), h, w, weights)
-    if orientation is None:
-        return weights, None
-    orientation = _check_map(orientation, "orientation")
-    if orientation.shape != edge.shape:
-        raise ValueError(f"orientation shape {orientation.shape} differs from edge shape {edge.shape}")
-    orientations = np.empty(2 * h * w, np.float32)
-    k.pixel_edge_orientations(edge.ravel(), orientation.ravel(), h, w, orientations)
-    return weights, orientations
-
-
-def _check_edges(values: np.ndarray, shape: tuple[int, int], name: str) -> np.ndarray:
-    arr = np.ascontiguousarray(np.asarray(values, dtype=np.float32).ravel())
-    h, w = shape
-    if arr.size != 2 * h * w:
-        raise ValueError(f"{name} must hold 2*H*W = {2 * h * w} values for shape {shape}, got {arr.size}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} holds NaN or inf values")
-    return arr
-
-
-def watershed_regions(weights: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, int]:
-    """Watershed cut of the edge-weighted 4-adjacency graph of an ``(H, W)`` grid.
-
-    ``weights`` as from :func:`grid_edge_weights`. Returns ``(leaves, n_regions)``: an ``(H, W)``
-    int32 map of catchment basins (one per regional minimum), numbered in raster order.
-    """
-    h, w = int(shape[0]), int(shape[1])
-    weights = _check_edges(weights, (h, w), "weights")
-    labels = np.empty(h * w, np.int32)
-    n = k.watershed_cut(weights, h, w, labels)
-    return labels.reshape(h, w), int(n)
-
-
-def oriented_watershed(
-    edge: np.ndarray,
-    orientation: np.ndarray | None = None,
-    *,
-    epsilon: float = 0.1,
-    min_size: float = 2.0,
-    single_edge_angle: float | None = 0.0,
-) -> OrientedWatershed:
-    """Watershed regions of a contour map, with boundary strengths from the oriented watershed transform.
-
-    Parameters
-    ----------
-    edge : (H, W) array
-        Contour strength (edge probability), any real scale; NaN/inf are refused.
-    orientation : (H, W) array, optional
-        Orientation of the contour normal in radians (``edge_orientation``'s convention). Without
-        it, boundary edges keep their plain weights (no OWT).
-    epsilon, min_size :
-        An arc is split at its point farthest from the chord while that distance is at least
-        ``epsilon`` times the chord length and more than ``min_size`` pixels.
-    single_edge_angle : float or None
-        Direction (radians, ``[0, pi)``; 0 runs along a row) given to arcs one edge long, whose
-        chord is a point. The default 0 is higra's (``atan2(0, 0)``), so results match its
-        ``oriented_watershed`` exactly; None uses the edge's own direction instead (on 8
-        BSDS500 images with Sobel maps that gave a lower best covering, 0.48 vs 0.52).
-
-    Returns
-    -------
-    OrientedWatershed
-    """
-    if epsilon < 0 or min_size < 0:
-        raise ValueError("epsilon and min_size must be >= 0")
-    if single_edge_angle is not None and not 0.0 <= single_edge_angle < np.pi:
-        raise ValueError(f"single_edge_angle must be in [0, pi), got {single_edge_angle}")
-    single = -1.0 if single_edge_angle is None else float(single_edge_angle)
-    edge = _check_map(edge, "edge")
-    if orientation is not None:
-        orientation = _check_map(orientation, "orientation")
-        if orientation.shape != edge.shape:
-            raise ValueError(f"orientation shape {orientation.shape} differs from edge shape {edge.shape}")
-    weights, _ = grid_edge_weights(edge)  # per-edge orientations are read from the pixel maps when needed
-    h, w = edge.shape
-    labels = np.empty(h * w, np.int32)
-    n = int(k.watershed_cut(weights, h, w, labels))
-    edge_rag = np.empty(2 * h * w, rag_index_dtype(h, w))
-    sources, targets = k.region_adjacency(labels, h, w, max(n, 1), edge_rag)
-    if orientation is not None and sources.size:
-        elements, offsets = k.trace_contours(edge_rag, h, w)
-        k.oriented_reweight(elements, offsets, weights, edge.ravel(), orientation.ravel(), h, w, float(epsilon),
-                            float(min_size), single, edge_rag)
-        del elements, offsets
-    sums = np.empty(sources.size, np.float64)
-    lengths = np.empty(sources.size, np.float64)
-    k.rag_mean(edge_rag, weights, sources.size, sums, lengths)
-    return OrientedWatershed(labels.reshape(h, w), n, sources, targets, edge_rag, weights, sums, lengths)
-
-
 @dataclass(frozen=True)
 class WatershedRag:
     """Watershed regions and their RAG without per-grid-edge arrays (:func:`watershed_rag`).
 
-    ``leaves``, ``n_regions``, ``sources``, ``targets``, ``sums`` and ``lengths`` as in
-    :class:`OrientedWatershed`; ``offsets`` ((n_regions + 1,), int32 while it fits) indexes the
-    sorted RAG by source: region ``a``'s edges are ``offsets[a]:offsets[a + 1]``.
+    Attributes
+    ----------
+    leaves : (H, W) int32 ndarray
+        Watershed region of each pixel, ``0..n_regions-1`` in raster order of first pixel.
+    n_regions : int
+    sources, targets : (R,) int32 ndarray
+        The RAG edges (``sources < targets``), sorted.
+    offsets : (n_regions + 1,) ndarray, int32 while it fits
+        Indexes the sorted RAG by source: region ``a``'s edges are ``offsets[a]:offsets[a + 1]``.
+    sums, lengths : (R,) float64 ndarray
+        Sum of the boundary strengths along each RAG edge's boundary (after the oriented
+        watershed transform, given an orientation), and the boundary's length in grid edges.
     """
 
     leaves: np.ndarray
@@ -203,8 +74,17 @@ class WatershedRag:
         return self.leaves.shape  # type: ignore[return-value]
 
 
+def _owt_options(epsilon: float, min_size: float, single_edge_angle: float | None) -> float:
+    """Check the OWT options; returns the kernels' ``single_angle`` (-1 for "the edge's own")."""
+    if epsilon < 0 or min_size < 0:
+        raise ValueError("epsilon and min_size must be >= 0")
+    if single_edge_angle is not None and not 0.0 <= single_edge_angle < np.pi:
+        raise ValueError(f"single_edge_angle must be in [0, pi), got {single_edge_angle}")
+    return -1.0 if single_edge_angle is None else float(single_edge_angle)
+
+
 def _kernel_map(values: np.ndarray, name: str) -> np.ndarray:
-    """A pixel map as the lean kernels read it: float32, or float16 as its uint16 bits (no copy)."""
+    """A pixel map as the kernels read it: float32, or float16 as its uint16 bits (no copy)."""
     arr = np.asarray(values)
     if arr.ndim != 2 or min(arr.shape) < 1:
         raise ValueError(f"{name} must be a 2-D (H, W) array, got shape {arr.shape}")
@@ -225,18 +105,34 @@ def watershed_rag(
     min_size: float = 2.0,
     single_edge_angle: float | None = 0.0,
 ) -> WatershedRag:
-    """:func:`oriented_watershed` for huge maps: the same regions, RAG and boundary sums (bit for
-    bit), without the ``2 * H * W`` per-grid-edge weights and RAG ids (16 bytes per pixel).
+    """Watershed regions of a contour map, their RAG, and boundary strengths from the oriented
+    watershed transform.
 
-    Float16 maps (as a contours store holds them) are read as they are, without float32 copies
-    (their values are the same as after ``astype(np.float32)``). Working memory besides the
-    inputs and the int32 ``leaves``: about 13 bytes per boundary edge and 0.6 bytes per pixel.
+    Parameters
+    ----------
+    edge : (H, W) array
+        Contour strength (edge probability), any real scale; NaN/inf are refused. Float16 maps
+        (as a contours store holds them) are read as they are, without float32 copies (their
+        values are the same as after ``astype(np.float32)``).
+    orientation : (H, W) array, optional
+        Orientation of the contour normal in radians (``edge_orientation``'s convention). Without
+        it, boundary edges keep their plain weights (no OWT).
+    epsilon, min_size :
+        An arc is split at its point farthest from the chord while that distance is at least
+        ``epsilon`` times the chord length and more than ``min_size`` pixels.
+    single_edge_angle : float or None
+        Direction (radians, ``[0, pi)``; 0 runs along a row) given to arcs one edge long, whose
+        chord is a point. The default 0 is higra's (``atan2(0, 0)``), so results match its
+        ``oriented_watershed`` exactly; None uses the edge's own direction instead (on 8
+        BSDS500 images with Sobel maps that gave a lower best covering, 0.48 vs 0.52).
+
+    Returns
+    -------
+    WatershedRag
+        Working memory besides the inputs and the int32 ``leaves``: about 13 bytes per boundary
+        edge and 0.6 bytes per pixel.
     """
-    if epsilon < 0 or min_size < 0:
-        raise ValueError("epsilon and min_size must be >= 0")
-    if single_edge_angle is not None and not 0.0 <= single_edge_angle < np.pi:
-        raise ValueError(f"single_edge_angle must be in [0, pi), got {single_edge_angle}")
-    single = -1.0 if single_edge_angle is None else float(single_edge_angle)
+    single = _owt_options(epsilon, min_size, single_edge_angle)
     h, w = np.shape(edge)[:2] if np.ndim(edge) == 2 else (0, 0)
     values = _kernel_map(edge, "edge")
     orient = None

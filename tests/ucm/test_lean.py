@@ -1,6 +1,6 @@
-"""The lean path for huge maps (``watershed_rag``, ``ucm2_from_regions``, float16 maps read as their
-bits, merging in place) against the per-grid-edge path (``oriented_watershed``, ``ucm2_from_rag``)
-on float32 copies of the same maps: every output bit for bit."""
+"""The product path (``watershed_rag``, ``ucm2_from_regions``, float16 maps read as their bits,
+merging in place) against the per-grid-edge oracle (``grid_oracle.oriented_watershed``,
+``grid_oracle.ucm2_from_rag``) on float32 copies of the same maps: every output bit for bit."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import pytest
 
 from segsort_unsup.edgemaps import edge_orientation
 from segsort_unsup.io.store import StoreWriter, Item
-from segsort_unsup.ucm.hierarchy import mean_boundary_hierarchy, ucm2_from_rag, ucm2_from_regions
-from segsort_unsup.ucm.owt import oriented_watershed, watershed_rag
+from segsort_unsup.ucm.hierarchy import mean_boundary_hierarchy, ucm2_from_regions
+from segsort_unsup.ucm.owt import watershed_rag
 from segsort_unsup.ucm.stage import UcmConfig, _Job, process_item
+
+from .grid_oracle import oriented_watershed, ucm2_from_rag
 
 
 def _grid_path(edge, orient, **kw):

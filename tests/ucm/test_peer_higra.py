@@ -11,7 +11,8 @@ import pytest
 from scipy import ndimage as ndi
 
 from segsort_unsup.ucm.hierarchy import ultrametric_contour_map
-from segsort_unsup.ucm.owt import grid_edge_weights
+
+from .grid_oracle import grid_edge_weights
 
 hg = pytest.importorskip("higra")
 

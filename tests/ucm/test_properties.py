@@ -13,7 +13,9 @@ from segsort_unsup.ucm.hierarchy import (
     ucm2_from_tree,
     ultrametric_contour_map,
 )
-from segsort_unsup.ucm.owt import grid_edge_weights, oriented_watershed, watershed_regions
+from segsort_unsup.ucm.owt import watershed_rag
+
+from .grid_oracle import grid_edge_weights, watershed_regions
 
 
 def _levels(ucm):
@@ -97,7 +99,8 @@ def test_watershed_against_naive_minima_count():
     rng = np.random.default_rng(1)
     edge = np.round(rng.random((30, 40)) * 8).astype(np.float32)
     weights, _ = grid_edge_weights(edge)
-    leaves, n = watershed_regions(weights, edge.shape)
+    rag = watershed_rag(edge)
+    leaves, n = rag.leaves, rag.n_regions
     h, w = edge.shape
     wh = weights[: h * w].reshape(h, w)[:, :-1]
     wv = weights[h * w:].reshape(h, w)[:-1, :]
@@ -143,7 +146,7 @@ def test_mean_boundary_merge_against_naive():
     # greedy average linkage, written out naively on a small real RAG
     rng = np.random.default_rng(2)
     edge = rng.random((24, 32)).astype(np.float32)
-    ows = oriented_watershed(edge)
+    ows = watershed_rag(edge)
     parents, altitudes, _ = mean_boundary_hierarchy(ows)
     sums = {(int(a), int(b)): (s, l) for a, b, s, l in zip(ows.sources, ows.targets, ows.sums, ows.lengths)}
     n = ows.n_regions
