@@ -280,8 +280,9 @@ def save_model(path: str | os.PathLike, model: SegSortNet, *, provenance: Mappin
     return hashlib.sha256(data).hexdigest()
 
 
-def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> tuple[SegSortNet, dict[str, Any]]:
-    """Rebuild a saved model (``weights_only=True``: the file is never unpickled) and its provenance.
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[SegSortNet, dict[str, Any]]:
+    """Rebuild a saved model (``weights_only=True``: the file is never unpickled) on ``device``, and
+    its provenance. The file's tensors are read on the host whatever device saved them.
 
     Raises :class:`~segsort_unsup.errors.WeightsError` naming the file for a missing, truncated or
     foreign file.
@@ -294,7 +295,7 @@ def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "c
     if os.path.getsize(path) == 0:
         raise WeightsError(path, "empty file (0 bytes: a copy or save that did not finish); copy or train it again")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated zip, pickle refused by weights_only, ...
         raise WeightsError(path, f"not a readable segsort-unsup model ({type(exc).__name__}: "
                                  f"{(str(exc).splitlines() or ['empty or unreadable'])[0][:160]})") from None
@@ -312,7 +313,7 @@ def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "c
         model = build_model(payload["model_config"], state_dict=payload["state_dict"])
     except (RuntimeError, InputError) as exc:
         raise WeightsError(path, f"model weights do not fit their config: {str(exc).splitlines()[0][:200]}") from None
-    model.eval()
+    model = model.to(device).eval()
     provenance = payload.get("provenance", {})
     if not isinstance(provenance, dict):
         raise WeightsError(path, f"provenance is {type(provenance).__name__}, expected a table")
