@@ -69,12 +69,30 @@ _STAGE_MODULE_COMMANDS: dict[str, str] = {
 }
 
 
+def _stage_modules() -> tuple[str, ...]:
+    """``stages.STAGE_MODULES`` without importing ``stages`` (h5py, numpy) when it is not loaded yet:
+    ``--help`` stays light. The literal is read from the module's source."""
+    loaded = sys.modules.get("segsort_unsup.stages")
+    if loaded is not None:
+        return tuple(loaded.STAGE_MODULES)
+    import ast
+
+    spec = importlib.util.find_spec("segsort_unsup.stages")
+    tree = ast.parse(open(spec.origin, encoding="utf-8").read())
+    for node in tree.body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (
+            node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+        if isinstance(target, ast.Name) and target.id == "STAGE_MODULES":
+            return tuple(ast.literal_eval(node.value))
+    from .stages import STAGE_MODULES  # not a plain literal: import it after all
+
+    return tuple(STAGE_MODULES)
+
+
 def _generated_stages() -> dict:
     """The registry's stages that have no hand-written command, by name (imports only their modules)."""
-    from .stages import STAGE_MODULES
-
     stages = {}
-    for module in STAGE_MODULES:
+    for module in _stage_modules():
         if module not in _STAGE_MODULE_COMMANDS:
             stage = importlib.import_module(module).STAGE
             stages[stage.name] = stage
@@ -83,10 +101,8 @@ def _generated_stages() -> dict:
 
 def _stage_commands() -> list[str]:
     """The command of every stage, in pipeline order."""
-    from .stages import STAGE_MODULES
-
     names = []
-    for module in STAGE_MODULES:
+    for module in _stage_modules():
         name = _STAGE_MODULE_COMMANDS.get(module)
         if name is None:
             name = importlib.import_module(module).STAGE.name

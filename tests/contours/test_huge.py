@@ -139,7 +139,7 @@ def test_huge_image_is_one_line_and_the_batch_goes_on(tmp_path, mixed_folder, ti
     out = tmp_path / "store"
     start = time.monotonic()
     result = CliRunner().invoke(main, ["contours", str(mixed_folder), "-o", str(out), "--model", "pidinet-tiny",
-                                       "--weights", str(tiny_weights)])
+                                       "--weights", str(tiny_weights), "--workers", "1"])  # the in-process path
     elapsed = time.monotonic() - start
     assert result.exit_code == 1, result.output
     failed = _failed(result.output)
