@@ -55,15 +55,16 @@ png_dir = "png/segments"
 
 
 def test_lister_skips_hidden_files_and_tool_folders_saying_how_many(tmp_path, caplog):
-    for rel in ("a.png", "sub/b.png", ".hidden.png", ".cache/c.png", "store/x.png", "labels/y.png"):
+    for rel in ("a.png", "sub/b.png", ".hidden.png", ".cache/c.png", "store/x.png", "labels/y.png", "pages/z.png"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(tmp_path / rel), np.zeros((4, 4), np.uint8))
     (tmp_path / "store" / "store.json").write_text("{}")
     (tmp_path / "labels" / "transfer.json").write_text("{}")
+    (tmp_path / "pages" / ".segsort-output.json").write_text("{}")  # any output folder (exports, pages, gallery)
     with caplog.at_level(logging.INFO, logger="segsort_unsup"):
         keys = [ref.key for ref in list_images(tmp_path)]
     assert keys == ["a", "sub/b"]
-    assert "2 hidden file(s) or folder(s)" in caplog.text and "2 output folder(s)" in caplog.text
+    assert "2 hidden file(s) or folder(s)" in caplog.text and "3 output folder(s)" in caplog.text
     assert [ref.key for ref in list_images(f"{tmp_path}/**/*.png")] == ["a", "sub/b"]
     with excluding_outputs(tmp_path / "sub"):
         assert [ref.key for ref in list_images(tmp_path)] == ["a"]

@@ -38,7 +38,7 @@ _CONVERT_MODES = frozenset({"P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"})
 
 # Files that mark a folder as written by this tool (a store, transfer labels, a gallery): a folder
 # holding one is never read as input, nor is anything below it.
-OUTPUT_MARKERS = ("store.json", "transfer.json", "gallery.json")
+OUTPUT_MARKERS = ("store.json", "transfer.json", "gallery.json", ".segsort-output.json")  # the last: io.outdir folders
 # Folders the running command or pipeline writes (see :func:`excluding_outputs`).
 _WRITING: list[Path] = []
 
