@@ -65,6 +65,7 @@ from ..config import StageConfig, changed_keys, config_hash, run_only, setting
 from ..errors import InputError, SegsortError, StoreError, WeightsError
 from ..io.atomic import atomic_write_bytes, atomic_write_text, remove_stale_temps, sha256_file
 from ..io.store import StoreLock, StoreReader
+from ..io.sources import store_content
 from ..log import get_logger, progress
 from ..parallel import Executor, check_stop, request_stop
 from ..stages import Stage, StageRun, StageSummary
@@ -274,7 +275,7 @@ def segments_identity(segments: Path) -> tuple[str, dict[str, Any], str]:
     with StoreReader(segments, kind="segments") as reader:
         if not len(reader):
             raise InputError(f"{segments}: the segments store holds no items; run `segsort-unsup ucm` first")
-        return reader.config_hash, reader.config, reader.contents_digest()
+        return reader.config_hash, reader.config, store_content(reader)
 
 
 def resolve(config: TrainConfig) -> tuple[TrainConfig, Any, str]:
@@ -470,10 +471,8 @@ def _build_model(t: _Training) -> None:
     config = t.config
     seed_everything(config.seed)
     model_cfg = {"backbone": config.backbone, "feature_layer": config.feature_layer,
-                 "freeze_blocks": config.freeze_blocks, "embedding_dim": config.embedding_dim,
+                 "freeze_blocks": _frozen_blocks(config), "embedding_dim": config.embedding_dim,
                  "head": config.head, "hidden": config.hidden}
-    if config.mode == "cached":
-        model_cfg["freeze_blocks"] = 5 if config.feature_layer == "conv5_3" else 4
     model = build_model(model_cfg, backbone_weights=config.backbone_weights).to(t.device)
     if t.precision != "fp32":
         model = model.to(memory_format=torch.channels_last)
@@ -848,12 +847,32 @@ def _finish(t: _Training, step: int) -> None:
             "mode": config.mode, "supervised": bool(config.labels_dir), "steps": config.steps, "seed": config.seed,
             "precision": t.precision, "images": t.n_images, "segments_threshold": seg_config.get("threshold"),
             "cut": config.cut if config.cut is not None else seg_config.get("threshold"),
-            "train_config": json.dumps(config.result_fields(), sort_keys=True), **t.provenance})
+            **t.provenance, "backbone_weights_sha256": _trunk_weights_sha256(config),
+            # the settings as a table, freeze_blocks as trained (cached mode freezes the whole trunk)
+            "train_config": {**config.result_fields(), "freeze_blocks": _frozen_blocks(config)}})
         tail = t.recent_losses
         t.summary.note = (f"{config.mode} mode, {t.n_images} images, step {step}/{config.steps}"
                           + (f", loss {np.mean(tail):.4f} (last {len(tail)})" if tail else "")
                           + f", model.pt sha256 {sha[:12]}")
     barrier()
+
+
+def _frozen_blocks(config: TrainConfig) -> int:
+    """Trunk blocks that do not train: all of them up to the feature layer in cached mode."""
+    if config.mode == "cached":
+        return 5 if config.feature_layer == "conv5_3" else 4
+    return config.freeze_blocks
+
+
+def _trunk_weights_sha256(config: TrainConfig) -> str:
+    """sha256 of the trunk's pretrained weights: the given file, or the cached HED weights it defaults to."""
+    if config.backbone_weights:
+        return sha256_file(config.backbone_weights)
+    if config.backbone == "vgg16-hed":
+        from ..contours.weights import resolve_weights
+
+        return resolve_weights("hed-bsds500", None)[1]  # what the trunk was loaded from (sha256-checked)
+    return ""
 
 
 def _fused_sgd_ok(device) -> bool:
