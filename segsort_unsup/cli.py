@@ -34,8 +34,10 @@ COMMANDS: dict[str, str] = {
     "inspect": "segsort_unsup.commands.inspect:inspect",
     "embed": "segsort_unsup.commands.embed:embed",
     "transfer": "segsort_unsup.commands.transfer:transfer",
+    "cluster": "segsort_unsup.commands.cluster:cluster",
     "retrieve": "segsort_unsup.commands.retrieve:retrieve",
 }
+OTHER_COMMANDS: tuple[str, ...] = ("run", "demo", "retrieve", "inspect", "weights")
 
 
 # command name -> one-line summary for `--help` (kept here so help needs no heavy imports)
@@ -52,8 +54,47 @@ SUMMARIES: dict[str, str] = {
     "inspect": "What a store, run folder or model file holds (--json for scripts).",
     "embed": "Segments and one prototype per segment (SegSort embeddings + pixel sorting).",
     "transfer": "kNN label transfer from labelled prototypes: a label PNG per image.",
+    "cluster": "Label-free cluster maps of prototypes (k-means / FINCH) for the Hungarian-matched mIoU.",
     "retrieve": "Pictures of query segments next to their nearest labelled segments.",
 }
+# Stage modules whose stage has a hand-written command above ("" for semantic: `evaluate semantic`).
+# Any other module of stages.STAGE_MODULES gets a command generated from its config, so adding a
+# stage is its module and one line in STAGE_MODULES. `help` lists the stage commands in pipeline
+# order, then OTHER_COMMANDS.
+_STAGE_MODULE_COMMANDS: dict[str, str] = {
+    "segsort_unsup.contours.stage": "contours", "segsort_unsup.ucm.stage": "ucm",
+    "segsort_unsup.embed.train": "train", "segsort_unsup.embed.infer": "embed",
+    "segsort_unsup.embed.transfer": "transfer", "segsort_unsup.evaluate.semantic_stage": "",
+    "segsort_unsup.discover.stage": "discover", "segsort_unsup.evaluate.stage": "evaluate",
+}
+
+
+def _generated_stages() -> dict:
+    """The registry's stages that have no hand-written command, by name (imports only their modules)."""
+    from .stages import STAGE_MODULES
+
+    stages = {}
+    for module in STAGE_MODULES:
+        if module not in _STAGE_MODULE_COMMANDS:
+            stage = importlib.import_module(module).STAGE
+            stages[stage.name] = stage
+    return stages
+
+
+def _stage_commands() -> list[str]:
+    """The command of every stage, in pipeline order."""
+    from .stages import STAGE_MODULES
+
+    names = []
+    for module in STAGE_MODULES:
+        name = _STAGE_MODULE_COMMANDS.get(module)
+        if name is None:
+            name = importlib.import_module(module).STAGE.name
+        if name and name not in names:
+            names.append(name)
+    return names
+
+
 _GLOBAL_FLAGS = {"-v", "-vv", "-vvv", "--verbose", "-q", "--quiet"}
 EXIT_INTERRUPTED = 130
 
@@ -66,28 +107,41 @@ class _BadInput(click.ClickException):
 
 class _LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(name for name, target in COMMANDS.items() if _importable(target))
+        stages = _stage_commands()
+        ordered = [*stages, *OTHER_COMMANDS, *sorted(set(COMMANDS) - {*stages, *OTHER_COMMANDS})]
+        return [name for name in ordered if name not in COMMANDS or _importable(COMMANDS[name])]
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         target = COMMANDS.get(name)
-        if target is None or not _importable(target):
+        if target is None:
+            stage = _generated_stages().get(name)
+            if stage is None:
+                return None
+            from .commands.options import stage_command
+
+            return stage_command(stage)
+        if not _importable(target):
             return None
         module, attr = target.split(":")
         return getattr(importlib.import_module(module), attr)
 
     def resolve_command(self, ctx: click.Context, args: list[str]):
         name = args[0] if args else ""
-        if name and not name.startswith("-") and name not in COMMANDS:
+        if name and not name.startswith("-") and name not in COMMANDS and name not in _generated_stages():
             close = difflib.get_close_matches(name, list(COMMANDS), n=1, cutoff=0.6)
             hint = f" Did you mean {close[0]!r}?" if close else f" Commands: {', '.join(sorted(COMMANDS))}."
             raise click.UsageError(f"No such command {name!r}.{hint}", ctx)
         return super().resolve_command(ctx, args)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = [(name, SUMMARIES.get(name, "")) for name in self.list_commands(ctx)]
-        if rows:
-            with formatter.section("Commands"):
-                formatter.write_dl(rows)
+        names = self.list_commands(ctx)
+        generated = {name: stage.help for name, stage in _generated_stages().items()}
+        stages = [n for n in names if n in _stage_commands()]
+        for title, members in (("Stages, in pipeline order", stages),
+                               ("Other commands", [n for n in names if n not in stages])):
+            if members:
+                with formatter.section(title):
+                    formatter.write_dl([(name, SUMMARIES.get(name) or generated.get(name, "")) for name in members])
 
     def invoke(self, ctx: click.Context):
         verbose = ctx.params.get("verbose", 0) > 0
@@ -123,7 +177,8 @@ def _importable(target: str) -> bool:
 def main(verbose: int, quiet: bool) -> None:
     """Unsupervised segments and visual groups from a folder of photos (SegSort pipeline).
 
-    Stages: contours -> ucm -> (train -> discover); evaluate measures them on BSDS500.
+    Stages: contours -> ucm -> train -> embed -> transfer / discover; evaluate measures them.
+    `run PIPELINE.toml` runs them all in order (see pipelines/*.toml).
     """
     setup_logging(-1 if quiet else verbose)
 
@@ -209,7 +264,11 @@ def _quiet_interrupts(unraisable) -> None:
 
 
 def run(args: list[str] | None = None) -> int:
-    """The console entry point: exit 130 after Ctrl-C or SIGTERM (finished work is saved), no traceback."""
+    """The console entry point; returns the exit code.
+
+    0: every item done; 1: some item failed (the rest are saved) or the run stopped on an error;
+    2: a usage error or bad input; 130: Ctrl-C or SIGTERM (finished work is saved). No traceback.
+    """
     from .parallel import clear_stop
 
     args = _hoist_global_flags(list(sys.argv[1:] if args is None else args))
@@ -219,7 +278,9 @@ def run(args: list[str] | None = None) -> int:
     _start_stop_watchdog()
     sys.unraisablehook = _quiet_interrupts
     try:
-        main.main(args=args, prog_name="segsort-unsup", standalone_mode=False)
+        # Outside standalone mode click *returns* the code of an ``Exit`` (``finish`` raises
+        # ``Exit(1)`` when items failed) instead of raising it: that code is the process's.
+        code = main.main(args=args, prog_name="segsort-unsup", standalone_mode=False)
     except (KeyboardInterrupt, click.Abort):
         click.echo("\nInterrupted: finished items are saved; run the same command again to resume.", err=True)
         # Stores are closed by now (their context managers ran). Leave at once: a worker pool whose
@@ -232,7 +293,7 @@ def run(args: list[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
-    return 0
+    return code if isinstance(code, int) and not isinstance(code, bool) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

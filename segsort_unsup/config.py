@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 
 from .errors import InputError
 
+SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit
 _RUN_ONLY = "segsort_run_only"
 _HELP = "segsort_help"
 
@@ -44,6 +45,22 @@ def run_only(default: Any, *, help: str = "") -> Any:  # noqa: A002 - mirrors cl
 def setting(default: Any, *, help: str = "") -> Any:  # noqa: A002
     """A result-changing field with a help text (plain defaults work too)."""
     return field(default=default, metadata={_HELP: help})
+
+
+def help_of(f: dataclasses.Field) -> str:
+    """The help text of a config field (its ``setting``/``run_only`` metadata), "" if none."""
+    return str(f.metadata.get(_HELP, ""))
+
+
+def did_you_mean(unknown: list[str], known: typing.Iterable[str]) -> str:
+    """`` (did you mean 'threshold'?)`` for the first unknown name close to a known one, else ""."""
+    import difflib
+
+    for name in unknown:
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        if close:
+            return f" (did you mean {close[0]!r}?)"
+    return ""
 
 
 def config_hash(data: Mapping[str, Any]) -> str:
@@ -138,6 +155,9 @@ class StageConfig:
             except _Mismatch:
                 raise InputError(self._type_error(f.name, value, hints[f.name])) from None
             object.__setattr__(self, f.name, coerced)
+        seed = getattr(self, "seed", None)
+        if isinstance(seed, int) and not 0 <= seed <= SEED_MAX:
+            raise self.bad_value("seed", f"must be between 0 and {SEED_MAX}, got {seed}")
         self.validate()
 
     # -- hooks ------------------------------------------------------------------------------
@@ -156,7 +176,8 @@ class StageConfig:
         known = set(cls.keys())
         unknown = sorted(set(data) - known)
         if unknown:
-            raise InputError(f"{prefix}unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise InputError(f"{prefix}unknown key(s) {', '.join(unknown)}{did_you_mean(unknown, known)}; "
+                             f"known: {', '.join(sorted(known))}")
         try:
             return cls(**dict(data))
         except InputError as exc:

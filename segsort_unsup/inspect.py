@@ -55,6 +55,31 @@ def _describe_store(root: Path) -> dict[str, Any]:
         }
 
 
+def _readable_provenance(provenance: dict[str, Any]) -> dict[str, Any]:
+    """Provenance with models of older versions made readable (``train_config`` was a JSON string)."""
+    out = dict(provenance)
+    if isinstance(out.get("train_config"), str):
+        try:
+            parsed = json.loads(out["train_config"])
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            out["train_config"] = parsed
+    return out
+
+
+def _provenance_lines(provenance: dict[str, Any], pad: str) -> list[str]:
+    """``key = value`` lines; a table's keys on lines of their own below its name."""
+    lines = []
+    for key, value in sorted(provenance.items()):
+        if isinstance(value, dict):
+            lines.append(f"{pad}{key}:")
+            lines.extend(f"{pad}  {k} = {json.dumps(v, default=str)}" for k, v in sorted(value.items()))
+        else:
+            lines.append(f"{pad}{key} = {json.dumps(value, default=str)}")
+    return lines
+
+
 def _describe_model(path: Path) -> dict[str, Any]:
     from .embed.model import load_model
     from .io.atomic import sha256_file
@@ -66,7 +91,7 @@ def _describe_model(path: Path) -> dict[str, Any]:
         "sha256": sha256_file(path),
         "model_config": model.model_config(),
         "parameters": int(sum(p.numel() for p in model.parameters())),
-        "provenance": provenance,
+        "provenance": _readable_provenance(provenance),
         "disk_bytes": path.stat().st_size,
     }
 
@@ -112,6 +137,9 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         if path.suffix in (".pt", ".pth"):
             return _describe_model(path)
         raise InputError(f"{path}: not a store folder, run folder or model file (.pt)")
+    if not path.is_dir():
+        raise InputError(f"{path}: neither a file nor a folder (a device or a pipe); give a store folder, "
+                         "run folder or model file (.pt)")
     if (path / "store.json").is_file():
         return _describe_store(path)
     if any((path / name).exists() for name in ("config.toml", "metrics.jsonl", "model.pt")) or any(
@@ -147,8 +175,7 @@ def format_description(info: dict[str, Any], indent: str = "") -> list[str]:
     elif info["type"] == "model":
         lines.append(f"{pad}sha256: {info['sha256']}")
         lines.append(f"{pad}model: {json.dumps(info['model_config'])}, {info['parameters']:,} parameters")
-        for key, value in sorted(info["provenance"].items()):
-            lines.append(f"{pad}  {key} = {json.dumps(value, default=str)}")
+        lines.extend(_provenance_lines(info["provenance"], pad + "  "))
     else:
         if "last_metrics" in info:
             lines.append(f"{pad}metrics: {info['metrics_lines']} lines, last: {json.dumps(info['last_metrics'])}")

@@ -41,6 +41,33 @@ DASK_HINT = "pip install 'segsort-unsup[dask]'"
 
 log = get_logger("parallel")
 
+# Torch threads of one inference call (a contour map, an embedding) unless --threads says otherwise,
+# the same in every executor: oneDNN and torch split their reductions by thread count, so the
+# bits of a bf16 (or fp32) map depend on it. Parallelism comes from worker processes instead
+# (per-image commands default to one per core).
+INFERENCE_THREADS = 1
+
+
+def inference_threads(requested: int | None = None) -> int:
+    """Torch threads for each inference call: ``requested`` (``--threads``), else :data:`INFERENCE_THREADS`."""
+    return int(requested) if requested else INFERENCE_THREADS
+
+
+def use_torch_threads(threads: int) -> None:
+    """Set this process's torch threads before an inference call (cheap when already set)."""
+    import torch
+
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's or taskset's share)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
 _stop = {"requested": False}
 
 

@@ -14,7 +14,7 @@ and missing paths are errors naming file, section and key::
     input = "photos"            # folder, glob or list file
     output = "runs/photos"      # contours/, segments/, eval/ go here
     executor = "local"          # local | dask | dask-local
-    workers = 2                 # processes (local) or Dask workers (dask-local)
+    workers = 2                 # processes (local) or Dask workers (dask-local); default: one per core
     # scheduler = "tcp://host:8786"   # with executor = "dask"
 
     [contours]
@@ -57,10 +57,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import StageConfig
+from .config import SEED_MAX, StageConfig, did_you_mean
 from .errors import InputError
+from .io.images import excluding_outputs
+from .io.outdir import UnsafeNameError, safe_relative_name
 from .log import get_logger
-from .parallel import EXECUTORS, make_executor
+from .parallel import EXECUTORS, available_cores, make_executor
 from .stages import Stage, StageSummary, registry, run_stage
 
 log = get_logger("pipeline")
@@ -126,6 +128,15 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise InputError(f"{path}: not valid TOML ({exc})") from None
 
 
+def _check_tables(path: Path, data: dict[str, Any], stages: dict[str, Stage]) -> None:
+    """Every top-level name must be a section (``train = 5`` is not), every sub-section a table."""
+    for name, value in data.items():
+        if not isinstance(value, dict):
+            hint = f"write [{name}] with its keys below it" if name in stages or name == "pipeline" else \
+                "keys belong inside a section such as [pipeline]"
+            raise InputError(f"{path}: {name} = {value!r} is not a section; {hint}")
+
+
 def _instances(stage: Stage, raw: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """``[(section name, keys)]`` of a stage's section: itself, or its sub-sections over its own keys."""
     subs = {k: v for k, v in raw.items() if isinstance(v, dict)}
@@ -146,6 +157,8 @@ def load_pipeline(path: str | os.PathLike, *, input: str | None = None,  # noqa:
     """
     path = Path(path)
     data = _read_toml(path)
+    stages = {stage.name: stage for stage in registry()}
+    _check_tables(path, data, stages)
     head = data.setdefault("pipeline", {})
     for key, tp in _HEAD_KEYS.items():
         if key in head and not isinstance(head[key], tp) or (tp is int and isinstance(head.get(key), bool)):
@@ -166,17 +179,22 @@ def load_pipeline(path: str | os.PathLike, *, input: str | None = None,  # noqa:
             named[name] = os.path.abspath(value)
     for name, values in (sections or {}).items():
         data.setdefault(name, {}).update(values)
-    stages = {stage.name: stage for stage in registry()}
     unknown = sorted(set(data) - {"pipeline", *stages})
     if unknown:
-        raise InputError(f"{path}: unknown section(s) {unknown}; known: pipeline, {', '.join(stages)}")
+        raise InputError(f"{path}: unknown section(s) {unknown}{did_you_mean(unknown, ['pipeline', *stages])}; "
+                         f"known: pipeline, {', '.join(stages)}")
     if not isinstance(head.get("output"), str):
         raise InputError(f"{path}: [pipeline] needs output = \"...\" (a path)")
     if not isinstance(head.get("input"), str) and not named:
         raise InputError(f"{path}: [pipeline] needs input = \"...\" (a path)")
     extra = sorted(set(head) - set(_HEAD_KEYS))
     if extra:
-        raise InputError(f"{path}: unknown key(s) in [pipeline]: {extra}; known: {', '.join(sorted(_HEAD_KEYS))}")
+        raise InputError(f"{path}: unknown key(s) in [pipeline]: {extra}{did_you_mean(extra, _HEAD_KEYS)}; "
+                         f"known: {', '.join(sorted(_HEAD_KEYS))}")
+    if head.get("workers", 1) < 1:
+        raise InputError(f"{path}: [pipeline] workers = {head['workers']}: give 1 or more (processes or Dask workers)")
+    if not 0 <= head.get("seed", 0) <= SEED_MAX:
+        raise InputError(f"{path}: [pipeline] seed = {head['seed']}: give a seed between 0 and {SEED_MAX}")
     executor = head.get("executor", "local")
     if executor not in EXECUTORS:
         raise InputError(f"{path}: [pipeline] executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
@@ -196,7 +214,7 @@ def load_pipeline(path: str | os.PathLike, *, input: str | None = None,  # noqa:
         raise InputError(f"{path}: input name(s) {clash} are also stage names; rename the input(s)")
 
     pipeline = Pipeline(path, output, executor=executor,
-                        workers=int(head.get("workers", 1)), scheduler=head.get("scheduler", ""), inputs=all_inputs)
+                        workers=int(head.get("workers") or available_cores()), scheduler=head.get("scheduler", ""), inputs=all_inputs)
     for stage in stages.values():
         raw = data.get(stage.name)
         if raw is None:
@@ -206,6 +224,11 @@ def load_pipeline(path: str | os.PathLike, *, input: str | None = None,  # noqa:
         instances = _instances(stage, raw)
         for name, section in instances:
             where = f"{path} [{name}]"
+            if name != stage.name:  # the instance name becomes a folder under the output
+                try:
+                    safe_relative_name(name.split(".", 1)[1], what="section name", subfolders=False)
+                except UnsafeNameError as exc:
+                    raise InputError(f"{path}: {exc}") from None
             sources = _section_sources(stage, section.pop("from", None), pipeline, where)
             for key in stage.input_paths:
                 value = section.get(key)
@@ -222,6 +245,8 @@ def load_pipeline(path: str | os.PathLike, *, input: str | None = None,  # noqa:
             for key in _OUTPUT_PATHS:
                 if isinstance(section.get(key), str):
                     section[key] = _resolve(output, section[key])
+            if "seed" in head and "seed" in stage.config.keys():
+                section.setdefault("seed", head["seed"])  # [pipeline] seed: every seeded stage's default
             config = stage.config.from_mapping(section, where=where)
             folder = output / stage.output if len(instances) == 1 and name == stage.name else \
                 output / stage.output / name.split(".", 1)[1]
@@ -279,6 +304,22 @@ def _span(pipeline: Pipeline, from_stage: str | None, until_stage: str | None) -
     return sections[lo:hi + 1]
 
 
+def written_folders(pipeline: Pipeline) -> list[Path]:
+    """Every folder the pipeline writes: each section's output and its picture/feature folders.
+
+    Input folders never yield images from them, so an input that holds the output folder (or is
+    it: the stages write into sub-folders) is not re-read as new photos on the next run.
+    """
+    folders = []
+    for section in pipeline.sections:
+        folders.append(section.output)
+        for key in _OUTPUT_PATHS:
+            value = getattr(section.config, key, None)
+            if value:
+                folders.append(Path(value))
+    return folders
+
+
 def run_pipeline(pipeline: Pipeline, *, overwrite: bool = False, from_stage: str | None = None,
                  until_stage: str | None = None) -> list[StageSummary]:
     """Run the configured sections in order; each resumes its store, changed ones are recomputed.
@@ -288,7 +329,9 @@ def run_pipeline(pipeline: Pipeline, *, overwrite: bool = False, from_stage: str
     """
     span = _span(pipeline, from_stage, until_stage)
     summaries: list[StageSummary] = []
-    with make_executor(pipeline.executor, workers=pipeline.workers, scheduler=pipeline.scheduler or None) as executor:
+    scheduler = pipeline.scheduler or None
+    with excluding_outputs(*written_folders(pipeline)), \
+            make_executor(pipeline.executor, workers=pipeline.workers, scheduler=scheduler) as executor:
         for section in span:
             started = time.perf_counter()
             try:

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from . import __version__
 from .config import StageConfig
 from .errors import SegsortError
+from .io.sources import ItemSources
 from .io.store import FLUSH_BYTES, SCHEMAS, Item, ShardInfo, StoreWriter, close_readers, item_nbytes, write_shard
 from .log import get_logger
 from .parallel import Executor, InProcess
@@ -88,6 +89,7 @@ class ChunkTask:
     shard: str
     kind: str
     epoch: str | None
+    sources: ItemSources | None = None  # the inputs of these jobs: their fingerprints are recorded
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -114,7 +116,9 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
 
     def write() -> None:
         name = task.shard if not shards else f"{task.shard[:-len('.h5')]}-{len(shards)}.h5"
-        shards.append(write_shard(task.root, name, items, schema=SCHEMAS.get(task.kind), epoch=task.epoch))
+        inputs = {it.key: task.sources.fingerprint(it.key) for it in items} if task.sources is not None else None
+        shards.append(write_shard(task.root, name, items, schema=SCHEMAS.get(task.kind), epoch=task.epoch,
+                                  inputs=inputs))
         items.clear()
 
     for job in task.jobs:
@@ -144,10 +148,13 @@ class StageRun:
         another identity is refused unless ``overwrite``.
     meta : further provenance for the manifest (weights file, device...); the package version is added.
     overwrite : ``False``, ``True`` or ``"changed"`` (see :class:`StoreWriter`).
+    sources : what each item is computed from (:func:`~segsort_unsup.io.sources.item_sources`): its
+        fingerprint is recorded with the item, and an item whose input changed since is redone.
     """
 
     def __init__(self, stage: str, output: str | os.PathLike, *, kind: str, identity: dict[str, Any],
-                 meta: dict[str, Any] | None = None, overwrite: bool | str = False, shard_size: int = 64):
+                 meta: dict[str, Any] | None = None, overwrite: bool | str = False, shard_size: int = 64,
+                 sources: ItemSources | None = None):
         self.stage = stage
         self.output = Path(output)
         self.kind = kind
@@ -155,6 +162,7 @@ class StageRun:
         self.meta = {"package_version": __version__, **(meta or {})}
         self.overwrite = overwrite
         self.shard_size = shard_size
+        self.sources = sources
         self.writer: StoreWriter | None = None
         self.summary = StageSummary(stage, output=str(output))
 
@@ -176,9 +184,13 @@ class StageRun:
 
     # -- to-do --------------------------------------------------------------------------------
     def todo(self, jobs: Iterable[Job]) -> list:
-        """The jobs whose items are not yet complete (sets the summary's total and skipped)."""
+        """The jobs whose items are not yet complete, or whose input changed since their item was
+        stored (those items are withdrawn first); sets the summary's total and skipped."""
         jobs = list(jobs)
+        self._forget_changed(jobs)
         todo = [job for job in jobs if job.key not in self.writer.completed]
+        if self.sources is not None:
+            self.sources.snapshot(job.key for job in todo)
         self.summary.total = len(jobs)
         self.summary.skipped = len(jobs) - len(todo)
         if self.summary.skipped:
@@ -186,10 +198,21 @@ class StageRun:
                      self.output)
         return todo
 
+    def _forget_changed(self, jobs: list) -> None:
+        if self.sources is None:
+            return
+        recorded = self.writer.inputs
+        changed = [job.key for job in jobs if job.key in self.writer.completed
+                   and not self.sources.unchanged(job.key, recorded.get(job.key))]
+        if changed:
+            log.info("%s: the input of %d stored item(s) changed since they were computed (first: %s): "
+                     "recomputed", self.stage, len(changed), changed[0])
+            self.writer.forget(changed)
+
     # -- recording ----------------------------------------------------------------------------
     def add(self, item: Item) -> None:
         """Record a finished item (durable when its shard is flushed)."""
-        self.writer.add(item)
+        self.writer.add(item, input_id=self.sources.fingerprint(item.key) if self.sources is not None else None)
         self.summary.done += 1
 
     def fail(self, key: str, error: BaseException | str) -> None:
@@ -232,7 +255,8 @@ class StageRun:
         size = max(1, min(self.shard_size, math.ceil(len(todo) / (2 * max(1, executor.workers)))))
         token = uuid.uuid4().hex[:8]
         tasks = [ChunkTask(process, tuple(todo[i:i + size]), str(self.output.resolve()),
-                           f"part-{token}-t{i // size:05d}.h5", self.kind, self.writer.epoch)
+                           f"part-{token}-t{i // size:05d}.h5", self.kind, self.writer.epoch,
+                           None if self.sources is None else self.sources.subset(j.key for j in todo[i:i + size]))
                  for i in range(0, len(todo), size)]
         for outcome in executor.map(run_chunk, tasks, desc=desc, unit=unit, weight=len):
             if outcome.ok:
@@ -274,6 +298,7 @@ STAGE_MODULES: tuple[str, ...] = (
     "segsort_unsup.embed.train",
     "segsort_unsup.embed.infer",
     "segsort_unsup.embed.transfer",
+    "segsort_unsup.discover.clusters",
     "segsort_unsup.evaluate.semantic_stage",
     "segsort_unsup.discover.stage",
     "segsort_unsup.evaluate.stage",

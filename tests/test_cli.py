@@ -19,10 +19,53 @@ REPO = Path(__file__).resolve().parents[1]
 def test_help_lists_every_command_untruncated(capsys):
     assert run(["--help"]) == 0
     out = capsys.readouterr().out
-    commands = out.split("Commands:")[1]
+    commands = out.split("Stages, in pipeline order:")[1]
     assert "..." not in commands and "(cache:" not in commands
-    for name in ("contours", "ucm", "evaluate", "run", "weights", "demo"):
+    for name in ("contours", "ucm", "evaluate", "run", "weights", "demo", "embed", "retrieve", "inspect"):
         assert f"  {name}" in out
+
+
+def _listed(section: str) -> list[str]:
+    return [line.split()[0] for line in section.splitlines() if line.startswith("  ") and not line.startswith("   ")]
+
+
+def test_help_lists_the_stages_in_pipeline_order_then_the_other_commands(capsys):
+    from segsort_unsup.cli import COMMANDS
+    from segsort_unsup.stages import registry
+
+    assert run(["--help"]) == 0
+    stages_part, others_part = capsys.readouterr().out.split("Stages, in pipeline order:")[1].split("Other commands:")
+    pipeline_order = [stage.name for stage in registry() if stage.name in COMMANDS]
+    assert _listed(stages_part) == pipeline_order and "embed" in pipeline_order
+    assert _listed(others_part)[0] == "run"
+    assert sorted(_listed(stages_part) + _listed(others_part)) == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize("group", ["weights", "evaluate"])
+def test_group_help_shows_whole_summaries(capsys, group):
+    assert run([group, "--help"]) == 0
+    commands = capsys.readouterr().out.split("Commands:")[1]
+    assert "..." not in commands
+    assert len(_listed(commands)) == 3
+
+
+def test_per_image_commands_default_to_one_worker_per_core(monkeypatch, tmp_path):
+    import os
+
+    from segsort_unsup import parallel
+
+    seen = {}
+
+    def fake_make_executor(executor, *, workers, scheduler=None):
+        seen["workers"] = workers
+        raise parallel.InputError("stop here")
+
+    monkeypatch.setattr(parallel, "make_executor", fake_make_executor)
+    (tmp_path / "a.png").write_bytes(b"")
+    assert run(["ucm", str(tmp_path), "-o", str(tmp_path / "o")]) == 2
+    assert seen["workers"] == len(os.sched_getaffinity(0))
+    assert run(["ucm", str(tmp_path), "-o", str(tmp_path / "o"), "--workers", "1"]) == 2
+    assert seen["workers"] == 1
 
 
 def test_mistyped_command_gets_a_suggestion(capsys):
@@ -49,7 +92,7 @@ def test_interrupt_exits_130_without_tracebacks_and_resumes(tmp_path, bsds, sig)
         photo = io.imread(path)
         sob = filters.sobel(color.rgb2gray(photo))
         Image.fromarray((255 * sob / sob.max()).astype("uint8")).save(edges / f"{image_id}.png")
-    cmd = [sys.executable, "-m", "segsort_unsup.cli", "ucm", str(edges), "-o", str(tmp_path / "seg"),
+    cmd = [str(Path(sys.executable).parent / "segsort-unsup"), "ucm", str(edges), "-o", str(tmp_path / "seg"),
            "--workers", "2", "--shard-size", "1"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

@@ -44,7 +44,7 @@ def test_bad_input_batch(tmp_path, photo, hed_h5):
     assert np.asarray(Image.open(folder / "deep16.png")).dtype != np.uint8  # really 16-bit
 
     out = tmp_path / "store"
-    result = CliRunner().invoke(main, ["contours", str(folder), "-o", str(out), "--model", "hed-bsds500", "--weights", str(hed_h5)])
+    result = CliRunner().invoke(main, ["-q", "contours", str(folder), "-o", str(out), "--model", "hed-bsds500", "--weights", str(hed_h5)])
     assert result.exit_code == 1, result.output
     bad = {"garbage", "truncated", "empty"}
     lines = [line for line in result.output.splitlines() if "failed:" in line]

@@ -94,3 +94,28 @@ def test_uint16_ucm2_reads_back_through_evaluation_within_half_a_step(tmp_path, 
     assert step == np.float64(f.max()) / 65535
     assert np.abs(q - f).max() <= step / 2 + np.spacing(np.float32(f.max()))
     np.testing.assert_array_equal(item.arrays["labels"], ref.arrays["labels"])  # exact either way
+
+
+def test_a_failed_item_is_printed_once(tmp_path):
+    edges = tmp_path / "edges"
+    edges.mkdir()
+    Image.fromarray(np.tile(np.linspace(0, 255, 40).astype(np.uint8), (30, 1))).save(edges / "ok.png")
+    (edges / "broken.png").write_bytes(b"not a png")
+    result = CliRunner().invoke(main, ["ucm", str(edges), "-o", str(tmp_path / "seg")])
+    assert result.exit_code == 1, result.output
+    assert result.output.count("broken.png") == 1, result.output  # the warning as found, not again at the end
+    quiet = CliRunner().invoke(main, ["-q", "ucm", str(edges), "-o", str(tmp_path / "seg2")])
+    assert quiet.exit_code == 1 and quiet.output.count("broken.png") == 1, quiet.output  # -q: in the summary
+
+
+def test_an_unwritable_export_folder_fails_the_run_and_the_next_run_writes_the_export(tmp_path, bsds):
+    _pngs(tmp_path / "edges", bsds, ids=("100007",))
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the picture folder's parent should be")
+    args = ["-q", "ucm", str(tmp_path / "edges"), "-o", str(tmp_path / "seg"), "--png-dir", str(blocker / "png")]
+    failed = CliRunner().invoke(main, args)
+    assert failed.exit_code == 1 and "cannot create the folder" in failed.output, failed.output
+    blocker.unlink()
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert (blocker / "png" / "100007_overview.png").is_file()

@@ -29,7 +29,7 @@ def test_values_are_coerced_and_checked():
         _Demo(flags=True)
     with pytest.raises(InputError, match="key 'limit' expects int .or omitted."):
         _Demo(limit=1.5)
-    with pytest.raises(InputError, match=r"unknown key\(s\) alpah; known: alpha, flags, limit, name, workers"):
+    with pytest.raises(InputError, match=r"unknown key\(s\) alpah \(did you mean 'alpha'\?\); known: alpha, flags, limit, name, workers"):
         _Demo.from_mapping({"alpah": 1})
 
 
@@ -47,3 +47,25 @@ def test_optional_settings_left_off_keep_old_identities():
     from segsort_unsup.config import changed_keys
 
     assert changed_keys({"a": 1}, {"a": 1, "b": None}) == ["b"]
+
+
+@dataclass(frozen=True)
+class _Seeded(StageConfig):
+    stage = "seeded"
+    seed: int = 0
+    threshold: float = 0.5
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_seed_outside_what_numpy_and_torch_take_is_one_line(seed):
+    with pytest.raises(InputError, match=rf"f.toml \[seeded\]: key 'seed': must be between 0 and {2**32 - 1}"):
+        _Seeded.from_mapping({"seed": seed}, where="f.toml [seeded]")
+    assert _Seeded(seed=2**32 - 1).seed == 2**32 - 1
+
+
+def test_an_unknown_key_gets_a_suggestion():
+    with pytest.raises(InputError, match=r"unknown key\(s\) threshhold \(did you mean 'threshold'\?\)"):
+        _Seeded.from_mapping({"threshhold": 0.3})
+    with pytest.raises(InputError) as info:
+        _Seeded.from_mapping({"zzz": 0.3})
+    assert "did you mean" not in str(info.value)

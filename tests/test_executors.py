@@ -63,9 +63,9 @@ def _images(bsds: Path) -> list[str]:
     return [str(p) for p in sorted((bsds / "images" / "test").glob("*.jpg"))[:N_IMAGES]]
 
 
-def _assert_same_stores(a: Path, b: Path) -> None:
+def _assert_same_stores(a: Path, b: Path, n: int = N_IMAGES) -> None:
     with StoreReader(a) as ra, StoreReader(b) as rb:
-        assert ra.keys() == rb.keys() and len(ra) == N_IMAGES
+        assert ra.keys() == rb.keys() and len(ra) == n
         assert ra.config_hash == rb.config_hash
         for key in ra.keys():
             ia, ib = ra[key], rb[key]
@@ -187,3 +187,70 @@ def test_killed_parent_leaves_no_worker_processes(tmp_path, local_stores):
     while time.monotonic() < deadline and any(_alive(p) for p in workers):
         time.sleep(0.1)
     assert not [p for p in workers if _alive(p)]
+
+
+def _declared_extras() -> dict[str, list[str]]:
+    import tomllib
+
+    with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as fh:
+        return tomllib.load(fh)["project"]["optional-dependencies"]
+
+
+def test_the_dask_hint_names_an_extra_that_installs_distributed(monkeypatch):
+    import re
+
+    from segsort_unsup import parallel
+
+    monkeypatch.setitem(sys.modules, "distributed", None)  # as on a machine without it
+    with pytest.raises(InputError) as info:
+        parallel.make_executor("dask-local", workers=1)
+    hint = re.search(r"pip install 'segsort-unsup\[(\w+)\]'", str(info.value))
+    assert hint, str(info.value)
+    extra = _declared_extras().get(hint.group(1))
+    assert extra is not None, f"pyproject declares no extra {hint.group(1)!r}"
+    assert any(re.match(r"dask\[.*distributed.*\]", req) or req.startswith("distributed") for req in extra), extra
+
+
+def test_the_built_package_provides_the_dask_extra(tmp_path):
+    """What pip reads: the wheel's metadata, built from a copy of the tracked files."""
+    import shutil
+    import zipfile
+
+    pytest.importorskip("setuptools")
+    repo = Path(__file__).resolve().parents[1]
+    tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    for name in tracked.stdout.splitlines():
+        if (repo / name).is_file():
+            (tmp_path / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / name, tmp_path / "src" / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "wheel"), str(tmp_path / "src")], capture_output=True, text=True,
+                           timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    wheel = next((tmp_path / "wheel").glob("*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        metadata = zf.read(next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    assert "Provides-Extra: dask" in metadata
+    assert any(line.startswith("Requires-Dist: dask[distributed]") and 'extra == "dask"' in line
+               for line in metadata.splitlines()), metadata
+
+
+@pytest.mark.slow
+def test_the_default_model_gives_the_same_bits_in_every_executor(tmp_path, bsds, pidinet_dir):
+    """pidinet at its default precision (bf16 on CPUs with AVX512-BF16/AMX): torch splits reductions by
+    thread count, so every inference call uses the same threads whatever the executor."""
+    images = tmp_path / "images.txt"
+    images.write_text("".join(f"{p}\n" for p in _images(bsds)[:4]))
+    config = contours.ContoursConfig(model="pidinet", weights=str(pidinet_dir / "table5_pidinet.pth"),
+                                     device="cpu", resize_to=192, shard_size=2)
+    executors = {"inprocess": InProcess(), "pool": ProcessPool(2), "dask": make_executor("dask-local", workers=2)}
+    for name, executor in executors.items():
+        with executor:
+            assert contours.run(config, str(images), tmp_path / name / "contours", executor=executor).ok
+            assert ucm.run(ucm.UcmConfig(), tmp_path / name / "contours", tmp_path / name / "segments",
+                           executor=executor).ok
+    for name in ("pool", "dask"):
+        _assert_same_stores(tmp_path / "inprocess" / "contours", tmp_path / name / "contours", n=4)
+        _assert_same_stores(tmp_path / "inprocess" / "segments", tmp_path / name / "segments", n=4)

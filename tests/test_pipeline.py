@@ -33,6 +33,14 @@ def _write(tmp_path, text):
     ("[pipeline]\ninput='a'\noutput='b'\nexecutor='spark'\n", "executor 'spark'"),
     ("[pipeline]\ninput='a'\noutput='b'\nworkers='2'\n", "'workers' expects int"),
     ("[pipeline\n", "not valid TOML"),
+    ("train = 5\n[pipeline]\ninput='a'\noutput='b'\n", r"p.toml: train = 5 is not a section; write \[train\]"),
+    ("pipeline = 'x'\n", r"pipeline = 'x' is not a section"),
+    ("[pipeline]\ninput='a'\noutput='b'\nworkers=0\n", r"\[pipeline\] workers = 0: give 1 or more"),
+    ("[pipeline]\ninput='a'\noutput='b'\nseed=-1\n", r"\[pipeline\] seed = -1: give a seed between 0 and"),
+    ("[pipeline]\ninput='a'\noutput='b'\n[train]\nseed=-1\n", r"\[train\]: key 'seed': must be between 0 and"),
+    ("[pipeline]\ninput='a'\noutput='b'\n[ucm]\nthreshhold=0.3\n", r"threshhold \(did you mean 'threshold'\?\)"),
+    ("[pipeline]\ninput='a'\noutput='b'\n[discovr]\n", r"\['discovr'\] \(did you mean 'discover'\?\)"),
+    ("[pipeline]\ninput='a'\noutput='b'\nworker=2\n", r"\['worker'\] \(did you mean 'workers'\?\)"),
 ])
 def test_bad_files_name_the_problem(tmp_path, text, message):
     with pytest.raises(InputError, match=message):
@@ -242,3 +250,19 @@ def test_camvid_pipeline_file_runs_end_to_end_and_takes_another_scored_set(tmp_p
     (tmp_path / "tea" / sorted(p.name for p in (tmp_path / "tea").iterdir())[0]).unlink()
     last = run(scored=tmp_path / "te", scored_labels=tmp_path / "tea")
     assert last["semantic.sup"].done == 1 and last["embed.sup-scored"].done == 0
+
+
+def test_pipeline_seed_is_every_seeded_stages_default(tmp_path):
+    pipe = load_pipeline(_write(tmp_path, "[pipeline]\ninput='a'\noutput='b'\nseed=7\n[train]\n[embed]\n[discover]\nseed=3\n"))
+    assert pipe.configs["train"].seed == 7 and pipe.configs["discover"].seed == 3
+
+
+def test_workers_default_to_one_per_core_and_paths_are_relative_to_the_file(tmp_path):
+    import os
+
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "p.toml"
+    path.write_text("[pipeline]\ninput='photos'\noutput='../out'\n")
+    pipe = load_pipeline(path)
+    assert pipe.workers == len(os.sched_getaffinity(0))
+    assert pipe.input == str(tmp_path / "sub" / "photos") and pipe.output == tmp_path / "out"

@@ -6,7 +6,8 @@ import click
 
 from ..contours.registry import DEFAULT_MODEL, MODELS
 from ..io.images import DEFAULT_MAX_PIXELS
-from .options import executor_options, finish, float_list, output_option, overwrite_option, shard_size_option
+from .options import (executor_options, finish, float_list, output_option,
+                      overwrite_option, shard_size_option, threads_option)
 
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
@@ -49,7 +50,7 @@ def _tile_side(ctx: click.Context, param: click.Parameter, value: str) -> int | 
                    "0: no limit. Memory needed: about 1 GiB + 8 bytes per pixel of the largest tiled image.")
 @click.option("--resize-to", type=click.IntRange(min=32), default=None, metavar="SIDE",
               help="Scale images whose longer side is above SIDE down to SIDE (maps are stored at that size).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads (default: all cores).")
+@threads_option
 @click.option("--png-dir", type=click.Path(file_okay=False),
               help="Also write 8-bit edge PNGs here (<key>.png).")
 @click.option("--nms-png", is_flag=True, help="With --png-dir: also write NMS-thinned edges (nms/<key>.png).")
@@ -64,6 +65,7 @@ def contours(inputs, output, model, weights_path, precision, scales, device, bat
     the exit code is 1 if any image failed.
     """
     from ..contours.stage import ContoursConfig, run
+    from ..io.images import excluding_outputs
     from ..parallel import make_executor
 
     if nms_png and png_dir is None:
@@ -72,6 +74,6 @@ def contours(inputs, output, model, weights_path, precision, scales, device, bat
                             max_side=max_side, tile_side=tile_side, tile=not no_tile, max_pixels=max_pixels,
                             resize_to=resize_to, threads=threads, shard_size=shard_size,
                             weights=weights_path, png_dir=png_dir, nms_png=nms_png)
-    with make_executor(executor, workers=workers, scheduler=scheduler) as pool:
+    with excluding_outputs(output, png_dir), make_executor(executor, workers=workers, scheduler=scheduler) as pool:
         summary = run(config, inputs, output, executor=pool, overwrite=overwrite)
     finish(summary)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .options import executor_options, finish, float_list, output_option, overwrite_option, shard_size_option
+from .options import (executor_options, finish, float_list, output_option,
+                      overwrite_option, shard_size_option, threads_option)
 
 
 @click.command("embed")
@@ -31,7 +32,7 @@ from .options import executor_options, finish, float_list, output_option, overwr
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="auto: bf16 on CPUs with AMX/AVX512-BF16 and on CUDA, else fp32.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1...")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads per process.")
+@threads_option
 @executor_options
 @shard_size_option
 @overwrite_option
@@ -43,11 +44,12 @@ def embed(model, input, output, labels, ignore_label, features, scales, flip, wi
     image. A killed run resumes where it stopped.
     """
     from ..embed.infer import EmbedConfig, run
+    from ..io.images import excluding_outputs
     from ..parallel import make_executor
 
     config = EmbedConfig(features=features, scales=scales, flip=flip, window=window, window_stride=window_stride,
                          grid=grid, iterations=iterations, precision=precision, labels=labels,
                          ignore_label=ignore_label, device=device, threads=threads, shard_size=shard_size)
-    with make_executor(executor, workers=workers, scheduler=scheduler) as pool:
+    with excluding_outputs(output), make_executor(executor, workers=workers, scheduler=scheduler) as pool:
         summary = run(config, [model, input], output, executor=pool, overwrite=overwrite)
     finish(summary)

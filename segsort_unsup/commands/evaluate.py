@@ -8,7 +8,7 @@ import click
 
 from ..errors import InputError
 from ..parallel import make_executor
-from .options import executor_options, finish, output_option, overwrite_option
+from .options import FullHelpGroup, executor_options, finish, output_option, overwrite_option
 
 def _bench_options(func):
     func = click.option("--thresholds", "n_thresholds", type=click.IntRange(min=1), default=99, show_default=True,
@@ -21,7 +21,7 @@ def _bench_options(func):
     return func
 
 
-@click.group()
+@click.group(cls=FullHelpGroup)
 def evaluate() -> None:
     """Measure results: BSDS500 boundaries/regions (BSR benchmark) and semantic mIoU."""
 

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import click
 
+from ..log import LOGGER_NAME
 from ..stages import StageSummary
+
+class FullHelpGroup(click.Group):
+    """A command group whose ``--help`` shows each sub-command's whole first line (click cuts it at 45
+    characters with "...")."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=10_000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
 
 overwrite_option = click.option(
     "--overwrite", is_flag=True, help="Replace an existing output store instead of resuming it."
@@ -17,7 +34,8 @@ shard_size_option = click.option(
     help="Items per HDF5 shard (a killed run redoes at most this many).",
 )
 seed_option = click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed of every random choice (same seed, same result).",
+    "--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+    help="Seed of every random choice (same seed, same result).",
 )
 
 
@@ -43,12 +61,26 @@ def output_option(help: str) -> Callable:  # noqa: A002 - click's spelling
     return click.option("-o", "--output", required=True, type=click.Path(file_okay=True, path_type=Path), help=help)
 
 
+def _cores() -> int:
+    from ..parallel import available_cores
+
+    return available_cores()
+
+
+def threads_option(func: Callable) -> Callable:
+    """``--threads``: torch threads of each inference call (one place, the same in every executor)."""
+    return click.option("--threads", type=click.IntRange(min=1), default=None,
+                        help="Torch threads per image [default: 1, in every executor, so that every executor "
+                             "gives the same bits; workers give the parallelism]. More speed up a few huge "
+                             "images; the maps then differ in the last bits.")(func)
+
+
 def executor_options(func: Callable) -> Callable:
     """``--executor``, ``--workers``, ``--scheduler``: where per-image work runs."""
     func = click.option("--scheduler", default=None, metavar="tcp://HOST:8786",
                         help="Dask scheduler address (with --executor dask).")(func)
-    func = click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-                        help="Worker processes (local) or Dask workers (dask-local).")(func)
+    func = click.option("--workers", type=click.IntRange(min=1), default=_cores, show_default="one per core",
+                        help="Worker processes (local; 1 runs in this process) or Dask workers (dask-local).")(func)
     func = click.option("--executor", type=click.Choice(["local", "dask", "dask-local"]), default="local",
                         show_default=True,
                         help="local: this process or --workers processes; dask: a Dask cluster at --scheduler; "
@@ -81,17 +113,110 @@ def float_list(*, low: float | None = None, high: float | None = None, example: 
 
 
 def finish(*summaries: StageSummary) -> None:
-    """Print each summary line; exit 1 if any item failed (the rest are saved)."""
+    """Print each summary line; exit 1 if any item failed (the rest are saved).
+
+    Each failure is printed once: stages log it (a warning) as it happens, so the summary only
+    lists failures when warnings are hidden (``-q``).
+    """
     failed = False
+    already_shown = logging.getLogger(LOGGER_NAME).isEnabledFor(logging.WARNING)
     for summary in summaries:
         click.echo(summary.line(), err=True)
-        if not summary.ok:
-            failed = True
-            shown = summary.failed[:5]
-            for key, reason in shown:
-                click.echo(f"  failed: {key}: {reason}", err=True)
-            if len(summary.failed) > len(shown):
-                click.echo(f"  ... and {len(summary.failed) - len(shown)} more (see failures.tsv in the output)",
-                           err=True)
+        if summary.ok:
+            continue
+        failed = True
+        if already_shown:
+            click.echo(f"  {len(summary.failed)} failed item(s): the reasons are above", err=True)
+            continue
+        shown = summary.failed[:5]
+        for key, reason in shown:
+            click.echo(f"  failed: {key}: {reason}", err=True)
+        if len(summary.failed) > len(shown):
+            click.echo(f"  ... and {len(summary.failed) - len(shown)} more (see failures.tsv in the output)",
+                       err=True)
     if failed:
         raise click.exceptions.Exit(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Commands generated from a stage's config: a stage needs no hand-written command
+# --------------------------------------------------------------------------------------------
+_RESERVED = {"output", "overwrite", "executor", "workers", "scheduler"}  # options every stage command has
+
+
+def _list_callback(inner: type) -> Callable:
+    """Parse ``"1,2,3"`` into a tuple of ``inner`` (the config checks ranges)."""
+
+    def parse(ctx: click.Context | None, param: click.Parameter | None, value: str | None):
+        if value is None:
+            return None
+        try:
+            return tuple(inner(part) for part in value.split(",") if part.strip())
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of {inner.__name__}") from None
+
+    return parse
+
+
+def config_options(config_cls: type) -> Callable:
+    """Click options for every field of a stage config: ``--field-name``, its type, default and the
+    help of its ``setting(help=...)``/``run_only(help=...)`` metadata (declared once, in the config)."""
+    import dataclasses
+    import types
+    import typing
+
+    from ..config import help_of
+
+    hints = typing.get_type_hints(config_cls)
+    optional = (typing.Union, types.UnionType)
+
+    def decorate(func: Callable) -> Callable:
+        for f in reversed(dataclasses.fields(config_cls)):
+            if f.name in _RESERVED:
+                continue
+            tp, default = hints[f.name], f.default
+            if typing.get_origin(tp) in optional:
+                args = [a for a in typing.get_args(tp) if a is not type(None)]
+            else:
+                args = [tp]
+            base = args[0] if args else str
+            flag = "--" + f.name.replace("_", "-")
+            kwargs: dict = {"default": default, "help": help_of(f), "show_default": default is not None}
+            if typing.get_origin(base) is tuple:
+                inner = typing.get_args(base)[0]
+                kwargs.update(default=",".join(map(str, default)) if default else None,
+                              callback=_list_callback(inner), metavar="V1,V2,...")
+                func = click.option(flag, f.name, **kwargs)(func)
+            elif base is bool:
+                func = click.option(f"{flag}/--no-{flag[2:]}", f.name, **kwargs)(func)
+            else:
+                kind = base if base in (int, float, str) else str
+                func = click.option(flag, f.name, type=kind, **kwargs)(func)
+        return func
+
+    return decorate
+
+
+def stage_command(stage) -> click.Command:
+    """A command for a registry stage: its sources as arguments, ``-o``, an option per config field,
+    the executor options and ``--overwrite``; it calls the stage's ``run`` like a pipeline does."""
+    import dataclasses
+
+    def callback(output, overwrite, executor, workers, scheduler, **values):
+        from ..parallel import make_executor
+
+        inputs = [values.pop(source) for source in stage.sources]
+        fields = {f.name for f in dataclasses.fields(stage.config)}
+        config = stage.config.from_mapping({k: v for k, v in values.items() if k in fields and v is not None},
+                                           where=f"{stage.name} options")
+        with make_executor(executor, workers=workers, scheduler=scheduler) as pool:
+            result = stage.run(config, inputs[0] if len(inputs) == 1 else inputs, output, executor=pool,
+                               overwrite=overwrite)
+        finish(*(result if isinstance(result, (list, tuple)) else [result]))
+
+    decorators = [*(click.argument(source, metavar=source.upper()) for source in stage.sources),
+                  output_option(f"Folder the {stage.name} stage writes (or resumes)."), config_options(stage.config),
+                  executor_options, overwrite_option]
+    for decorator in reversed(decorators):  # as if written above the function, first on top
+        callback = decorator(callback)
+    return click.command(stage.name, help=stage.help or f"The {stage.name} stage.")(callback)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import output_option, seed_option
+from .options import output_option, overwrite_option, seed_option
 
 
 @click.command("retrieve")
@@ -20,7 +20,8 @@ from .options import output_option, seed_option
 @click.option("--class-names", type=click.Path(exists=True, dir_okay=False),
               help="One class name per line (e.g. '0 Sky').")
 @seed_option
-def retrieve(labelled, query, output, queries, n, top, min_area, class_names, seed):
+@overwrite_option
+def retrieve(labelled, query, output, queries, n, top, min_area, class_names, seed, overwrite):
     """Query segments cut out of their images, next to their nearest labelled segments.
 
     LABELLED and QUERY are prototypes stores (`segsort-unsup embed`); they may be the same.
@@ -29,5 +30,5 @@ def retrieve(labelled, query, output, queries, n, top, min_area, class_names, se
 
     names = read_class_names(class_names) if class_names else None
     written = run_retrieve(labelled, query, output, queries=[parse_query(q) for q in queries], n=n, seed=seed,
-                           top=top, min_area=min_area, class_names=names)
+                           top=top, min_area=min_area, class_names=names, overwrite=overwrite)
     click.echo(f"retrieve: {len(written)} picture(s) -> {output}/index.html", err=True)

@@ -32,12 +32,14 @@ def ucm(source, output, threshold, levels, no_owt, ucm2_dtype, executor, workers
     SOURCE is a contours store written by `segsort-unsup contours`, or edge-probability
     images (a folder, glob, list file or one PNG). A killed run resumes where it stopped.
     """
+    from ..io.images import excluding_outputs
     from ..parallel import make_executor
     from ..ucm.stage import UcmConfig, run
 
     config = UcmConfig(threshold=threshold, levels=levels, oriented=not no_owt, ucm2_dtype=ucm2_dtype,
                        shard_size=shard_size,
                        png_dir=png_dir, mat_dir=mat_dir)
-    with make_executor(executor, workers=workers, scheduler=scheduler) as pool:
+    with excluding_outputs(output, png_dir, mat_dir), \
+            make_executor(executor, workers=workers, scheduler=scheduler) as pool:
         summary = run(config, source, output, executor=pool, overwrite=overwrite)
     finish(summary)

@@ -7,9 +7,10 @@ from pathlib import Path
 import click
 
 from ..contours.registry import DEFAULT_MODEL, MODELS
+from .options import FullHelpGroup
 
 
-@click.group()
+@click.group(cls=FullHelpGroup)
 def weights() -> None:
     """Pretrained contour-model weights (cache: $SEGSORT_UNSUP_HOME/weights or ~/.cache/segsort-unsup)."""
 

@@ -12,6 +12,7 @@ every worker process loads the model once and runs images one at a time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from ..config import StageConfig, run_only, setting
+from ..config import StageConfig, config_hash, run_only, setting
+from ..errors import SegsortError
 from ..io.atomic import atomic_write_bytes
+from ..io.outdir import OutputFolder, key_path, prepare_exports, settle_exports
 from ..io.images import DEFAULT_MAX_PIXELS, ImageRef, list_images, read_image
+from ..io.sources import item_sources
 from ..io.store import Item
 from ..log import get_logger
-from ..parallel import Executor, InProcess
+from ..parallel import Executor, InProcess, inference_threads, use_torch_threads
 from ..stages import Stage, StageRun, StageSummary
 from ..edgemaps import edge_nms, edge_orientation
 from .registry import DEFAULT_MODEL, MODELS
@@ -125,6 +129,7 @@ def _detector(config: ContoursConfig, threads: int | None):
 def process_image(job: _Job) -> Item:
     """Edge map of one image (module-level: local worker processes and Dask tasks run it)."""
     detector = _detector(job.config, job.threads)
+    use_torch_threads(job.threads)
     edge = detector.detect(read_image(job.path, max_pixels=job.config.max_pixels, resize_to=job.config.resize_to))
     return _item(job.key, job.path, edge, job.config, detector)
 
@@ -132,9 +137,9 @@ def process_image(job: _Job) -> Item:
 def _item(key: str, source: str, edge: np.ndarray, config: ContoursConfig, detector) -> Item:
     """Orientation, optional PNGs, and the stored item for one edge map."""
     orientation = edge_orientation(edge, radius=config.orientation_radius, dtype=np.float16)
-    if config.png_dir:
-        _write_pngs(Path(config.png_dir), key, edge, nms=config.nms_png, compression=config.png_compression)
     edge = edge.astype(np.float16, copy=False)  # what is stored (tiled maps already are)
+    if config.png_dir:  # from the stored map: a PNG redone from the store has the same bytes
+        _write_pngs(Path(config.png_dir), key, edge, nms=config.nms_png, compression=config.png_compression)
     return Item(key, {"edge": edge, "orientation": orientation}, {
         "source": source, "height": int(edge.shape[0]), "width": int(edge.shape[1]),
         "model": config.model, "weights_sha256": detector.weights_sha256,
@@ -177,20 +182,57 @@ def run(config: ContoursConfig, inputs: str | os.PathLike | list[ImageRef], outp
     identity = config.identity(weights_sha256=weights_sha256, precision=precision, **tiles)
     meta = {"model": config.model, "weights_sha256": weights_sha256, "weights_file": weights_file,
             "precision": precision, "scales": list(config.scales), **tiles, "settings": config.to_dict()}
-    with StageRun("contours", output, kind="contours", identity=identity, meta=meta, overwrite=overwrite,
-                  shard_size=config.shard_size) as run:
+    with contextlib.ExitStack() as stack:
+        run = stack.enter_context(StageRun("contours", output, kind="contours", identity=identity, meta=meta,
+                                           overwrite=overwrite, shard_size=config.shard_size,
+                                           sources=item_sources(refs)))
+        pngs = stack.enter_context(_png_folder(config, identity, overwrite)) if config.png_dir else None
+        if pngs is not None:
+            prepare_exports(pngs, [ref.key for ref in refs], targets=lambda key: _png_targets(config, key))
+        stored_before = set(run.writer.completed)
         _log.info("contours: %s (%s), %s, scales %s, tiles of %s above %d px, on %s", config.model,
                   weights_sha256[:12], precision, ",".join(f"{s:g}" for s in config.scales),
                   tiles.get("tile_side", "none"), config.max_side, executor.describe())
         if isinstance(executor, InProcess):
             _run_batched(run, config, refs)
         else:
-            threads = config.threads
-            if threads is None and executor.local_workers:  # workers sharing this machine share its cores
-                threads = max(1, (os.cpu_count() or 1) // executor.local_workers)
+            threads = inference_threads(config.threads)  # the same in every executor: the same bits
             jobs = [_Job(ref.key, os.path.abspath(ref.path), config, threads) for ref in refs]
             run.run_jobs(executor, process_image, jobs, desc="contours")
+        if pngs is not None:
+            run.writer.flush()
+            _settle_pngs(pngs, run, config, output, stored_before, {ref.key for ref in refs})
     return run.summary
+
+
+def _png_targets(config: ContoursConfig, key: str) -> list[Path]:
+    root = Path(config.png_dir)
+    return [key_path(root, key, ".png")] + ([key_path(root, key, ".png", folder="nms")] if config.nms_png else [])
+
+
+def _png_folder(config: ContoursConfig, identity: dict[str, Any], overwrite: bool | str) -> OutputFolder:
+    """The PNG export folder: made from this store's maps, with these PNG settings."""
+    return OutputFolder(config.png_dir, kind="contours-png", overwrite=overwrite,
+                        identity={"store_identity": config_hash(identity), "nms_png": config.nms_png,
+                                  "png_compression": config.png_compression})
+
+
+def _settle_pngs(folder: OutputFolder, run: StageRun, config: ContoursConfig, store: str | os.PathLike,
+                 stored_before: set[str], inputs: set[str]) -> None:
+    """Record the PNGs this run wrote; redo from the store those of items stored without them."""
+    from ..io.store import StoreReader
+
+    with StoreReader(store, kind="contours") as reader:
+        def redo(key: str) -> None:
+            edge = reader.read(key, ("edge",)).arrays["edge"]
+            _write_pngs(folder.path, key, edge, nms=config.nms_png, compression=config.png_compression)
+
+        keys = sorted(run.writer.completed & inputs)  # items of inputs no longer given are left alone
+        failed = settle_exports(folder, keys, targets=lambda key: _png_targets(config, key),
+                                fresh=run.writer.completed - stored_before, redo=redo)
+    for key, reason in failed:
+        _log.warning("contours: %s: %s", key, reason)
+    run.summary.failed.extend(failed)
 
 
 def _run_batched(run: StageRun, config: ContoursConfig, refs: list[ImageRef]) -> None:
@@ -200,7 +242,9 @@ def _run_batched(run: StageRun, config: ContoursConfig, refs: list[ImageRef]) ->
     todo = run.todo(refs)
     if not todo:
         return
-    detector = _detector(config, config.threads)
+    threads = inference_threads(config.threads)
+    detector = _detector(config, threads)
+    use_torch_threads(threads)
     with progress(total=len(todo), desc="contours") as bar:
         for det in detector.detect_files(todo, max_pixels=config.max_pixels, resize_to=config.resize_to):
             bar.update(1)
@@ -209,7 +253,7 @@ def _run_batched(run: StageRun, config: ContoursConfig, refs: list[ImageRef]) ->
                 continue
             try:
                 item = _item(det.ref.key, os.path.abspath(det.ref.path), det.edge, config, detector)
-            except (ValueError, OSError) as exc:
+            except (ValueError, OSError, SegsortError) as exc:
                 run.fail(det.ref.key, f"post-processing failed: {exc}")
                 continue
             run.add(item)
@@ -219,9 +263,10 @@ def _write_pngs(root: Path, key: str, edge: np.ndarray, *, nms: bool, compressio
     """8-bit PNGs, each appearing whole (a killed run leaves no half file)."""
     import cv2
 
-    targets = [(root / f"{key}.png", edge)]
+    edge = np.asarray(edge, np.float32)
+    targets = [(key_path(root, key, ".png"), edge)]
     if nms:  # the evaluation protocol: smooth, orientation of the smoothed map, thin
-        targets.append((root / "nms" / f"{key}.png", edge_nms(edge)))
+        targets.append((key_path(root, key, ".png", folder="nms"), edge_nms(edge)))
     for path, prob in targets:
         path.parent.mkdir(parents=True, exist_ok=True)
         img = np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8)

@@ -24,7 +24,6 @@ run-only, so changing them redraws the gallery without re-clustering.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -35,7 +34,8 @@ import numpy as np
 
 from ..config import StageConfig, run_only, setting
 from ..errors import InputError, StoreError
-from ..io.store import INDEX_NAME, Item, StoreReader, is_store, read_manifest
+from ..io.sources import store_content
+from ..io.store import Item, StoreReader, is_store, read_manifest
 from ..log import get_logger, progress
 from ..parallel import Executor
 from ..stages import Stage, StageRun, StageSummary
@@ -177,10 +177,7 @@ def open_prototypes(source: str | os.PathLike) -> StoreReader:
 
 def source_identity(reader: StoreReader) -> dict[str, Any]:
     """What the input is: its identity hash and a digest of its complete shards (so new items count)."""
-    index = reader.root / INDEX_NAME
-    digest = hashlib.sha256(index.read_bytes() if index.is_file() else b"").hexdigest()[:16]
-    keys = hashlib.sha256("\n".join(reader.keys()).encode()).hexdigest()[:16]
-    return {"source_identity": reader.config_hash, "source_content": f"{digest}-{keys}"}
+    return {"source_identity": reader.config_hash, "source_content": store_content(reader)}
 
 
 def select(reader: StoreReader, config: DiscoverConfig) -> Selection:

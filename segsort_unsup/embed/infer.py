@@ -48,9 +48,10 @@ import numpy as np
 from ..config import StageConfig, run_only
 from ..errors import BadImageError, InputError
 from ..io.images import list_images, read_image
+from ..io.sources import FileSources
 from ..io.store import Item
 from ..log import get_logger
-from ..parallel import Executor, InProcess
+from ..parallel import Executor, InProcess, inference_threads, use_torch_threads
 from ..stages import Stage, StageRun, StageSummary
 
 log = get_logger("embed")
@@ -387,6 +388,8 @@ def process_image(job: _Job) -> Item:
     from ..io.images import read_label_png
 
     loaded = _model(job.model_path, job.model_sha256, job.config.device, job.config.precision, job.threads)
+    if job.threads is not None:
+        use_torch_threads(job.threads)
     rgb = read_image(job.path)
     labels = None
     if job.config.labels is not None:
@@ -438,9 +441,7 @@ def run(config: EmbedConfig, inputs: Any, output: str | os.PathLike, *,
     identity = config.identity(model_sha256=sha, precision=precision)
     meta = {"model_file": str(model_path.resolve()), "model_sha256": sha, "precision": precision,
             "device": str(dev), "settings": config.to_dict()}
-    threads = config.threads
-    if threads is None and executor.local_workers:
-        threads = max(1, (os.cpu_count() or 1) // executor.local_workers)
+    threads = inference_threads(config.threads)  # the same in every executor: the same bits
     _model(str(model_path.resolve()), sha, config.device, config.precision, threads)  # a bad file fails here, once
     jobs = []
     for ref in refs:
@@ -448,7 +449,8 @@ def run(config: EmbedConfig, inputs: Any, output: str | os.PathLike, *,
         jobs.append(_Job(ref.key, os.path.abspath(ref.path), None if lab is None else str(lab.resolve()),
                          str(model_path.resolve()), sha, config, threads))
     with StageRun("embed", output, kind="prototypes", identity=identity, meta=meta, overwrite=overwrite,
-                  shard_size=config.shard_size) as run:
+                  shard_size=config.shard_size,
+                  sources=FileSources({j.key: (j.path, j.label_path) for j in jobs})) as run:
         log.info("embed: %s (%s), %s features, %s, %d view(s), on %s", model_path, sha[:12], config.features,
                  precision, len(config.views), executor.describe())
         run.run_jobs(executor, process_image, jobs, desc="embed")

@@ -292,12 +292,12 @@ def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "c
     if not os.path.isfile(path):
         raise WeightsError(path, "model file not found (train one with `segsort-unsup train`)")
     if os.path.getsize(path) == 0:
-        raise WeightsError(path, "empty model file (an interrupted copy?); train again or copy model.pt again")
+        raise WeightsError(path, "empty file (0 bytes: a copy or save that did not finish); copy or train it again")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated zip, pickle refused by weights_only, ...
         raise WeightsError(path, f"not a readable segsort-unsup model ({type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0][:160]})") from None
+                                 f"{(str(exc).splitlines() or ['empty or unreadable'])[0][:160]})") from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise WeightsError(path, "not a segsort-unsup model file (expected model.pt written by `segsort-unsup train`)")
     if payload.get("version") != MODEL_VERSION:

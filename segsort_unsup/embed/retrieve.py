@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
@@ -104,104 +105,149 @@ def _row(tiles: list[np.ndarray], gap: int = 6) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
-def run_retrieve(labelled: str | os.PathLike, query: str | os.PathLike, output: str | os.PathLike, *,
-                 queries: list[Query] | None = None, n: int = 4, seed: int = 0, top: int = 6,
-                 min_area: int = 2000, class_names: list[str] | None = None) -> list[Path]:
-    """Write one retrieval picture per query segment and ``index.html``; returns the PNG paths."""
-    import cv2
+class _Neighbours:
+    """The labelled store's prototypes indexed, and the pictures of a query's nearest segments."""
 
-    from ..io.atomic import atomic_write_bytes, atomic_write_text
-    from ..io.images import read_image
-    from .transfer import _open, build_index
+    def __init__(self, lab, qry, *, same: bool, top: int, class_names: list[str] | None):
+        from .transfer import build_index
 
-    lab = _open(labelled, "labelled")
-    qry = _open(query, "query")
-    same = Path(labelled).resolve() == Path(query).resolve()
-    protos, failed = lab.stack("prototypes")
-    if failed:
-        raise InputError(f"{labelled}: item {failed[0][0]} cannot be read ({failed[0][1]})")
-    has_labels = "label" in lab.read(lab.keys()[0]).arrays
-    classes = lab.stack("label")[0].array if has_labels else None
-    owner = np.repeat(np.arange(len(protos.keys)), np.diff(protos.offsets))
-    index = build_index(protos.array)
-    if not queries:
-        rng = np.random.default_rng(seed)
-        pool = []
-        for key in qry.keys():
-            item = qry.read(key, ("area", "segments"))
-            k0 = int(item.arrays["segments"].max()) + 1
-            pool += [Query(key, s) for s in np.flatnonzero(item.arrays["area"][:k0] >= min_area)]
-        if not pool:
-            raise InputError(f"{query}: no segment of at least {min_area} pixels (lower --min-area)")
-        queries = [pool[i] for i in sorted(rng.choice(len(pool), size=min(n, len(pool)), replace=False))]
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    images: dict[str, np.ndarray] = {}
+        self.lab, self.qry, self.same, self.top, self.class_names = lab, qry, same, top, class_names
+        self.protos, failed = lab.stack("prototypes")
+        if failed:
+            raise InputError(f"{lab.root}: item {failed[0][0]} cannot be read ({failed[0][1]})")
+        has_labels = "label" in lab.read(lab.keys()[0]).arrays
+        self.classes = lab.stack("label")[0].array if has_labels else None
+        self.owner = np.repeat(np.arange(len(self.protos.keys)), np.diff(self.protos.offsets))
+        self.index = build_index(self.protos.array)
+        self.images: dict[str, np.ndarray] = {}
 
-    def image_of(reader, key):
+    def image_of(self, reader, key: str) -> np.ndarray:
+        from ..io.images import read_image
+
         cache_key = f"{reader.root}::{key}"
-        if cache_key not in images:
+        if cache_key not in self.images:
             source = reader.read(key, ("area",)).attrs.get("source")
             if not source or not Path(source).is_file():
                 raise BadImageError(str(source), f"the image of {key} is gone; retrieval pictures need it")
-            images[cache_key] = read_image(source)
-        return images[cache_key]
+            self.images[cache_key] = read_image(source)
+        return self.images[cache_key]
 
-    def name_of(c: int) -> str:
-        return class_names[c] if class_names and 0 <= c < len(class_names) else f"class {c}"
+    def name_of(self, c: int) -> str:
+        names = self.class_names
+        return names[c] if names and 0 <= c < len(names) else f"class {c}"
 
-    written, rows_html = [], []
-    for q in progress(queries, desc="retrieve", unit="query"):
-        if q.key not in qry:
-            raise InputError(f"--query {q.key}:{q.segment}: no image {q.key!r} in {query}")
-        item = qry.read(q.key)
-        k = len(item.arrays["prototypes"])
-        if not 0 <= q.segment < k:
-            raise InputError(f"--query {q.key}:{q.segment}: the image has segments 0..{k - 1}")
-        vec = item.arrays["prototypes"][q.segment][None]
-        sims, nn = index.search(np.ascontiguousarray(vec, np.float32), min(index.ntotal, top + 64))
+    def hits(self, q: Query, vec: np.ndarray) -> list[tuple[float, int]]:
+        """(cosine, row) of the ``top`` nearest labelled prototypes (not of the query's own image)."""
+        sims, nn = self.index.search(np.ascontiguousarray(vec[None], np.float32),
+                                     min(self.index.ntotal, self.top + 64))
         hits = []
         for s, j in zip(sims[0], nn[0]):
-            if j < 0 or (same and protos.keys[owner[j]] == q.key):
+            if j < 0 or (self.same and self.protos.keys[self.owner[j]] == q.key):
                 continue
             hits.append((float(s), int(j)))
-            if len(hits) == top:
+            if len(hits) == self.top:
                 break
+        return hits
+
+    def picture(self, q: Query) -> tuple[np.ndarray, list[tuple[str, int, list[str]]]]:
+        """The query's framed cutout next to its neighbours' cutouts, and their captions."""
+        item = self.qry.read(q.key)
         seg_map = item.arrays.get("views", item.arrays["segments"][None])
-        view = next(v for v in seg_map if (v == q.segment).any()) if (seg_map == q.segment).any() else None
+        view = next((v for v in seg_map if (v == q.segment).any()), None)
         if view is None:
             raise InputError(f"--query {q.key}:{q.segment}: segment has no pixels")
         qlabel = item.arrays["label"][q.segment] if "label" in item.arrays else None
-        tiles = [_caption(_frame(cutout(image_of(qry, q.key), view == q.segment)),
-                          [f"query {q.key}", f"segment {q.segment}"] + ([name_of(int(qlabel))] if qlabel is not None else []))]
+        tiles = [_caption(_frame(cutout(self.image_of(self.qry, q.key), view == q.segment)),
+                          [f"query {q.key}", f"segment {q.segment}"]
+                          + ([self.name_of(int(qlabel))] if qlabel is not None else []))]
         captions = []
-        for s, j in hits:
-            key = protos.keys[owner[j]]
-            seg = j - int(protos.offsets[owner[j]])
-            maps = lab.read(key, ("segments",)).arrays["segments"]
-            views = lab.read(key).arrays.get("views", maps[None])
+        for s, j in self.hits(q, item.arrays["prototypes"][q.segment]):
+            key = self.protos.keys[self.owner[j]]
+            seg = j - int(self.protos.offsets[self.owner[j]])
+            maps = self.lab.read(key, ("segments",)).arrays["segments"]
+            views = self.lab.read(key).arrays.get("views", maps[None])
             mask = next((v == seg for v in views if (v == seg).any()), None)
             if mask is None:
                 continue
-            text = [f"{s:.3f}"] + ([name_of(int(classes[j]))] if classes is not None else [])
+            text = [f"{s:.3f}"] + ([self.name_of(int(self.classes[j]))] if self.classes is not None else [])
             captions.append((key, seg, text))
-            tiles.append(_caption(cutout(image_of(lab, key), mask), text))
-        picture = _row(tiles)
-        name = f"{q.key.replace('/', '_')}-{q.segment}.png"
-        ok, data = cv2.imencode(".png", picture[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 9])
-        if not ok:
-            raise OSError(f"cannot encode {out / name}")
-        atomic_write_bytes(out / name, data.tobytes())
-        written.append(out / name)
-        rows_html.append(f"<h3>{html.escape(q.key)} segment {q.segment}</h3>"
-                         f"<p>nearest: {html.escape('; '.join(f'{k}:{s} ({t[-1]})' for k, s, t in captions))}</p>"
-                         f"<img src=\"{html.escape(name)}\">")
-    page = ("<!doctype html><meta charset=utf-8><title>segment retrieval</title>"
-            f"<h1>Nearest labelled segments</h1><p>labelled: {html.escape(str(labelled))}; query: "
-            f"{html.escape(str(query))}</p>" + "\n".join(rows_html))
-    atomic_write_text(out / "index.html", page)
-    lab.close()
-    qry.close()
+            tiles.append(_caption(cutout(self.image_of(self.lab, key), mask), text))
+        return _row(tiles), captions
+
+
+def _sample_queries(qry, *, n: int, seed: int, min_area: int, where: str) -> list[Query]:
+    """A seeded random sample of ``n`` first-view segments of at least ``min_area`` pixels."""
+    rng = np.random.default_rng(seed)
+    pool = []
+    for key in qry.keys():
+        item = qry.read(key, ("area", "segments"))
+        k0 = int(item.arrays["segments"].max()) + 1
+        pool += [Query(key, s) for s in np.flatnonzero(item.arrays["area"][:k0] >= min_area)]
+    if not pool:
+        raise InputError(f"{where}: no segment of at least {min_area} pixels (lower --min-area)")
+    return [pool[i] for i in sorted(rng.choice(len(pool), size=min(n, len(pool)), replace=False))]
+
+
+def _check_queries(qry, queries: list[Query], where: str) -> None:
+    """Every query names an image of the store, one of its segments, and a key fit for a file name."""
+    from ..io.outdir import safe_relative_name
+
+    for q in queries:
+        if q.key not in qry:
+            raise InputError(f"--query {q.key}:{q.segment}: no image {q.key!r} in {where}")
+        k = len(qry.read(q.key, ("prototypes",)).arrays["prototypes"])
+        if not 0 <= q.segment < k:
+            raise InputError(f"--query {q.key}:{q.segment}: the image has segments 0..{k - 1}")
+        safe_relative_name(q.key)
+
+
+def run_retrieve(labelled: str | os.PathLike, query: str | os.PathLike, output: str | os.PathLike, *,
+                 queries: list[Query] | None = None, n: int = 4, seed: int = 0, top: int = 6,
+                 min_area: int = 2000, class_names: list[str] | None = None,
+                 overwrite: bool = False) -> list[Path]:
+    """Write one retrieval picture per query segment and ``index.html``; returns the PNG paths.
+
+    ``output`` is an :class:`~segsort_unsup.io.outdir.OutputFolder` (kind ``retrieval``): another
+    identity (stores, queries, settings) is refused unless ``overwrite``, which removes only the
+    files a previous run listed. Pictures are named ``<key>-<segment>.png`` (``/`` in keys are
+    subfolders); a key that cannot be a file name is refused with one line before any picture.
+    """
+    import cv2
+
+    from ..io.outdir import OutputFolder
+    from .transfer import open_prototypes
+
+    lab = open_prototypes(labelled, "labelled")
+    qry = open_prototypes(query, "query")
+    try:
+        same = Path(labelled).resolve() == Path(query).resolve()
+        neighbours = _Neighbours(lab, qry, same=same, top=top, class_names=class_names)
+        queries = queries or _sample_queries(qry, n=n, seed=seed, min_area=min_area, where=str(query))
+        _check_queries(qry, queries, str(query))
+        identity = {"labelled": lab.config_hash, "query": qry.config_hash, "same": same, "top": top,
+                    "queries": [f"{q.key}:{q.segment}" for q in queries], "class_names": class_names or []}
+        written, rows_html = [], []
+        with OutputFolder(output, kind="retrieval", identity=identity, overwrite=overwrite,
+                          meta={"labelled": str(labelled), "query": str(query)}) as folder:
+            for q in progress(queries, desc="retrieve", unit="query"):
+                target = folder.file_for(q.key, f"-{q.segment}.png")
+                picture, captions = neighbours.picture(q)
+                ok, data = cv2.imencode(".png", picture[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 9])
+                if not ok:
+                    raise OSError(f"cannot encode {target}")
+                folder.write_bytes(target, data.tobytes())
+                written.append(target)
+                nearest = "; ".join(f"{k}:{s} ({t[-1]})" for k, s, t in captions)
+                rows_html.append(f"<h3>{html.escape(q.key)} segment {q.segment}</h3>"
+                                 f"<p>nearest: {html.escape(nearest)}</p>"
+                                 f"<img src=\"{html.escape(quote(target.relative_to(folder.path).as_posix()))}\">")
+            page = ("<!doctype html><meta charset=utf-8><title>segment retrieval</title>"
+                    f"<h1>Nearest labelled segments</h1><p>labelled: {html.escape(str(labelled))}; query: "
+                    f"{html.escape(str(query))}</p>" + "\n".join(rows_html))
+            folder.write_text(folder.path_for("index.html"), page)
+    finally:
+        lab.close()
+        qry.close()
     return written
 
 

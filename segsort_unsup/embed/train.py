@@ -18,7 +18,9 @@ Modes
 Loss
     Unsupervised (the released recipe): :func:`unsupervised_segsort_loss` over the batch's
     segments (the ucm cut), kappa 10. With ``labels_dir``: :func:`supervised_segsort_loss` with a
-    :class:`PrototypeMemory` of 2 batches, the like-for-like supervised counterpart.
+    :class:`PrototypeMemory` of 2 batches, the like-for-like supervised counterpart; its pixel
+    sorting starts, as released, from the whole image's 5x5 grid and (y/H, x/W), carried through
+    each crop (:func:`.data.supervised_targets`).
     SGD (momentum 0.9, weight decay 5e-4 on weights, fused), poly lr (power 0.9), head at 10x.
 
 Resuming
@@ -26,7 +28,9 @@ Resuming
     (the lr schedule and the data stream are functions of the step, see :mod:`.data`), the
     python/numpy/torch RNG states and the prototype memory; a killed run ends with the same
     weights as an uninterrupted one. Checkpoints are loaded with ``weights_only=True``; one made
-    with other settings is refused, naming the differing keys (``overwrite`` starts over).
+    with other settings or from other segments is refused, naming the differing keys
+    (``overwrite`` starts over). Ctrl-C / SIGTERM are honoured between steps (a checkpoint there,
+    then KeyboardInterrupt); the run folder is locked for the whole run.
 
 Distributed
     Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank takes its slice of every global batch
@@ -61,6 +65,7 @@ from ..config import StageConfig, changed_keys, config_hash, run_only, setting
 from ..errors import InputError, SegsortError, StoreError, WeightsError
 from ..io.atomic import atomic_write_bytes, atomic_write_text, remove_stale_temps, sha256_file
 from ..io.store import StoreLock, StoreReader
+from ..io.sources import store_content
 from ..log import get_logger, progress
 from ..parallel import Executor, check_stop, request_stop
 from ..stages import Stage, StageRun, StageSummary
@@ -279,7 +284,7 @@ def segments_identity(segments: Path) -> tuple[str, dict[str, Any], str]:
     with StoreReader(segments, kind="segments") as reader:
         if not len(reader):
             raise InputError(f"{segments}: the segments store holds no items; run `segsort-unsup ucm` first")
-        return reader.config_hash, reader.config, reader.contents_digest()
+        return reader.config_hash, reader.config, store_content(reader)
 
 
 def resolve(config: TrainConfig) -> tuple[TrainConfig, Any, str]:
@@ -476,7 +481,7 @@ def _build_model(t: _Training) -> None:
     config = t.config
     seed_everything(config.seed)
     model_cfg = {"backbone": config.backbone, "feature_layer": config.feature_layer,
-                 "freeze_blocks": config.freeze_blocks, "embedding_dim": config.embedding_dim,
+                 "freeze_blocks": _frozen_blocks(config), "embedding_dim": config.embedding_dim,
                  "head": config.head, "hidden": config.hidden}
     model = build_model(model_cfg, backbone_weights=config.backbone_weights).to(t.device)
     if model.stride != D.STRIDE:
@@ -638,10 +643,12 @@ def _train_step(t: _Training, batch: dict[str, Any], step: int) -> float:
         emb = t.trainable(x)
     emb = emb.float()
     target = _targets(t, batch, emb.shape[-2:])
+    sorting = _sorting_inputs(t, batch, emb.shape[-2:])
     if t.world > 1:
         emb = _GatherBatch.apply(emb, t.rank, t.world)
         target = _gather_plain(target, t.world)
-    loss = _loss(t, emb, target)
+        sorting = {name: _gather_plain(value, t.world) for name, value in sorting.items()}
+    loss = _loss(t, emb, target, sorting)
     value = float(loss.detach())
     if not math.isfinite(value):
         _diverged(t, step + 1, f"the loss is {value}")
@@ -668,12 +675,27 @@ def _targets(t: _Training, batch: dict[str, Any], grid):
     return segments_to_grid(target, grid) if t.config.mode == "full" else target
 
 
-def _loss(t: _Training, emb, target):
+def _sorting_inputs(t: _Training, batch: dict[str, Any], grid) -> dict[str, Any]:
+    """Supervised: where each crop's pixel sorting starts, from the whole image (as released): its
+    5x5 grid's cells and ``(y/H, x/W)`` locations, carried through the crop, on the embedding's grid."""
+    from .losses import segments_to_grid
+
+    if not t.config.labels_dir:
+        return {}
+    init, yx = batch["init"].to(t.device), batch["yx"].to(t.device)
+    if t.config.mode == "full":
+        init = segments_to_grid(init, grid)
+        yx = segments_to_grid(yx.flatten(0, 1), grid).unflatten(0, (yx.shape[0], 2))
+    size = batch["image_size"].to(t.device).float()[:, :, None, None]
+    return {"init": init, "locations": yx.float() / size}
+
+
+def _loss(t: _Training, emb, target, sorting: dict[str, Any]):
     from .losses import supervised_segsort_loss, unsupervised_segsort_loss
 
     if t.config.labels_dir:
         return supervised_segsort_loss(emb, target, kappa=t.config.kappa, ignore_label=t.config.ignore_label,
-                                       memory=t.memory)
+                                       memory=t.memory, **sorting)
     return unsupervised_segsort_loss(emb, target, kappa=t.config.kappa)
 
 
@@ -857,12 +879,32 @@ def _finish(t: _Training, step: int) -> None:
             "mode": config.mode, "supervised": bool(config.labels_dir), "steps": config.steps, "seed": config.seed,
             "precision": t.precision, "images": t.n_images, "segments_threshold": seg_config.get("threshold"),
             "cut": config.cut if config.cut is not None else seg_config.get("threshold"),
-            "train_config": json.dumps(config.result_fields(), sort_keys=True), **t.provenance})
+            **t.provenance, "backbone_weights_sha256": _trunk_weights_sha256(config),
+            # the settings as a table, freeze_blocks as trained (cached mode freezes the whole trunk)
+            "train_config": {**config.result_fields(), "freeze_blocks": _frozen_blocks(config)}})
         tail = t.recent_losses
         t.summary.note = (f"{config.mode} mode, {t.n_images} images, step {step}/{config.steps}"
                           + (f", loss {np.mean(tail):.4f} (last {len(tail)})" if tail else "")
                           + f", model.pt sha256 {sha[:12]}")
     barrier()
+
+
+def _frozen_blocks(config: TrainConfig) -> int:
+    """Trunk blocks that do not train: all of them up to the feature layer in cached mode."""
+    if config.mode == "cached":
+        return 5 if config.feature_layer == "conv5_3" else 4
+    return config.freeze_blocks
+
+
+def _trunk_weights_sha256(config: TrainConfig) -> str:
+    """sha256 of the trunk's pretrained weights: the given file, or the cached HED weights it defaults to."""
+    if config.backbone_weights:
+        return sha256_file(config.backbone_weights)
+    if config.backbone == "vgg16-hed":
+        from ..contours.weights import resolve_weights
+
+        return resolve_weights("hed-bsds500", None)[1]  # what the trunk was loaded from (sha256-checked)
+    return ""
 
 
 def _fused_sgd_ok(device) -> bool:

@@ -9,13 +9,17 @@ prototypes, summed). The result is a label PNG per image (``<key>.png``, written
 ready for ``segsort-unsup evaluate semantic``. Pixels no segment covers (none in a query store
 embedded without labels) get ``ignore_label`` when set, else 255.
 
-Output folder: the PNGs and ``transfer.json`` (identity: settings + both stores' identities).
-A re-run with the same identity skips images whose PNG exists; a different one is refused
-unless ``overwrite``.
+Output folder (:class:`~segsort_unsup.io.outdir.OutputFolder`, kind ``labels``): the PNGs and
+``transfer.json`` (identity: settings + both stores' identities), written under a manifest and a
+lock. A re-run with the same identity skips images whose PNG the manifest records complete; a
+different one is refused unless ``overwrite``, which removes only the files the manifest lists.
+Keys become file names only through :func:`~segsort_unsup.io.outdir.safe_relative_name`: an
+image whose key could leave the folder fails alone, with one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -26,6 +30,8 @@ import numpy as np
 
 from ..config import StageConfig, config_hash, run_only
 from ..errors import InputError, StoreError
+from ..io.outdir import OutputFolder
+from ..io.sources import store_content
 from ..io.store import StoreReader
 from ..log import get_logger, progress
 from ..parallel import Executor
@@ -35,6 +41,7 @@ log = get_logger("transfer")
 
 INDEXES = ("flat", "ivf")
 MANIFEST = "transfer.json"
+ORIGINS = "made_from.json"  # key -> sha256 of the query shard its PNG was computed from
 
 
 @dataclass(frozen=True)
@@ -62,8 +69,9 @@ class TransferConfig(StageConfig):
             raise self.bad_value("index", f"choose one of {', '.join(INDEXES)}")
         if self.nlist is not None and self.nlist < 1:
             raise self.bad_value("nlist", "must be >= 1")
-        if self.nprobe < 1 or self.batch < 1:
-            raise self.bad_value("nprobe", "must be >= 1")
+        for key in ("nprobe", "batch"):
+            if getattr(self, key) < 1:
+                raise self.bad_value(key, "must be >= 1")
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,7 +132,8 @@ def pixel_labels(votes: np.ndarray, maps: np.ndarray, *, fill: int = 255) -> np.
     return out
 
 
-def _open(path: str | os.PathLike, what: str) -> StoreReader:
+def open_prototypes(path: str | os.PathLike, what: str) -> StoreReader:
+    """A prototypes store to read (``what`` names its role in errors: labelled, query, scored)."""
     from ..io.store import is_store
 
     if not is_store(path):
@@ -148,9 +157,14 @@ def labelled_table(reader: StoreReader, *, ignore_label: int | None = None) -> t
                                       "--labels DIR")
     protos, failed = reader.stack("prototypes")
     labels, failed2 = reader.stack("label")
-    if failed or failed2 or protos.keys != labels.keys:
+    if failed or failed2:
         bad = (failed or failed2)[0]
         raise StoreError(reader.root, f"item {bad[0]} cannot be read ({bad[1]})")
+    if protos.keys != labels.keys:
+        unlabelled = sorted(set(protos.keys) - set(labels.keys))
+        raise StoreError(reader.root, f"{len(unlabelled)} item(s) have prototypes but no labels (e.g. "
+                                      f"{unlabelled[0]!r}); embed the labelled set again with --labels DIR "
+                                      "holding a label PNG for every image")
     x, y = protos.array, labels.array.astype(np.int64)
     if ignore_label is not None:
         keep = y != ignore_label
@@ -160,17 +174,15 @@ def labelled_table(reader: StoreReader, *, ignore_label: int | None = None) -> t
     return x, y
 
 
-def _png(path: Path, labels: np.ndarray) -> None:
+def label_png(path: Path, labels: np.ndarray) -> bytes:
+    """The label PNG's bytes (8-bit, or 16-bit for class ids above 255)."""
     import cv2
-
-    from ..io.atomic import atomic_write_bytes
 
     dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
     ok, data = cv2.imencode(".png", labels.astype(dtype))
     if not ok:
         raise OSError(f"cannot encode {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, data.tobytes())
+    return data.tobytes()
 
 
 def run(config: TransferConfig, inputs: Any, output: str | os.PathLike, *,
@@ -180,14 +192,12 @@ def run(config: TransferConfig, inputs: Any, output: str | os.PathLike, *,
     ``inputs`` is ``[labelled, query]``: two prototypes stores (the labelled one embedded with
     ``--labels``). ``executor`` is unused (one in-process pass; faiss uses the cores).
     """
-    from ..io.atomic import atomic_write_text
-
     try:
         labelled_path, query_path = inputs
     except (TypeError, ValueError):
         raise InputError("transfer needs two inputs: a labelled prototypes store and a query prototypes store") from None
-    labelled = _open(labelled_path, "labelled")
-    query = _open(query_path, "query")
+    labelled = open_prototypes(labelled_path, "labelled")
+    query = open_prototypes(query_path, "query")
     x, y = labelled_table(labelled, ignore_label=config.ignore_label)
     num_classes = int(y.max()) + 1
     known = set(np.unique(y).tolist())
@@ -201,56 +211,75 @@ def run(config: TransferConfig, inputs: Any, output: str | os.PathLike, *,
     if x.shape[1] != query.read(query.keys()[0], ("prototypes",)).arrays["prototypes"].shape[1]:
         raise InputError(f"prototype dimensions differ between {labelled_path} and {query_path} "
                          "(embed both with the same model and --features)")
-    out = Path(output)
-    identity = config.identity(labelled=labelled.config_hash, query=query.config_hash)
-    manifest = out / MANIFEST
-    summary = StageSummary("transfer", output=str(out), identity_hash=config_hash(identity))
-    old = _manifest_identity(manifest)
-    redo = overwrite is True or (old is not None and old != identity)
-    if redo and overwrite is False:
-        raise InputError(f"{out} holds labels made with other settings or stores; pass --overwrite to replace them")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out} exists and is not a folder; choose another output path")
-    out.mkdir(parents=True, exist_ok=True)
-    if redo:  # labels of the old settings go before the new manifest: no mix survives a crash
-        for old_png in out.rglob("*.png"):
-            old_png.unlink()
-    atomic_write_text(manifest, json.dumps({"identity": identity, "num_classes": num_classes,
-                                            "labelled": str(labelled_path), "query": str(query_path)}, indent=2))
-    index = build_index(x, index=config.index, nlist=config.nlist, nprobe=config.nprobe)
-    keys = query.keys()
-    summary.total = len(keys)
-    fill = config.ignore_label if config.ignore_label is not None else 255
-    log.info("transfer: %d labelled prototypes (%d classes), %d query images, k=%d, %s index", len(x),
-             num_classes, len(keys), config.k, config.index)
-    for key in progress(keys, desc="transfer"):
-        target = out / f"{key}.png"
-        if target.is_file():
-            summary.skipped += 1
-            continue
-        try:
-            item = query.read(key)
-            maps = item.arrays.get("views", item.arrays["segments"])
-            votes = knn_votes(item.arrays["prototypes"], index, y, k=config.k, num_classes=num_classes,
-                              batch=config.batch)
-            _png(target, pixel_labels(votes, maps, fill=fill))
-            summary.done += 1
-        except Exception as exc:  # noqa: BLE001 - one bad item never stops the run
-            reason = failure_reason(exc)
-            log.warning("transfer: %s: %s", key, reason)
-            summary.failed.append((key, reason))
+    identity = config.identity(labelled=labelled.config_hash, query=query.config_hash,
+                               labelled_content=store_content(labelled))
+    record = {"identity": identity, "num_classes": num_classes, "labelled": str(labelled_path),
+              "query": str(query_path)}
+    with OutputFolder(output, kind="labels", identity=identity, overwrite=overwrite,
+                      meta={"labelled": str(labelled_path), "query": str(query_path)}) as folder:
+        if folder.replaced_keys:
+            log.info("transfer: settings or stores changed (%s); %s starts over", ", ".join(folder.replaced_keys),
+                     output)
+        folder.write_text(folder.path_for(MANIFEST), json.dumps(record, indent=2))
+        summary = _label_images(config, folder, query, build_index(x, index=config.index, nlist=config.nlist,
+                                                                    nprobe=config.nprobe), y, num_classes)
+    summary.identity_hash = config_hash(identity)
     labelled.close()
     query.close()
     return summary
 
 
-def _manifest_identity(manifest: Path) -> Any:
+def _label_images(config: TransferConfig, folder: OutputFolder, query: StoreReader, index, y: np.ndarray,
+                  num_classes: int) -> StageSummary:
+    """A label PNG per query image not yet complete in ``folder``; a bad key or item fails alone."""
+    keys = query.keys()
+    summary = StageSummary("transfer", output=str(folder.path), total=len(keys))
+    fill = config.ignore_label if config.ignore_label is not None else 255
+    log.info("transfer: %d labelled prototypes (%d classes), %d query images, k=%d, %s index", len(y),
+             num_classes, len(keys), config.k, config.index)
+    _forget_stale(folder, query, keys)
+    for key in progress(keys, desc="transfer"):
+        try:
+            target = folder.file_for(key, ".png")
+            if folder.is_complete(target):
+                summary.skipped += 1
+                continue
+            item = query.read(key)
+            maps = item.arrays.get("views", item.arrays["segments"])
+            votes = knn_votes(item.arrays["prototypes"], index, y, k=config.k, num_classes=num_classes,
+                              batch=config.batch)
+            folder.write_bytes(target, label_png(target, pixel_labels(votes, maps, fill=fill)))
+            summary.done += 1
+        except Exception as exc:  # noqa: BLE001 - one bad item never stops the run
+            reason = failure_reason(exc)
+            log.warning("transfer: %s: %s", key, reason)
+            summary.failed.append((key, reason))
+    return summary
+
+
+def _forget_stale(folder: OutputFolder, query: StoreReader, keys: list[str]) -> None:
+    """Un-record the PNGs of query items recomputed since they were written (a changed photo lands in
+    a new shard), then record what every PNG of this run is made from: the query shard's sha256."""
+    made_from = _read_origins(folder)
+    origins = {key: query.shard_sha256(key) for key in keys}
+    for key in keys:
+        if made_from.get(key) != origins[key]:
+            with contextlib.suppress(InputError):  # a key unfit for a file name fails in the loop
+                folder.forget(folder.file_for(key, ".png"))
+    folder.write_text(folder.path_for(ORIGINS), json.dumps(origins, indent=0, sort_keys=True))
+
+
+def _read_origins(folder: OutputFolder) -> dict[str, str]:
+    """Which query item (its shard's sha256) each recorded PNG was made from: a query item
+    recomputed since (a changed photo) has its PNG redone; a damaged record redoes them all."""
+    path = folder.path_for(ORIGINS)
+    if not folder.is_complete(path):
+        return {}
     try:
-        return json.loads(manifest.read_text(encoding="utf-8")).get("identity")
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, AttributeError):
-        return "unreadable"  # a damaged manifest: its labels are of unknown origin
+        origins = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return origins if isinstance(origins, dict) else {}
 
 
 def _has_labels(reader: StoreReader) -> bool:

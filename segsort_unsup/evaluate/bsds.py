@@ -213,7 +213,7 @@ def collect(fn, tasks: list, executor: Executor | None, *, stage: str, output: P
             summary.done += 1
         else:
             summary.failed.append((outcome.item.iid, str(outcome.error)))
-            log.error("%s: %s", outcome.item.iid, outcome.error)
+            log.warning("%s: %s", outcome.item.iid, outcome.error)
     if not results:
         raise InputError(f"no image could be evaluated; first failure: {summary.failed[0][1]}")
     return summary, results

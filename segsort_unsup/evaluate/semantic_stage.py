@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..config import StageConfig, config_hash
 from ..errors import InputError, SegsortError
+from ..io.sources import store_content
 from ..io.store import StoreReader, is_store
 from ..parallel import Executor
 from ..stages import Stage, StageSummary
@@ -65,7 +66,7 @@ def _inputs_identity(predictions: Path, ground_truth: Path) -> str:
             made_by = "unreadable"
     elif is_store(predictions):
         with StoreReader(predictions) as reader:
-            made_by = {"store": reader.config_hash, "keys": reader.keys()}
+            made_by = {"store": reader.config_hash, "keys": reader.keys(), "content": store_content(reader)}
     return config_hash({"made_by": made_by, "files": _folder_listing(predictions),
                         "ground_truth": _folder_listing(ground_truth)})
 

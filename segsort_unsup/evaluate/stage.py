@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..config import StageConfig, config_hash
 from ..errors import InputError, SegsortError
+from ..io.sources import store_content
 from ..io.store import StoreReader
 from ..log import get_logger
 from ..parallel import Executor
@@ -52,7 +53,7 @@ class EvaluateConfig(StageConfig):
 def _identity(config: EvaluateConfig, store: Path, what: str) -> str:
     with StoreReader(store) as reader:
         return config_hash({**config.identity(), "what": what, "store": reader.config_hash,
-                            "keys": config_hash({"k": reader.keys()})})
+                            "content": store_content(reader)})
 
 
 def run(config: EvaluateConfig, inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *,

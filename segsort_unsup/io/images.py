@@ -18,6 +18,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import BadImageError, InputError
+from ..log import get_logger
+
+log = get_logger("images")
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".gif"}
@@ -31,6 +34,85 @@ MAX_PIXELS = 40_000 * 40_000
 DEFAULT_MAX_PIXELS = 89_478_485
 # PIL modes numpy cannot take directly (palette, CMYK, ...): converted to RGB(A) first.
 _CONVERT_MODES = frozenset({"P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"})
+
+
+# Files that mark a folder as written by this tool (a store, transfer labels, a gallery): a folder
+# holding one is never read as input, nor is anything below it.
+OUTPUT_MARKERS = ("store.json", "transfer.json", "gallery.json")
+# Folders the running command or pipeline writes (see :func:`excluding_outputs`).
+_WRITING: list[Path] = []
+
+
+@contextlib.contextmanager
+def excluding_outputs(*paths: str | os.PathLike | None) -> Iterator[None]:
+    """While inside, :func:`list_images` never lists these folders (what this run writes).
+
+    An input folder that contains an output folder is read without it, so a run whose output lies
+    inside its input does not eat its own pictures; an input that *is* one of them, or lies inside
+    one, is refused.
+    """
+    added = [Path(os.path.abspath(os.path.expanduser(os.fspath(p)))) for p in paths if p]
+    _WRITING.extend(added)
+    try:
+        yield
+    finally:
+        for path in added:
+            _WRITING.remove(path)
+
+
+def _written_here(path: Path) -> bool:
+    absolute = Path(os.path.abspath(path))
+    return any(absolute == out or out in absolute.parents for out in _WRITING)
+
+
+def _refuse_output_as_input(text: str, path: Path) -> None:
+    if _written_here(path):
+        raise InputError(f"{text}: is (or lies inside) this run's output folder; give an input folder the run "
+                         "does not write to (an output *inside* the input is fine: it is skipped)")
+
+
+def _under_tool_output(path: Path, root: Path) -> bool:
+    """Whether a folder between ``root`` (excluded) and ``path`` holds an output marker."""
+    folder = path.parent
+    while folder != root and folder != folder.parent:
+        if any((folder / marker).is_file() for marker in OUTPUT_MARKERS):
+            return True
+        folder = folder.parent
+    return False
+
+
+def _folder_images(root: Path) -> list[Path]:
+    """The images under ``root``, skipping hidden names, this run's outputs and folders the tool wrote."""
+    found: list[Path] = []
+    hidden = 0
+    outputs: list[str] = []
+    visited: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        here = Path(folder)
+        real = os.path.realpath(folder)
+        if real in visited:  # a symlink back up the tree
+            dirs.clear()
+            continue
+        visited.add(real)
+        if here != root and (_written_here(here) or any(m in files for m in OUTPUT_MARKERS)):
+            outputs.append(str(here))
+            dirs.clear()
+            continue
+        hidden += sum(name.startswith(".") for name in dirs)
+        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
+        for name in files:
+            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            if name.startswith("."):
+                hidden += 1
+            else:
+                found.append(here / name)
+    if hidden:
+        log.info("%s: %d hidden file(s) or folder(s) (names starting with '.') skipped", root, hidden)
+    if outputs:
+        log.info("%s: %d output folder(s) of segsort-unsup skipped (%s)", root, len(outputs),
+                 ", ".join(sorted(outputs)[:3]) + (", ..." if len(outputs) > 3 else ""))
+    return found
 
 
 @dataclass(frozen=True, order=True)
@@ -69,15 +151,16 @@ def list_images(source: str | os.PathLike) -> list[ImageRef]:
     A list file (``.txt``/``.lst``) holds one path per line, relative to the list file;
     blank lines and lines starting with ``#`` are skipped. Missing files listed there are
     kept, so that reading them fails per image with a clear reason.
+
+    A folder or glob never yields hidden files (names starting with ``.``; their count is logged)
+    nor anything under this run's output folders (:func:`excluding_outputs`) or under a folder
+    the tool wrote (one holding a store, transfer or gallery manifest).
     """
     text = os.fspath(source)
     path = Path(text)
     if path.is_dir():
-        refs = [
-            ImageRef(_key_for(p, path), p)
-            for p in path.rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-        ]
+        _refuse_output_as_input(text, path)
+        refs = [ImageRef(_key_for(p, path), p) for p in _folder_images(path)]
         if not refs:
             raise InputError(f"{text}: folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         return _unique(refs, text)
@@ -98,15 +181,16 @@ def list_images(source: str | os.PathLike) -> list[ImageRef]:
         return [ImageRef(path.stem, path)]
     if _glob.has_magic(text):
         matches = [Path(m) for m in sorted(_glob.glob(text, recursive=True))]
-        matches = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_EXTENSIONS]
-        if not matches:
-            raise InputError(f"{text}: glob matches no images")
         fixed = []
         for part in Path(text).parts:
             if _glob.has_magic(part):
                 break
             fixed.append(part)
         root = Path(*fixed) if fixed else Path(".")
+        matches = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_EXTENSIONS
+                   and not _written_here(m) and not _under_tool_output(m, root)]
+        if not matches:
+            raise InputError(f"{text}: glob matches no images")
         return _unique([ImageRef(_key_for(m, root), m) for m in matches], text)
     raise InputError(f"{text}: no such folder, image, list file or glob")
 

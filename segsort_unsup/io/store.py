@@ -4,18 +4,25 @@ A store is a folder::
 
     out/contours/
       store.json          kind, format version, identity (config + provenance) and its hash, producer
-      index.jsonl         one line per complete shard: its name, keys, size and sha256 (appended)
+      index.jsonl         one line per complete shard: its name, keys, size, sha256 and, per item, what
+                          it was computed from (appended); a ``forget`` line withdraws items to redo
+      journal.jsonl       write-ahead records: each shard's name, keys, size and sha256, appended
+                          before the shard is renamed into place
       part-00000.h5       complete shards: one HDF5 group per item
       part-r1a2b-t00003.h5  a shard written by a distributed task (unique name per task)
       .part-00002.h5.<pid>.tmp  a shard being written (never read; removed on the next run)
       failures.tsv        items that failed in the last run, with the reason (header + one row each)
-      quarantine/         shards found damaged, set aside with the reason (their items are redone)
+      quarantine/         shards found damaged or not written by this store, set aside with the reason
+      .clearing           only while ``--overwrite`` empties the folder: a run killed then is finished
+                          by the next run of the same kind of store
 
-A shard is written to a temporary name and renamed into place only once it is closed and
-fsynced; its line is then appended to ``index.jsonl``. A killed run leaves complete shards
-(at most one without its index line: it is verified and adopted on the next run) plus temporary
-files that the next run deletes. A lock (taken before anything is deleted) keeps two runs out
-of one store, ``--overwrite`` included.
+A shard is written to a temporary name, fsynced, recorded in ``journal.jsonl`` (name, size,
+sha256) and only then renamed into place; its line is then appended to ``index.jsonl``. A killed
+run leaves complete shards (at most one without its index line: its journal record vouches for
+it, and it is verified and adopted on the next run) plus temporary files that the next run
+deletes. Only shards that this store recorded are trusted: any other ``part-*.h5`` (one copied
+in from another store) is set aside in ``quarantine/``. A lock (taken before anything is
+deleted) keeps two runs out of one store, ``--overwrite`` included.
 
 Every byte is checked when read back: datasets carry HDF5's fletcher32 checksum, metadata is
 written with the checksummed (``libver="latest"``) HDF5 format, and the index holds each
@@ -32,6 +39,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -64,12 +72,18 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: segsort-unsup 0.1 (no index, no checksums): still read
 MANIFEST_NAME = "store.json"
 INDEX_NAME = "index.jsonl"
+JOURNAL_NAME = "journal.jsonl"
 FAILURES_NAME = "failures.tsv"
 LOCK_NAME = ".lock"
+CLEARING_NAME = ".clearing"  # present while --overwrite empties the folder (store.json goes last)
+MAX_MANIFEST_DEPTH = 32
 QUARANTINE_DIR = "quarantine"
 FLUSH_BYTES = 256 * 2**20  # queued item bytes that close a shard (huge images are written at once)
 _SHARD_RE = re.compile(r"^part-[A-Za-z0-9_-]+\.h5$")
 _GZIP_MIN = 4096  # values; smaller datasets are stored uncompressed (still chunked and checksummed)
+_DEFLATE_MAX_RATIO = 1100  # deflate never expands data more than 1032-fold
+_COMPACT_MAX = 64 * 1024  # an HDF5 compact dataset lives in its object header (at most 64 KiB)
+_KNOWN_FILTERS = frozenset({h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_FLETCHER32})
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,10 +102,12 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class StoreSchema:
-    """What a store kind holds: its datasets, declared once."""
+    """What a store kind holds: its datasets, declared once (``rows``: datasets whose first
+    dimension is the same count in every item, e.g. one row per segment)."""
 
     kind: str
     datasets: tuple[DatasetSpec, ...]
+    rows: tuple[str, ...] = ()
 
     def spec(self, name: str) -> DatasetSpec | None:
         return next((d for d in self.datasets if d.name == name), None)
@@ -135,7 +151,7 @@ SEGMENTS = register_schema(StoreSchema("segments", (
     DatasetSpec("leaves", "int32", 2),  # pixel -> leaf region
     DatasetSpec("labels", "int32", 2),  # cut at the stage's threshold
     DatasetSpec("labels_levels", "int32", 3, optional=True),
-)))
+), rows=("parents", "altitudes")))
 PROTOTYPES = register_schema(StoreSchema("prototypes", (
     DatasetSpec("prototypes", "float32", 2),  # K x D, unit norm
     DatasetSpec("segments", "int32", 2),  # segment label map (H, W), ids 0..K-1
@@ -144,7 +160,7 @@ PROTOTYPES = register_schema(StoreSchema("prototypes", (
     DatasetSpec("label", "int32", 1, optional=True),  # majority class per segment (labelled sets)
     DatasetSpec("views", "int32", 3, optional=True),  # V x H x W segment maps of every view (multi-view embed)
     DatasetSpec("votes", "float32", 2, optional=True),
-)))
+), rows=("prototypes", "area", "bbox", "label")))
 # Frozen-trunk features per (image, scale, flip): the ``features`` stage, read by cached-mode train.
 FEATURES = register_schema(StoreSchema("features", (
     DatasetSpec("features", "float16", 3),  # (C, h, w) trunk features at stride 8
@@ -217,15 +233,38 @@ class DeferredArray:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """A complete shard: file name, the keys it holds, its size and sha256."""
+    """A complete shard: file name, the keys it holds, its size and sha256, and (per-item stages)
+    each item's input fingerprint (what it was computed from; see :mod:`segsort_unsup.io.sources`)."""
 
     name: str
     keys: tuple[str, ...]
     size: int
     sha256: str
+    inputs: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def record(self) -> dict[str, Any]:
+        data = {"shard": self.name, "keys": list(self.keys), "size": self.size, "sha256": self.sha256}
+        if self.inputs:
+            data["inputs"] = dict(self.inputs)
+        return data
 
     def line(self) -> str:
-        return json.dumps({"shard": self.name, "keys": list(self.keys), "size": self.size, "sha256": self.sha256})
+        return json.dumps(self.record())
+
+    @classmethod
+    def from_record(cls, d: Mapping[str, Any]) -> ShardInfo:
+        inputs = d.get("inputs") or {}
+        if not isinstance(inputs, dict):
+            raise TypeError("inputs is not a mapping")
+        return cls(str(d["shard"]), tuple(str(k) for k in d["keys"]), int(d["size"]), str(d["sha256"]),
+                   {str(k): str(v) for k, v in inputs.items()})
+
+
+@dataclass(frozen=True)
+class _Forget:
+    """An index line withdrawing items (their input changed: they are redone, never served stale)."""
+
+    keys: tuple[str, ...]
 
 
 def is_store(path: str | os.PathLike) -> bool:
@@ -265,50 +304,209 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
         raise StoreError(root, "no such store (expected a folder written by segsort-unsup)")
     if not root.is_dir():
         raise StoreError(root, "is a file, not a store folder")
+    if (root / CLEARING_NAME).exists():
+        raise StoreError(root, "an --overwrite of this store was interrupted while it emptied the folder; "
+                               "re-run the stage that writes it to finish (its items are recomputed)")
     if not path.is_file():
         raise StoreError(root, f"not a segsort-unsup store ({MANIFEST_NAME} missing)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise StoreError(path, f"unreadable store manifest ({exc}); re-run the stage with --overwrite") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise StoreError(path, f"unreadable store manifest ({reason}); re-run the stage with --overwrite") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("kind"), str):
         raise StoreError(path, "not a store manifest (expected a JSON object with a 'kind'); "
                                "re-run the stage with --overwrite or choose another output")
+    _check_manifest_fields(path, manifest)
     if manifest.get("format_version") not in READABLE_VERSIONS:
         raise StoreError(root, f"store format {manifest.get('format_version')} is not supported by "
                                f"segsort-unsup {__version__} (reads {READABLE_VERSIONS})")
     return manifest
 
 
-def _read_index(root: Path) -> list[ShardInfo]:
-    """Shard lines of ``index.jsonl`` (a torn last line, from a kill mid-append, is ignored)."""
-    path = root / INDEX_NAME
+def _json_depth(value: Any) -> int:
+    """Nesting depth of a JSON value (iterative: a hostile file cannot exhaust the stack)."""
+    depth, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            depth = max(depth, level)
+            if depth > MAX_MANIFEST_DEPTH:
+                return depth
+            stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return depth
+
+
+def _check_manifest_fields(path: Path, manifest: dict[str, Any]) -> None:
+    """The manifest's fields have the types this package writes (one line naming the field, else)."""
+    if _json_depth(manifest) > MAX_MANIFEST_DEPTH:
+        raise StoreError(path, f"store manifest nested deeper than {MAX_MANIFEST_DEPTH} levels; not written by "
+                               "segsort-unsup: re-run the stage with --overwrite or choose another output")
+    for name, types in (("config", dict), ("meta", dict), ("config_hash", str), ("epoch", (str, type(None)))):
+        if name in manifest and not isinstance(manifest[name], types):
+            raise StoreError(path, f"store manifest field {name!r} is a {type(manifest[name]).__name__}, not "
+                                   f"what segsort-unsup writes; re-run the stage with --overwrite or choose "
+                                   "another output")
+
+
+def _read_records(path: Path) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a ``.jsonl`` file (a torn last line, from a kill mid-append, is skipped)."""
     if not path.is_file():
-        return []
-    infos = []
+        return
     with open(path, encoding="utf-8", errors="replace") as fh:
         for line in fh:
             try:
                 d = json.loads(line)
-                infos.append(ShardInfo(str(d["shard"]), tuple(str(k) for k in d["keys"]), int(d["size"]),
-                                       str(d["sha256"])))
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, RecursionError):
                 continue
-    return infos
+            if isinstance(d, dict):
+                yield d
+
+
+def _read_index_entries(root: Path) -> list[ShardInfo | _Forget]:
+    """``index.jsonl`` in order: shard lines and ``forget`` lines."""
+    entries: list[ShardInfo | _Forget] = []
+    for d in _read_records(root / INDEX_NAME):
+        try:
+            entries.append(_Forget(tuple(str(k) for k in d["forget"])) if "forget" in d else ShardInfo.from_record(d))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return entries
+
+
+def _read_index(root: Path) -> list[ShardInfo]:
+    """Shard lines of ``index.jsonl``."""
+    return [e for e in _read_index_entries(root) if isinstance(e, ShardInfo)]
+
+
+def _read_journal(root: Path) -> dict[str, tuple[ShardInfo, str | None]]:
+    """Write-ahead records by shard name: (what the shard must be, the store epoch it was written for)."""
+    records: dict[str, tuple[ShardInfo, str | None]] = {}
+    for d in _read_records(root / JOURNAL_NAME):
+        try:
+            records[str(d["shard"])] = (ShardInfo.from_record(d), None if d.get("epoch") is None else str(d["epoch"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return records
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one line durably, in one write (concurrent appenders never interleave within a line)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Untrusted(ValueError):
+    """A shard file no record of this store vouches for (copied in from elsewhere, or replaced)."""
+
+
+def _vouch(path: Path, indexed: ShardInfo | None, journal: tuple[ShardInfo, str | None] | None, *,
+           legacy: bool, epoch: str | None, verify: bool) -> tuple[ShardInfo, bool]:
+    """The record that vouches for a shard file and whether it must still be indexed; raises
+    :class:`_Untrusted` or another error saying why the shard is not trusted.
+
+    With ``verify`` the whole file is hashed (and an unindexed shard read through); without it
+    the caller verifies the sha256 when it first opens the shard.
+    """
+    size = path.stat().st_size
+    if indexed is not None:
+        if size != indexed.size:
+            raise _Untrusted(f"size {size} differs from the indexed {indexed.size} (replaced or truncated)")
+        if verify:
+            if sha256_file(path) != indexed.sha256:
+                raise ValueError("sha256 differs from the one recorded when it was written")
+            _scan_shard(path, verify=False)
+        return indexed, False
+    if legacy:  # a 0.1 store: no records at all, the shards are all there is
+        keys = _scan_shard(path, verify=verify)
+        return ShardInfo(path.name, keys, size, sha256_file(path) if verify else ""), True
+    if journal is None:
+        raise _Untrusted("this store has no record of writing it (not in index.jsonl or journal.jsonl): "
+                         "a shard copied in from elsewhere")
+    record, written_for = journal
+    if written_for is not None and epoch is not None and written_for != epoch:
+        raise _Untrusted("written for an earlier store in this folder (before an --overwrite)")
+    if size != record.size or (verify and sha256_file(path) != record.sha256):
+        raise _Untrusted("differs from the shard this store recorded before renaming it into place")
+    keys = _scan_shard(path, verify=verify)
+    if sorted(keys) != sorted(record.keys):
+        raise _Untrusted("holds other items than the ones this store recorded for it")
+    return record, True
+
+
+def _replay(entries: Iterable[ShardInfo | _Forget],
+            trusted: Mapping[str, ShardInfo]) -> dict[str, tuple[str, str | None]]:
+    """Key -> (shard name, input fingerprint) after the index's lines in order: later shards win,
+    ``forget`` lines withdraw keys; lines of shards not in ``trusted`` are skipped."""
+    where: dict[str, tuple[str, str | None]] = {}
+    for entry in entries:
+        if isinstance(entry, _Forget):
+            for key in entry.keys:
+                where.pop(key, None)
+        elif trusted.get(entry.name) is entry:
+            for key in entry.keys:
+                where[key] = (entry.name, entry.inputs.get(key))
+    return where
 
 
 def _scan_shard(path: Path, *, verify: bool) -> tuple[str, ...]:
-    """Keys held by a shard file; with ``verify``, every dataset is read (checksums checked)."""
+    """Keys held by a shard file; with ``verify``, every dataset is checked and read (checksums checked)."""
     keys = []
     with h5py.File(path, "r") as fh:
         for name in fh:
             group = fh[name]
             keys.append(str(_decode_attr(group.attrs.get("key", unquote(name)))))
             if verify:
-                for ds in group.values():
+                for ds_name, ds in group.items():
+                    check_declared_size(ds, f"item {name!r}: dataset {ds_name!r}")
                     ds[()]
                 dict(group.attrs)
     return tuple(keys)
+
+
+def memory_limit() -> int:
+    """Bytes of physical memory (no single read may declare more)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - platforms without sysconf
+        return 1 << 40
+
+
+def check_declared_size(ds: h5py.Dataset, what: str) -> int:
+    """The bytes a dataset declares, once checked against what its file holds for it.
+
+    Raises ``ValueError`` naming ``what`` before anything is allocated when the file cannot hold
+    what the dataset declares: chunks missing (they would read as fill values), more bytes than
+    its stored bytes can decompress to, storage outside the file, filters this package never
+    writes, or more than this machine's memory.
+    """
+    nbytes = math.prod(ds.shape or ()) * ds.dtype.itemsize
+    if ds.is_virtual or ds.external:
+        raise ValueError(f"{what} is stored outside its shard (virtual or external storage)")
+    plist = ds.id.get_create_plist()
+    filters = {plist.get_filter(i)[0] for i in range(plist.get_nfilters())}
+    if filters - _KNOWN_FILTERS:
+        raise ValueError(f"{what} uses HDF5 filters {sorted(filters - _KNOWN_FILTERS)} that segsort-unsup never writes")
+    stored = ds.id.get_storage_size()
+    layout = plist.get_layout()
+    if layout == h5py.h5d.CHUNKED:
+        expected = math.prod(-(-n // c) for n, c in zip(ds.shape, ds.chunks))
+        present = ds.id.get_num_chunks() if expected else 0
+        if present != expected:
+            raise ValueError(f"{what} declares shape {ds.shape} but stores {present} of its {expected} chunks")
+        capacity = stored * (_DEFLATE_MAX_RATIO if h5py.h5z.FILTER_DEFLATE in filters else 1)
+    else:
+        capacity = stored if layout == h5py.h5d.CONTIGUOUS else _COMPACT_MAX
+    if nbytes > capacity:
+        raise ValueError(f"{what} declares shape {ds.shape} {ds.dtype} ({nbytes} bytes), more than its "
+                         f"{stored} stored bytes can hold")
+    if nbytes > memory_limit():
+        raise ValueError(f"{what} declares {nbytes / 2**30:.1f} GiB, more than this machine's memory")
+    return nbytes
 
 
 def _dataset_options(arr: np.ndarray) -> dict[str, Any]:
@@ -328,13 +526,16 @@ def _check_space(root: Path, needed: int) -> None:
 
 
 def write_shard(root: str | os.PathLike, name: str, items: Iterable[Item], *,
-                schema: StoreSchema | None = None, epoch: str | None = None) -> ShardInfo:
-    """Write ``items`` as the complete shard ``root/name`` (temp file, fsync, rename) and describe it.
+                schema: StoreSchema | None = None, epoch: str | None = None,
+                inputs: Mapping[str, str] | None = None) -> ShardInfo:
+    """Write ``items`` as the complete shard ``root/name`` (temp file, fsync, journal record,
+    rename) and describe it.
 
     Used by the store writer and, directly, by distributed tasks (which return the
     :class:`ShardInfo` for the client to index). With ``epoch``, the shard is only committed
     while the store's manifest still carries that epoch (an ``--overwrite`` in between makes a
-    late task fail instead of writing into the new store).
+    late task fail instead of writing into the new store). ``inputs``: each item's input
+    fingerprint, recorded with the shard.
     """
     root = Path(root)
     items = list(items)
@@ -362,8 +563,10 @@ def write_shard(root: str | os.PathLike, name: str, items: Iterable[Item], *,
                     del value, arr
         if epoch is not None and read_manifest(root).get("epoch") != epoch:
             raise StoreError(root, "the store was replaced (--overwrite) while this task ran; its result is dropped")
-        size = tmp.stat().st_size
-        digest = sha256_file(tmp)
+        keys = tuple(it.key for it in items)
+        info = ShardInfo(name, keys, tmp.stat().st_size, sha256_file(tmp),
+                         {k: inputs[k] for k in keys if inputs and inputs.get(k) is not None})
+        _append_line(root / JOURNAL_NAME, json.dumps({**info.record(), "epoch": epoch}))  # write-ahead
         commit_temp(tmp, final)
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -371,7 +574,7 @@ def write_shard(root: str | os.PathLike, name: str, items: Iterable[Item], *,
         if isinstance(exc, Exception) and is_disk_full(exc):
             raise DiskFullError(root, needed) from None
         raise
-    return ShardInfo(name, tuple(it.key for it in items), size, digest)
+    return info
 
 
 def _escape(text: str) -> str:
@@ -486,9 +689,11 @@ class StoreWriter:
         self.config = dict(config)
         self.config_hash = config_hash(self.config)
         self.completed: set[str] = set()
+        self.inputs: dict[str, str] = {}  # key -> input fingerprint recorded with the item
         self.quarantined: list[tuple[str, str]] = []  # (shard, reason)
         self.replaced_keys: list[str] = []  # with overwrite="changed": what differed
         self._pending: list[Item] = []
+        self._pending_inputs: dict[str, str] = {}
         self._pending_since = 0.0
         self._pending_bytes = 0
         self._failures: dict[str, tuple[str, str]] = {}
@@ -529,7 +734,9 @@ class StoreWriter:
         manifest_path = self.root / MANIFEST_NAME
         existing = [p for p in self.root.iterdir() if p.name not in (LOCK_NAME,)]
         old: dict[str, Any] | None = None
-        if manifest_path.exists():
+        if (self.root / CLEARING_NAME).exists():
+            self._finish_interrupted_clear()
+        elif manifest_path.exists():
             try:
                 old = read_manifest(self.root)
             except StoreError:
@@ -554,11 +761,10 @@ class StoreWriter:
         if old is not None:
             if old.get("config_hash") != self.config_hash:
                 changed = changed_keys(old.get("config", {}), self.config)
-                raise StoreError(
-                    self.root,
-                    f"was written with another configuration (differs in: {', '.join(changed) or 'hash'}); "
-                    "pass --overwrite to replace it, or choose another output path",
-                )
+                what = ("was computed from an input that has changed since" if changed and
+                        all(k.startswith("source") for k in changed) else "was written with another configuration")
+                raise StoreError(self.root, f"{what} (differs in: {', '.join(changed) or 'hash'}); "
+                                            "pass --overwrite to replace it, or choose another output path")
             return old
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -572,45 +778,79 @@ class StoreWriter:
             "epoch": uuid.uuid4().hex[:12],
         }
         atomic_write_text(manifest_path, json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        if (self.root / CLEARING_NAME).exists():
+            (self.root / CLEARING_NAME).unlink()
+            fsync_dir(self.root)
         return manifest
 
+    def _finish_interrupted_clear(self) -> None:
+        from ..log import get_logger
+
+        try:
+            kind = json.loads((self.root / CLEARING_NAME).read_text(encoding="utf-8"))["kind"]
+        except (OSError, ValueError, RecursionError, KeyError, TypeError):
+            kind = None
+        if kind != self.kind:
+            raise StoreError(self.root, f"an --overwrite of the {kind!r} store here was interrupted; re-run the "
+                                        "stage that writes it to finish, or choose another output path")
+        get_logger("store").warning("%s: an --overwrite was interrupted while emptying this folder; finishing it "
+                                    "(every item is recomputed)", self.root)
+        self._clear()
+
     def _clear(self) -> None:
-        """Delete the store's contents (the lock is held, so no other run is writing)."""
+        """Delete the store's contents (the lock is held, so no other run is writing).
+
+        A marker goes first and ``store.json`` last: a run killed in between leaves a folder that the
+        next run of this stage recognises and finishes emptying (and that no reader takes for a store).
+        """
+        marker = self.root / CLEARING_NAME
+        if not marker.exists():
+            atomic_write_text(marker, json.dumps({"kind": self.kind}))
         for path in self.root.iterdir():
-            if path.name == LOCK_NAME:
+            if path.name in (LOCK_NAME, CLEARING_NAME, MANIFEST_NAME):
                 continue
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:
                 path.unlink()
+        (self.root / MANIFEST_NAME).unlink(missing_ok=True)
         fsync_dir(self.root)
 
     def _load_shards(self, *, verify: bool) -> None:
-        files = {p.name: p for p in _shard_files(self.root)}
-        indexed = {info.name: info for info in _read_index(self.root)}
-        self._index_lines = []
-        for name, path in files.items():
-            m = re.match(r"^part-(\d{5,})\.h5$", name)
-            if m:
-                self._next_shard = max(self._next_shard, int(m.group(1)) + 1)
-            info = indexed.get(name)
+        """Trust the shards this store recorded (verified), adopt a recorded one left unindexed by a
+        kill, set every other one aside, then replay the index: what is complete, from which inputs."""
+        entries = _read_index_entries(self.root)
+        indexed = {e.name: e for e in entries if isinstance(e, ShardInfo)}
+        journal = _read_journal(self.root)
+        legacy = self.manifest.get("format_version") == 1 and not indexed and not journal
+        trusted: dict[str, ShardInfo] = {}
+        for name in [*indexed, *journal]:
+            self._bump_next_shard(name)
+        for name, path in {p.name: p for p in _shard_files(self.root)}.items():
+            self._bump_next_shard(name)
             try:
-                if info is not None:
-                    if path.stat().st_size != info.size:
-                        raise ValueError(f"size {path.stat().st_size} differs from the indexed {info.size}")
-                    if verify and sha256_file(path) != info.sha256:
-                        raise ValueError("sha256 differs from the one recorded when it was written")
-                    _scan_shard(path, verify=False)
-                else:  # complete (renamed) but not indexed: a kill between rename and index, or a distributed task
-                    keys = _scan_shard(path, verify=True)
-                    info = ShardInfo(name, keys, path.stat().st_size, sha256_file(path))
-                    self._append_index(info)
+                info, adopt = _vouch(path, indexed.get(name), journal.get(name), legacy=legacy,
+                                     epoch=self.epoch, verify=verify)
+            except _Untrusted as exc:
+                self._quarantine(path, str(exc), what="a shard this store did not write")
+                continue
             except Exception as exc:  # noqa: BLE001 - any damage: set the shard aside, redo its items
                 self._quarantine(path, f"{type(exc).__name__}: {exc}")
                 continue
-            self.completed.update(info.keys)
+            if adopt:  # renamed but not indexed: a kill between rename and index, or a distributed task
+                self._append_index(info)
+                entries.append(info)
+            trusted[name] = info
+        where = _replay(entries, trusted)
+        self.completed = set(where)
+        self.inputs = {key: fp for key, (_, fp) in where.items() if fp is not None}
 
-    def _quarantine(self, path: Path, reason: str) -> None:
+    def _bump_next_shard(self, name: str) -> None:
+        m = re.match(r"^part-(\d{5,})\.h5$", name)
+        if m:  # never reuse a recorded name (a quarantined shard's index line stays)
+            self._next_shard = max(self._next_shard, int(m.group(1)) + 1)
+
+    def _quarantine(self, path: Path, reason: str, *, what: str = "damaged shard") -> None:
         from ..log import get_logger
 
         qdir = self.root / QUARANTINE_DIR
@@ -624,27 +864,30 @@ class StoreWriter:
         with open(qdir / "reasons.tsv", "a", encoding="utf-8") as fh:
             fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\t{target.name}\t{_escape(' '.join(reason.split()))}\n")
         self.quarantined.append((path.name, reason))
-        get_logger("store").warning("%s: damaged shard set aside in %s (%s); its items will be redone",
-                                    path, QUARANTINE_DIR, reason)
+        get_logger("store").warning("%s: %s set aside in %s (%s); its items will be redone",
+                                    path, what, QUARANTINE_DIR, reason)
 
-    def _append_index(self, info: ShardInfo) -> None:
-        with open(self.root / INDEX_NAME, "a", encoding="utf-8") as fh:
-            fh.write(info.line() + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+    def _append_index(self, info: ShardInfo | _Forget) -> None:
+        line = json.dumps({"forget": list(info.keys)}) if isinstance(info, _Forget) else info.line()
+        _append_line(self.root / INDEX_NAME, line)
 
     # -- writing ------------------------------------------------------------------------------
     @property
     def epoch(self) -> str | None:
         return self.manifest.get("epoch")
 
-    def add(self, item: Item) -> None:
-        """Queue a finished item; it becomes durable when its shard is flushed (a streamed one at once)."""
+    def add(self, item: Item, *, input_id: str | None = None) -> None:
+        """Queue a finished item; it becomes durable when its shard is flushed (a streamed one at once).
+
+        ``input_id``: the fingerprint of what the item was computed from (recorded in the index; a
+        later run compares it to tell a changed input)."""
         if self.schema is not None:
             self.schema.check(item.key, item.arrays)
         if not self._pending:
             self._pending_since = time.monotonic()
         self._pending.append(item)
+        if input_id is not None:
+            self._pending_inputs[item.key] = input_id
         self._pending_bytes += item_nbytes(item)
         if self._failures.pop(item.key, None) is not None:
             self._failures_dirty = True
@@ -655,10 +898,28 @@ class StoreWriter:
     def register_shard(self, info: ShardInfo) -> None:
         """Index a complete shard written by :func:`write_shard` elsewhere (a distributed task)."""
         self._append_index(info)
-        self.completed.update(info.keys)
+        self._completed_shard(info)
         for key in info.keys:
             if self._failures.pop(key, None) is not None:
                 self._failures_dirty = True
+
+    def _completed_shard(self, info: ShardInfo) -> None:
+        self.completed.update(info.keys)
+        for key in info.keys:
+            if key in info.inputs:
+                self.inputs[key] = info.inputs[key]
+            else:
+                self.inputs.pop(key, None)
+
+    def forget(self, keys: Iterable[str]) -> None:
+        """Withdraw complete items (their input changed): a ``forget`` line in the index, so they are
+        never served again and are redone, even if this run is killed before redoing them."""
+        keys = tuple(k for k in keys if k in self.completed)
+        if keys:
+            self._append_index(_Forget(keys))
+            self.completed.difference_update(keys)
+            for key in keys:
+                self.inputs.pop(key, None)
 
     def record_failure(self, key: str, reason: str) -> None:
         """Note a failed item (``failures.tsv``: it stays incomplete and is retried next run)."""
@@ -674,14 +935,17 @@ class StoreWriter:
         """Write queued items to a new shard (temp file, fsync, rename), then index it."""
         if self._pending:
             try:
-                info = write_shard(self.root, self.new_shard_name(), self._pending, schema=self.schema)
+                info = write_shard(self.root, self.new_shard_name(), self._pending, schema=self.schema,
+                                   epoch=self.epoch, inputs=self._pending_inputs)
             except BaseException:
                 self._pending.clear()  # not durable: these items are redone by the next run
+                self._pending_inputs.clear()
                 self._pending_bytes = 0
                 raise
             self._append_index(info)
-            self.completed.update(info.keys)
+            self._completed_shard(info)
             self._pending.clear()
+            self._pending_inputs.clear()
             self._pending_bytes = 0
         self._write_failures()
 
@@ -749,27 +1013,33 @@ class StoreReader:
         self.required = tuple(required) or (self.schema.required if self.schema else ())
         self.damaged: list[tuple[str, str]] = []
         self._index: dict[str, tuple[Path, str]] = {}
+        self._shard_sha: dict[Path, str] = {}
+        entries = _read_index_entries(self.root)
+        indexed = {e.name: e for e in entries if isinstance(e, ShardInfo)}
+        journal = _read_journal(self.root)
+        legacy = self.manifest.get("format_version") == 1 and not indexed and not journal
+        trusted: dict[str, ShardInfo] = {}
         files = {p.name: p for p in _shard_files(self.root)}
-        indexed = {info.name: info for info in _read_index(self.root)}
         for name, path in files.items():
-            info = indexed.get(name)
-            try:
-                if info is not None and path.stat().st_size == info.size:
-                    keys = info.keys
-                    self._sha256[path] = info.sha256
-                else:
-                    keys = _scan_shard(path, verify=False)
-            except Exception as exc:  # noqa: BLE001 - a damaged shard must not hide the good ones
+            try:  # an indexed shard is opened (and hashed) when first read; others are opened now
+                info, unindexed = _vouch(path, indexed.get(name), journal.get(name), legacy=legacy,
+                                         epoch=self.manifest.get("epoch"), verify=False)
+            except Exception as exc:  # noqa: BLE001 - a damaged or foreign shard must not hide the good ones
                 self.damaged.append((str(path), f"{type(exc).__name__}: {exc}"))
                 continue
-            for key in keys:
-                self._index[key] = (path, quote(key, safe=""))  # later shards win (re-done items)
+            trusted[name] = info
+            if info.sha256:
+                self._sha256[path] = self._shard_sha[path] = info.sha256
+            if unindexed:
+                entries.append(info)
+        for key, (name, _) in _replay(entries, trusted).items():
+            self._index[key] = (files[name], quote(key, safe=""))
         if self.damaged:
             from ..log import get_logger
 
-            get_logger("store").warning("%s: %d damaged shard(s) skipped (first: %s); re-run the stage that "
-                                        "wrote it to redo their items", self.root, len(self.damaged),
-                                        self.damaged[0][0])
+            get_logger("store").warning("%s: %d damaged or unrecorded shard(s) skipped (first: %s: %s); re-run "
+                                        "the stage that wrote it to redo their items", self.root,
+                                        len(self.damaged), *self.damaged[0])
         self._open: dict[Path, h5py.File] = {}
 
     @property
@@ -786,6 +1056,13 @@ class StoreReader:
 
     def failures(self) -> dict[str, tuple[str, str]]:
         return read_failures(self.root)
+
+    def shard_sha256(self, key: str) -> str:
+        """The sha256 of the shard holding ``key`` (recorded when it was written; hashed for a 0.1 store)."""
+        shard = self._index[key][0]
+        if shard not in self._shard_sha:
+            self._shard_sha[shard] = sha256_file(shard)
+        return self._shard_sha[shard]
 
     def keys(self) -> list[str]:
         return sorted(self._index)
@@ -828,6 +1105,9 @@ class StoreReader:
                 raise StoreError(shard, f"item {key!r} lacks datasets {missing}; the store is from another "
                                         "version or stage")
             wanted = names if names is not None else tuple(group.keys())
+            self._check_rows(key, group, wanted)
+            for n in wanted:
+                check_declared_size(group[n], f"item {key!r}: dataset {n!r}")
             arrays = {n: group[n][()] for n in wanted}
             attrs = {k: _decode_attr(v) for k, v in group.attrs.items()}
         except StoreError as exc:
@@ -846,6 +1126,15 @@ class StoreReader:
                     raise StoreError(shard, f"item {key!r}: dataset {n!r} has {arr.ndim} dims, expected {spec.ndim}")
         return Item(key, arrays, attrs)
 
+    def _check_rows(self, key: str, group: h5py.Group, wanted: Iterable[str]) -> None:
+        """Datasets that count the same rows (one per segment...) must agree before any is read."""
+        rows = self.schema.rows if self.schema is not None else ()
+        if not set(rows) & set(wanted):
+            return
+        counts = {n: group[n].shape[0] for n in rows if n in group and group[n].ndim > 0}
+        if len(set(counts.values())) > 1:
+            raise ValueError(f"datasets disagree on the number of rows ({', '.join(f'{n}: {c}' for n, c in counts.items())})")
+
     def layout(self, key: str) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Dataset name -> (dtype, shape) of one item, without reading its data."""
         shard, name = self._index[key]
@@ -855,7 +1144,9 @@ class StoreReader:
     def stack(self, name: str, keys: Iterable[str] | None = None) -> tuple[Stacked, list[tuple[str, str]]]:
         """Dataset ``name`` of every item (or of ``keys``) as one table, and the items that failed to read."""
         arrays, done, failed = [], [], []
-        for key in (self.keys() if keys is None else list(keys)):
+        keys = self.keys() if keys is None else list(keys)
+        self._check_stack_size(name, keys)
+        for key in keys:
             try:
                 arrays.append(self.read(key, (name,)).arrays[name])
                 done.append(key)
@@ -871,20 +1162,17 @@ class StoreReader:
             table = np.zeros((0,), dtype)
         return Stacked(table, done, offsets), failed
 
-    def contents_digest(self) -> str:
-        """sha256 over every key and the sha256 of the shard holding it: what a store computed from
-        this one is computed from (it changes when items are added, removed or recomputed)."""
-        import hashlib
-
-        digest = hashlib.sha256()
-        for key in sorted(self._index):
-            shard = self._index[key][0]
-            if shard not in self._sha256:  # a shard missing from the index: hashed once, here
-                from .atomic import sha256_file
-
-                self._sha256[shard] = sha256_file(shard)
-            digest.update(f"{key}\0{self._sha256[shard]}\n".encode())
-        return digest.hexdigest()
+    def _check_stack_size(self, name: str, keys: list[str]) -> None:
+        """Refuse a table larger than this machine's memory (summed from the declared shapes) up front."""
+        total = 0
+        for key in keys:
+            with contextlib.suppress(Exception):  # an unreadable item is reported by the read itself
+                dtype, shape = self.layout(key)[name]
+                total += math.prod(shape) * np.dtype(dtype).itemsize
+        if total > memory_limit():
+            raise StoreError(self.root, f"dataset {name!r} of {len(keys)} items declares {total / 2**30:.1f} GiB, "
+                                        "more than this machine's memory; the store is damaged or not from "
+                                        "segsort-unsup")
 
     def close(self) -> None:
         for fh in self._open.values():

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from ..io.atomic import atomic_path, atomic_write
+from ..io.outdir import key_path
 from ..io.store import Item
 from ..log import get_logger
 from .hierarchy import cut_labels, ucm2_values
@@ -73,17 +74,29 @@ def _titled(panel: np.ndarray, title: str) -> np.ndarray:
     return np.concatenate([np.asarray(strip), panel], axis=0)
 
 
+PNG_SUFFIXES = ("_ucm.png", "_labels.png", "_overview.png")
+MAT_SUFFIX = ".mat"
+
+
+def export_paths(key: str, *, png_dir=None, mat_dir=None) -> list[Path]:
+    """The files :func:`export_item` writes for ``key`` (the key checked: it must stay inside the folders)."""
+    paths = [key_path(png_dir, key, suffix) for suffix in PNG_SUFFIXES] if png_dir is not None else []
+    return paths + ([key_path(mat_dir, key, MAT_SUFFIX)] if mat_dir is not None else [])
+
+
 def export_item(item: Item, config, *, png_dir=None, mat_dir=None, source_store: str = "",
                 edge: np.ndarray | None = None) -> None:
     """Write ``<key>_ucm.png``, ``<key>_labels.png``, ``<key>_overview.png`` and/or ``<key>.mat``.
 
     The overview is image | contours (``edge``, else the ucm) | segments at two cuts, titled.
+    Keys become file names through :func:`~segsort_unsup.io.outdir.key_path` (one that would leave
+    the folder is refused with one line).
     """
     ucm2 = ucm2_values(item.arrays["ucm2"], item.attrs)  # float32 (a quantised one dequantised)
     if mat_dir is not None:
         import scipy.io
 
-        path = Path(mat_dir) / f"{item.key}.mat"
+        path = key_path(mat_dir, item.key, ".mat")
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as fh:
             scipy.io.savemat(fh, {"ucm2": ucm2.astype(np.float64)}, do_compression=True)
@@ -91,8 +104,8 @@ def export_item(item: Item, config, *, png_dir=None, mat_dir=None, source_store:
         return
     root = Path(png_dir)
     contours = ucm_picture(ucm_image(ucm2))
-    _save_png(root / f"{item.key}_ucm.png", contours)
-    _save_png(root / f"{item.key}_labels.png", label_colors(item.arrays["labels"]))
+    _save_png(key_path(root, item.key, "_ucm.png"), contours)
+    _save_png(key_path(root, item.key, "_labels.png"), label_colors(item.arrays["labels"]))
     parents, altitudes, leaves = item.arrays["parents"], item.arrays["altitudes"], item.arrays["leaves"]
     levels = overview_levels(config.threshold, config.levels)
     cuts = [cut_labels(parents, altitudes, threshold=t)[leaves] for t in levels]
@@ -125,4 +138,4 @@ def export_item(item: Item, config, *, png_dir=None, mat_dir=None, source_store:
     row = [titled[0]]
     for panel in titled[1:]:
         row.extend([gap, panel])
-    _save_png(root / f"{item.key}_overview.png", np.concatenate(row, axis=1))
+    _save_png(key_path(root, item.key, "_overview.png"), np.concatenate(row, axis=1))

@@ -10,6 +10,7 @@ pixel-to-leaf map ``leaves`` (so any cut is ``cut_labels(parents, altitudes, thr
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from ..config import StageConfig, run_only
+from ..config import StageConfig, config_hash, run_only
 from ..errors import BadImageError, InputError
 from ..io.images import list_images, read_edge_png
+from ..io.outdir import OutputFolder, prepare_exports, settle_exports
+from ..io.sources import item_sources
 from ..io.store import DeferredArray, Item, StoreReader, cached_reader, is_store
 from ..log import get_logger
 from ..parallel import Executor, InProcess
@@ -134,8 +137,12 @@ def process_item(job: _Job) -> Item:
     per-grid-edge arrays, float16 maps read as stored), each full-size array dropped as soon as it
     is no longer needed: the input maps after the watershed, the RAG's per-edge sums once merged.
     """
-    edge, orient, attrs = _load(job)
     cfg = job.config
+    if cfg.png_dir or cfg.mat_dir:  # a key that cannot name its exports fails before any work
+        from .export import export_paths
+
+        export_paths(job.key, png_dir=cfg.png_dir, mat_dir=cfg.mat_dir)
+    edge, orient, attrs = _load(job)
     h, w = edge.shape
     if cfg.oriented and orient is None:
         from ..edgemaps import edge_orientation
@@ -185,7 +192,7 @@ def process_item(job: _Job) -> Item:
             export_item(item, cfg, png_dir=cfg.png_dir, mat_dir=cfg.mat_dir,
                         source_store=job.path if job.kind == "store" else "", edge=exported_edge)
         except Exception as exc:  # noqa: BLE001 - an export problem must not lose the stored result
-            log.warning("%s: export failed (%s)", job.key, exc)
+            log.warning("%s: export failed (%s); retried from the store", job.key, exc)
     return item
 
 
@@ -234,10 +241,63 @@ def run(config: UcmConfig, inputs: str | os.PathLike, output: str | os.PathLike,
     jobs = _jobs(source, config)
     identity = config.identity(**provenance)
     meta = {"source": os.path.abspath(source), **provenance}
-    with StageRun("ucm", output, kind="segments", identity=identity, meta=meta, overwrite=overwrite,
-                  shard_size=config.shard_size) as run:
+    with contextlib.ExitStack() as stack:
+        run = stack.enter_context(StageRun("ucm", output, kind="segments", identity=identity, meta=meta,
+                                           overwrite=overwrite, shard_size=config.shard_size,
+                                           sources=item_sources(source)))
+        exports = [(stack.enter_context(folder), dirs) for folder, dirs in _export_folders(config, identity, overwrite)]
+        if exports:
+            from .export import export_paths
+
+            for folder, dirs in exports:
+                prepare_exports(folder, [job.key for job in jobs],
+                                targets=lambda key, dirs=dirs: export_paths(key, **dirs))
+        stored_before = set(run.writer.completed)
         run.run_jobs(executor or InProcess(), process_item, jobs, desc="ucm")
+        if exports:
+            run.writer.flush()
+            _settle_exports(exports, run, config, output, jobs, stored_before)
     return run.summary
+
+
+def _export_folders(config: UcmConfig, identity: dict[str, Any],
+                    overwrite: bool | str) -> list[tuple[OutputFolder, dict[str, str]]]:
+    """The export folders (one when ``png_dir`` and ``mat_dir`` are the same), each with the
+    ``export_item`` arguments it holds; made from this store's items."""
+    dirs = {name: value for name, value in (("png_dir", config.png_dir), ("mat_dir", config.mat_dir)) if value}
+    if len(dirs) == 2 and Path(config.png_dir).resolve() == Path(config.mat_dir).resolve():
+        groups = [dirs]
+    else:
+        groups = [{name: value} for name, value in dirs.items()]
+    store_identity = config_hash(identity)
+    folders = []
+    for group in groups:
+        kind = "ucm-" + "+".join(name[:3] for name in group)
+        folders.append((OutputFolder(next(iter(group.values())), kind=kind, overwrite=overwrite,
+                                     identity={"store_identity": store_identity}), group))
+    return folders
+
+
+def _settle_exports(exports: list[tuple[OutputFolder, dict[str, str]]], run: StageRun, config: UcmConfig,
+                    store: str | os.PathLike, jobs: list[_Job], stored_before: set[str]) -> None:
+    """Record the exports this run wrote; redo from the store those of items stored without them."""
+    from .export import export_item, export_paths
+
+    by_key = {job.key: job for job in jobs}
+    keys = sorted(run.writer.completed & by_key.keys())  # items of inputs no longer given are left alone
+    with StoreReader(store, kind="segments") as reader:
+        for folder, dirs in exports:
+            def redo(key: str, dirs: dict[str, str] = dirs) -> None:
+                job = by_key[key]
+                edge = _load(job)[0]
+                export_item(reader.read(key), config, **dirs, edge=edge,
+                            source_store=job.path if job.kind == "store" else "")
+
+            failed = settle_exports(folder, keys, targets=lambda key, dirs=dirs: export_paths(key, **dirs),
+                                    fresh=run.writer.completed - stored_before, redo=redo)
+            for key, reason in failed:
+                log.warning("ucm: %s: %s", key, reason)
+            run.summary.failed.extend(failed)
 
 
 STAGE = Stage("ucm", UcmConfig, run, sources=("contours",), output="segments",

@@ -104,5 +104,5 @@ def test_wrong_types_are_one_line(tmp_path, change, message):
 
 def test_empty_model_file_is_one_line(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"")
-    with pytest.raises(WeightsError, match="model.pt: empty model file"):
+    with pytest.raises(WeightsError, match=r"model.pt: empty file \(0 bytes"):
         load_model(tmp_path / "model.pt")

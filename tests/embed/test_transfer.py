@@ -7,6 +7,7 @@ import pytest
 
 from segsort_unsup.embed.transfer import (TransferConfig, build_index, knn_votes, pixel_labels, run)
 from segsort_unsup.errors import InputError, StoreError
+from segsort_unsup.io.outdir import MANIFEST_NAME, OutputFolderError
 from segsort_unsup.io.store import Item, StoreWriter
 
 
@@ -105,14 +106,14 @@ def test_transfer_writes_label_pngs_equal_to_brute_force(real_prototypes, tmp_pa
     np.testing.assert_array_equal(got, expected)
     # same settings: resumes (skips); other settings: refused without --overwrite
     assert run(TransferConfig(k=15), [tmp_path / "lab", tmp_path / "q"], tmp_path / "out").skipped == 1
-    with pytest.raises(InputError, match="overwrite"):
+    with pytest.raises(OutputFolderError, match="overwrite"):
         run(TransferConfig(k=3), [tmp_path / "lab", tmp_path / "q"], tmp_path / "out")
     # under `run` ("changed"): the same settings resume, other settings start over with the new k
     assert run(TransferConfig(k=15), [tmp_path / "lab", tmp_path / "q"], tmp_path / "out",
                overwrite="changed").skipped == 1
-    (tmp_path / "out" / "stale.png").write_bytes(b"labels of the old settings")
+    (tmp_path / "out" / "user.png").write_bytes(b"a user's picture, not written by transfer")
     again = run(TransferConfig(k=3), [tmp_path / "lab", tmp_path / "q"], tmp_path / "out", overwrite="changed")
-    assert again.done == 1 and not (tmp_path / "out" / "stale.png").exists()
+    assert again.done == 1 and (tmp_path / "out" / "user.png").read_bytes().startswith(b"a user's")
     votes = _brute_votes(qry["prototypes"], lab["prototypes"], lab["label"], 3, int(lab["label"].max()) + 1)
     expected = np.where(seg[1] >= 0, votes.argmax(axis=1)[np.maximum(seg[1], 0)], 255)
     np.testing.assert_array_equal(read_label_png(tmp_path / "out" / "dir" / "b.png"), expected)
@@ -227,3 +228,187 @@ def test_retrieve_pictures_and_query_errors(tmp_path):
         run_retrieve(tmp_path / "s", tmp_path / "s", tmp_path / "o", queries=[parse_query("im0:7")])
     with pytest.raises(InputError, match="no image"):
         run_retrieve(tmp_path / "s", tmp_path / "s", tmp_path / "o", queries=[parse_query("zz:0")])
+
+
+# -- the output folder: manifest, overwrite, resume, names, lock --------------------------------------
+def _toy_stores(tmp_path, query_keys):
+    """A labelled store (two classes split left/right) and a query store with ``query_keys``."""
+    rng = np.random.default_rng(7)
+    seg = np.zeros((6, 8), np.int32)
+    seg[:, 4:] = 1
+    protos = _unit(rng, 2, 8)
+    _store(tmp_path / "lab", [_item("l", protos, seg, [0, 1])])
+    _store(tmp_path / "q", [_item(key, protos[::-1], seg) for key in query_keys])
+    # reference: each query segment is its labelled twin (k=1): segment 0 carries class 1, segment 1 class 0
+    return np.where(seg == 0, 1, 0)
+
+
+def _labels(path):
+    from segsort_unsup.io.images import read_label_png
+
+    return read_label_png(path)
+
+
+def test_transfer_overwrite_removes_only_its_own_pngs(tmp_path):
+    expected = _toy_stores(tmp_path, ["a", "sub/b"])
+    out = tmp_path / "out"
+    assert run(TransferConfig(k=1), [tmp_path / "lab", tmp_path / "q"], out).done == 2
+    (out / "holiday.png").write_bytes(b"a user's photo")
+    (out / "sub" / "mine.png").write_bytes(b"another")
+    (out / "album").mkdir()
+    (out / "album" / "x.png").write_bytes(b"a third")
+    summary = run(TransferConfig(k=1), [tmp_path / "lab", tmp_path / "q"], out, overwrite=True)
+    assert summary.done == 2 and summary.skipped == 0
+    assert (out / "holiday.png").read_bytes() == b"a user's photo"
+    assert (out / "sub" / "mine.png").read_bytes() == b"another"
+    assert (out / "album" / "x.png").read_bytes() == b"a third"
+    np.testing.assert_array_equal(_labels(out / "sub" / "b.png"), expected)
+    import json
+
+    listed = json.loads((out / MANIFEST_NAME).read_text())["files"]
+    assert sorted(listed) == ["a.png", "made_from.json", "sub/b.png", "transfer.json"]
+
+
+def test_transfer_refuses_a_folder_of_photos_and_leaves_it_alone(tmp_path):
+    _toy_stores(tmp_path, ["a"])
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.png").write_bytes(b"a photo named like a key")
+    for overwrite in (False, True):
+        with pytest.raises(OutputFolderError, match="not written by segsort-unsup; choose an empty folder"):
+            run(TransferConfig(k=1), [tmp_path / "lab", tmp_path / "q"], photos, overwrite=overwrite)
+    assert [p.name for p in photos.iterdir()] == ["a.png"]
+    assert (photos / "a.png").read_bytes() == b"a photo named like a key"
+
+
+def test_transfer_redoes_pngs_the_manifest_does_not_record(tmp_path):
+    expected = _toy_stores(tmp_path, ["a", "b"])
+    out = tmp_path / "out"
+    run(TransferConfig(k=1), [tmp_path / "lab", tmp_path / "q"], out)
+    (out / "a.png").write_bytes(b"replaced by hand")  # another size: not the recorded file
+    (out / "b.png").unlink()
+    with StoreWriter(tmp_path / "q", kind="prototypes", config={"stage": "test", "name": str(tmp_path / "q")}) as w:
+        rng = np.random.default_rng(7)
+        seg = np.zeros((6, 8), np.int32)
+        seg[:, 4:] = 1
+        w.add(_item("c", _unit(rng, 2, 8)[::-1], seg))  # the same twins as _toy_stores draws
+    (out / "c.png").write_bytes(b"named like the new key, unlisted")
+    summary = run(TransferConfig(k=1), [tmp_path / "lab", tmp_path / "q"], out)
+    assert (summary.done, summary.skipped) == (3, 0)
+    for key in "abc":
+        np.testing.assert_array_equal(_labels(out / f"{key}.png"), expected)
+
+
+def test_transfer_keys_that_would_leave_the_folder_fail_alone(tmp_path):
+    outside = tmp_path / "abs_escape"
+    keys = ["good", str(outside), "../../escaped", "a/../../../up"]
+    expected = _toy_stores(tmp_path, keys)
+    out = tmp_path / "deep" / "out"
+    summary = run(TransferConfig(k=1), [tmp_path / "lab", tmp_path / "q"], out)
+    assert summary.done == 1 and len(summary.failed) == 3
+    for key, reason in summary.failed:
+        assert "\n" not in reason and repr(key) in reason
+    np.testing.assert_array_equal(_labels(out / "good.png"), expected)
+    written = {p for p in tmp_path.rglob("*.png")}
+    assert written == {out / "good.png"}
+
+
+def _console(*args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "segsort-unsup"
+    return subprocess.Popen([str(exe), "-q", *map(str, args)], env=dict(os.environ), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_two_transfer_processes_into_one_folder_the_second_is_refused(tmp_path):
+    import signal
+    import time
+
+    from segsort_unsup.io.outdir import JOURNAL_NAME
+
+    expected = _toy_stores(tmp_path, [f"img{i:04d}" for i in range(300)])
+    out = tmp_path / "out"
+    first = _console("transfer", tmp_path / "lab", tmp_path / "q", "-o", out, "--k", "1")
+    journal = out / JOURNAL_NAME
+    deadline = time.monotonic() + 120
+    while not (journal.is_file() and journal.read_text().count("\n") >= 4):  # a few PNGs written: mid-run
+        assert first.poll() is None, first.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        written = sorted(p.name for p in out.glob("*.png"))
+        second = _console("transfer", tmp_path / "lab", tmp_path / "q", "-o", out, "--k", "1")
+        third = _console("transfer", tmp_path / "lab", tmp_path / "q", "-o", out, "--k", "3", "--overwrite")
+        errors = [second.communicate(timeout=120)[1], third.communicate(timeout=120)[1]]
+        assert sorted(p.name for p in out.glob("*.png")) == written  # --overwrite deleted nothing
+    finally:
+        first.send_signal(signal.SIGCONT)
+    for proc, err in zip((second, third), errors):
+        assert proc.returncode != 0
+        assert "another segsort-unsup run is writing this folder" in err and err.strip().count("\n") == 0
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert "300 done" in err
+    for key in ("img0000", "img0299"):
+        np.testing.assert_array_equal(_labels(out / f"{key}.png"), expected)
+
+
+def test_a_killed_transfer_resumes_and_redoes_only_what_was_not_recorded(tmp_path):
+    import json
+    import re
+    import signal
+    import time
+
+    from segsort_unsup.io.outdir import JOURNAL_NAME
+
+    keys = [f"img{i:04d}" for i in range(300)]
+    expected = _toy_stores(tmp_path, keys)
+    out = tmp_path / "out"
+    first = _console("transfer", tmp_path / "lab", tmp_path / "q", "-o", out, "--k", "1")
+    journal = out / JOURNAL_NAME
+    deadline = time.monotonic() + 120
+    while not (journal.is_file() and journal.read_text().count("\n") >= 20):
+        assert first.poll() is None, first.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=60)
+    recorded = {json.loads(line)["file"] for line in journal.read_text().splitlines()
+                if line.endswith("}") and json.loads(line).get("size") is not None}
+    again = _console("transfer", tmp_path / "lab", tmp_path / "q", "-o", out, "--k", "1")
+    _, err = again.communicate(timeout=120)
+    assert again.returncode == 0, err
+    done, skipped = map(int, re.search(r"(\d+) done, (\d+) already complete", err).groups())
+    assert skipped == len(recorded - {"transfer.json", "made_from.json"}) and done + skipped == len(keys)
+    listed = json.loads((out / "transfer.json").read_text())
+    assert listed["num_classes"] == 2
+    for key in keys[::37]:
+        np.testing.assert_array_equal(_labels(out / f"{key}.png"), expected)
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_transfer_redoes_the_png_of_a_query_item_recomputed_since(tmp_path):
+    """A changed photo's prototypes land in a new shard of the query store: its label PNG is redone,
+    the others are kept (issue: stale results when the input changes)."""
+    _toy_stores(tmp_path, ["a", "b"])
+    out = tmp_path / "out"
+    first = run(TransferConfig(k=1), [tmp_path / "lab", tmp_path / "q"], out)
+    assert first.done == 2
+    before = _labels(out / "a.png")
+    from segsort_unsup.io.store import StoreReader
+
+    with StoreReader(tmp_path / "q") as reader:
+        item = reader.read("a")
+    flipped = Item("a", {**item.arrays, "prototypes": item.arrays["prototypes"][::-1].copy()})
+    with StoreWriter(tmp_path / "q", kind="prototypes", config={"stage": "test", "name": str(tmp_path / "q")}) as w:
+        w.add(flipped)  # the same key recomputed into a new shard
+    again = run(TransferConfig(k=1), [tmp_path / "lab", tmp_path / "q"], out)
+    assert (again.done, again.skipped) == (1, 1)
+    after = _labels(out / "a.png")
+    assert not np.array_equal(before, after)  # the twins swapped: every pixel's label flipped
+    assert run(TransferConfig(k=1), [tmp_path / "lab", tmp_path / "q"], out).skipped == 2

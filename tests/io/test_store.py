@@ -458,3 +458,201 @@ def test_a_streamed_item_is_written_a_dataset_at_a_time(tmp_path):
     with pytest.raises(ValueError, match="deferred dataset gave"):
         with StoreWriter(tmp_path / "w", kind="k", config={}) as w:
             w.add(wrong)
+
+
+def test_a_foreign_shard_is_set_aside_not_adopted(tmp_path):
+    """Issue 21.7: a part-*.h5 copied in from another store (other settings) was indexed and replaced items."""
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    _write(mine, n=4, shard_size=2)
+    with StoreWriter(other, kind="k", config={"a": 2}, shard_size=2) as w:
+        for i in range(2):
+            w.add(Item(f"dir/img{i}", {"edge": np.full((3, 4), 100 + i, np.float32), "tree": np.arange(3, dtype=np.int32)}))
+    shutil.copy(other / "part-00000.h5", mine / "part-00007.h5")  # a new name
+    shutil.copy(other / "part-00000.h5", mine / "part-00001.h5")  # over one of mine
+    with StoreReader(mine) as reader:
+        assert sorted(os.path.basename(p) for p, _ in reader.damaged) == ["part-00001.h5", "part-00007.h5"]
+        assert reader.keys() == ["dir/img0", "dir/img1"]
+        assert reader["dir/img1"].arrays["edge"][0, 0] == 1  # mine, not the foreign 101
+    with StoreWriter(mine, kind="k", config={"a": 1}) as w:
+        assert w.completed == {"dir/img0", "dir/img1"}  # img2, img3 are redone
+        assert sorted(name for name, _ in w.quarantined) == ["part-00001.h5", "part-00007.h5"]
+        w.add(_item(2))
+        w.add(_item(3))
+    reasons = (mine / QUARANTINE_DIR / "reasons.tsv").read_text()
+    assert "no record of writing it" in reasons and "differs from the indexed" in reasons
+    with StoreReader(mine) as reader:
+        assert not reader.damaged and reader.keys() == [f"dir/img{i}" for i in range(4)]
+        assert [reader[f"dir/img{i}"].arrays["edge"][0, 0] for i in range(4)] == [0, 1, 2, 3]
+
+
+def test_a_writer_killed_between_rename_and_index_is_adopted(tmp_path):
+    """A real SIGKILL right after a shard is renamed into place: its journal record vouches for it."""
+    root = tmp_path / "store"
+    script = textwrap.dedent(
+        f"""
+        import os, signal, numpy as np
+        import segsort_unsup.io.store as store
+        append = store.StoreWriter._append_index
+        def killing_append(self, info):
+            if getattr(info, "name", "") == "part-00001.h5":
+                os.kill(os.getpid(), signal.SIGKILL)
+            append(self, info)
+        store.StoreWriter._append_index = killing_append
+        with store.StoreWriter({str(root)!r}, kind="k", config={{}}, shard_size=2) as w:
+            for i in range(6):
+                w.add(store.Item(f"i{{i}}", {{"x": np.full(3, i)}}))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script])
+    assert proc.returncode == -signal.SIGKILL
+    assert (root / "part-00001.h5").is_file() and "part-00001" not in (root / INDEX_NAME).read_text()
+    with StoreReader(root) as reader:
+        assert reader.keys() == ["i0", "i1", "i2", "i3"] and not reader.damaged
+    with StoreWriter(root, kind="k", config={}) as w:
+        assert w.completed == {"i0", "i1", "i2", "i3"} and not w.quarantined
+    assert "part-00001" in (root / INDEX_NAME).read_text()
+
+
+def _protos_item(key, k=6, d=8):
+    p = np.full((k, d), 1 / np.sqrt(d), np.float32)
+    return Item(key, {"prototypes": p, "segments": np.zeros((4, 6), np.int32), "area": np.full(k, 4, np.int64),
+                      "bbox": np.tile(np.array([0, 0, 4, 6], np.int32), (k, 1))})
+
+
+def _record_crafted_shard(root, name, build, record=INDEX_NAME):
+    """A shard written by hand and recorded (index or journal) with its real size and sha256 (so only
+    its content can betray it)."""
+    from segsort_unsup.io.atomic import sha256_file
+
+    path = root / name
+    with h5py.File(path, "w", libver="latest") as fh:
+        build(fh)
+        keys = [str(fh[g].attrs["key"]) for g in fh]
+    with open(root / record, "a") as fh:
+        fh.write(json.dumps({"shard": name, "keys": keys, "size": path.stat().st_size,
+                             "sha256": sha256_file(path)}) + "\n")
+    return path
+
+
+def _bomb(fh, rows=4_000_000):
+    group = fh.create_group("bomb")
+    group.attrs["key"] = "bomb"
+    group.create_dataset("prototypes", shape=(rows, 64), dtype="f4", chunks=(4096, 64), compression="gzip",
+                         shuffle=True, fletcher32=True)  # declared, never written: reads as 1 GB of zeros
+    group.create_dataset("segments", data=np.zeros((4, 6), np.int32))
+    group.create_dataset("area", data=np.full(rows, 1, np.int64), chunks=True, compression="gzip")
+    group.create_dataset("bbox", shape=(rows, 4), dtype="i4", chunks=(65536, 4))
+
+
+def test_a_shard_declaring_millions_of_rows_is_refused_before_allocating(tmp_path):
+    """Issue 21.8: a few-KB shard declaring millions of rows (valid sha256) made discover take 4.4 GB."""
+    root = tmp_path / "protos"
+    with StoreWriter(root, kind="prototypes", config={}) as w:
+        w.add(_protos_item("a"))
+        w.add(_protos_item("b"))
+    shard = _record_crafted_shard(root, "part-00009.h5", _bomb)
+    assert shard.stat().st_size < 2_000_000
+    script = textwrap.dedent(
+        f"""
+        import resource
+        from segsort_unsup.io.store import StoreReader
+        with StoreReader({str(root)!r}) as reader:
+            stacked, failed = reader.stack("prototypes")
+            print(stacked.keys, [k for k, _ in failed], failed[0][1])
+        print("maxrss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.splitlines()
+    assert first.startswith("['a', 'b'] ['bomb']") and "declares shape (4000000, 64)" in first
+    assert int(second.split()[1]) < 600  # the 1 GB the shard declares was never allocated
+
+
+def test_missing_chunks_and_disagreeing_rows_are_refused(tmp_path):
+    root = tmp_path / "protos"
+    with StoreWriter(root, kind="prototypes", config={}) as w:
+        w.add(_protos_item("a"))
+
+    def half_written(fh):
+        group = fh.create_group("half")
+        group.attrs["key"] = "half"
+        ds = group.create_dataset("prototypes", shape=(8, 8), dtype="f4", chunks=(4, 8), fletcher32=True)
+        ds[:4] = 1.0  # the second chunk is never written: it would read as zeros
+        for name, arr in _protos_item("x", k=8).arrays.items():
+            if name != "prototypes":
+                group.create_dataset(name, data=arr)
+
+    def short_area(fh):
+        group = fh.create_group("short")
+        group.attrs["key"] = "short"
+        for name, arr in _protos_item("x").arrays.items():
+            group.create_dataset(name, data=arr[:5] if name == "area" else arr)
+
+    _record_crafted_shard(root, "part-00005.h5", half_written, record="journal.jsonl")  # as if killed before indexing
+    _record_crafted_shard(root, "part-00006.h5", short_area)
+    with StoreReader(root) as reader:
+        with pytest.raises(StoreError, match="stores 1 of its 2 chunks"):
+            reader["half"]
+        with pytest.raises(StoreError, match=r"disagree on the number of rows \(prototypes: 6, area: 5"):
+            reader.read("short", ("area",))
+        np.testing.assert_array_equal(reader["a"].arrays["area"], np.full(6, 4))
+    with StoreWriter(root, kind="prototypes", config={}) as w:  # adopting reads every dataset: refused
+        assert w.completed == {"a", "short"} and [n for n, _ in w.quarantined] == ["part-00005.h5"]
+
+
+@pytest.mark.parametrize("config", ['[1, 2, 3]', '"text"', "[" * 100_000 + "]" * 100_000,
+                                    '{"a": ' + "[" * 200 + "]" * 200 + "}"])
+def test_a_manifest_whose_config_is_not_a_mapping_is_one_line(tmp_path, config):
+    """Issue 21.12: a list or deeply nested ``config`` in store.json gave "unexpected ... please report it"."""
+    root = tmp_path / "s"
+    _write(root)
+    manifest = json.loads((root / "store.json").read_text())
+    text = json.dumps({**manifest, "config": "@"}).replace('"@"', config)
+    (root / "store.json").write_text(text)
+    with pytest.raises(StoreError, match="store manifest"):
+        StoreReader(root)
+    with pytest.raises(StoreError, match="store manifest"):
+        StoreWriter(root, kind="k", config={"a": 1})
+    assert not is_store(root)
+    exe = os.path.join(os.path.dirname(sys.executable), "segsort-unsup")
+    out = subprocess.run([exe, "inspect", str(root)], capture_output=True, text=True, env=os.environ, timeout=120)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and "store manifest" in text and "unexpected" not in text.lower()
+    assert len(text.strip().splitlines()) == 1
+
+
+def test_an_overwrite_killed_while_clearing_is_finished_by_the_next_run(tmp_path):
+    """Issue 21.4: a SIGKILL while --overwrite emptied a store deleted store.json first; the folder was
+    then refused forever ("not empty and is not a store")."""
+    root = tmp_path / "s"
+    _write(root, n=8, shard_size=2)
+    (root / QUARANTINE_DIR).mkdir()
+    script = textwrap.dedent(
+        f"""
+        import os, pathlib, signal
+        unlink = pathlib.Path.unlink
+        deleted = []
+        def killing_unlink(self, *args, **kwargs):
+            unlink(self, *args, **kwargs)
+            deleted.append(self.name)
+            if len(deleted) == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+        pathlib.Path.unlink = killing_unlink
+        from segsort_unsup.io.store import StoreWriter
+        StoreWriter({str(root)!r}, kind="k", config={{"a": 2}}, overwrite=True)
+        """
+    )
+    assert subprocess.run([sys.executable, "-c", script]).returncode == -signal.SIGKILL
+    left = sorted(p.name for p in root.iterdir())
+    assert "store.json" in left and len(list(root.glob("part-*.h5"))) < 4  # killed half-way
+    with pytest.raises(StoreError, match="--overwrite of this store was interrupted"):
+        StoreReader(root)  # half a store is never read as a store
+    with pytest.raises(StoreError, match="--overwrite of the 'k' store here was interrupted"):
+        StoreWriter(root, kind="contours", config={})
+    with StoreWriter(root, kind="k", config={"a": 2}) as w:  # no --overwrite needed to finish it
+        assert not w.completed
+        w.add(_item(0))
+    assert sorted(p.name for p in root.iterdir()) == ["index.jsonl", "journal.jsonl", "part-00000.h5", "store.json"]
+    with StoreReader(root) as reader:
+        assert reader.keys() == ["dir/img0"] and reader.config == {"a": 2}

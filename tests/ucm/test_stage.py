@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import scipy.io
 
+from segsort_unsup.io.outdir import MANIFEST_NAME
 from segsort_unsup.io.store import Item, StoreReader, StoreWriter
 from segsort_unsup.ucm.hierarchy import cut_labels, labels_from_ucm2, ultrametric_contour_map
 from segsort_unsup.ucm.stage import UcmConfig, run
@@ -62,8 +64,11 @@ def test_store_contents_and_resume(tmp_path, gt_maps, bsds):
     np.testing.assert_allclose(mat["ucm2"], item.arrays["ucm2"])
     for suffix in ("ucm", "labels", "overview"):
         assert (tmp_path / "png" / f"{gt_maps[0][0]}_{suffix}.png").is_file()
-    leftovers = [p for d in ("png", "mat") for p in (tmp_path / d).iterdir() if p.name.startswith(".")]
+    leftovers = [p for d in ("png", "mat") for p in (tmp_path / d).iterdir() if p.name.endswith(".tmp")]
     assert not leftovers  # exports are written through a temporary name and renamed
+    for d in ("png", "mat"):  # and listed with their sizes in the folder's manifest
+        listed = json.loads((tmp_path / d / MANIFEST_NAME).read_text())["files"]
+        assert listed == {p.name: p.stat().st_size for p in (tmp_path / d).iterdir() if not p.name.startswith(".")}
     again = run(config.replace(png_dir=None, mat_dir=None), src, tmp_path / "seg")
     assert (again.done, again.skipped) == (0, 2)
 
