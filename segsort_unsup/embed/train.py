@@ -481,7 +481,8 @@ def _build_model(t: _Training) -> None:
     config = t.config
     seed_everything(config.seed)
     model_cfg = {"backbone": config.backbone, "feature_layer": config.feature_layer,
-                 "freeze_blocks": _frozen_blocks(config), "embedding_dim": config.embedding_dim,
+                 "freeze_blocks": config.freeze_blocks if config.mode == "full" else 0,
+                 "embedding_dim": config.embedding_dim,
                  "head": config.head, "hidden": config.hidden}
     model = build_model(model_cfg, backbone_weights=config.backbone_weights).to(t.device)
     if model.stride != D.STRIDE:
@@ -880,20 +881,13 @@ def _finish(t: _Training, step: int) -> None:
             "precision": t.precision, "images": t.n_images, "segments_threshold": seg_config.get("threshold"),
             "cut": config.cut if config.cut is not None else seg_config.get("threshold"),
             **t.provenance, "backbone_weights_sha256": _trunk_weights_sha256(config),
-            # the settings as a table, freeze_blocks as trained (cached mode freezes the whole trunk)
-            "train_config": {**config.result_fields(), "freeze_blocks": _frozen_blocks(config)}})
+            # the settings as a table, freeze_blocks as trained (cached mode freezes the trunk below train_blocks)
+            "train_config": {**config.result_fields(), "freeze_blocks": t.model.backbone.frozen_blocks()}})
         tail = t.recent_losses
         t.summary.note = (f"{config.mode} mode, {t.n_images} images, step {step}/{config.steps}"
                           + (f", loss {np.mean(tail):.4f} (last {len(tail)})" if tail else "")
                           + f", model.pt sha256 {sha[:12]}")
     barrier()
-
-
-def _frozen_blocks(config: TrainConfig) -> int:
-    """Trunk blocks that do not train: all of them up to the feature layer in cached mode."""
-    if config.mode == "cached":
-        return 5 if config.feature_layer == "conv5_3" else 4
-    return config.freeze_blocks
 
 
 def _trunk_weights_sha256(config: TrainConfig) -> str:
