@@ -89,20 +89,9 @@ class FinchResult:
         return int(self.partitions.shape[1])
 
 
-def finch(
-    data: Any,
-    *,
-    req_clust: int | None = None,
-    distance: str = "cosine",
-    ensure_early_exit: bool = False,
-    exact_limit: int = 20_000,
-    ann: str = "ivf",
-    ann_params: Mapping[str, int] | None = None,
-    seed: int = 0,
-    block: int = 4096,
-    threads: int | None = None,
-    verbose: bool = False,
-) -> FinchResult:
+def finch(data: Any, *, req_clust: int | None = None, distance: str = "cosine", ensure_early_exit: bool = False,
+          exact_limit: int = 20_000, ann: str = "ivf", ann_params: Mapping[str, int] | None = None, seed: int = 0,
+          block: int = 4096, threads: int | None = None, verbose: bool = False) -> FinchResult:
     """Cluster the rows of ``data`` with FINCH and return every level of the hierarchy.
 
     Parameters
@@ -136,10 +125,9 @@ def finch(
         Index parameters: "ivf" ``nlist`` (round(sqrt(n)), at most n // 39), ``nprobe`` (8),
         ``train_size`` (min(n, 40 nlist)), ``niter`` (10); "hnsw" ``M`` (16),
         ``ef_construction`` (80), ``ef_search`` (128).
-    seed : int, default 0
-        Seeds the approximate index (k-means sample and start; HNSW levels, built on one thread).
-    block : int, default 4096
-        Queries per faiss search call.
+    seed, block : int, default 0 and 4096
+        Seed of the approximate index (k-means sample and start; HNSW levels, built on one
+        thread); queries per faiss search call.
     threads : int, optional
         Worker threads (default: the CPUs this process may use), each running faiss on one
         OpenMP thread; the result does not depend on it. Also caps numba's threads.
@@ -149,17 +137,15 @@ def finch(
     Returns
     -------
     FinchResult
-        ``partitions`` (N x L int32, level 0 finest), ``counts`` (L,), ``req_partition`` (N,)
-        int32 or None. As in the reference, recursion stops at the first level with one cluster
-        or fewer than two clusters less than the level below, and that level is not kept; N = 1
-        gives ``partitions == [[0]]``.
+        As in the reference, recursion stops at the first level with one cluster or fewer than
+        two clusters less than the level below, and that level is not kept; N = 1 gives
+        ``partitions == [[0]]``.
 
     Raises
     ------
     ValueError
-        On malformed input (not 2-D, empty, non-numeric or non-finite values, values beyond
-        float32, ``req_clust`` outside 1..N, unknown ``distance``, ``ann`` or ``ann_params``
-        keys). The message says what to change.
+        On malformed input (not 2-D, empty, non-finite, beyond float32, ``req_clust`` outside
+        1..N, unknown ``distance``, ``ann`` or ``ann_params`` keys), saying what to change.
     """
     x = _validate_data(data)
     req = _validate_req(req_clust, x.shape[0])

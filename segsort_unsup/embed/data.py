@@ -19,7 +19,7 @@ Groupings
 Cached mode
     :class:`FeatureBatches` crops the maps of a ``features`` store (written by the
     :mod:`~segsort_unsup.embed.features` stage). Class labels are not stored there: supervised
-    runs map them to each map's grid as they read it (:func:`grid_labels`), so the unsupervised
+    runs map them to each map's grid as they read it (:func:`classes_on_grid`), so the unsupervised
     model and its supervised counterpart share one store (``features_dir``).
 """
 
@@ -39,6 +39,7 @@ from ..io.images import IMAGE_EXTENSIONS, read_image, read_label_png
 from ..io.store import Item, StoreReader, cached_reader
 from ..log import get_logger
 from .losses import PAD_SEGMENT, segments_to_grid
+from .sorting import grid_labels as initial_cells
 
 log = get_logger("train")
 
@@ -196,7 +197,9 @@ def augment(rgb: np.ndarray, seg: np.ndarray, cls: np.ndarray | None, rng: np.ra
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Random scale, crop (padding: mean colour, PAD_SEGMENT, ignore label) and horizontal flip.
 
-    Returns float32 (3, crop, crop) RGB 0..255, int32 (crop, crop) grouping and classes.
+    ``cls``: classes (H, W), or the supervised stack (C, H, W) of :func:`supervised_targets`, every
+    channel scaled, cropped and flipped alike. Returns float32 (3, crop, crop) RGB 0..255, int32
+    (crop, crop) grouping and classes (or (C, crop, crop)).
     """
     s = float(rng.uniform(*scale_range))
     h, w = seg.shape
@@ -204,23 +207,52 @@ def augment(rgb: np.ndarray, seg: np.ndarray, cls: np.ndarray | None, rng: np.ra
     img = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LINEAR).astype(np.float32)
     seg = cv2.resize(seg, (nw, nh), interpolation=cv2.INTER_NEAREST)
     if cls is not None:
-        cls = cv2.resize(cls, (nw, nh), interpolation=cv2.INTER_NEAREST)
+        cls = np.stack([cv2.resize(c, (nw, nh), interpolation=cv2.INTER_NEAREST) for c in cls.reshape(-1, h, w)]
+                       ).reshape(cls.shape[:-2] + (nh, nw))
     out_img = np.empty((crop, crop, 3), np.float32)
     out_img[:] = MEAN_RGB
     out_seg = np.full((crop, crop), PAD_SEGMENT, np.int32)
-    out_cls = np.full((crop, crop), ignore_label, np.int32) if cls is not None else None
+    out_cls = _padded(cls.shape[:-2], crop, ignore_label) if cls is not None else None
     y0 = int(rng.integers(0, max(nh - crop, 0) + 1))
     x0 = int(rng.integers(0, max(nw - crop, 0) + 1))
     ch, cw = min(crop, nh), min(crop, nw)
     out_img[:ch, :cw] = img[y0:y0 + ch, x0:x0 + cw]
     out_seg[:ch, :cw] = seg[y0:y0 + ch, x0:x0 + cw]
     if out_cls is not None:
-        out_cls[:ch, :cw] = cls[y0:y0 + ch, x0:x0 + cw]
+        out_cls[..., :ch, :cw] = cls[..., y0:y0 + ch, x0:x0 + cw]
     if flip and rng.random() < 0.5:
         out_img, out_seg = out_img[:, ::-1], out_seg[:, ::-1]
-        out_cls = out_cls[:, ::-1] if out_cls is not None else None
+        out_cls = out_cls[..., ::-1] if out_cls is not None else None
     return (np.ascontiguousarray(out_img.transpose(2, 0, 1)), np.ascontiguousarray(out_seg),
             None if out_cls is None else np.ascontiguousarray(out_cls))
+
+
+def supervised_targets(classes: np.ndarray) -> np.ndarray:
+    """``(4, H, W)`` int32: the classes, then what the supervised loss's pixel sorting starts from,
+    built on the whole image as the released reader does before augmenting: each pixel's cell of
+    the 5x5 initial grid, its row and its column. Scaled, flipped and cropped with the classes, they
+    give every crop the whole image's k-means initialisation and its ``(y/H, x/W)`` locations."""
+    h, w = classes.shape
+    rows, cols = np.indices((h, w))
+    return np.stack([classes, initial_cells(h, w).numpy(), rows, cols]).astype(np.int32)
+
+
+def _padded(channels: tuple[int, ...], side: int, ignore_label: int) -> np.ndarray:
+    """A crop's padding: the ignore label for classes; 0 for the sorting channels of a stack (their
+    pixels are ignored, and no cluster id beyond the grid's appears)."""
+    out = np.full(channels + (side, side), ignore_label, np.int32)
+    if channels:
+        out[1:] = 0
+    return out
+
+
+def _supervised_batch(stacks: list[tuple[np.ndarray, tuple[int, int]]]) -> dict[str, torch.Tensor]:
+    """Batch entries of cropped :func:`supervised_targets` stacks and their images' (H, W)."""
+    k = np.stack([stack for stack, _ in stacks])
+    return {"labels": torch.from_numpy(np.ascontiguousarray(k[:, 0])),
+            "init": torch.from_numpy(np.ascontiguousarray(k[:, 1])),
+            "yx": torch.from_numpy(np.ascontiguousarray(k[:, 2:4])),
+            "image_size": torch.tensor([size for _, size in stacks], dtype=torch.int64)}
 
 
 class PhotoBatches(torch.utils.data.Dataset):
@@ -245,15 +277,17 @@ class PhotoBatches(torch.utils.data.Dataset):
         for index in rank_indices(step, batch=self.batch, rank=self.rank, world=self.world):
             sample = self.samples[sample_image(self.seed, index, len(self.samples))]
             rgb, seg, cls = load_sample(sample, grouping=self.grouping)
-            img, seg, cls = augment(rgb, seg, cls, sample_rng(self.seed, index), crop=self.crop,
-                                    scale_range=self.scale_range, flip=self.flip, ignore_label=self.ignore_label)
-            imgs.append(img)
-            segs.append(seg)
             if cls is not None:
-                clss.append(cls)
+                cls = supervised_targets(cls)
+            img, aug_seg, cls = augment(rgb, seg, cls, sample_rng(self.seed, index), crop=self.crop,
+                                        scale_range=self.scale_range, flip=self.flip, ignore_label=self.ignore_label)
+            imgs.append(img)
+            segs.append(aug_seg)
+            if cls is not None:
+                clss.append((cls, seg.shape))
         out = {"image": torch.from_numpy(np.stack(imgs)), "segments": torch.from_numpy(np.stack(segs))}
         if clss:
-            out["labels"] = torch.from_numpy(np.stack(clss))
+            out.update(_supervised_batch(clss))
         return out
 
 
@@ -295,22 +329,23 @@ def crop_features(feats: np.ndarray, seg: np.ndarray, cls: np.ndarray | None, rn
     s = np.full((cells, cells), PAD_SEGMENT, np.int32)
     s[:ch, :cw] = seg[y0:y0 + ch, x0:x0 + cw]
     k = None
-    if cls is not None:
-        k = np.full((cells, cells), ignore_label, np.int32)
-        k[:ch, :cw] = cls[y0:y0 + ch, x0:x0 + cw]
+    if cls is not None:  # classes (h, w) or a supervised stack (C, h, w)
+        k = _padded(cls.shape[:-2], cells, ignore_label)
+        k[..., :ch, :cw] = cls[..., y0:y0 + ch, x0:x0 + cw]
     return f, s, k
 
 
-def grid_labels(label_png: str | os.PathLike, grid: tuple[int, int], *, flip: bool) -> np.ndarray:
-    """Classes of a label PNG on a cached map's feature grid (flipped with the map), int32 ``(h, w)``.
+def classes_on_grid(label_png: str | os.PathLike, grid: tuple[int, int], *, flip: bool) -> np.ndarray:
+    """:func:`supervised_targets` of a label PNG on a cached map's feature grid (flipped with the
+    map), int32 ``(4, h, w)``: classes, initial cell, row, column of the full-size image.
 
-    The grid of a rescaled image is reached from the full-size labels directly by nearest
+    The grid of a rescaled image is reached from the full-size image directly by nearest
     neighbour (:func:`segments_to_grid`), as the map's grouping is.
     """
-    cls = read_label_png(label_png).astype(np.int32)
+    stack = supervised_targets(read_label_png(label_png).astype(np.int32))
     if flip:
-        cls = cls[:, ::-1]
-    return segments_to_grid(torch.from_numpy(np.ascontiguousarray(cls))[None], grid)[0].numpy()
+        stack = stack[..., ::-1]
+    return segments_to_grid(torch.from_numpy(np.ascontiguousarray(stack)), grid).numpy()
 
 
 class FeatureBatches:
@@ -335,8 +370,11 @@ class FeatureBatches:
         if item is None:
             item = cached_reader(self.store, kind="features").read(key, names=("features", "segments"))
             if self.labels is not None:
-                item.arrays["labels"] = grid_labels(self.labels[str(item.attrs["image"])],
-                                                    item.arrays["segments"].shape, flip=bool(item.attrs["flip"]))
+                path = self.labels[str(item.attrs["image"])]
+                item.arrays["targets"] = classes_on_grid(path, item.arrays["segments"].shape,
+                                                         flip=bool(item.attrs["flip"]))
+                item.arrays["labels"] = item.arrays["targets"][0]
+                item.attrs["image_size"] = read_label_png(path).shape
             if len(self._cache) < 64:  # a small cache: tiny runs reread nothing
                 self._cache[key] = item
         return item
@@ -348,13 +386,13 @@ class FeatureBatches:
             rng = sample_rng(self.seed, index)
             options = self.variants[image]
             item = self._read(options[int(rng.integers(len(options)))])
-            f, s, k = crop_features(item.arrays["features"], item.arrays["segments"], item.arrays.get("labels"),
+            f, s, k = crop_features(item.arrays["features"], item.arrays["segments"], item.arrays.get("targets"),
                                     rng, cells=self.cells, ignore_label=self.ignore_label)
             fs.append(f)
             ss.append(s)
             if k is not None:
-                ks.append(k)
+                ks.append((k, item.attrs["image_size"]))
         out = {"features": torch.from_numpy(np.stack(fs)), "segments": torch.from_numpy(np.stack(ss))}
         if self.supervised:
-            out["labels"] = torch.from_numpy(np.stack(ks))
+            out.update(_supervised_batch(ks))
         return out

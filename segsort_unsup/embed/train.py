@@ -18,7 +18,9 @@ Modes
 Loss
     Unsupervised (the released recipe): :func:`unsupervised_segsort_loss` over the batch's
     segments (the ucm cut), kappa 10. With ``labels_dir``: :func:`supervised_segsort_loss` with a
-    :class:`PrototypeMemory` of 2 batches, the like-for-like supervised counterpart.
+    :class:`PrototypeMemory` of 2 batches, the like-for-like supervised counterpart; its pixel
+    sorting starts, as released, from the whole image's 5x5 grid and (y/H, x/W), carried through
+    each crop (:func:`.data.supervised_targets`).
     SGD (momentum 0.9, weight decay 5e-4 on weights, fused), poly lr (power 0.9), head at 10x.
 
 Resuming
@@ -26,7 +28,9 @@ Resuming
     (the lr schedule and the data stream are functions of the step, see :mod:`.data`), the
     python/numpy/torch RNG states and the prototype memory; a killed run ends with the same
     weights as an uninterrupted one. Checkpoints are loaded with ``weights_only=True``; one made
-    with other settings is refused, naming the differing keys (``overwrite`` starts over).
+    with other settings or from other segments is refused, naming the differing keys
+    (``overwrite`` starts over). Ctrl-C / SIGTERM are honoured between steps (a checkpoint there,
+    then KeyboardInterrupt); the run folder is locked for the whole run.
 
 Distributed
     Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank takes its slice of every global batch
@@ -477,7 +481,8 @@ def _build_model(t: _Training) -> None:
     config = t.config
     seed_everything(config.seed)
     model_cfg = {"backbone": config.backbone, "feature_layer": config.feature_layer,
-                 "freeze_blocks": _frozen_blocks(config), "embedding_dim": config.embedding_dim,
+                 "freeze_blocks": config.freeze_blocks if config.mode == "full" else 0,
+                 "embedding_dim": config.embedding_dim,
                  "head": config.head, "hidden": config.hidden}
     model = build_model(model_cfg, backbone_weights=config.backbone_weights).to(t.device)
     if model.stride != D.STRIDE:
@@ -639,10 +644,12 @@ def _train_step(t: _Training, batch: dict[str, Any], step: int) -> float:
         emb = t.trainable(x)
     emb = emb.float()
     target = _targets(t, batch, emb.shape[-2:])
+    sorting = _sorting_inputs(t, batch, emb.shape[-2:])
     if t.world > 1:
         emb = _GatherBatch.apply(emb, t.rank, t.world)
         target = _gather_plain(target, t.world)
-    loss = _loss(t, emb, target)
+        sorting = {name: _gather_plain(value, t.world) for name, value in sorting.items()}
+    loss = _loss(t, emb, target, sorting)
     value = float(loss.detach())
     if not math.isfinite(value):
         _diverged(t, step + 1, f"the loss is {value}")
@@ -669,12 +676,27 @@ def _targets(t: _Training, batch: dict[str, Any], grid):
     return segments_to_grid(target, grid) if t.config.mode == "full" else target
 
 
-def _loss(t: _Training, emb, target):
+def _sorting_inputs(t: _Training, batch: dict[str, Any], grid) -> dict[str, Any]:
+    """Supervised: where each crop's pixel sorting starts, from the whole image (as released): its
+    5x5 grid's cells and ``(y/H, x/W)`` locations, carried through the crop, on the embedding's grid."""
+    from .losses import segments_to_grid
+
+    if not t.config.labels_dir:
+        return {}
+    init, yx = batch["init"].to(t.device), batch["yx"].to(t.device)
+    if t.config.mode == "full":
+        init = segments_to_grid(init, grid)
+        yx = segments_to_grid(yx.flatten(0, 1), grid).unflatten(0, (yx.shape[0], 2))
+    size = batch["image_size"].to(t.device).float()[:, :, None, None]
+    return {"init": init, "locations": yx.float() / size}
+
+
+def _loss(t: _Training, emb, target, sorting: dict[str, Any]):
     from .losses import supervised_segsort_loss, unsupervised_segsort_loss
 
     if t.config.labels_dir:
         return supervised_segsort_loss(emb, target, kappa=t.config.kappa, ignore_label=t.config.ignore_label,
-                                       memory=t.memory)
+                                       memory=t.memory, **sorting)
     return unsupervised_segsort_loss(emb, target, kappa=t.config.kappa)
 
 
@@ -859,20 +881,13 @@ def _finish(t: _Training, step: int) -> None:
             "precision": t.precision, "images": t.n_images, "segments_threshold": seg_config.get("threshold"),
             "cut": config.cut if config.cut is not None else seg_config.get("threshold"),
             **t.provenance, "backbone_weights_sha256": _trunk_weights_sha256(config),
-            # the settings as a table, freeze_blocks as trained (cached mode freezes the whole trunk)
-            "train_config": {**config.result_fields(), "freeze_blocks": _frozen_blocks(config)}})
+            # the settings as a table, freeze_blocks as trained (cached mode freezes the trunk below train_blocks)
+            "train_config": {**config.result_fields(), "freeze_blocks": t.model.backbone.frozen_blocks()}})
         tail = t.recent_losses
         t.summary.note = (f"{config.mode} mode, {t.n_images} images, step {step}/{config.steps}"
                           + (f", loss {np.mean(tail):.4f} (last {len(tail)})" if tail else "")
                           + f", model.pt sha256 {sha[:12]}")
     barrier()
-
-
-def _frozen_blocks(config: TrainConfig) -> int:
-    """Trunk blocks that do not train: all of them up to the feature layer in cached mode."""
-    if config.mode == "cached":
-        return 5 if config.feature_layer == "conv5_3" else 4
-    return config.freeze_blocks
 
 
 def _trunk_weights_sha256(config: TrainConfig) -> str:

@@ -75,6 +75,15 @@ def _vertex_edge(a, b, k, h, w):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _in_grid(e, h, w):
+    """Whether edge id ``e`` (in ``[0, 2N)``) joins two pixels: not past the last column or row."""
+    n = h * w
+    if e < n:
+        return (e % w) < w - 1
+    return e - n + w < n
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _edge_point(e, h, w):
     """Position (row, col) of an edge: the midpoint of the two pixel centres it links."""
     n = h * w
@@ -331,14 +340,9 @@ def rag_mean_labels(labels, values, h, w, offsets, targets, oriented, out, sums,
     lengths[:] = 0.0
     k = 0
     for e in range(2 * n):
-        p = e if e < n else e - n
-        if e < n:
-            ok = (p % w) < w - 1
-        else:
-            ok = p + w < n
-        if not ok:
+        if not _in_grid(e, h, w):
             continue
-        q = p + 1 if e < n else p + w
+        p, q = _edge_pixels(e, h, w)
         a = labels[p]
         b = labels[q]
         if a == b:
@@ -393,12 +397,7 @@ def cut_edge_ranks(labels, h, w):
     bits = np.zeros(words, np.uint64)
     base = np.zeros(words + 1, np.int64)
     for e in range(2 * n):
-        p = e if e < n else e - n
-        if e < n:
-            ok = (p % w) < w - 1
-        else:
-            ok = p + w < n
-        if ok and _is_cut(labels, e, h, w):
+        if _in_grid(e, h, w) and _is_cut(labels, e, h, w):
             bits[e >> 6] |= np.uint64(1) << np.uint64(e & 63)
     for k in range(words):
         base[k + 1] = base[k] + _popcount(bits[k])

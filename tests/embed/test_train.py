@@ -346,8 +346,8 @@ def test_palette_label_pngs_are_read_as_their_indices(tmp_path):
     im.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0, 0, 0, 128, 128, 0, 128] + [0] * (250 * 3))
     im.save(png)
     assert Image.open(png).mode == "P"
-    np.testing.assert_array_equal(D.grid_labels(png, (2, 3), flip=False), indices)
-    np.testing.assert_array_equal(D.grid_labels(png, (2, 3), flip=True), indices[:, ::-1])
+    np.testing.assert_array_equal(D.classes_on_grid(png, (2, 3), flip=False)[0], indices)
+    np.testing.assert_array_equal(D.classes_on_grid(png, (2, 3), flip=True)[0], indices[:, ::-1])
     np.testing.assert_array_equal(read_label_png(png), indices)  # the package's one reader
     assert not hasattr(D, "read_label_png") or D.read_label_png is read_label_png
 
@@ -484,3 +484,72 @@ def test_a_long_run_says_how_long_and_how_to_shorten_it(tiny, tmp_path, monkeypa
     assert "left for 20 steps" in lines[0] and "--steps" in lines[0] and "--crop (now 96)" in lines[0]
     estimate = float(lines[0].split("(")[1].split(" s a step")[0])
     assert 0 < estimate < 5 * per_step  # the run's own steps, not a guess (setup included in per_step)
+
+
+def test_supervised_crops_carry_the_whole_images_sorting_grid_and_locations(tiny, bsds, tmp_path):
+    """As the released reader: the 5x5 initial cells and (y/H, x/W) are made on the whole image,
+    then scaled, flipped and cropped with it (NumPy restatement of its formulas below)."""
+    from segsort_unsup.embed import data as D
+    from segsort_unsup.embed.features import feature_jobs
+
+    labels = _label_pngs(bsds, tiny["images"], tmp_path)
+    run(_config(tiny, steps=1), tiny["store"], tmp_path / "unsup")  # the shared features store
+    samples, _ = D.list_samples(tiny["store"], images=tiny["images"], labels=labels)
+    paths = {s.key: s.label for s in samples}
+    keys = [j.key for j in feature_jobs(samples, (1.0,), flip=True)]
+    data = D.FeatureBatches(tiny["features"], sorted(paths), {k: [j for j in keys if j.startswith(k + "@")]
+                                                              for k in paths},
+                            seed=3, batch=4, rank=0, world=1, cells=12, ignore_label=255, labels=paths)
+    for step in range(3):
+        batch = data[step]
+        for i in range(4):
+            index = step * 4 + i
+            image = data.keys[D.sample_image(3, index, len(data.keys))]
+            rng = D.sample_rng(3, index)
+            options = data.variants[image]
+            key = options[int(rng.integers(len(options)))]
+            item = data._read(key)
+            h, w = item.arrays["segments"].shape
+            big_h, big_w = cv2.imread(paths[image], cv2.IMREAD_UNCHANGED).shape
+            y0 = int(rng.integers(0, max(h - 12, 0) + 1))
+            x0 = int(rng.integers(0, max(w - 12, 0) + 1))
+            ys = (np.arange(h) * big_h // h)[y0:y0 + 12]
+            xs = np.arange(w) * big_w // w
+            if item.attrs["flip"]:
+                xs = big_w - 1 - xs
+            xs = xs[x0:x0 + 12]
+            cells = (ys[:, None] // -(-big_h // 5)) + 5 * (xs[None, :] // -(-big_w // 5))  # released grid ids
+            ch, cw = len(ys), len(xs)
+            np.testing.assert_array_equal(batch["init"][i, :ch, :cw].numpy(), cells)
+            np.testing.assert_array_equal(batch["yx"][i, 0, :ch, :cw].numpy(), np.broadcast_to(ys[:, None], (ch, cw)))
+            np.testing.assert_array_equal(batch["yx"][i, 1, :ch, :cw].numpy(), np.broadcast_to(xs[None, :], (ch, cw)))
+            assert batch["image_size"][i].tolist() == [big_h, big_w]
+    summary = run(_config(tiny, labels_dir=str(labels), steps=3), tiny["store"], tmp_path / "sup")
+    assert summary.ok and summary.done == 3
+
+
+def test_full_mode_supervised_crops_carry_cells_and_locations_of_the_whole_photo(tiny, bsds, tmp_path):
+    """Scaled, cropped and flipped together: at every unpadded pixel the initial cell is the released
+    grid's cell of that pixel's (y, x) in the whole photo, and training on them runs."""
+    from segsort_unsup.embed import data as D
+
+    labels = _label_pngs(bsds, tiny["images"], tmp_path)
+    samples, _ = D.list_samples(tiny["store"], images=tiny["images"], labels=labels)
+    data = D.PhotoBatches(samples, seed=0, batch=4, rank=0, world=1, crop=160, scale_range=(0.5, 2.0), flip=True,
+                          grouping=("labels", None), ignore_label=255)
+    flipped = 0
+    for step in range(3):
+        batch = data[step]
+        for i in range(4):
+            big_h, big_w = batch["image_size"][i].tolist()
+            real = batch["segments"][i].numpy() != -1  # PAD_SEGMENT marks the padding
+            y, x = batch["yx"][i, 0].numpy()[real], batch["yx"][i, 1].numpy()[real]
+            assert y.max() < big_h and x.max() < big_w
+            cells = y // -(-big_h // 5) + 5 * (x // -(-big_w // 5))
+            np.testing.assert_array_equal(batch["init"][i].numpy()[real], cells)
+            row = batch["yx"][i, 1, 0].numpy()[real[0]]
+            flipped += bool(len(row) > 1 and row[0] > row[-1])
+    assert flipped, "no flipped crop among 12: the test checks nothing about flips"
+    summary = run(_config(tiny, mode="full", labels_dir=str(labels), steps=2, batch_size=2, crop=64, workers=0),
+                  tiny["store"], tmp_path / "run")
+    assert summary.ok and summary.done == 2 and all(np.isfinite(_losses(tmp_path / "run")))
