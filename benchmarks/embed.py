@@ -45,7 +45,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from segsort_unsup.runtime import cpu_has_fast_bf16, resolve_precision
-    from segsort_unsup.embed.infer import EmbedConfig, image_prototypes
+    from segsort_unsup.embed.stage import EmbedConfig, image_prototypes
     from segsort_unsup.embed.model import build_model, load_model
     from segsort_unsup.io.images import read_image
 

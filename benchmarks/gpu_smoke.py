@@ -180,7 +180,7 @@ def _model_provenance(run: Path) -> dict:
 
 
 def check_embeddings(report: Report, run: Path, paths, device: str) -> None:
-    from segsort_unsup.embed.infer import embed_image
+    from segsort_unsup.embed.stage import embed_image
     from segsort_unsup.embed.model import load_model
     from segsort_unsup.io.images import read_image
 

@@ -63,8 +63,8 @@ SUMMARIES: dict[str, str] = {
 # order, then OTHER_COMMANDS.
 _STAGE_MODULE_COMMANDS: dict[str, str] = {
     "segsort_unsup.contours.stage": "contours", "segsort_unsup.ucm.stage": "ucm",
-    "segsort_unsup.embed.train": "train", "segsort_unsup.embed.infer": "embed",
-    "segsort_unsup.embed.transfer": "transfer", "segsort_unsup.evaluate.semantic_stage": "",
+    "segsort_unsup.train.stage": "train", "segsort_unsup.embed.stage": "embed",
+    "segsort_unsup.transfer.stage": "transfer", "segsort_unsup.evaluate.semantic_stage": "",
     "segsort_unsup.discover.stage": "discover", "segsort_unsup.evaluate.stage": "evaluate",
 }
 

@@ -13,7 +13,7 @@ from tests.embed.test_transfer import _item, _store
 
 
 def test_transfer_settings_blame_the_right_key():
-    from segsort_unsup.embed.transfer import TransferConfig
+    from segsort_unsup.transfer.stage import TransferConfig
 
     with pytest.raises(InputError, match="key 'batch': must be >= 1"):
         TransferConfig(batch=0)

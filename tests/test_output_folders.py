@@ -188,7 +188,7 @@ def _prototypes(root: Path, keys: list[str], image: Path) -> Path:
 
 
 def test_retrieve_pages_live_in_an_output_folder(tmp_path, photo):
-    from segsort_unsup.embed.retrieve import parse_query, run_retrieve
+    from segsort_unsup.transfer.retrieve import parse_query, run_retrieve
 
     store = _prototypes(tmp_path / "s", ["im0", "sub/im1", "im2"], photo)
     out = tmp_path / "out"
@@ -205,7 +205,7 @@ def test_retrieve_pages_live_in_an_output_folder(tmp_path, photo):
 
 
 def test_retrieve_refuses_a_hostile_key_with_one_line_before_writing(tmp_path, photo):
-    from segsort_unsup.embed.retrieve import parse_query, run_retrieve
+    from segsort_unsup.transfer.retrieve import parse_query, run_retrieve
 
     for key in _hostile_keys(tmp_path):
         store = _prototypes(tmp_path / "stores" / str(abs(hash(key))), ["good", key], photo)

@@ -48,7 +48,7 @@ def embed(model, input, output, labels, ignore_label, features, scales, flip, wi
     MODEL is a model.pt (or a train run folder holding one); INPUT a folder, glob, list file or
     image. A killed run resumes where it stopped.
     """
-    from ..embed.infer import EmbedConfig, run
+    from ..embed.stage import EmbedConfig, run
     from ..io.images import excluding_outputs
     from ..parallel import make_executor
 

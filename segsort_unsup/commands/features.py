@@ -41,7 +41,7 @@ def features(segments, output, images, cut, backbone, backbone_weights, feature_
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
     from ..embed.backbones import check_feature_layer
-    from ..embed.features import FeaturesConfig, run
+    from ..train.features import FeaturesConfig, run
 
     config = FeaturesConfig(images=images, cut=cut, backbone=backbone, backbone_weights=backbone_weights,
                             feature_layer=check_feature_layer(backbone, feature_layer), cache_layer=cache_layer,

@@ -26,7 +26,7 @@ def retrieve(labelled, query, output, queries, n, top, min_area, class_names, se
 
     LABELLED and QUERY are prototypes stores (`segsort-unsup embed`); they may be the same.
     """
-    from ..embed.retrieve import parse_query, read_class_names, run_retrieve
+    from ..transfer.retrieve import parse_query, read_class_names, run_retrieve
 
     names = read_class_names(class_names) if class_names else None
     written = run_retrieve(labelled, query, output, queries=[parse_query(q) for q in queries], n=n, seed=seed,

@@ -69,7 +69,7 @@ def train(segments, output, mode, images, cut, labels_dir, ignore_label, backbon
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
     from ..embed.backbones import check_feature_layer
-    from ..embed.train import TrainConfig, run
+    from ..train.stage import TrainConfig, run
 
     feature_layer = check_feature_layer(backbone, feature_layer)
 

@@ -25,7 +25,7 @@ def transfer(labelled, query, output, k, ignore_label, index, nprobe, overwrite)
     LABELLED is a prototypes store embedded with --labels; QUERY a prototypes store. The PNGs are
     ready for `segsort-unsup evaluate semantic`.
     """
-    from ..embed.transfer import TransferConfig, run
+    from ..transfer.stage import TransferConfig, run
 
     config = TransferConfig(k=k, ignore_label=ignore_label, index=index, nprobe=nprobe)
     finish(run(config, [labelled, query], output, overwrite=overwrite))

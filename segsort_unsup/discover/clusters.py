@@ -3,7 +3,7 @@
 Every prototype of the scored set is put in one of ``groups`` clusters, without any label:
 spherical k-means (faiss, ``method = "kmeans"``) or FINCH's partition with exactly that many
 groups (``method = "finch"``, its ``req_clust``). Every pixel then takes the cluster of its
-segment (summed over views like :func:`~segsort_unsup.embed.transfer.pixel_labels`), and the
+segment (summed over views like :func:`~segsort_unsup.transfer.stage.pixel_labels`), and the
 result is one cluster-id PNG per image. The ``semantic`` stage with ``hungarian = true`` matches
 clusters to classes one-to-one on the scored set (the Hungarian algorithm on the pixel confusion)
 and reports mIoU and pixel accuracy: labels are read by that final matching only.
@@ -98,7 +98,7 @@ class ClusterConfig(StageConfig):
 def run(config: ClusterConfig, inputs: Any, output: str | os.PathLike, *,
         executor: Executor | None = None, overwrite: bool | str = False) -> StageSummary:
     """A cluster-id PNG per image of the prototypes store ``inputs``; ``executor`` is unused."""
-    from ..embed.transfer import open_prototypes
+    from ..transfer.stage import open_prototypes
 
     store = open_prototypes(inputs, "scored")
     with store:
@@ -121,7 +121,7 @@ def run(config: ClusterConfig, inputs: Any, output: str | os.PathLike, *,
 
 def _write_maps(config: ClusterConfig, folder: OutputFolder, store: Any, table: Any,
                 clusters: np.ndarray) -> StageSummary:
-    from ..embed.transfer import label_png, pixel_labels
+    from ..transfer.stage import label_png, pixel_labels
 
     summary = StageSummary("cluster", output=str(folder.path), total=len(table.keys))
     log.info("cluster: %d prototypes of %d images into %d groups (%s)", len(clusters), len(table.keys),

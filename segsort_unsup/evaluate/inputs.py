@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadImageError, InputError, StoreError
-from ..io.images import read_label_png, read_png
+from ..io.images import image_id, read_label_png, read_png
 from ..log import get_logger
 from ..ucm.hierarchy import ucm2_values
 
@@ -35,12 +35,6 @@ class GroundTruth:
     @property
     def shape(self) -> tuple[int, int]:
         return self.segmentations[0].shape
-
-
-def image_id(key: str) -> str:
-    """The id an item is matched by: the last part of a key or the stem of a file name."""
-    last = key.replace("\\", "/").rstrip("/").split("/")[-1]
-    return Path(last).stem if "." in last else last
 
 
 def list_ground_truth(gt_dir: str | os.PathLike) -> dict[str, Path]:

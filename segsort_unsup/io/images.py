@@ -441,3 +441,9 @@ def read_label_png(path: str | os.PathLike) -> np.ndarray:
     if arr.dtype not in (np.uint8, np.uint16, np.bool_):
         raise BadImageError(path, f"unsupported PNG pixel type {arr.dtype}")
     return arr.astype(np.uint8) if arr.dtype == np.bool_ else arr
+
+
+def image_id(key: str) -> str:
+    """The id an item is matched by: the last part of a key or the stem of a file name."""
+    last = key.replace("\\", "/").rstrip("/").split("/")[-1]
+    return Path(last).stem if "." in last else last

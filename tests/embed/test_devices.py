@@ -50,7 +50,7 @@ def test_virtual_device_catches_what_cuda_refuses():
 def test_sort_pixels_stays_on_the_device(embedding, labels, stride):
     """sort_pixels with the embedding on the device and the valid mask on the host: ids on the
     device, equal to the CPU's."""
-    from segsort_unsup.embed.infer import sort_pixels
+    from segsort_unsup.embed.stage import sort_pixels
 
     valid = torch.from_numpy(labels != 255)[None]
     expected = sort_pixels(embedding, valid=valid, stride=stride)
@@ -61,7 +61,7 @@ def test_sort_pixels_stays_on_the_device(embedding, labels, stride):
 
 
 def test_segment_table_is_computed_on_the_device(embedding, labels):
-    from segsort_unsup.embed.infer import device_segment_table, segment_table, sort_pixels
+    from segsort_unsup.embed.stage import device_segment_table, segment_table, sort_pixels
 
     valid = torch.from_numpy(labels != 255)[None]
     seg = sort_pixels(embedding, valid=valid)
@@ -90,7 +90,7 @@ def test_image_prototypes_with_the_model_on_the_device(tiny_model, labels, sort_
     the device and ``device`` passed explicitly: the same arrays as on the CPU."""
     import copy
 
-    from segsort_unsup.embed.infer import EmbedConfig, image_prototypes
+    from segsort_unsup.embed.stage import EmbedConfig, image_prototypes
 
     rgb = (np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)
     cfg = EmbedConfig(precision="fp32", scales=(1.0, 0.75), flip=True, window=64, window_stride=32,
@@ -146,7 +146,7 @@ def test_embed_stage_runs_on_the_device_named_in_its_settings(tiny_model, tmp_pa
     equals the CPU's (the model must not stay on the host where torch.load put it)."""
     import cv2
 
-    from segsort_unsup.embed.infer import EmbedConfig, _MODELS, run
+    from segsort_unsup.embed.stage import EmbedConfig, _MODELS, run
     from segsort_unsup.embed.model import save_model
     from segsort_unsup.io.store import StoreReader
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from segsort_unsup.embed.infer import EmbedConfig, embed_image, image_prototypes, run, window_starts
+from segsort_unsup.embed.stage import EmbedConfig, embed_image, image_prototypes, run, window_starts
 from segsort_unsup.errors import InputError
 from segsort_unsup.io.store import StoreReader
 
@@ -215,7 +215,7 @@ def test_dask_executor_gives_the_same_store(camvid_small, tmp_path):
 def test_sort_stride_is_pooled_kmeans_then_one_assignment(camvid_small):
     """sort_stride=s: the reference k-means on the s x s average-pooled embedding (NumPy), then
     each full-resolution pixel takes the cluster of largest cosine, ids in first-appearance order."""
-    from segsort_unsup.embed.infer import sort_pixels
+    from segsort_unsup.embed.stage import sort_pixels
     from segsort_unsup.io.images import read_label_png
 
     from . import np_kmeans, np_grid_labels, np_unique_inverse

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segsort_unsup.embed.retrieve import Query, _query_card, index_page
+from segsort_unsup.transfer.retrieve import Query, _query_card, index_page
 
 
 def test_title_says_labelled_only_when_the_store_has_labels():

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from segsort_unsup.embed.model import load_model
-from segsort_unsup.embed.train import TrainConfig, run
+from segsort_unsup.train.stage import TrainConfig, run
 from segsort_unsup.errors import InputError, StoreError, WeightsError
 from tests.embed.train_data import make_segments
 
@@ -133,7 +133,7 @@ def test_sigkill_at_a_random_step_then_rerun_gives_the_uninterrupted_weights(tin
 def test_sigterm_right_after_an_optimizer_step_stops_at_the_step_boundary(tiny, reference, tmp_path):
     """The signal lands between optimizer.step() and the step's bookkeeping: the checkpoint saved on the
     way out holds step 7's weights under step 7, so the resumed run ends with the uninterrupted weights."""
-    from segsort_unsup.embed.train import TEST_SIGTERM_ENV
+    from segsort_unsup.train.stage import TEST_SIGTERM_ENV
 
     out = tmp_path / "cut"
     stopped = subprocess.run(_cli(tiny, out), cwd=REPO, env=_env(**{TEST_SIGTERM_ENV: "7"}), capture_output=True,
@@ -317,7 +317,7 @@ def test_non_finite_learning_rate_is_refused_in_one_line(tiny, tmp_path):
 
 
 def test_a_non_finite_loss_stops_training_keeping_the_last_good_checkpoint(tiny, tmp_path):
-    from segsort_unsup.embed.train import TrainingDiverged, load_checkpoint
+    from segsort_unsup.train.stage import TrainingDiverged, load_checkpoint
 
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"training diverged at step \d+ .*lower --lr") as info:
@@ -399,7 +399,7 @@ def test_a_grown_input_is_refused_by_the_command_and_retrained_by_pipelines(tiny
 
 
 def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(tiny, tmp_path, monkeypatch):
-    import segsort_unsup.embed.train as T
+    import segsort_unsup.train.stage as T
     from segsort_unsup.io.atomic import DiskFullError, atomic_path
 
     out = tmp_path / "run"
@@ -445,7 +445,7 @@ def test_the_process_group_has_an_explicit_timeout(monkeypatch, device, backend)
     """Rank 0 runs the whole feature pass while the others wait: the default 10/30 min would end the run."""
     import torch.distributed as dist
 
-    import segsort_unsup.embed.train as T
+    import segsort_unsup.train.stage as T
 
     calls = []
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
@@ -458,7 +458,7 @@ def test_the_process_group_has_an_explicit_timeout(monkeypatch, device, backend)
 
 
 def test_fp16_training_steps_through_the_loss_scaler(tiny, tmp_path):
-    from segsort_unsup.embed.train import load_checkpoint
+    from segsort_unsup.train.stage import load_checkpoint
 
     def last_checkpoint(precision: str) -> dict:
         out = tmp_path / precision
@@ -472,7 +472,7 @@ def test_fp16_training_steps_through_the_loss_scaler(tiny, tmp_path):
 
 
 def test_a_long_run_says_how_long_and_how_to_shorten_it(tiny, tmp_path, monkeypatch, caplog):
-    import segsort_unsup.embed.train as T
+    import segsort_unsup.train.stage as T
 
     monkeypatch.setattr(T, "LONG_RUN_SECONDS", 0.0)  # every run counts as long
     began = time.perf_counter()
@@ -490,7 +490,7 @@ def test_supervised_crops_carry_the_whole_images_sorting_grid_and_locations(tiny
     """As the released reader: the 5x5 initial cells and (y/H, x/W) are made on the whole image,
     then scaled, flipped and cropped with it (NumPy restatement of its formulas below)."""
     from segsort_unsup.embed import data as D
-    from segsort_unsup.embed.features import feature_jobs
+    from segsort_unsup.train.features import feature_jobs
 
     labels = _label_pngs(bsds, tiny["images"], tmp_path)
     run(_config(tiny, steps=1), tiny["store"], tmp_path / "unsup")  # the shared features store

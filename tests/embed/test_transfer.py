@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segsort_unsup.embed.transfer import (TransferConfig, build_index, knn_votes, pixel_labels, run)
+from segsort_unsup.transfer.stage import (TransferConfig, build_index, knn_votes, pixel_labels, run)
 from segsort_unsup.errors import InputError, StoreError
 from segsort_unsup.io.outdir import MANIFEST_NAME, OutputFolderError
 from segsort_unsup.io.store import Item, StoreWriter
@@ -32,7 +32,7 @@ def real_prototypes(bsds, hed_h5):
     real_batch), labelled by their ground-truth regions."""
     import torch
 
-    from segsort_unsup.embed.infer import segment_table
+    from segsort_unsup.embed.stage import segment_table
     from segsort_unsup.embed.sorting import pixel_sort
 
     from . import real_batch
@@ -195,7 +195,7 @@ def test_cli_embed_transfer_evaluate(tmp_path, shared, hed_h5):
 def test_retrieve_pictures_and_query_errors(tmp_path):
     import cv2
 
-    from segsort_unsup.embed.retrieve import cutout, parse_query, read_class_names, run_retrieve
+    from segsort_unsup.transfer.retrieve import cutout, parse_query, read_class_names, run_retrieve
 
     rng = np.random.default_rng(3)
     paths = []

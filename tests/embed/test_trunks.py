@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segsort_unsup.embed.backbones import BACKBONES, build_backbone, register_backbone
-from segsort_unsup.embed.infer import embed_image
+from segsort_unsup.embed.stage import embed_image
 from segsort_unsup.embed.model import build_model, load_model
 from segsort_unsup.embed.trunk import Backbone, FeatureLayer, InputConvention, Trunk
 from segsort_unsup.errors import InputError
@@ -72,7 +72,7 @@ def tiny(tmp_path_factory, bsds):
 
 @pytest.mark.parametrize("mode", ["full", "cached"])
 def test_toy_backbone_trains_and_embeds(toy, tiny, tmp_path, mode):
-    from segsort_unsup.embed.train import TrainConfig, run
+    from segsort_unsup.train.stage import TrainConfig, run
     from segsort_unsup.io.images import read_image
 
     config = TrainConfig(backbone="toy", feature_layer="mix", mode=mode, steps=3, batch_size=2, crop=64,
@@ -147,7 +147,7 @@ def test_forward_from_checks_the_map(hed_h5):
 def test_partial_cached_training_trains_the_upper_block_and_resumes(toy, tiny, tmp_path):
     """train_blocks=1 on the toy trunk: maps cached at 'stem', 'mix' + head train, 'stem' stays; a
     run resumed from its middle checkpoint ends with the uninterrupted run's weights."""
-    from segsort_unsup.embed.train import TrainConfig, run
+    from segsort_unsup.train.stage import TrainConfig, run
 
     def config(**changes):
         return TrainConfig(**{**dict(backbone="toy", feature_layer="mix", mode="cached", train_blocks=1, steps=4,
@@ -181,14 +181,14 @@ def test_partial_cached_training_trains_the_upper_block_and_resumes(toy, tiny, t
 
 
 def _untrained(config, tiny, tmp_path):
-    from segsort_unsup.embed.train import run
+    from segsort_unsup.train.stage import run
 
     run(config(steps=0), tiny["store"], tmp_path / "init")
     return tmp_path / "init" / "model.pt"
 
 
 def test_training_refuses_a_trunk_off_the_stride_8_grid(monkeypatch, tiny, tmp_path):
-    from segsort_unsup.embed.train import TrainConfig, run
+    from segsort_unsup.train.stage import TrainConfig, run
 
     class Stride16(ToyTrunk):
         def __init__(self, feature_layer):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from segsort_unsup.embed.infer import EmbedConfig, embed_image, image_prototypes, run
+from segsort_unsup.embed.stage import EmbedConfig, embed_image, image_prototypes, run
 from segsort_unsup.errors import InputError
 from segsort_unsup.io.store import StoreReader
 
@@ -97,9 +97,9 @@ def test_transfer_and_retrieve_show_the_units(ucm_inputs, tmp_path):
     """The prototypes stores' units reach transfer's manifest and the retrieval page."""
     import json
 
-    from segsort_unsup.embed.retrieve import run_retrieve
-    from segsort_unsup.embed.transfer import MANIFEST, TransferConfig
-    from segsort_unsup.embed.transfer import run as transfer
+    from segsort_unsup.transfer.retrieve import run_retrieve
+    from segsort_unsup.transfer.stage import MANIFEST, TransferConfig
+    from segsort_unsup.transfer.stage import run as transfer
 
     root, store, images = ucm_inputs
     labels = tmp_path / "labels"

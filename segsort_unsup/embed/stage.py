@@ -21,7 +21,7 @@ Views: with several ``scales`` and/or ``flip``, each view (image resized by a sc
 mirrored) is embedded, its embedding brought back to the image's size and orientation
 (bilinear, re-normalised), and sorted on its own; all views' prototypes are kept. ``segments``
 is the first view's map and ``views`` (V x H x W) every view's map with store-wide ids, so
-:mod:`~segsort_unsup.embed.transfer` sums each pixel's kNN votes over views (the reference sums
+:mod:`~segsort_unsup.transfer.stage` sums each pixel's kNN votes over views (the reference sums
 votes over scales and flips). The reference sorts each view at the view's resolution; here every
 view is sorted at the image's resolution, so all views share the pixel grid.
 
@@ -546,7 +546,7 @@ def _units_source(config: EmbedConfig) -> tuple[tuple[str, str, int | None] | No
         return None, {}
     from ..io.sources import store_content
     from ..io.store import StoreReader, is_store
-    from .data import grouping_names
+    from ..train.data import grouping_names
 
     root = Path(config.segments)
     if not is_store(root):
@@ -569,7 +569,7 @@ def units_of(reader: Any) -> str:
 
 
 def _label_paths(folder: str) -> dict[str, Path]:
-    from ..evaluate.inputs import image_id
+    from ..io.images import image_id
 
     root = Path(folder)
     if not root.is_dir():
@@ -588,7 +588,7 @@ def run(config: EmbedConfig, inputs: Any, output: str | os.PathLike, *,
     folder, glob, list file or image (see :func:`list_images`) or a list of :class:`ImageRef`.
     Bad images are logged, recorded and skipped.
     """
-    from ..evaluate.inputs import image_id
+    from ..io.images import image_id
     from ..io.atomic import sha256_file
 
     executor = executor or InProcess()

@@ -213,7 +213,7 @@ def run(config: TransferConfig, inputs: Any, output: str | os.PathLike, *,
                          "(embed both with the same model and --features)")
     identity = config.identity(labelled=labelled.config_hash, query=query.config_hash,
                                labelled_content=store_content(labelled))
-    from .infer import units_of
+    from ..embed.stage import units_of
 
     units = {"labelled": units_of(labelled), "query": units_of(query)}
     log.info("transfer: segment units: labelled %s, query %s", units["labelled"], units["query"])

@@ -58,7 +58,7 @@ class FeaturesConfig(StageConfig):
     threads: int | None = run_only(None, help="torch CPU threads (default: all cores)")
 
     def validate(self) -> None:
-        from .backbones import check_feature_layer
+        from ..embed.backbones import check_feature_layer
 
         try:
             check_feature_layer(self.backbone, self.feature_layer)
@@ -97,7 +97,7 @@ def compute_features(model: Any, job: FeatureJob, *, grouping: tuple[str, int | 
     import torch
 
     from ..runtime import autocast
-    from .losses import segments_to_grid
+    from ..embed.losses import segments_to_grid
 
     rgb, seg, _ = load_sample(replace(job.sample, label=None), grouping=grouping)
     h, w = seg.shape
@@ -177,7 +177,7 @@ def _trunk(config: FeaturesConfig, device: Any, precision: str):
     """The network whose ``features`` are stored, frozen, in eval mode, laid out for ``precision``."""
     import torch
 
-    from .model import build_model
+    from ..embed.model import build_model
 
     with torch.random.fork_rng(devices=[]):  # a random trunk is train's (same seed, drawn first)
         torch.manual_seed(config.seed)

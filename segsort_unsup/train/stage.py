@@ -134,7 +134,7 @@ class TrainConfig(StageConfig):
     def validate(self) -> None:
         if self.mode not in MODES:
             raise self.bad_value("mode", f"choose one of {', '.join(MODES)}")
-        from .backbones import check_feature_layer
+        from ..embed.backbones import check_feature_layer
 
         try:
             check_feature_layer(self.backbone, self.feature_layer)
@@ -585,7 +585,7 @@ def _build_optimizer(t: _Training) -> None:
 
     from ..runtime import grad_scaler
 
-    from .losses import PrototypeMemory
+    from ..embed.losses import PrototypeMemory
 
     config = t.config
     groups = t.model.param_groups(config.lr, weight_decay=config.weight_decay, head_lr_mult=config.head_lr_mult)
@@ -670,7 +670,7 @@ def _diverged(t: _Training, step: int, what: str) -> None:
 
 def _targets(t: _Training, batch: dict[str, Any], grid):
     """What the loss groups by: segments (unsupervised) or classes, on the embedding's grid."""
-    from .losses import segments_to_grid
+    from ..embed.losses import segments_to_grid
 
     target = (batch["labels"] if t.config.labels_dir else batch["segments"]).to(t.device)
     return segments_to_grid(target, grid) if t.config.mode == "full" else target
@@ -679,7 +679,7 @@ def _targets(t: _Training, batch: dict[str, Any], grid):
 def _sorting_inputs(t: _Training, batch: dict[str, Any], grid) -> dict[str, Any]:
     """Supervised: where each crop's pixel sorting starts, from the whole image (as released): its
     5x5 grid's cells and ``(y/H, x/W)`` locations, carried through the crop, on the embedding's grid."""
-    from .losses import segments_to_grid
+    from ..embed.losses import segments_to_grid
 
     if not t.config.labels_dir:
         return {}
@@ -692,7 +692,7 @@ def _sorting_inputs(t: _Training, batch: dict[str, Any], grid) -> dict[str, Any]
 
 
 def _loss(t: _Training, emb, target, sorting: dict[str, Any]):
-    from .losses import supervised_segsort_loss, unsupervised_segsort_loss
+    from ..embed.losses import supervised_segsort_loss, unsupervised_segsort_loss
 
     if t.config.labels_dir:
         return supervised_segsort_loss(emb, target, kappa=t.config.kappa, ignore_label=t.config.ignore_label,

@@ -109,7 +109,7 @@ class _Neighbours:
     """The labelled store's prototypes indexed, and the pictures of a query's nearest segments."""
 
     def __init__(self, lab, qry, *, same: bool, top: int, class_names: list[str] | None):
-        from .transfer import build_index
+        from .stage import build_index
 
         self.lab, self.qry, self.same, self.top, self.class_names = lab, qry, same, top, class_names
         self.protos, failed = lab.stack("prototypes")
@@ -215,8 +215,8 @@ def run_retrieve(labelled: str | os.PathLike, query: str | os.PathLike, output: 
     import cv2
 
     from ..io.outdir import OutputFolder
-    from .infer import units_of
-    from .transfer import open_prototypes
+    from ..embed.stage import units_of
+    from .stage import open_prototypes
 
     lab = open_prototypes(labelled, "labelled")
     qry = open_prototypes(query, "query")

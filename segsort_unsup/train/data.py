@@ -18,7 +18,7 @@ Groupings
 
 Cached mode
     :class:`FeatureBatches` crops the maps of a ``features`` store (written by the
-    :mod:`~segsort_unsup.embed.features` stage). Class labels are not stored there: supervised
+    :mod:`~segsort_unsup.train.features` stage). Class labels are not stored there: supervised
     runs map them to each map's grid as they read it (:func:`classes_on_grid`), so the unsupervised
     model and its supervised counterpart share one store (``features_dir``).
 """
@@ -38,8 +38,8 @@ from ..errors import BadImageError, InputError, StoreError
 from ..io.images import IMAGE_EXTENSIONS, read_image, read_label_png
 from ..io.store import Item, StoreReader, cached_reader
 from ..log import get_logger
-from .losses import PAD_SEGMENT, segments_to_grid
-from .sorting import grid_labels as initial_cells
+from ..embed.losses import PAD_SEGMENT, segments_to_grid
+from ..embed.sorting import grid_labels as initial_cells
 
 log = get_logger("train")
 
