@@ -141,6 +141,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds all CUDA devices
 
 
+def deterministic_cuda(device: torch.device) -> None:
+    """On a GPU, the kernels that give the same bits every run (a resumed run must end with the
+    weights of an uninterrupted one); CPU kernels are deterministic already. Call before the first
+    cuBLAS call: its workspace setting is read when cuBLAS starts."""
+    if device.type != "cuda":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def dist_info() -> tuple[int, int, int]:
     """``(rank, world_size, local_rank)`` from torchrun's environment; ``(0, 1, 0)`` outside it."""
     values = []

@@ -145,3 +145,21 @@ def test_an_fp16_autocast_step_through_the_scaler_on_cpu_matches_the_unscaled_gr
         scaler.update()
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-2, atol=1e-3)  # fp16 matmul rounding
     torch.testing.assert_close(scaled.weight, plain.weight, rtol=1e-2, atol=1e-3)
+
+
+def test_deterministic_cuda_is_set_for_a_cuda_device_only():
+    """Resumed GPU runs must end with the uninterrupted run's weights: deterministic kernels and the
+    cuBLAS workspace are asked for on CUDA (checked in a fresh process; no GPU needed to set them)."""
+    code = (
+        "import os, torch\n"
+        "from segsort_unsup.runtime import deterministic_cuda\n"
+        "os.environ.pop('CUBLAS_WORKSPACE_CONFIG', None)\n"
+        "deterministic_cuda(torch.device('cpu'))\n"
+        "print(torch.are_deterministic_algorithms_enabled(), 'CUBLAS_WORKSPACE_CONFIG' in os.environ)\n"
+        "deterministic_cuda(torch.device('cuda'))\n"
+        "print(torch.are_deterministic_algorithms_enabled(), os.environ['CUBLAS_WORKSPACE_CONFIG'],"
+        " torch.backends.cudnn.benchmark)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "False False"
+    assert out[1] == "True :4096:8 False"

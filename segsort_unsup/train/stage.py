@@ -217,8 +217,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
                          n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # a machine with fewer GPUs restores what it has
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def checkpoint_paths(run_dir: Path) -> list[Path]:
@@ -335,7 +336,7 @@ def run(config: TrainConfig, inputs: str | os.PathLike, output: str | os.PathLik
     """Train on the segments store ``inputs`` into the run folder ``output`` (resumes; see module doc)."""
     import torch
 
-    from ..runtime import dist_info
+    from ..runtime import deterministic_cuda, dist_info
 
     rank, world, local_rank = dist_info()
     if config.threads:
@@ -346,6 +347,7 @@ def run(config: TrainConfig, inputs: str | os.PathLike, output: str | os.PathLik
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    deterministic_cuda(device)
     out = Path(output)
     with _process_group(world, device), _run_folder_lock(out, main=rank == 0):
         t = _setup(config, Path(inputs), out, device=device, precision=precision, rank=rank, world=world)
