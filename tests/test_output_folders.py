@@ -194,7 +194,7 @@ def test_retrieve_pages_live_in_an_output_folder(tmp_path, photo):
     out = tmp_path / "out"
     written = run_retrieve(store, store, out, queries=[parse_query("sub/im1:0")], top=2)
     assert written == [out / "sub" / "im1-0.png"]
-    assert 'src="sub/im1-0.png"' in (out / "index.html").read_text()
+    assert "src='sub/im1-0.png'" in (out / "index.html").read_text()
     assert set(json.loads((out / MANIFEST_NAME).read_text())["files"]) == {"sub/im1-0.png", "index.html"}
     (out / "notes.txt").write_text("mine")
     with pytest.raises(OutputFolderError, match="--overwrite"):

@@ -48,10 +48,12 @@ def _peak_rss_growth_mb(code: str) -> float:
     import subprocess
     import sys
 
-    script = ("import resource, torch, segsort_unsup.embed.model as m\n"
-              "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+    # VmHWM is this process's own peak; ru_maxrss would carry the forking test runner's peak across exec
+    peak = "next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))"
+    script = ("import torch, segsort_unsup.embed.model as m\n"
+              f"base = {peak}\n"
               f"{code}\n"
-              "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)")
+              f"print(({peak} - base) / 1024)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ),
                          check=True, timeout=300)
     return float(out.stdout.strip().splitlines()[-1])
