@@ -67,7 +67,7 @@ def test_registry_drives_the_pipeline():
     from segsort_unsup.stages import registry
 
     names = [stage.name for stage in registry()]
-    assert names == ["contours", "ucm", "features", "train", "embed", "transfer", "semantic", "discover",
+    assert names == ["contours", "ucm", "features", "train", "embed", "transfer", "cluster", "semantic", "discover",
                      "evaluate"]
     for stage in registry():
         assert stage.config.stage == stage.name and callable(stage.run)

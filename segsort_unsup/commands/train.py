@@ -6,7 +6,7 @@ import os
 
 import click
 
-from .options import finish, float_list, output_option, overwrite_option, seed_option
+from .options import finish, float_list, one_or_several, output_option, overwrite_option, seed_option
 
 
 @click.command("train")
@@ -19,8 +19,9 @@ from .options import finish, float_list, output_option, overwrite_option, seed_o
               help="Folder of the photos when they moved (looked up as <DIR>/<key>.<ext> or by basename).")
 @click.option("--cut", type=float, default=None, help="Stored ucm level to use as the grouping (default: the "
               "store's threshold; others must be among its --levels).")
-@click.option("--supervised", "labels_dir", type=click.Path(exists=True, file_okay=False),
-              help="Class-label PNG folder: train the supervised counterpart instead.")
+@click.option("--supervised", "labels_dir", type=click.Path(exists=True), multiple=True,
+              help="Class-label PNG folder (or list file): train the supervised counterpart instead. Repeat "
+                   "for labels split over folders.")
 @click.option("--ignore-label", type=int, default=255, show_default=True, help="Label of unlabelled pixels.")
 @click.option("--backbone", type=click.Choice(["vgg16-hed", "vgg16", "scratch"]), default="vgg16-hed",
               show_default=True)
@@ -65,7 +66,7 @@ def train(segments, output, mode, images, cut, labels_dir, ignore_label, backbon
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
     from ..embed.train import TrainConfig, run
 
-    config = TrainConfig(mode=mode, images=images, cut=cut, labels_dir=labels_dir, ignore_label=ignore_label,
+    config = TrainConfig(mode=mode, images=images, cut=cut, labels_dir=one_or_several(labels_dir), ignore_label=ignore_label,
                          backbone=backbone, backbone_weights=backbone_weights, feature_layer=feature_layer,
                          freeze_blocks=freeze_blocks, head=head, steps=steps, batch_size=batch_size, crop=crop,
                          lr=lr, feature_scales=feature_scales, flip=not no_flip, precision=precision, device=device,
