@@ -111,3 +111,50 @@ def test_training_samples_take_labels_from_several_folders(tmp_path):
     _png(tmp_path / "extra" / "f1.png")
     with pytest.raises(InputError, match="'f1' is found twice"):
         D.list_samples(store, images=photos, labels=(str(tmp_path / "train"), str(tmp_path / "extra")))
+
+
+def test_embed_command_takes_repeated_labels_options(tmp_path, shared, hed_h5):
+    """The installed `embed --labels A --labels B`: each segment stores the majority class of its
+    pixels in the label PNG found in whichever folder holds it."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from segsort_unsup.embed.model import build_model, save_model
+    from segsort_unsup.io.images import read_image
+    from segsort_unsup.io.store import StoreReader
+
+    camvid = shared / "data" / "camvid"
+    if not camvid.is_dir():
+        pytest.skip("CamVid not found")
+    keys = {"0001TP_006690": tmp_path / "train_labels", "0001TP_006720": tmp_path / "extra_labels"}
+    maps = {}
+    for i, (key, folder) in enumerate(keys.items()):
+        split = "train" if (camvid / "train" / f"{key}.png").is_file() else "extra"
+        rgb = read_image(camvid / split / f"{key}.png")[100:164, 160:256]
+        (tmp_path / "img").mkdir(exist_ok=True)
+        Image.fromarray(rgb).save(tmp_path / "img" / f"{key}.png")
+        label = np.full(rgb.shape[:2], 3 + i, np.uint8)  # two classes per image, not the same in both
+        label[:, : 40 + 10 * i] = 7
+        maps[key] = label
+        folder.mkdir()
+        Image.fromarray(label).save(folder / f"{key}.png")
+    torch.manual_seed(0)
+    save_model(tmp_path / "model.pt", build_model({"feature_layer": "conv4_3", "embedding_dim": 8, "hidden": 16},
+                                                  backbone_weights=hed_h5))
+    command = [str(Path(sys.executable).parent / "segsort-unsup"), "-q", "embed", str(tmp_path / "model.pt"),
+               str(tmp_path / "img"), "-o", str(tmp_path / "store"), "--precision", "fp32", "--threads", "1",
+               *[arg for folder in keys.values() for arg in ("--labels", str(folder))]]
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    with StoreReader(tmp_path / "store", kind="prototypes") as store:
+        assert sorted(store.keys()) == sorted(keys)
+        for key, label in maps.items():
+            item = store.read(key)
+            segments, stored = item.arrays["segments"], item.arrays["label"]
+            assert len(stored) == segments.max() + 1
+            for k, cls in enumerate(stored):  # the stored class is a most frequent one of the segment's pixels
+                counts = np.bincount(label[segments == k], minlength=256)
+                assert counts[cls] == counts.max()
