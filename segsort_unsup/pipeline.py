@@ -34,7 +34,9 @@ the stages before it as the registry says (``embed`` reads ``train`` and the inp
 [...]`` names them instead: earlier sections (``"train.sup"``) or named inputs. Named inputs are
 declared in ``[pipeline.inputs]`` (``input`` is the default one), can be given as ``"@name"`` to
 path keys (``labels = "@labelled_annotations"``), and are replaced on the command line with
-``run --input name=PATH``::
+``run --input name=PATH``. A path key may also name an earlier section, ``"@ucm.scored"``: that
+section's output folder (``segments = "@ucm.scored"`` for embed's ``units = "ucm:T"``), and keys
+that take several paths take a list (``labels = ["@train_labels", "@extra_labels"]``)::
 
     [pipeline.inputs]
     scored = "camvid/val"
@@ -233,15 +235,10 @@ def load_pipeline(path: str | os.PathLike, *, input: str | None = None,  # noqa:
             for key in stage.input_paths:
                 value = section.get(key)
                 if isinstance(value, str):
-                    if value.startswith("@"):
-                        if value[1:] not in all_inputs:
-                            raise InputError(f"{where}: key {key!r}: no input named {value[1:]!r} "
-                                             f"(declare it in [pipeline.inputs])")
-                        section[key] = all_inputs[value[1:]]
-                    else:
-                        section[key] = _resolve(base, value)
-                    if not os.path.exists(section[key]):
-                        raise InputError(f"{where}: key {key!r}: {section[key]} does not exist")
+                    section[key] = _input_path(value, base, all_inputs, pipeline, f"{where}: key {key!r}")
+                elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+                    section[key] = [_input_path(v, base, all_inputs, pipeline, f"{where}: key {key!r}")
+                                    for v in value]
             for key in _OUTPUT_PATHS:
                 if isinstance(section.get(key), str):
                     section[key] = _resolve(output, section[key])
@@ -252,6 +249,25 @@ def load_pipeline(path: str | os.PathLike, *, input: str | None = None,  # noqa:
                 output / stage.output / name.split(".", 1)[1]
             pipeline.sections.append(Section(name, stage, config, sources, folder))
     return pipeline
+
+
+def _input_path(value: str, base: Path, inputs: dict[str, str], pipeline: Pipeline, where: str) -> str:
+    """A path key's value: ``@input`` (a named input), ``@section`` (the output folder of an earlier
+    section, written by this run) or a path relative to the pipeline file; inputs must exist."""
+    if value.startswith("@"):
+        name = value[1:]
+        earlier = {s.name: s.output for s in pipeline.sections}
+        if name in earlier:
+            return str(earlier[name])
+        if name not in inputs:
+            raise InputError(f"{where}: no input named {name!r} (declare it in [pipeline.inputs]) nor a section "
+                             f"before this one (known: {', '.join([*inputs, *earlier]) or 'none'})")
+        path = inputs[name]
+    else:
+        path = _resolve(base, value)
+    if not os.path.exists(path):
+        raise InputError(f"{where}: {path} does not exist")
+    return path
 
 
 def _section_sources(stage: Stage, given: Any, pipeline: Pipeline, where: str) -> tuple[str, ...]:

@@ -22,7 +22,7 @@ def test_transfer_settings_blame_the_right_key():
 
 
 def test_labelled_store_whose_label_and_prototype_keys_differ_is_one_line(tmp_path, monkeypatch):
-    from segsort_unsup.embed import transfer
+    from segsort_unsup.transfer import stage as transfer
     from segsort_unsup.io.store import StoreReader
 
     seg = np.zeros((4, 4), np.int32)

@@ -47,14 +47,130 @@ def test_bad_files_name_the_problem(tmp_path, text, message):
         load_pipeline(_write(tmp_path, text))
 
 
-def test_repo_pipelines_parse():
-    from pathlib import Path
+@pytest.fixture
+def repo_pipelines(tmp_path, shared):
+    """The repository's pipelines/ in a checkout whose ../shared is the test data (paths as in a user's)."""
+    import shutil
 
-    for path in sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.toml")):
+    checkout = tmp_path / "checkout"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "pipelines", checkout / "pipelines")
+    (tmp_path / "shared").symlink_to(shared, target_is_directory=True)
+    return checkout / "pipelines"
+
+
+def test_repo_pipelines_parse(repo_pipelines):
+    files = sorted(repo_pipelines.glob("*.toml"))
+    assert {"camvid.toml", "camvid_ablation.toml"} <= {p.name for p in files}
+    for path in files:
         if (path.with_suffix(".py")).is_file():
-            continue  # read by its own driver script (camvid.toml: two trains and two embeds)
+            continue  # read by its own driver script
         pipe = load_pipeline(path)
-        assert pipe.configs["contours"] is not None and pipe.output.is_absolute()
+        assert pipe.sections[0].stage.name == "contours" and pipe.output.is_absolute()
+        for section in pipe.sections:  # every source resolves to an input or an earlier section's folder
+            assert all(Path(p).is_absolute() for p in _paths(pipe, section))
+
+
+def _paths(pipe, section):
+    paths = pipe.source_paths(section)
+    return [paths] if isinstance(paths, str) else paths
+
+
+def _camvid_rows(pipe):
+    return {s.name: s for s in pipe.sections}
+
+
+def test_camvid_trains_and_labels_with_all_367_train_frames(repo_pipelines, shared):
+    from segsort_unsup.io.images import list_images
+    from segsort_unsup.io.labels import LabelFiles
+
+    camvid = shared / "data" / "camvid"
+    pipe = load_pipeline(repo_pipelines / "camvid.toml")
+    rows = _camvid_rows(pipe)
+    refs = list_images(pipe.inputs["input"])
+    expected = sorted(p.stem for d in ("train", "extra") for p in (camvid / d).glob("*.png"))
+    assert [r.key for r in refs] == expected and len(expected) == 367
+    assert _paths(pipe, rows["embed.unsup-labelled"])[1] == pipe.inputs["input"]
+    folders = (str(camvid / "trainannot"), str(camvid / "extraannot"))
+    for name in ("train.sup", "embed.unsup-labelled", "embed.sup-labelled"):
+        config = rows[name].config
+        got = config.labels_dir if name.startswith("train") else config.labels
+        assert tuple(Path(p).resolve() for p in got) == tuple(Path(p).resolve() for p in folders)
+    labels = LabelFiles(folders)
+    for ref in refs:  # every frame's label is the same-named PNG of the folder the frame came from
+        folder = "trainannot" if ref.path.parent.name == "train" else "extraannot"
+        assert labels.require(ref.key, ref.path).resolve() == (camvid / folder / f"{ref.key}.png").resolve()
+    assert rows["train.unsup"].config.labels_dir is None
+    for row in ("init", "unsup"):  # Hungarian rows: label-free clusters of the scored prototypes, matched
+        assert rows[f"cluster.{row}"].sources == (f"embed.{row}-scored",)
+        assert rows[f"cluster.{row}"].config.groups == 11
+        hungarian = rows[f"semantic.{row}-hungarian"]
+        assert hungarian.sources == (f"cluster.{row}",) and hungarian.config.hungarian
+
+
+@pytest.mark.parametrize("name", ["camvid.toml", "camvid_ablation.toml"])
+def test_camvid_scored_set_is_replaced_from_the_command_line(repo_pipelines, tmp_path, name):
+    other, other_labels = tmp_path / "other", tmp_path / "other_labels"
+    other.mkdir()
+    other_labels.mkdir()
+    pipe = load_pipeline(repo_pipelines / name, inputs={"scored": str(other), "scored_labels": str(other_labels)})
+    scored_readers = [s for s in pipe.sections if "scored" in s.sources]
+    assert scored_readers
+    for section in scored_readers:
+        assert str(other) in _paths(pipe, section)
+    semantic = [s for s in pipe.sections if s.stage.name == "semantic"]
+    assert semantic and all(s.config.ground_truth == str(other_labels) for s in semantic)
+
+
+def test_camvid_scored_inputs_through_the_installed_command(repo_pipelines, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    other, other_labels = tmp_path / "other", tmp_path / "other_labels"
+    other.mkdir()
+    other_labels.mkdir()
+    command = [str(Path(sys.executable).parent / "segsort-unsup"), "run", str(repo_pipelines / "camvid.toml"),
+               "-o", str(tmp_path / "out"), "--input", f"scored={other}", "--input", f"scored_labels={other_labels}"]
+    # parsed with the replaced inputs, it stops at the first stage run: the hungarian row has no clusters yet
+    done = subprocess.run([*command, "--from", "semantic.unsup-hungarian"], capture_output=True, text=True,
+                          env=os.environ.copy(), timeout=120)
+    assert done.returncode != 0 and "no predictions to score" in done.stderr
+    assert "Traceback" not in done.stderr and str(tmp_path / "out" / "clusters" / "unsup") in done.stderr
+    typo = subprocess.run([*command[:-2], "--input", f"scored_label={other_labels}", "--from", "semantic"],
+                          capture_output=True,
+                          text=True, env=os.environ.copy(), timeout=120)
+    assert typo.returncode != 0 and "no input named 'scored_label'" in typo.stderr
+
+
+def test_camvid_ablation_scores_ucm_units_on_the_scored_sets_own_regions(repo_pipelines):
+    pipe = load_pipeline(repo_pipelines / "camvid_ablation.toml")
+    rows = _camvid_rows(pipe)
+    assert rows["contours.scored"].sources == ("scored",) and rows["ucm.scored"].sources == ("contours.scored",)
+    assert rows["contours.train"].sources == ("input",)
+    for cut in ("03", "05"):
+        scored, labelled = rows[f"embed.unsup-ucm{cut}-scored"].config, rows[f"embed.unsup-ucm{cut}-labelled"].config
+        assert scored.units == labelled.units == f"ucm:0.{cut[1]}"
+        assert scored.segments == str(rows["ucm.scored"].output)
+        assert labelled.segments == str(rows["ucm.train"].output)
+    assert {rows[f"embed.unsup-grid{n}-scored"].config.units for n in (8, 12)} == {"grid8", "grid12"}
+    views = rows["embed.unsup-views-scored"].config
+    assert views.scales == (0.75, 1.0, 1.25) and views.flip
+    assert rows["train.unsup-92"].sources == ("ucm.train92",)
+    assert rows["train.unsup-92"].config.features_dir != rows["train.unsup"].config.features_dir
+
+
+def test_path_keys_take_lists_and_earlier_sections(tmp_path):
+    for name in ("a", "b", "imgs"):
+        (tmp_path / name).mkdir()
+    text = ("[pipeline]\ninput='imgs'\noutput='out'\n[pipeline.inputs]\nla='a'\n"
+            "[train]\nlabels_dir=['@la', 'b']\n[embed]\nunits='ucm:0.5'\nsegments='@ucm'\n")
+    pipe = load_pipeline(_write(tmp_path, text))
+    assert pipe.configs["train"].labels_dir == (str(tmp_path / "a"), str(tmp_path / "b"))
+    assert pipe.configs["embed"].segments == str(tmp_path / "out" / "segments")
+    with pytest.raises(InputError, match=r"\[train\]: key 'labels_dir': .*missing does not exist"):
+        load_pipeline(_write(tmp_path, text.replace("'b'", "'missing'")))
+    with pytest.raises(InputError, match=r"\[contours\]: key 'weights': no input named 'embed'"):
+        load_pipeline(_write(tmp_path, text + "[contours]\nweights='@embed'\n"))  # a later section: not yet written
 
 
 def test_output_that_is_a_file_is_refused_before_any_work(tmp_path):
@@ -207,14 +323,15 @@ def test_camvid_pipeline_file_runs_end_to_end_and_takes_another_scored_set(tmp_p
     section runs, a re-run recomputes nothing, and another scored set given by path recomputes only
     what reads it."""
     camvid = shared / "data" / "camvid"
-    sets = {"tr": ("train", 3, 0), "tra": ("trainannot", 3, 0), "va": ("val", 2, 0), "vaa": ("valannot", 2, 0),
-            "te": ("val", 2, 2), "tea": ("valannot", 2, 2)}
+    sets = {"tr": ("train", 3, 0), "tra": ("trainannot", 2, 0), "tra2": ("trainannot", 1, 2), "va": ("val", 2, 0),
+            "vaa": ("valannot", 2, 0), "te": ("val", 2, 2), "tea": ("valannot", 2, 2)}
     for name, (split, n, skip) in sets.items():
         (tmp_path / name).mkdir()
         for f in sorted((camvid / split).glob("*.png"))[skip:skip + n]:
             (tmp_path / name / f.name).symlink_to(f)
     repo = Path(__file__).resolve().parents[1]
-    inputs = {"input": tmp_path / "tr", "labelled": tmp_path / "tr", "labelled_labels": tmp_path / "tra",
+    inputs = {"input": tmp_path / "tr", "labelled": tmp_path / "tr",  # labels in two folders, as train + extra
+              "train_labels": tmp_path / "tra", "extra_labels": tmp_path / "tra2",
               "scored": tmp_path / "va", "scored_labels": tmp_path / "vaa", "class_names": camvid / "classes.txt"}
     sections = {"contours": {"model": "pidinet-tiny", "weights": str(pidinet_dir / "table5_pidinet-tiny.pth")},
                 "train": {"steps": 4, "batch_size": 2, "feature_scales": [1.0], "backbone_weights": str(hed_h5)}}
@@ -228,11 +345,14 @@ def test_camvid_pipeline_file_runs_end_to_end_and_takes_another_scored_set(tmp_p
 
     first = run()
     rows = ("init", "raw", "unsup", "sup")
-    assert all(first[f"semantic.{r}"].done == 2 for r in rows), first
+    hungarian = ("init-hungarian", "unsup-hungarian")
+    assert all(first[f"semantic.{r}"].done == 2 for r in rows + hungarian), first
     assert first["train.init"].done == 0 and first["train.sup"].done == 4
-    for r in rows:
+    for r in rows + hungarian:
         scores = json.loads((tmp_path / "out" / "semantic" / r / "semantic.json").read_text())
         assert 0 < scores["miou"] < 1 and len(scores["iou"]) == 11
+    with StoreReader(tmp_path / "out" / "prototypes" / "sup-labelled", kind="prototypes") as store:
+        assert sorted(store.keys()) == sorted(p.stem for p in (tmp_path / "tr").iterdir())  # all 3 labelled
     assert sorted(p.name for p in (tmp_path / "out" / "predictions" / "sup").glob("*.png")) == \
         sorted(p.name for p in (tmp_path / "va").iterdir())
     again = run()
@@ -240,7 +360,8 @@ def test_camvid_pipeline_file_runs_end_to_end_and_takes_another_scored_set(tmp_p
     other = run(scored=tmp_path / "te", scored_labels=tmp_path / "tea")
     redone = {name for name, s in other.items() if s.done}
     assert redone == {f"{stage}.{r}{suffix}" for r in rows
-                      for stage, suffix in (("embed", "-scored"), ("transfer", ""), ("semantic", ""))}
+                      for stage, suffix in (("embed", "-scored"), ("transfer", ""), ("semantic", ""))} | \
+        {f"cluster.{r}" for r in ("init", "unsup")} | {f"semantic.{r}" for r in hungarian}
     # the scored stores gain the new set's images; the scores are those of the new set alone
     assert {p.name for p in (tmp_path / "out" / "predictions" / "sup").glob("*.png")} == \
         {p.name for p in (tmp_path / "te").iterdir()} | {p.name for p in (tmp_path / "va").iterdir()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import (executor_options, finish, float_list, output_option,
+from .options import (executor_options, finish, float_list, one_or_several, output_option,
                       overwrite_option, shard_size_option, threads_option)
 
 
@@ -12,9 +12,9 @@ from .options import (executor_options, finish, float_list, output_option,
 @click.argument("model", type=click.Path(exists=True))
 @click.argument("input", type=str)
 @output_option("Prototypes store folder to create or resume.")
-@click.option("--labels", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Folder of label PNGs (same names as the images): store each segment's majority class "
-                   "(the labelled set for `transfer`).")
+@click.option("--labels", type=click.Path(exists=True), multiple=True,
+              help="Folder (or list file) of label PNGs (same names as the images): store each segment's "
+                   "majority class (the labelled set for `transfer`). Repeat for labels split over folders.")
 @click.option("--ignore-label", type=int, default=255, show_default=True,
               help="Label of pixels to drop (with --labels), e.g. 11 for CamVid.")
 @click.option("--features", type=click.Choice(["head", "trunk"]), default="head", show_default=True,
@@ -54,7 +54,7 @@ def embed(model, input, output, labels, ignore_label, features, scales, flip, wi
 
     config = EmbedConfig(features=features, scales=scales, flip=flip, window=window, window_stride=window_stride,
                          grid=grid, iterations=iterations, units=units, segments=segments, precision=precision,
-                         labels=labels,
+                         labels=one_or_several(labels),
                          ignore_label=ignore_label, device=device, threads=threads, shard_size=shard_size)
     with excluding_outputs(output), make_executor(executor, workers=workers, scheduler=scheduler) as pool:
         summary = run(config, [model, input], output, executor=pool, overwrite=overwrite)

@@ -112,6 +112,13 @@ def float_list(*, low: float | None = None, high: float | None = None, example: 
     return parse
 
 
+def one_or_several(values: tuple[str, ...]) -> str | tuple[str, ...] | None:
+    """A repeatable path option's values: None, one path, or a tuple of several (as a TOML list)."""
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
 def finish(*summaries: StageSummary) -> None:
     """Print each summary line; exit 1 if any item failed (the rest are saved).
 

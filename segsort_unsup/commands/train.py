@@ -6,7 +6,7 @@ import os
 
 import click
 
-from .options import BackboneChoice, finish, float_list, output_option, overwrite_option, seed_option
+from .options import BackboneChoice, finish, float_list, one_or_several, output_option, overwrite_option, seed_option
 
 
 @click.command("train")
@@ -20,8 +20,9 @@ from .options import BackboneChoice, finish, float_list, output_option, overwrit
               help="Folder of the photos when they moved (looked up as <DIR>/<key>.<ext> or by basename).")
 @click.option("--cut", type=float, default=None, help="Stored ucm level to use as the grouping (default: the "
               "store's threshold; others must be among its --levels).")
-@click.option("--supervised", "labels_dir", type=click.Path(exists=True, file_okay=False),
-              help="Class-label PNG folder: train the supervised counterpart instead.")
+@click.option("--supervised", "labels_dir", type=click.Path(exists=True), multiple=True,
+              help="Class-label PNG folder (or list file): train the supervised counterpart instead. Repeat "
+                   "for labels split over folders.")
 @click.option("--ignore-label", type=int, default=255, show_default=True, help="Label of unlabelled pixels.")
 @click.option("--backbone", type=BackboneChoice(), default="vgg16-hed", show_default=True,
               help="Trunk from the backbone registry (README: Backbones).")
@@ -73,7 +74,7 @@ def train(segments, output, mode, images, cut, labels_dir, ignore_label, backbon
 
     feature_layer = check_feature_layer(backbone, feature_layer)
 
-    config = TrainConfig(mode=mode, images=images, cut=cut, labels_dir=labels_dir, ignore_label=ignore_label,
+    config = TrainConfig(mode=mode, images=images, cut=cut, labels_dir=one_or_several(labels_dir), ignore_label=ignore_label,
                          backbone=backbone, backbone_weights=backbone_weights, feature_layer=feature_layer,
                          freeze_blocks=freeze_blocks, train_blocks=train_blocks, head=head, steps=steps,
                          batch_size=batch_size, crop=crop,

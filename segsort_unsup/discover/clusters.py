@@ -129,6 +129,9 @@ def _write_maps(config: ClusterConfig, folder: OutputFolder, store: Any, table: 
     for i, key in enumerate(progress(table.keys, desc="cluster", unit="img")):
         try:
             target = folder.file_for(key, ".png")
+            if folder.is_complete(target):  # resumed with the same identity: a re-run rewrites nothing
+                summary.skipped += 1
+                continue
             item = store.read(key)
             maps = item.arrays.get("views", item.arrays.get("segments"))
             votes = one_hot(clusters[table.offsets[i]:table.offsets[i + 1]], config.groups)

@@ -47,7 +47,8 @@ import numpy as np
 
 from ..config import StageConfig, run_only
 from ..errors import BadImageError, InputError
-from ..io.images import list_images, read_image
+from ..io.images import ImageRef, list_images, read_image
+from ..io.labels import describe_sources
 from ..io.sources import FileSources
 from ..io.store import Item
 from ..log import get_logger
@@ -69,7 +70,8 @@ class EmbedConfig(StageConfig):
     scales, flip : views whose segments all enter the store (votes are summed over them).
     window, window_stride : sliding windows for images with a side above ``window``.
     grid, iterations, location_weight : pixel sorting (5 x 5, 10, 1 in the reference).
-    labels : folder of label PNGs (the labelled set); ``ignore_label`` pixels are dropped.
+    labels : folder of label PNGs (the labelled set), or several folders / list files (a list;
+        :class:`~segsort_unsup.io.labels.LabelFiles`); ``ignore_label`` pixels are dropped.
     units : the segments prototypes are made of (see :func:`parse_units`): ``gridN`` pixel sorting
         from an N x N grid (None: the ``grid`` setting, 5 x 5 as released), ``ucm:T`` the regions
         of the segments store ``segments`` (``segsort-unsup ucm`` of these images) at the stored
@@ -92,7 +94,7 @@ class EmbedConfig(StageConfig):
     location_weight: float = 1.0
     sort_stride: int = 1
     precision: str = "auto"
-    labels: str | None = None
+    labels: str | tuple[str, ...] | None = None
     ignore_label: int = 255
     units: str | None = None
     segments: str | None = None
@@ -117,6 +119,8 @@ class EmbedConfig(StageConfig):
             raise self.bad_value("iterations", "must be >= 0")
         if self.sort_stride < 1:
             raise self.bad_value("sort_stride", "must be >= 1")
+        if self.labels == ():
+            raise self.bad_value("labels", "give one or more label folders, or leave it out")
         if self.units is not None:
             kind, value = parse_units(self.units)
             if kind == "grid" and tuple(self.grid) != (5, 5):
@@ -522,7 +526,7 @@ def process_image(job: _Job) -> Item:
     labels = None
     if job.config.labels is not None:
         if not job.label_path:
-            raise BadImageError(job.path, f"no label PNG for this image in {job.config.labels}")
+            raise BadImageError(job.path, f"no label PNG for this image in {describe_sources(job.config.labels)}")
         labels = read_label_png(job.label_path).astype(np.int64)
         if labels.shape != rgb.shape[:2]:
             raise BadImageError(job.label_path, f"label map is {labels.shape[0]}x{labels.shape[1]} but the image "
@@ -568,16 +572,13 @@ def units_of(reader: Any) -> str:
     return f"grid{grid[0]}" if grid[0] == grid[1] else f"grid{grid[0]}x{grid[1]}"
 
 
-def _label_paths(folder: str) -> dict[str, Path]:
-    from ..io.images import image_id
+def _label_paths(labels: str | tuple[str, ...], refs: list[ImageRef]) -> dict[str, Path]:
+    """The label PNG of each image that has one, by key (:class:`~segsort_unsup.io.labels.LabelFiles`)."""
+    from ..io.labels import LabelFiles
 
-    root = Path(folder)
-    if not root.is_dir():
-        raise InputError(f"label folder not found: {root}")
-    files = {image_id(p.name): p for p in sorted(root.rglob("*.png"))}
-    if not files:
-        raise InputError(f"no label PNGs in {root}")
-    return files
+    files = LabelFiles(labels)
+    found = {ref.key: files.find(ref.key, ref.path) for ref in refs}
+    return {key: path for key, path in found.items() if path is not None}
 
 
 def run(config: EmbedConfig, inputs: Any, output: str | os.PathLike, *,
@@ -588,7 +589,6 @@ def run(config: EmbedConfig, inputs: Any, output: str | os.PathLike, *,
     folder, glob, list file or image (see :func:`list_images`) or a list of :class:`ImageRef`.
     Bad images are logged, recorded and skipped.
     """
-    from ..io.images import image_id
     from ..io.atomic import sha256_file
 
     executor = executor or InProcess()
@@ -600,7 +600,7 @@ def run(config: EmbedConfig, inputs: Any, output: str | os.PathLike, *,
     refs = list(images) if isinstance(images, list) else list_images(images)
     sha = sha256_file(model_path)
     dev, precision = _resolve(config.device, config.precision)
-    label_files = _label_paths(config.labels) if config.labels is not None else {}
+    label_files = _label_paths(config.labels, refs) if config.labels is not None else {}
     regions, provenance = _units_source(config)
     identity = config.identity(model_sha256=sha, precision=precision, **provenance)
     meta = {"model_file": str(model_path.resolve()), "model_sha256": sha, "precision": precision,
@@ -609,7 +609,7 @@ def run(config: EmbedConfig, inputs: Any, output: str | os.PathLike, *,
     _model(str(model_path.resolve()), sha, config.device, config.precision, threads)  # a bad file fails here, once
     jobs = []
     for ref in refs:
-        lab = label_files.get(image_id(ref.key))
+        lab = label_files.get(ref.key)
         jobs.append(_Job(ref.key, os.path.abspath(ref.path), None if lab is None else str(lab.resolve()),
                          str(model_path.resolve()), sha, config, threads, regions))
     with StageRun("embed", output, kind="prototypes", identity=identity, meta=meta, overwrite=overwrite,

@@ -36,6 +36,7 @@ import torch
 
 from ..errors import BadImageError, InputError, StoreError
 from ..io.images import IMAGE_EXTENSIONS, read_image, read_label_png
+from ..io.labels import LabelFiles, LabelSources, describe_sources
 from ..io.store import Item, StoreReader, cached_reader
 from ..log import get_logger
 from ..embed.losses import PAD_SEGMENT, segments_to_grid
@@ -91,12 +92,13 @@ def grouping_names(reader: StoreReader, cut: float | None) -> tuple[str, int | N
 
 
 def list_samples(segments: str | os.PathLike, *, images: str | os.PathLike | None = None,
-                 labels: str | os.PathLike | None = None) -> tuple[list[Sample], list[tuple[str, str]]]:
+                 labels: LabelSources | None = None) -> tuple[list[Sample], list[tuple[str, str]]]:
     """The samples of a segments store and the items left out ``(key, reason)``.
 
     The photo of an item is its recorded ``source`` attr; with ``images`` it is looked up as
-    ``<images>/<key>.<ext>`` or by basename instead. With ``labels`` each item needs a label PNG
-    (same key or basename). Items whose photo or label file is missing are left out.
+    ``<images>/<key>.<ext>`` or by basename instead. With ``labels`` (one or several folders or
+    list files, :class:`~segsort_unsup.io.labels.LabelFiles`) each item needs a label PNG (same
+    key or basename). Items whose photo or label file is missing are left out.
     """
     root = Path(segments)
     try:
@@ -104,9 +106,7 @@ def list_samples(segments: str | os.PathLike, *, images: str | os.PathLike | Non
     except StoreError:
         raise
     image_index = _index_folder(Path(images)) if images else None
-    label_index = _index_folder(Path(labels)) if labels else None
-    if labels and not label_index:
-        raise InputError(f"{labels}: no label PNGs found (supervised training needs one per image)")
+    label_index = LabelFiles(labels) if labels else None
     samples, dropped = [], []
     with reader:
         for key in reader.keys():
@@ -127,9 +127,9 @@ def list_samples(segments: str | os.PathLike, *, images: str | os.PathLike | Non
                     continue
             label = None
             if label_index is not None:
-                lp = _lookup(label_index, key, source)
+                lp = label_index.find(key, source)
                 if lp is None:
-                    dropped.append((key, f"no label PNG for {key!r} in {labels}"))
+                    dropped.append((key, f"no label PNG for {key!r} in {describe_sources(labels)}"))
                     continue
                 try:
                     lh, lw = read_label_png(lp).shape

@@ -117,7 +117,7 @@ class TrainConfig(StageConfig):
     flip: bool = True
     feature_scales: tuple[float, ...] = (0.75, 1.0, 1.25)
     cut: float | None = None
-    labels_dir: str | None = None
+    labels_dir: str | tuple[str, ...] | None = None
     ignore_label: int = 255
     memory_banks: int = 2
     precision: str = "auto"
@@ -134,6 +134,8 @@ class TrainConfig(StageConfig):
     def validate(self) -> None:
         if self.mode not in MODES:
             raise self.bad_value("mode", f"choose one of {', '.join(MODES)}")
+        if self.labels_dir == ():
+            raise self.bad_value("labels_dir", "give one or more label folders, or leave it out (unsupervised)")
         from ..embed.backbones import check_feature_layer
 
         try:
@@ -402,12 +404,19 @@ def _run_folder_lock(out: Path, *, main: bool) -> Iterator[None]:
         lock.release()
 
 
+def _absolute(paths: str | tuple[str, ...] | None) -> str | list[str]:
+    """Label sources as absolute paths for the identity (one folder: a string, as before lists)."""
+    if not paths:
+        return ""
+    return os.path.abspath(paths) if isinstance(paths, str) else [os.path.abspath(p) for p in paths]
+
+
 def _setup(config: TrainConfig, segments: Path, out: Path, *, device, precision: str, rank: int,
            world: int) -> _Training:
     """The run's identity (settings + what it is computed from) and its summary."""
     seg_hash, seg_config, contents = segments_identity(segments)
     provenance = {"segments_identity": seg_hash, "segments_contents": contents,
-                  "labels_dir": os.path.abspath(config.labels_dir) if config.labels_dir else "",
+                  "labels_dir": _absolute(config.labels_dir),
                   "backbone_weights_sha256": sha256_file(config.backbone_weights) if config.backbone_weights else ""}
     identity = config.identity(**provenance)
     summary = StageSummary("train", total=config.steps, output=str(out), identity_hash=config_hash(identity))

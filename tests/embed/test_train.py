@@ -262,7 +262,7 @@ def _label_pngs(bsds: Path, images: Path, root: Path) -> Path:
 
 
 def test_supervised_counterpart_shares_the_feature_cache_and_learns(tiny, bsds, tmp_path):
-    from segsort_unsup.embed import data as D
+    from segsort_unsup.train import data as D
     from segsort_unsup.io.store import StoreReader
 
     run(_config(tiny), tiny["store"], tmp_path / "unsup")  # fills the shared features store
@@ -337,7 +337,7 @@ def test_palette_label_pngs_are_read_as_their_indices(tmp_path):
     """PASCAL VOC labels are palette PNGs: training reads the indices, as embed and evaluate do."""
     from PIL import Image
 
-    from segsort_unsup.embed import data as D
+    from segsort_unsup.train import data as D
     from segsort_unsup.io.images import read_label_png
 
     indices = np.array([[0, 1, 2], [3, 4, 5]], np.uint8)
@@ -430,7 +430,7 @@ def test_temporaries_of_a_run_killed_while_saving_are_cleaned(tiny, tmp_path):
 
 
 def test_the_feature_pass_skips_bad_images_but_surfaces_bugs(tiny, tmp_path, monkeypatch):
-    from segsort_unsup.embed import features as F
+    from segsort_unsup.train import features as F
 
     def broken(*args, **kwargs):
         raise TypeError("a programming error")
@@ -489,7 +489,7 @@ def test_a_long_run_says_how_long_and_how_to_shorten_it(tiny, tmp_path, monkeypa
 def test_supervised_crops_carry_the_whole_images_sorting_grid_and_locations(tiny, bsds, tmp_path):
     """As the released reader: the 5x5 initial cells and (y/H, x/W) are made on the whole image,
     then scaled, flipped and cropped with it (NumPy restatement of its formulas below)."""
-    from segsort_unsup.embed import data as D
+    from segsort_unsup.train import data as D
     from segsort_unsup.train.features import feature_jobs
 
     labels = _label_pngs(bsds, tiny["images"], tmp_path)
@@ -531,7 +531,7 @@ def test_supervised_crops_carry_the_whole_images_sorting_grid_and_locations(tiny
 def test_full_mode_supervised_crops_carry_cells_and_locations_of_the_whole_photo(tiny, bsds, tmp_path):
     """Scaled, cropped and flipped together: at every unpadded pixel the initial cell is the released
     grid's cell of that pixel's (y, x) in the whole photo, and training on them runs."""
-    from segsort_unsup.embed import data as D
+    from segsort_unsup.train import data as D
 
     labels = _label_pngs(bsds, tiny["images"], tmp_path)
     samples, _ = D.list_samples(tiny["store"], images=tiny["images"], labels=labels)
