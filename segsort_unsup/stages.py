@@ -278,6 +278,9 @@ class Stage:
     output : its folder under the pipeline's output.
     input_paths : config keys holding paths, resolved against the pipeline file's folder.
     optional : runs only when the pipeline file has its section.
+    help : its command's one-line summary.
+    arguments : its command's positional arguments, one per source (default: the source names).
+    executor : its run spreads items over an executor (its command has --executor/--workers/--scheduler).
     """
 
     name: str
@@ -288,6 +291,8 @@ class Stage:
     input_paths: tuple[str, ...] = ()
     optional: bool = False
     help: str = ""
+    arguments: tuple[str, ...] = ()
+    executor: bool = True
 
 
 # Pipeline order. Adding a stage: its module with STAGE = Stage(...), and one line here.
