@@ -264,8 +264,7 @@ def stage_command(stage, *, help: str | None = None, check: Callable | None = No
 
         inputs = [values.pop(name) for name in names]
         fields = dataclasses.fields(stage.config)
-        config = stage.config.from_mapping({k: v for k, v in values.items() if v is not None},
-                                           where=f"{stage.name} options")
+        config = stage.config.from_mapping({k: v for k, v in values.items() if v is not None})
         if check is not None:
             check(config)
         written = [getattr(config, f.name) for f in fields if cli_of(f).writes]
