@@ -55,6 +55,7 @@ class Cli:
     hidden : no option (a setting only pipeline files set).
     parse : a click callback for values that are not plain (``auto`` or a side...).
     writes : a folder the stage writes (photos found there are not inputs).
+    nargs : a tuple given as that many values (``--grid 5 5``) instead of comma-separated.
     """
 
     flags: tuple[str, ...] = ()
@@ -66,6 +67,7 @@ class Cli:
     hidden: bool = False
     parse: Any = None
     writes: bool = False
+    nargs: int | None = None
 
 
 def run_only(default: Any, *, help: str = "", **cli: Any) -> Any:  # noqa: A002 - mirrors click's spelling

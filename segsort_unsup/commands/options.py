@@ -210,6 +210,8 @@ def field_parameter(f, tp) -> Callable:
         return click.argument(f.name, metavar=cli.metavar or f.name.upper())
     if cli.parse is not None:
         kwargs.update(callback=cli.parse, default="auto" if default is None else default)
+    elif cli.nargs:
+        kwargs.update(nargs=cli.nargs, type=typing.get_args(base)[0])
     elif typing.get_origin(base) is tuple:
         inner = typing.get_args(base)[0]
         kwargs.update(default=",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default),
