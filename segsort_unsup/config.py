@@ -53,7 +53,7 @@ class Cli:
     metavar : the value's name in ``--help``.
     argument : a positional argument instead of an option.
     hidden : no option (a setting only pipeline files set).
-    parse : a click callback for values that are not plain (``auto`` or a side...).
+    auto : the word ``auto`` stands for the default ``None`` (the stage picks a value).
     writes : a folder the stage writes (photos found there are not inputs).
     nargs : a tuple given as that many values (``--grid 5 5``) instead of comma-separated.
     """
@@ -65,7 +65,7 @@ class Cli:
     metavar: str | None = None
     argument: bool = False
     hidden: bool = False
-    parse: Any = None
+    auto: bool = False
     writes: bool = False
     nargs: int | None = None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import click
@@ -179,19 +180,40 @@ def _list_callback(inner: type, low: float | None, high: float | None) -> Callab
     return parse
 
 
+class _LevelOrWord(click.ParamType):
+    """A number or a word (``int | str`` fields: a gallery level or ``requested``)."""
+
+    name = "N|WORD"
+
+    def convert(self, value, param, ctx):
+        return int(value) if isinstance(value, str) and value.lstrip("-").isdigit() else value
+
+
+class _AutoOr(click.ParamType):
+    """``auto`` (None: the stage picks) or a value of ``inner``."""
+
+    def __init__(self, inner) -> None:
+        self.inner = click.types.convert_type(inner)
+        self.name = f"auto|{self.inner.name}"
+
+    def convert(self, value, param, ctx):
+        return None if value in (None, "auto") else self.inner.convert(value, param, ctx)
+
+
 def _number_type(base: type, cli) -> click.ParamType | type:
     if cli.low is None and cli.high is None:
         return base
     return (click.IntRange if base is int else click.FloatRange)(min=cli.low, max=cli.high)
 
 
-def _base_type(tp) -> type:
+def _base_type(tp) -> Any:
+    """The type of a field without ``None``; ``int | str`` stays a union (a number or a word)."""
     import types
     import typing
 
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0] if len(args) == 1 else str
+        return args[0] if len(args) == 1 else tuple(args)
     return tp
 
 
@@ -208,8 +230,11 @@ def field_parameter(f, tp) -> Callable:
                     "metavar": cli.metavar}
     if cli.argument:
         return click.argument(f.name, metavar=cli.metavar or f.name.upper())
-    if cli.parse is not None:
-        kwargs.update(callback=cli.parse, default="auto" if default is None else default)
+    if cli.auto:
+        kwargs.update(type=_AutoOr(_number_type(base, cli)), default="auto" if default is None else default,
+                      show_default=True)
+    elif isinstance(base, tuple):
+        kwargs["type"] = _LevelOrWord()
     elif cli.nargs:
         kwargs.update(nargs=cli.nargs, type=typing.get_args(base)[0])
     elif typing.get_origin(base) is tuple:
