@@ -270,6 +270,25 @@ def config_options(config_cls: type, *, skip: set[str] = frozenset()) -> Callabl
     return decorate
 
 
+def _build_config(config_cls: type, values: dict):
+    """The config of the given option values; an error names the other settings it mentions by
+    their options (``needs png_dir`` -> ``needs --png-dir``)."""
+    import dataclasses
+    import re
+
+    from ..config import cli_of
+    from ..errors import InputError
+
+    try:
+        return config_cls.from_mapping(values)
+    except InputError as exc:
+        message = str(exc)
+        for f in dataclasses.fields(config_cls):
+            flag = (cli_of(f).flags or ("--" + f.name.replace("_", "-"),))[0].split("/")[0]
+            message = re.sub(rf"(?<![\w'-]){f.name}(?![\w'])", flag, message)
+        raise InputError(message) from None
+
+
 def stage_command(stage, *, help: str | None = None, check: Callable | None = None,  # noqa: A002
                   after: Callable | None = None) -> click.Command:
     """A command for a registry stage: its sources as arguments (``stage.arguments`` names them), ``-o``,
@@ -291,7 +310,7 @@ def stage_command(stage, *, help: str | None = None, check: Callable | None = No
 
         inputs = [values.pop(name) for name in names]
         fields = dataclasses.fields(stage.config)
-        config = stage.config.from_mapping({k: v for k, v in values.items() if v is not None})
+        config = _build_config(stage.config, {k: v for k, v in values.items() if v is not None})
         if check is not None:
             check(config)
         written = [getattr(config, f.name) for f in fields if cli_of(f).writes]
