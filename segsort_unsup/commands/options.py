@@ -285,13 +285,15 @@ def _build_config(config_cls: type, values: dict):
         message = str(exc)
         for f in dataclasses.fields(config_cls):
             flag = (cli_of(f).flags or ("--" + f.name.replace("_", "-"),))[0].split("/")[0]
-            message = re.sub(rf"(?<![\w'-]){f.name}(?![\w'])", flag, message)
+            if flag not in message:  # messages written for both pipeline files and options stay as they are
+                message = re.sub(rf"(?<![\w'-]){f.name}(?![\w']|\s*=)", flag, message)
         raise InputError(message) from None
 
 
 def stage_command(stage, *, help: str | None = None, check: Callable | None = None,  # noqa: A002
                   after: Callable | None = None) -> click.Command:
-    """A command for a registry stage: its sources as arguments (``stage.arguments`` names them), ``-o``,
+    """A command for a registry stage: its sources as arguments (``stage.arguments`` names them; an
+    upstream stage's output must exist), ``-o``,
     an option per config field, the executor options when the stage spreads items over workers, and
     ``--overwrite``; it builds the config and calls the stage's ``run`` like a pipeline does.
 
@@ -325,7 +327,10 @@ def stage_command(stage, *, help: str | None = None, check: Callable | None = No
                 after(config, output)
 
     skip = set(_EXECUTOR_OPTIONS) if stage.executor else {"output", "overwrite"}
-    decorators = [*(click.argument(name, metavar=name.upper()) for name in names),
+    # an upstream stage's output must exist; the pipeline's input may also be a glob or list file
+    decorators = [*(click.argument(name, metavar=name.upper(),
+                                   type=click.STRING if source == "input" else click.Path(exists=True))
+                    for name, source in zip(names, stage.sources)),
                   output_option(f"Folder the {stage.name} stage writes (or resumes)."),
                   config_options(stage.config, skip=skip),
                   *([executor_options] if stage.executor else []), overwrite_option]
