@@ -79,6 +79,7 @@ SPELLINGS = [
     ("train", ["--supervised", "labels", "--no-flip"], {"labels_dir": "labels", "flip": False}),
     ("train", ["--labels-dir", "labels", "--kappa", "5", "--memory-banks", "3", "--head-lr-mult", "4"],
      {"labels_dir": "labels", "kappa": 5.0, "memory_banks": 3, "head_lr_mult": 4.0}),
+    ("train", ["--workers", "0", "--feature-layer", "conv5_3"], {"workers": 0, "feature_layer": "conv5_3"}),
     ("features", ["--no-flip", "--feature-scales", "1"], {"flip": False, "feature_scales": (1.0,)}),
     ("embed", ["--grid", "3", "4", "--flip", "--units", "ucm:0.5", "--segments", "."],
      {"grid": (3, 4), "flip": True, "units": "ucm:0.5"}),

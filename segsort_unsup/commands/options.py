@@ -304,12 +304,15 @@ def stage_command(stage, *, help: str | None = None, check: Callable | None = No
 
     names = stage.arguments or stage.sources
 
-    def callback(output, overwrite, executor="local", workers=1, scheduler=None, **values):
+    def callback(output, overwrite, **values):
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
         from ..config import cli_of
         from ..io.images import excluding_outputs
         from ..parallel import make_executor
 
+        # a stage without executor options may have settings of those names (train's loader --workers)
+        executor, workers, scheduler = ((values.pop("executor"), values.pop("workers"), values.pop("scheduler"))
+                                        if stage.executor else ("local", 1, None))
         inputs = [values.pop(name) for name in names]
         fields = dataclasses.fields(stage.config)
         config = _build_config(stage.config, {k: v for k, v in values.items() if v is not None})
