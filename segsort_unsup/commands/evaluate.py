@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..parallel import make_executor
-from .options import FullHelpGroup, executor_options, finish, output_option, overwrite_option
+from .options import FullHelpGroup, executor_options, finish, overwrite_option
 
 def _bench_options(func):
     func = click.option("--thresholds", "n_thresholds", type=click.IntRange(min=1), default=99, show_default=True,

@@ -31,31 +31,10 @@ class FullHelpGroup(click.Group):
 overwrite_option = click.option(
     "--overwrite", is_flag=True, help="Replace an existing output store instead of resuming it."
 )
-shard_size_option = click.option(
-    "--shard-size", type=click.IntRange(min=1), default=64, show_default=True,
-    help="Items per HDF5 shard (a killed run redoes at most this many).",
-)
 seed_option = click.option(
     "--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
     help="Seed of every random choice (same seed, same result).",
 )
-
-
-class BackboneChoice(click.Choice):
-    """``--backbone``: the backbone registry's names, read when first needed (the registry imports torch)."""
-
-    def __init__(self) -> None:
-        super().__init__(())
-
-    @property
-    def choices(self) -> tuple[str, ...]:
-        from ..embed.backbones import BACKBONES
-
-        return tuple(BACKBONES)
-
-    @choices.setter
-    def choices(self, value) -> None:  # click.Choice.__init__ assigns; the registry is the source
-        pass
 
 
 def output_option(help: str) -> Callable:  # noqa: A002 - click's spelling
@@ -67,14 +46,6 @@ def _cores() -> int:
     from ..parallel import available_cores
 
     return available_cores()
-
-
-def threads_option(func: Callable) -> Callable:
-    """``--threads``: torch threads of each inference call (one place, the same in every executor)."""
-    return click.option("--threads", type=click.IntRange(min=1), default=None,
-                        help="Torch threads per image [default: 1, in every executor, so that every executor "
-                             "gives the same bits; workers give the parallelism]. More speed up a few huge "
-                             "images; the maps then differ in the last bits.")(func)
 
 
 def executor_options(func: Callable) -> Callable:
@@ -89,29 +60,6 @@ def executor_options(func: Callable) -> Callable:
                              "dask-local: a Dask LocalCluster of --workers processes "
                              "(dask needs: pip install 'segsort-unsup[dask]').")(func)
     return func
-
-
-def float_list(*, low: float | None = None, high: float | None = None, example: str = "0.5,1,1.5",
-               allow_empty: bool = False) -> Callable:
-    """A click callback parsing ``"0.5,1,1.5"`` -> ``(0.5, 1.0, 1.5)`` with bounds."""
-
-    def parse(ctx: click.Context | None, param: click.Parameter | None, value: str | None) -> tuple[float, ...]:
-        if not value:
-            if allow_empty:
-                return ()
-            raise click.BadParameter(f"give one or more comma-separated numbers, e.g. {example}")
-        try:
-            values = tuple(float(part) for part in value.split(",") if part.strip())
-        except ValueError:
-            raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers (e.g. {example})") from None
-        if not values and not allow_empty:
-            raise click.BadParameter(f"give one or more comma-separated numbers, e.g. {example}")
-        if any((low is not None and v < low) or (high is not None and v > high) or v != v for v in values):
-            bounds = f"between {low:g} and {high:g}" if high is not None else f">= {low:g}"
-            raise click.BadParameter(f"{value!r}: every value must be {bounds}")
-        return values
-
-    return parse
 
 
 def finish(*summaries: StageSummary) -> None:
@@ -290,15 +238,14 @@ def _build_config(config_cls: type, values: dict):
         raise InputError(message) from None
 
 
-def stage_command(stage, *, help: str | None = None, check: Callable | None = None,  # noqa: A002
-                  after: Callable | None = None) -> click.Command:
+def stage_command(stage, *, help: str | None = None, after: Callable | None = None) -> click.Command:  # noqa: A002
     """A command for a registry stage: its sources as arguments (``stage.arguments`` names them; an
     upstream stage's output must exist), ``-o``,
     an option per config field, the executor options when the stage spreads items over workers, and
     ``--overwrite``; it builds the config and calls the stage's ``run`` like a pipeline does.
 
-    ``check(config)`` runs before the stage (usage errors); ``after(config, output)`` after it,
-    also when items failed (e.g. print where a gallery is).
+    ``after(config, output)`` runs after the stage, also when items failed (e.g. print where a
+    gallery is).
     """
     import dataclasses
 
@@ -316,8 +263,6 @@ def stage_command(stage, *, help: str | None = None, check: Callable | None = No
         inputs = [values.pop(name) for name in names]
         fields = dataclasses.fields(stage.config)
         config = _build_config(stage.config, {k: v for k, v in values.items() if v is not None})
-        if check is not None:
-            check(config)
         written = [getattr(config, f.name) for f in fields if cli_of(f).writes]
         try:
             with excluding_outputs(output, *written), \

@@ -69,7 +69,8 @@ class UcmConfig(StageConfig):
                                         metavar="T1,T2,...")
     oriented: bool = setting(True, help="--no-owt skips the oriented watershed transform (plain mean boundary "
                                         "strength).", flags=("--owt/--no-owt",))
-    epsilon: float = setting(0.1, help="OWT: an arc is split where it strays from its chord by this fraction of the chord's length...", low=0)
+    epsilon: float = setting(0.1, help="OWT: an arc is split where it strays from its chord by this fraction "
+                                       "of the chord's length...", low=0)
     min_size: float = setting(2.0, help="...and by more than this many pixels.", low=0)
     ucm2_dtype: str | None = setting(None, help="Stored ucm2 type; default float32, uint16-quantised (65535 steps "
                                                 "of the largest altitude) above 16.8 Mpx. The tree and labels are "
