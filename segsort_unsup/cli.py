@@ -57,9 +57,10 @@ SUMMARIES: dict[str, str] = {
     "cluster": "Label-free cluster maps of prototypes (k-means / FINCH) for the Hungarian-matched mIoU.",
     "retrieve": "Pictures of query segments next to their nearest labelled segments.",
 }
-# Stage modules whose stage has a hand-written command above ("" for semantic: `evaluate semantic`).
-# Any other module of stages.STAGE_MODULES gets a command generated from its config, so adding a
-# stage is its module and one line in STAGE_MODULES. `help` lists the stage commands in pipeline
+# Stage modules whose command is a module above: `stage_command(STAGE)` with a longer help (or, for
+# discover, the gallery's address), imported only when that command runs; "" for semantic (`evaluate
+# semantic`). Any other module of stages.STAGE_MODULES gets its command generated here from its
+# config, so adding a stage is its module and one line in STAGE_MODULES. `help` lists the stage commands in pipeline
 # order, then OTHER_COMMANDS.
 _STAGE_MODULE_COMMANDS: dict[str, str] = {
     "segsort_unsup.contours.stage": "contours", "segsort_unsup.ucm.stage": "ucm",

@@ -35,21 +35,61 @@ from .errors import InputError
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit
 _RUN_ONLY = "segsort_run_only"
 _HELP = "segsort_help"
+_CLI = "segsort_cli"
 
 
-def run_only(default: Any, *, help: str = "") -> Any:  # noqa: A002 - mirrors click's spelling
-    """A field that does not change results (kept out of the identity hash)."""
-    return field(default=default, metadata={_RUN_ONLY: True, _HELP: help})
+#: the compute precisions every torch stage accepts (``auto`` picks bf16/fp16 where the hardware has it)
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 
 
-def setting(default: Any, *, help: str = "") -> Any:  # noqa: A002
-    """A result-changing field with a help text (plain defaults work too)."""
-    return field(default=default, metadata={_HELP: help})
+@dataclass(frozen=True)
+class Cli:
+    """How a config field appears on the command line (the generated command reads it).
+
+    flags : option spellings when ``--field-name`` is not the only one, e.g. ``("--supervised",
+        "--labels-dir")``; a bool's ``"--owt/--no-owt"``.
+    choices : the accepted values (a callable returning them is read when the command runs).
+    low, high : bounds of a number (of each number of a list).
+    metavar : the value's name in ``--help``.
+    argument : a positional argument instead of an option.
+    hidden : no option (a setting only pipeline files set).
+    auto : the word ``auto`` stands for the default ``None`` (the stage picks a value).
+    writes : a folder the stage writes (photos found there are not inputs).
+    nargs : a tuple given as that many values (``--grid 5 5``) instead of comma-separated.
+    multiple : a repeatable path option: one value gives a path, several a tuple of paths.
+    """
+
+    flags: tuple[str, ...] = ()
+    choices: Any = ()
+    low: float | None = None
+    high: float | None = None
+    metavar: str | None = None
+    argument: bool = False
+    hidden: bool = False
+    auto: bool = False
+    writes: bool = False
+    nargs: int | None = None
+    multiple: bool = False
+
+
+def run_only(default: Any, *, help: str = "", **cli: Any) -> Any:  # noqa: A002 - mirrors click's spelling
+    """A field that does not change results (kept out of the identity hash); ``cli``: see :class:`Cli`."""
+    return field(default=default, metadata={_RUN_ONLY: True, _HELP: help, _CLI: Cli(**cli)})
+
+
+def setting(default: Any, *, help: str = "", **cli: Any) -> Any:  # noqa: A002
+    """A result-changing field with a help text and its command-line form (:class:`Cli`)."""
+    return field(default=default, metadata={_HELP: help, _CLI: Cli(**cli)})
 
 
 def help_of(f: dataclasses.Field) -> str:
     """The help text of a config field (its ``setting``/``run_only`` metadata), "" if none."""
     return str(f.metadata.get(_HELP, ""))
+
+
+def cli_of(f: dataclasses.Field) -> Cli:
+    """The command-line form of a config field (:class:`Cli`; plain defaults get ``Cli()``)."""
+    return f.metadata.get(_CLI) or Cli()
 
 
 def did_you_mean(unknown: list[str], known: typing.Iterable[str]) -> str:

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from .config import PRECISIONS
 from .errors import InputError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 __all__ = [

@@ -2,8 +2,12 @@
 
 Every stage module exports its config class (a :class:`~segsort_unsup.config.StageConfig`),
 one function ``run(config, inputs, output, *, executor, overwrite) -> StageSummary`` and
-``STAGE = Stage(...)``; :data:`STAGE_MODULES` lists them in pipeline order, and the pipeline
-loops over :func:`registry` (adding a stage = one module + one line here).
+``STAGE = Stage(...)``; :data:`STAGE_MODULES` lists them in pipeline order. Adding a stage is one
+module and one line there: the pipeline loops over :func:`registry` (a pipeline file takes its
+``[section]``) and the command line generates ``segsort-unsup <stage>`` from its config's fields
+(``commands/options.stage_command``: type, default, help and spelling declared once, by
+``setting``/``run_only``). A module in ``commands/`` is needed only for a longer help text or
+behaviour around the run.
 
 A store-writing stage wraps its work in :class:`StageRun`, which owns the store writer, the
 to-do list (items already complete are skipped), the recording of each outcome (a stored
@@ -278,6 +282,9 @@ class Stage:
     output : its folder under the pipeline's output.
     input_paths : config keys holding paths, resolved against the pipeline file's folder.
     optional : runs only when the pipeline file has its section.
+    help : its command's one-line summary.
+    arguments : its command's positional arguments, one per source (default: the source names).
+    executor : its run spreads items over an executor (its command has --executor/--workers/--scheduler).
     """
 
     name: str
@@ -288,9 +295,12 @@ class Stage:
     input_paths: tuple[str, ...] = ()
     optional: bool = False
     help: str = ""
+    arguments: tuple[str, ...] = ()
+    executor: bool = True
 
 
-# Pipeline order. Adding a stage: its module with STAGE = Stage(...), and one line here.
+# Pipeline order. Adding a stage: its module with STAGE = Stage(...), and one line here (its command is
+# generated from its config).
 STAGE_MODULES: tuple[str, ...] = (
     "segsort_unsup.contours.stage",
     "segsort_unsup.ucm.stage",

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import InputError
 from ..parallel import make_executor
-from .options import FullHelpGroup, executor_options, finish, output_option, overwrite_option
+from .options import FullHelpGroup, executor_options, finish, overwrite_option
 
 def _bench_options(func):
     func = click.option("--thresholds", "n_thresholds", type=click.IntRange(min=1), default=99, show_default=True,
@@ -103,21 +102,20 @@ def semantic(predictions, ground_truth, out_dir, num_classes, ignore_label, hung
 
     PREDICTIONS: a folder of label PNGs or a segments store ('labels'), matched by image id.
     """
-    from ..evaluate.semantic import infer_num_classes, read_class_names, run_semantic
+    import json
 
-    ignore = None if ignore_label < 0 else ignore_label
-    if num_classes is None:
-        num_classes = infer_num_classes(ground_truth, ignore_label=ignore)
-    try:
-        names = read_class_names(class_names, num_classes, ignore) if class_names else None
-    except InputError as exc:
-        raise click.BadParameter(str(exc), param_hint="--class-names") from None
+    from ..evaluate.semantic_stage import RESULT, SemanticConfig, run
+
+    config = SemanticConfig(ground_truth=ground_truth, num_classes=num_classes,
+                            ignore_label=None if ignore_label < 0 else ignore_label, hungarian=hungarian,
+                            class_names=class_names)
     with make_executor(executor, workers=workers, scheduler=scheduler) as pool:
-        report = run_semantic(predictions, ground_truth, out_dir, num_classes=num_classes, ignore_label=ignore,
-                              hungarian=hungarian, class_names=names, executor=pool, overwrite=overwrite)
-    click.echo(report.scores.line())
-    _report_missing(report.missing)
-    finish(report.stage)
+        summary = run(config, predictions, out_dir, executor=pool, overwrite=overwrite)
+    result = json.loads((Path(out_dir) / RESULT).read_text())
+    click.echo(f"mIoU={result['miou']:.4f}  pixel accuracy={result['pixel_accuracy']:.4f}  "
+               f"({len(result['iou'])} classes)")
+    _report_missing(result.get("missing", []))
+    finish(summary)
 
 
 def _report_missing(missing: list[str]) -> None:

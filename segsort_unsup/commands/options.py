@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import click
@@ -29,31 +31,10 @@ class FullHelpGroup(click.Group):
 overwrite_option = click.option(
     "--overwrite", is_flag=True, help="Replace an existing output store instead of resuming it."
 )
-shard_size_option = click.option(
-    "--shard-size", type=click.IntRange(min=1), default=64, show_default=True,
-    help="Items per HDF5 shard (a killed run redoes at most this many).",
-)
 seed_option = click.option(
     "--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
     help="Seed of every random choice (same seed, same result).",
 )
-
-
-class BackboneChoice(click.Choice):
-    """``--backbone``: the backbone registry's names, read when first needed (the registry imports torch)."""
-
-    def __init__(self) -> None:
-        super().__init__(())
-
-    @property
-    def choices(self) -> tuple[str, ...]:
-        from ..embed.backbones import BACKBONES
-
-        return tuple(BACKBONES)
-
-    @choices.setter
-    def choices(self, value) -> None:  # click.Choice.__init__ assigns; the registry is the source
-        pass
 
 
 def output_option(help: str) -> Callable:  # noqa: A002 - click's spelling
@@ -65,14 +46,6 @@ def _cores() -> int:
     from ..parallel import available_cores
 
     return available_cores()
-
-
-def threads_option(func: Callable) -> Callable:
-    """``--threads``: torch threads of each inference call (one place, the same in every executor)."""
-    return click.option("--threads", type=click.IntRange(min=1), default=None,
-                        help="Torch threads per image [default: 1, in every executor, so that every executor "
-                             "gives the same bits; workers give the parallelism]. More speed up a few huge "
-                             "images; the maps then differ in the last bits.")(func)
 
 
 def executor_options(func: Callable) -> Callable:
@@ -87,29 +60,6 @@ def executor_options(func: Callable) -> Callable:
                              "dask-local: a Dask LocalCluster of --workers processes "
                              "(dask needs: pip install 'segsort-unsup[dask]').")(func)
     return func
-
-
-def float_list(*, low: float | None = None, high: float | None = None, example: str = "0.5,1,1.5",
-               allow_empty: bool = False) -> Callable:
-    """A click callback parsing ``"0.5,1,1.5"`` -> ``(0.5, 1.0, 1.5)`` with bounds."""
-
-    def parse(ctx: click.Context | None, param: click.Parameter | None, value: str | None) -> tuple[float, ...]:
-        if not value:
-            if allow_empty:
-                return ()
-            raise click.BadParameter(f"give one or more comma-separated numbers, e.g. {example}")
-        try:
-            values = tuple(float(part) for part in value.split(",") if part.strip())
-        except ValueError:
-            raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers (e.g. {example})") from None
-        if not values and not allow_empty:
-            raise click.BadParameter(f"give one or more comma-separated numbers, e.g. {example}")
-        if any((low is not None and v < low) or (high is not None and v > high) or v != v for v in values):
-            bounds = f"between {low:g} and {high:g}" if high is not None else f">= {low:g}"
-            raise click.BadParameter(f"{value!r}: every value must be {bounds}")
-        return values
-
-    return parse
 
 
 def one_or_several(values: tuple[str, ...]) -> str | tuple[str, ...] | None:
@@ -148,82 +98,200 @@ def finish(*summaries: StageSummary) -> None:
 # --------------------------------------------------------------------------------------------
 # Commands generated from a stage's config: a stage needs no hand-written command
 # --------------------------------------------------------------------------------------------
-_RESERVED = {"output", "overwrite", "executor", "workers", "scheduler"}  # options every stage command has
+_EXECUTOR_OPTIONS = {"output", "overwrite", "executor", "workers", "scheduler"}  # every per-image stage's
 
 
-def _list_callback(inner: type) -> Callable:
-    """Parse ``"1,2,3"`` into a tuple of ``inner`` (the config checks ranges)."""
+class _Choice(click.Choice):
+    """A choice whose values may be read when first needed (a registry that imports torch)."""
+
+    def __init__(self, choices) -> None:
+        self._source = choices
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple:
+        return tuple(self._source() if callable(self._source) else self._source)
+
+    @choices.setter
+    def choices(self, value) -> None:  # click.Choice.__init__ assigns; the source is the truth
+        pass
+
+
+def _list_callback(inner: type, low: float | None, high: float | None) -> Callable:
+    """Parse ``"1,2,3"`` into a tuple of ``inner``, each within ``low``/``high``."""
 
     def parse(ctx: click.Context | None, param: click.Parameter | None, value: str | None):
         if value is None:
             return None
         try:
-            return tuple(inner(part) for part in value.split(",") if part.strip())
+            values = tuple(inner(part) for part in value.split(",") if part.strip())
         except ValueError:
             raise click.BadParameter(f"{value!r} is not a comma-separated list of {inner.__name__}") from None
+        if any((low is not None and v < low) or (high is not None and v > high) or v != v for v in values):
+            bounds = f"between {low:g} and {high:g}" if high is not None else f">= {low:g}"
+            raise click.BadParameter(f"{value!r}: every value must be {bounds}")
+        return values
 
     return parse
 
 
-def config_options(config_cls: type) -> Callable:
-    """Click options for every field of a stage config: ``--field-name``, its type, default and the
-    help of its ``setting(help=...)``/``run_only(help=...)`` metadata (declared once, in the config)."""
-    import dataclasses
+class _LevelOrWord(click.ParamType):
+    """A number or a word (``int | str`` fields: a gallery level or ``requested``)."""
+
+    name = "N|WORD"
+
+    def convert(self, value, param, ctx):
+        return int(value) if isinstance(value, str) and value.lstrip("-").isdigit() else value
+
+
+class _AutoOr(click.ParamType):
+    """``auto`` (None: the stage picks) or a value of ``inner``."""
+
+    def __init__(self, inner) -> None:
+        self.inner = click.types.convert_type(inner)
+        self.name = f"auto|{self.inner.name}"
+
+    def convert(self, value, param, ctx):
+        return None if value in (None, "auto") else self.inner.convert(value, param, ctx)
+
+
+def _number_type(base: type, cli) -> click.ParamType | type:
+    if cli.low is None and cli.high is None:
+        return base
+    return (click.IntRange if base is int else click.FloatRange)(min=cli.low, max=cli.high)
+
+
+def _base_type(tp) -> Any:
+    """The type of a field without ``None``; ``int | str`` stays a union (a number or a word)."""
     import types
     import typing
 
-    from ..config import help_of
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tuple(args)
+    return tp
+
+
+def field_parameter(f, tp) -> Callable:
+    """The click option (or argument) of one config field, from its type, default, help and
+    :class:`~segsort_unsup.config.Cli` metadata."""
+    import typing
+
+    from ..config import cli_of, help_of
+
+    cli, base, default = cli_of(f), _base_type(tp), f.default
+    flags = cli.flags or ("--" + f.name.replace("_", "-"),)
+    kwargs: dict = {"default": default, "help": help_of(f) or None, "show_default": default is not None,
+                    "metavar": cli.metavar}
+    if cli.argument:
+        return click.argument(f.name, metavar=cli.metavar or f.name.upper())
+    if cli.multiple:
+        kwargs.update(multiple=True, default=(), show_default=False, type=click.Path(exists=True),
+                      callback=lambda ctx, param, values: one_or_several(values))
+    elif cli.auto:
+        kwargs.update(type=_AutoOr(_number_type(base, cli)), default="auto" if default is None else default,
+                      show_default=True)
+    elif isinstance(base, tuple):
+        kwargs["type"] = _LevelOrWord()
+    elif cli.nargs:
+        kwargs.update(nargs=cli.nargs, type=typing.get_args(base)[0])
+    elif typing.get_origin(base) is tuple:
+        inner = typing.get_args(base)[0]
+        kwargs.update(default=",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default),
+                      callback=_list_callback(inner, cli.low, cli.high), metavar=cli.metavar or "V1,V2,...",
+                      show_default=bool(default))
+    elif base is bool:
+        flags = cli.flags or (f"{flags[0]}/--no-{flags[0][2:]}",)
+    elif cli.choices:
+        kwargs["type"] = _Choice(cli.choices)
+    else:
+        kwargs["type"] = _number_type(base, cli) if base in (int, float) else str
+    return click.option(*flags, f.name, **kwargs)
+
+
+def config_options(config_cls: type, *, skip: set[str] = frozenset()) -> Callable:
+    """Click options for every field of a stage config (but ``skip`` and hidden ones): type, default
+    and help declared once, in the config (``setting``/``run_only`` with :class:`~segsort_unsup.config.Cli`)."""
+    import dataclasses
+    import typing
+
+    from ..config import cli_of
 
     hints = typing.get_type_hints(config_cls)
-    optional = (typing.Union, types.UnionType)
 
     def decorate(func: Callable) -> Callable:
         for f in reversed(dataclasses.fields(config_cls)):
-            if f.name in _RESERVED:
-                continue
-            tp, default = hints[f.name], f.default
-            if typing.get_origin(tp) in optional:
-                args = [a for a in typing.get_args(tp) if a is not type(None)]
-            else:
-                args = [tp]
-            base = args[0] if args else str
-            flag = "--" + f.name.replace("_", "-")
-            kwargs: dict = {"default": default, "help": help_of(f), "show_default": default is not None}
-            if typing.get_origin(base) is tuple:
-                inner = typing.get_args(base)[0]
-                kwargs.update(default=",".join(map(str, default)) if default else None,
-                              callback=_list_callback(inner), metavar="V1,V2,...")
-                func = click.option(flag, f.name, **kwargs)(func)
-            elif base is bool:
-                func = click.option(f"{flag}/--no-{flag[2:]}", f.name, **kwargs)(func)
-            else:
-                kind = base if base in (int, float, str) else str
-                func = click.option(flag, f.name, type=kind, **kwargs)(func)
+            if f.name not in skip and not cli_of(f).hidden:
+                func = field_parameter(f, hints[f.name])(func)
         return func
 
     return decorate
 
 
-def stage_command(stage) -> click.Command:
-    """A command for a registry stage: its sources as arguments, ``-o``, an option per config field,
-    the executor options and ``--overwrite``; it calls the stage's ``run`` like a pipeline does."""
+def _build_config(config_cls: type, values: dict):
+    """The config of the given option values; an error names the other settings it mentions by
+    their options (``needs png_dir`` -> ``needs --png-dir``)."""
+    import dataclasses
+    import re
+
+    from ..config import cli_of
+    from ..errors import InputError
+
+    try:
+        return config_cls.from_mapping(values)
+    except InputError as exc:
+        message = str(exc)
+        for f in dataclasses.fields(config_cls):
+            flag = (cli_of(f).flags or ("--" + f.name.replace("_", "-"),))[0].split("/")[0]
+            if flag not in message:  # messages written for both pipeline files and options stay as they are
+                message = re.sub(rf"(?<![\w'-]){f.name}(?![\w']|\s*=)", flag, message)
+        raise InputError(message) from None
+
+
+def stage_command(stage, *, help: str | None = None, after: Callable | None = None) -> click.Command:  # noqa: A002
+    """A command for a registry stage: its sources as arguments (``stage.arguments`` names them; an
+    upstream stage's output must exist), ``-o``,
+    an option per config field, the executor options when the stage spreads items over workers, and
+    ``--overwrite``; it builds the config and calls the stage's ``run`` like a pipeline does.
+
+    ``after(config, output)`` runs after the stage, also when items failed (e.g. print where a
+    gallery is).
+    """
     import dataclasses
 
-    def callback(output, overwrite, executor, workers, scheduler, **values):
+    names = stage.arguments or stage.sources
+
+    def callback(output, overwrite, **values):
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
+        from ..config import cli_of
+        from ..io.images import excluding_outputs
         from ..parallel import make_executor
 
-        inputs = [values.pop(source) for source in stage.sources]
-        fields = {f.name for f in dataclasses.fields(stage.config)}
-        config = stage.config.from_mapping({k: v for k, v in values.items() if k in fields and v is not None},
-                                           where=f"{stage.name} options")
-        with make_executor(executor, workers=workers, scheduler=scheduler) as pool:
-            result = stage.run(config, inputs[0] if len(inputs) == 1 else inputs, output, executor=pool,
-                               overwrite=overwrite)
-        finish(*(result if isinstance(result, (list, tuple)) else [result]))
+        # a stage without executor options may have settings of those names (train's loader --workers)
+        executor, workers, scheduler = ((values.pop("executor"), values.pop("workers"), values.pop("scheduler"))
+                                        if stage.executor else ("local", 1, None))
+        inputs = [values.pop(name) for name in names]
+        fields = dataclasses.fields(stage.config)
+        config = _build_config(stage.config, {k: v for k, v in values.items() if v is not None})
+        written = [getattr(config, f.name) for f in fields if cli_of(f).writes]
+        try:
+            with excluding_outputs(output, *written), \
+                    make_executor(executor, workers=workers, scheduler=scheduler) as pool:
+                result = stage.run(config, inputs[0] if len(inputs) == 1 else inputs, output, executor=pool,
+                                   overwrite=overwrite)
+            finish(*(result if isinstance(result, (list, tuple)) else [result]))
+        finally:
+            if after is not None:
+                after(config, output)
 
-    decorators = [*(click.argument(source, metavar=source.upper()) for source in stage.sources),
-                  output_option(f"Folder the {stage.name} stage writes (or resumes)."), config_options(stage.config),
-                  executor_options, overwrite_option]
+    skip = set(_EXECUTOR_OPTIONS) if stage.executor else {"output", "overwrite"}
+    # an upstream stage's output must exist; the pipeline's input may also be a glob or list file
+    decorators = [*(click.argument(name, metavar=name.upper(),
+                                   type=click.STRING if source == "input" else click.Path(exists=True))
+                    for name, source in zip(names, stage.sources)),
+                  output_option(f"Folder the {stage.name} stage writes (or resumes)."),
+                  config_options(stage.config, skip=skip),
+                  *([executor_options] if stage.executor else []), overwrite_option]
     for decorator in reversed(decorators):  # as if written above the function, first on top
         callback = decorator(callback)
-    return click.command(stage.name, help=stage.help or f"The {stage.name} stage.")(callback)
+    return click.command(stage.name, help=help or stage.help or f"The {stage.name} stage.")(callback)

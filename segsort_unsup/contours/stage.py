@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import StageConfig, config_hash, run_only, setting
+from ..config import PRECISIONS, StageConfig, config_hash, run_only, setting
 from ..errors import SegsortError
 from ..io.atomic import atomic_write_bytes
 from ..io.outdir import OutputFolder, key_path, prepare_exports, settle_exports
@@ -34,7 +34,6 @@ from ..edgemaps import edge_nms, edge_orientation
 from .registry import DEFAULT_MODEL, MODELS
 
 _log = get_logger("contours")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -55,24 +54,40 @@ class ContoursConfig(StageConfig):
 
     stage = "contours"
 
-    model: str = DEFAULT_MODEL
-    precision: str = "auto"
-    scales: tuple[float, ...] = (1.0,)
-    max_side: int = 2048
-    tile_side: int | None = setting(None, help="side of the tiles of images above max_side (default: auto, "
-                                                 "from the model's memory per tile pixel)")
-    tile: bool = True
-    orientation_radius: float = 4.0
-    resize_to: int | None = setting(None, help="scale images whose longer side is above this down to it")
-    max_pixels: int = run_only(DEFAULT_MAX_PIXELS, help="refuse images above this many pixels (0: no limit)")
-    weights: str | None = run_only(None, help="weights file instead of the model's cached one")
-    device: str = run_only("auto")
-    batch_size: int | None = run_only(None)  # None: 1 on CPU, 8 on CUDA
-    threads: int | None = run_only(None)
-    shard_size: int = run_only(64)
-    png_dir: str | None = run_only(None, help="also write 8-bit edge PNGs here")
-    nms_png: bool = run_only(False)
-    png_compression: int = run_only(3)
+    model: str = setting(DEFAULT_MODEL, help="Contour model (see `segsort-unsup weights list`).",
+                         choices=tuple(MODELS))
+    precision: str = setting("auto", help="auto: bf16 on CPUs with AMX/AVX512-BF16 and on CUDA, else fp32.",
+                             choices=PRECISIONS)
+    scales: tuple[float, ...] = setting((1.0,), help="Comma-separated image scales whose edge maps are averaged, "
+                                                     "e.g. 0.5,1,1.5.", low=0.05, high=8.0)
+    max_side: int = setting(2048, help="Images with a longer side are processed in overlapping tiles; smaller ones "
+                                       "run whole.", low=320)
+    tile_side: int | None = setting(None, help="Side of those tiles (at most --max-side). auto: the largest whose "
+                                               "forward pass needs at most 512 MiB for the model and precision "
+                                               "(smaller tiles: less memory, a little more compute).",
+                                    auto=True, low=320, metavar="auto|SIDE")
+    tile: bool = setting(True, help="--no-tile: refuse images above --max-side instead of tiling them.")
+    orientation_radius: float = setting(4.0, help="Radius (pixels) of the triangle filter smoothing the edge map "
+                                                  "before the orientation is computed.", low=0)
+    resize_to: int | None = setting(None, help="Scale images whose longer side is above SIDE down to SIDE (maps are "
+                                               "stored at that size).", low=32, metavar="SIDE")
+    max_pixels: int = run_only(DEFAULT_MAX_PIXELS, help="Refuse images with more pixels (after --resize-to), read "
+                                                        "from the header before decoding; 0: no limit. Memory needed: "
+                                                        "about 1 GiB + 8 bytes per pixel of the largest tiled image.",
+                               low=0)
+    weights: str | None = run_only(None, help="Weights file to use instead of the cached one of --model (any "
+                                              "supported format).")
+    device: str = run_only("auto", help="auto, cpu, cuda or cuda:N.")
+    batch_size: int | None = run_only(None, help="Same-size images per forward pass (default: 1 on CPU, where "
+                                                 "batches only add memory traffic; 8 on CUDA).", low=1)
+    threads: int | None = run_only(None, help="Torch threads per image [default: 1, in every executor, so that "
+                                              "every executor gives the same bits; workers give the parallelism]. "
+                                              "More speed up a few huge images; the maps then differ in the last "
+                                              "bits.", low=1)
+    shard_size: int = run_only(64, help="Items per HDF5 shard (a killed run redoes at most this many).", low=1)
+    png_dir: str | None = run_only(None, help="Also write 8-bit edge PNGs here (<key>.png).", writes=True)
+    nms_png: bool = run_only(False, help="With --png-dir: also write NMS-thinned edges (nms/<key>.png).")
+    png_compression: int = run_only(3, help="PNG compression level of those pictures (0-9).", low=0, high=9)
 
     def validate(self) -> None:
         if self.model not in MODELS:

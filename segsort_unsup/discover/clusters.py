@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import StageConfig, config_hash, setting
+from ..config import SEED_MAX, StageConfig, config_hash, setting
 from ..errors import InputError, StoreError
 from ..io.outdir import OutputFolder
 from ..io.sources import store_content
@@ -84,9 +84,10 @@ class ClusterConfig(StageConfig):
 
     stage = "cluster"
 
-    groups: int = setting(11, help="clusters made (as many as the classes scored)")
-    method: str = setting("kmeans", help="kmeans (spherical) or finch (FINCH refined to exactly GROUPS)")
-    seed: int = 0
+    groups: int = setting(11, help="Clusters made: as many as the classes that will be scored.", low=2)
+    method: str = setting("kmeans", help="kmeans: spherical k-means; finch: FINCH refined to exactly --groups.",
+                          choices=("kmeans", "finch"))
+    seed: int = setting(0, help="Seed of every random choice (same seed, same result).", low=0, high=SEED_MAX)
 
     def validate(self) -> None:
         if self.groups < 2:
@@ -144,5 +145,5 @@ def _write_maps(config: ClusterConfig, folder: OutputFolder, store: Any, table: 
     return summary
 
 
-STAGE = Stage("cluster", ClusterConfig, run, sources=("embed",), output="clusters", optional=True,
+STAGE = Stage("cluster", ClusterConfig, run, sources=("embed",), output="clusters", optional=True, arguments=("prototypes",), executor=False,
               help="label-free cluster maps (k-means or FINCH) for the Hungarian-matched mIoU")

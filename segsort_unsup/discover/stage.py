@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import StageConfig, run_only, setting
+from ..config import SEED_MAX, StageConfig, run_only, setting
 from ..errors import InputError, StoreError
 from ..io.sources import store_content
 from ..io.store import Item, StoreReader, is_store, read_manifest
@@ -72,24 +72,32 @@ class DiscoverConfig(StageConfig):
 
     stage = "discover"
 
-    min_area: int = setting(0, help="minimum segment area (pixels)")
-    classes: tuple[int, ...] = setting((), help="cluster only these classes")
-    exclude_classes: tuple[int, ...] = setting((), help="do not cluster these classes")
-    max_prototypes: int = setting(0, help="cap: seeded random sample of this many rows (0: all)")
-    seed: int = 0
-    req_clust: int | None = None
-    distance: str = "cosine"
-    level: int | str | None = run_only(None, help="gallery level: a number or 'requested'")
-    gallery: bool = run_only(True, help="write gallery/ (pages, segment crops, thumbnail map)")
-    representatives: int = run_only(5, help="members nearest the group mean shown per group")
-    random_members: int = run_only(2, help="random members shown per group")
-    max_groups: int = run_only(200, help="levels with more groups get no gallery page")
-    groups_per_page: int = run_only(30, help="group cards per gallery page")
-    map_method: str = run_only("auto", help="2-D map: auto (t-SNE, else PCA), tsne, pca or none")
-    map_points: int = run_only(1000, help="sample of segments placed on the 2-D map (one per grid cell kept)")
-    overviews: str | None = run_only(None, help="folder of the ucm <key>_overview.png pictures to link "
-                                                "(default: png/segments beside the output, if there)")
-    threads: int | None = run_only(None, help="FINCH worker threads")
+    min_area: int = setting(0, help="Leave out segments smaller than this (pixels).", low=0)
+    classes: tuple[int, ...] = setting((), help="Cluster only these classes (labelled prototypes), e.g. 1,3,8.",
+                                       low=0, metavar="C1,C2,...")
+    exclude_classes: tuple[int, ...] = setting((), help="Leave out these classes (labelled prototypes), e.g. the "
+                                                        "background.", low=0, metavar="C1,C2,...")
+    max_prototypes: int = setting(0, help="Cluster a random sample of at most this many prototypes (0: all); drawn "
+                                          "with --seed.", low=0)
+    seed: int = setting(0, help="Seed of every random choice (same seed, same result).", low=0, high=SEED_MAX)
+    req_clust: int | None = setting(None, help="Also store the partition with exactly this many groups.", low=1)
+    distance: str = setting("cosine", help="FINCH's distance.", choices=("cosine", "euclidean"))
+    level: int | str | None = run_only(None, help="Gallery level [default: the requested partition, else the level "
+                                                  "with ~20-50 groups].", metavar="N|requested")
+    gallery: bool = run_only(True, help="--no-gallery: only the groups store (no gallery pages, crops or map).")
+    representatives: int = run_only(5, help="Members nearest the group mean shown per group.", low=0)
+    random_members: int = run_only(2, help="Random members shown per group.", low=0)
+    max_groups: int = run_only(200, help="Levels with more groups get no gallery page (the chosen level shows its "
+                                         "largest).", low=1)
+    groups_per_page: int = run_only(30, help="Group cards per gallery page (pages stay small at any store size).",
+                                    low=1)
+    map_method: str = run_only("auto", help="2-D map: t-SNE (scikit-learn), PCA, or none; auto = t-SNE if "
+                                            "available.", flags=("--map",), choices=("auto", "tsne", "pca", "none"))
+    map_points: int = run_only(1000, help="Sample of prototypes placed on the map (seeded; one per grid cell is "
+                                          "drawn).", low=2)
+    overviews: str | None = run_only(None, help="Folder of ucm <key>_overview.png pictures to link from the photo "
+                                                "pages [default: png/segments beside OUTPUT, if there].")
+    threads: int | None = run_only(None, help="FINCH worker threads.", low=1)
 
     def validate(self) -> None:
         for key in ("min_area", "max_prototypes", "seed"):
@@ -449,4 +457,5 @@ def _cluster(reader: StoreReader, config: DiscoverConfig) -> tuple[list[Item], l
 
 
 STAGE = Stage("discover", DiscoverConfig, run, sources=("embed",), output="groups", optional=True,
+              arguments=("prototypes",), executor=False,
               help="FINCH groups of the prototypes, a gallery and a 2-D map")

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import StageConfig, run_only
+from ..config import PRECISIONS, StageConfig, run_only, setting
 from ..errors import BadImageError, InputError
 from ..io.images import ImageRef, list_images, read_image
 from ..io.labels import describe_sources
@@ -57,7 +57,6 @@ from ..stages import Stage, StageRun, StageSummary
 
 log = get_logger("embed")
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FEATURES = ("head", "trunk")
 MODEL_FILE = "model.pt"
 
@@ -84,23 +83,36 @@ class EmbedConfig(StageConfig):
 
     stage = "embed"
 
-    features: str = "head"
-    scales: tuple[float, ...] = (1.0,)
-    flip: bool = False
-    window: int = 480
-    window_stride: int = 320
-    grid: tuple[int, ...] = (5, 5)
-    iterations: int = 10
-    location_weight: float = 1.0
-    sort_stride: int = 1
-    precision: str = "auto"
-    labels: str | tuple[str, ...] | None = None
-    ignore_label: int = 255
-    units: str | None = None
-    segments: str | None = None
-    device: str = run_only("auto")
-    threads: int | None = run_only(None)
-    shard_size: int = run_only(64)
+    features: str = setting("head", help="head: the model's embeddings; trunk: L2-normalised trunk features "
+                                         "(raw-feature baseline).", choices=FEATURES)
+    scales: tuple[float, ...] = setting((1.0,), help="Image scales; every view's segments vote.", low=0.1, high=4.0,
+                                        metavar="S1,S2,...")
+    flip: bool = setting(False, help="Also the mirrored image of every scale.")
+    window: int = setting(480, help="Sliding-window side for larger images (multiple of 8).", low=64)
+    window_stride: int = setting(320, help="Step between sliding windows.", low=8)
+    grid: tuple[int, ...] = setting((5, 5), help="Initial k-means cells.", nargs=2, metavar="ROWS COLS")
+    iterations: int = setting(10, help="k-means iterations.", low=0)
+    location_weight: float = setting(1.0, help="Weight of the pixel position in the sorting's k-means.", low=0)
+    sort_stride: int = setting(1, help="k-means on the embedding pooled s x s, then one full-resolution step "
+                                       "(s^2 times less work; 1: every pixel, as the reference).", low=1)
+    precision: str = setting("auto", help="auto: bf16 on CPUs with AMX/AVX512-BF16 and on CUDA, else fp32.",
+                             choices=PRECISIONS)
+    labels: str | tuple[str, ...] | None = setting(
+        None, help="Folder (or list file) of label PNGs, same names as the images; repeat for labels split over "
+                   "folders: store each segment's majority class (the labelled set for `transfer`).",
+        multiple=True, metavar="DIR")
+    ignore_label: int = setting(255, help="Label of pixels to drop (with --labels), e.g. 11 for CamVid.")
+    units: str | None = setting(None, help="Segment units: gridN = pixel sorting from N x N cells (default: --grid, "
+                                           "5 x 5 as released); ucm:T = the regions of --segments at its stored "
+                                           "cut T, one prototype each.", metavar="gridN|ucm:T")
+    segments: str | None = setting(None, help="Segments store of these images (`segsort-unsup ucm`), for --units "
+                                              "ucm:T.")
+    device: str = run_only("auto", help="auto, cpu, cuda, cuda:1...")
+    threads: int | None = run_only(None, help="Torch threads per image [default: 1, in every executor, so that "
+                                              "every executor gives the same bits; workers give the parallelism]. "
+                                              "More speed up a few huge images; the maps then differ in the last "
+                                              "bits.", low=1)
+    shard_size: int = run_only(64, help="Items per HDF5 shard (a killed run redoes at most this many).", low=1)
 
     def validate(self) -> None:
         if self.features not in FEATURES:
@@ -622,4 +634,5 @@ def run(config: EmbedConfig, inputs: Any, output: str | os.PathLike, *,
 
 
 STAGE = Stage("embed", EmbedConfig, run, sources=("train", "input"), output="prototypes", optional=True,
+              arguments=("model", "input"),
               input_paths=("labels", "segments"), help="segments + one prototype per segment, per image")

@@ -25,7 +25,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ..config import StageConfig, run_only, setting
+from ..config import PRECISIONS, SEED_MAX, StageConfig, run_only, setting
 from ..errors import InputError, SegsortError
 from ..io.atomic import sha256_file
 from ..io.store import Item, StoreReader
@@ -36,26 +36,39 @@ from .data import Sample, grouping_names, list_samples, load_sample
 
 log = get_logger("features")
 
+def backbone_names() -> tuple[str, ...]:
+    """The backbone registry's names (read when first needed: the registry imports torch)."""
+    from ..embed.backbones import BACKBONES
+
+    return tuple(BACKBONES)
+
+
 @dataclass(frozen=True)
 class FeaturesConfig(StageConfig):
     """Settings of the features stage (see the module doc)."""
 
     stage = "features"
 
-    backbone: str = setting("vgg16-hed", help="the trunk (as train's --backbone)")
-    backbone_weights: str | None = setting(None, help="local weights file of the trunk")
-    feature_layer: str = setting("conv4_3", help="the layer feeding the head (conv4_3 or conv5_3 for the VGG16 "
-                                                 "trunks; see the backbone registry)")
-    cache_layer: str | None = setting(None, help="store the maps at this trunk layer instead: the input of the "
-                                                 "first block partial fine-tuning trains (train --train-blocks)")
-    feature_scales: tuple[float, ...] = setting((0.75, 1.0, 1.25), help="image scales whose features are stored")
-    flip: bool = setting(True, help="also the mirrored image at every scale")
-    cut: float | None = setting(None, help="stored ucm level used as the grouping (default: the threshold)")
-    precision: str = setting("auto", help="auto, fp32, bf16 or fp16")
-    seed: int = setting(0, help="seed of a randomly initialised trunk (backbone scratch; as train's seed)")
-    images: str | None = run_only(None, help="folder holding the photos when they moved")
-    device: str = run_only("auto")
-    threads: int | None = run_only(None, help="torch CPU threads (default: all cores)")
+    backbone: str = setting("vgg16-hed", help="Trunk from the backbone registry (as train's).",
+                            choices=backbone_names)
+    backbone_weights: str | None = setting(None, help="Local weights for the trunk.")
+    feature_layer: str = setting("conv4_3", help="Trunk layer feeding the head (conv4_3 or conv5_3 for the VGG16 "
+                                                 "trunks; other backbones: see the backbone registry).")
+    cache_layer: str | None = setting(None, help="Store the maps at this trunk layer instead (train --train-blocks "
+                                                 "N reads the input of its first trained block, e.g. pool3).")
+    feature_scales: tuple[float, ...] = setting((0.75, 1.0, 1.25), help="Image scales whose features are stored.",
+                                                low=0.05)
+    flip: bool = setting(True, help="Also the mirrored maps (--no-flip: none).")
+    cut: float | None = setting(None, help="Stored ucm level to use as the grouping (default: the store's "
+                                           "threshold).")
+    precision: str = setting("auto", help="auto: bf16 where the CPU or GPU has it, else fp32 (it must match "
+                                          "train's).", choices=PRECISIONS)
+    seed: int = setting(0, help="Seed of a randomly initialised trunk (backbone scratch; as train's seed).",
+                        low=0, high=SEED_MAX)
+    images: str | None = run_only(None, help="Folder of the photos when they moved (looked up as <DIR>/<key>.<ext> "
+                                             "or by basename).")
+    device: str = run_only("auto", help="auto, cpu, cuda or cuda:N.")
+    threads: int | None = run_only(None, help="Torch CPU threads (default: all cores).", low=1)
 
     def validate(self) -> None:
         from ..embed.backbones import check_feature_layer
@@ -66,8 +79,8 @@ class FeaturesConfig(StageConfig):
             raise self.bad_value("feature_layer", str(exc)) from None
         if not self.feature_scales or not all(math.isfinite(s) and s > 0 for s in self.feature_scales):
             raise self.bad_value("feature_scales", "give one or more positive, finite scales")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise self.bad_value("precision", "choose auto, fp32, bf16 or fp16")
+        if self.precision not in PRECISIONS:
+            raise self.bad_value("precision", f"choose one of {', '.join(PRECISIONS)}")
 
 
 @dataclass(frozen=True)
@@ -193,5 +206,5 @@ def _trunk(config: FeaturesConfig, device: Any, precision: str):
 
 
 STAGE = Stage("features", FeaturesConfig, run, sources=("ucm",), output="features",
-              input_paths=("backbone_weights", "images"), optional=True,
+              input_paths=("backbone_weights", "images"), optional=True, arguments=("segments",), executor=False,
               help="frozen-trunk features of every image (what cached-mode train reads)")

@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import StageConfig, changed_keys, config_hash, run_only, setting
+from ..config import PRECISIONS, SEED_MAX, StageConfig, changed_keys, config_hash, run_only, setting
 from ..errors import InputError, SegsortError, StoreError, WeightsError
 from ..io.atomic import atomic_write_bytes, atomic_write_text, remove_stale_temps, sha256_file
 from ..io.store import StoreLock, StoreReader
@@ -69,6 +69,7 @@ from ..io.sources import store_content
 from ..log import get_logger, progress
 from ..parallel import Executor, check_stop, request_stop
 from ..stages import Stage, StageRun, StageSummary
+from .features import backbone_names
 
 log = get_logger("train")
 
@@ -93,43 +94,58 @@ class TrainConfig(StageConfig):
 
     stage = "train"
 
-    mode: str = setting("auto", help="full, cached, or auto (full on CUDA, cached on CPU)")
-    backbone: str = "vgg16-hed"
-    backbone_weights: str | None = None
-    feature_layer: str = "conv4_3"
-    freeze_blocks: int = 0
-    train_blocks: int | None = setting(None, help="cached mode: the last N trunk blocks train with the head, on "
-                                                  "maps cached at the input of the first (default: the head only)")
-    embedding_dim: int = 32
-    head: str = "conv3"
-    hidden: int = 256
-    kappa: float = 10.0
-    lr: float = 2e-3
-    head_lr_mult: float = 10.0
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_power: float = 0.9
-    steps: int = 1000
-    batch_size: int = 8
-    crop: int = 320
-    scale_min: float = 0.5
-    scale_max: float = 2.0
-    flip: bool = True
-    feature_scales: tuple[float, ...] = (0.75, 1.0, 1.25)
-    cut: float | None = None
-    labels_dir: str | tuple[str, ...] | None = None
-    ignore_label: int = 255
-    memory_banks: int = 2
-    precision: str = "auto"
-    seed: int = 0
-    images: str | None = run_only(None, help="folder holding the photos when they moved")
-    device: str = run_only("auto")
-    workers: int = run_only(2, help="data-loading processes (full mode)")
-    threads: int | None = run_only(None, help="torch CPU threads (default: all cores)")
-    checkpoint_every: int = run_only(100)
-    keep: int = run_only(3)
-    log_every: int = run_only(10)
-    features_dir: str | None = run_only(None, help="features store (cached mode; default RUN_DIR/features)")
+    mode: str = setting("auto", help="full: the whole network on photo crops; cached: the trunk frozen, its "
+                        "features cached once, only the head (or the last --train-blocks blocks) trains "
+                        "(CPU-practical); auto: full on CUDA, cached on CPU.", choices=MODES)
+    backbone: str = setting("vgg16-hed", help="Trunk from the backbone registry (README: Backbones).",
+                            choices=backbone_names)
+    backbone_weights: str | None = setting(None, help="Local weights for the backbone (e.g. a torchvision "
+                                                      "vgg16/resnet50 or dino checkpoint).")
+    feature_layer: str = setting("conv4_3", help="Trunk layer feeding the head (conv4_3 or conv5_3 for the VGG16 "
+                                                 "trunks; other backbones: see the backbone registry).")
+    freeze_blocks: int = setting(0, help="Trunk blocks kept frozen in full mode.", low=0)
+    train_blocks: int | None = setting(None, help="Cached mode: the last N trunk blocks train with the head, on "
+                                                  "maps cached at the input of the first (1 at conv4_3: conv4 from "
+                                                  "pool3's maps). Default: the head only.", low=0)
+    embedding_dim: int = setting(32, help="Embedding channels.", low=1)
+    head: str = setting("conv3", help="Embedding head: three convolutions or one.", choices=("conv3", "conv1"))
+    hidden: int = setting(256, help="Hidden channels of the conv3 head.", low=1)
+    kappa: float = setting(10.0, help="Concentration of the von Mises-Fisher loss (1 / temperature).", low=0)
+    lr: float = setting(2e-3, help="Trunk learning rate (the head trains at --head-lr-mult times it).", low=0)
+    head_lr_mult: float = setting(10.0, help="The head's learning rate, as a multiple of --lr.", low=0)
+    momentum: float = setting(0.9, help="SGD momentum.", low=0)
+    weight_decay: float = setting(5e-4, help="SGD weight decay.", low=0)
+    lr_power: float = setting(0.9, help="Poly schedule: lr x (1 - step / steps) ** power.", low=0)
+    steps: int = setting(1000, help="Optimiser steps; 0 writes the untrained initialisation (trunk + seeded "
+                                    "random head) as a baseline.", low=0)
+    batch_size: int = setting(8, help="Global batch (split over torchrun processes).", low=1)
+    crop: int = setting(320, help="Crop side in pixels.", low=8)
+    scale_min: float = setting(0.5, help="Smallest random rescale of a photo before cropping (full mode).")
+    scale_max: float = setting(2.0, help="Largest random rescale of a photo before cropping (full mode).")
+    flip: bool = setting(True, help="Random horizontal flips (--no-flip: none).")
+    feature_scales: tuple[float, ...] = setting((0.75, 1.0, 1.25), help="Cached mode: image scales whose "
+                                                "features are cached.", low=0.05)
+    cut: float | None = setting(None, help="Stored ucm level to use as the grouping (default: the store's "
+                                           "threshold; others must be among its --levels).")
+    labels_dir: str | tuple[str, ...] | None = setting(
+        None, help="Class-label PNG folder (or list file): train the supervised counterpart instead; repeat for "
+                   "labels split over folders.", flags=("--supervised", "--labels-dir"), multiple=True, metavar="DIR")
+    ignore_label: int = setting(255, help="Label of unlabelled pixels.")
+    memory_banks: int = setting(2, help="Supervised mode: past batches whose prototypes (and classes) the "
+                                        "loss also compares with.", low=1)
+    precision: str = setting("auto", help="auto: bf16 on CPUs with AVX512-BF16/AMX and on CUDA GPUs that have it, "
+                                          "fp16 (with loss scaling) on older GPUs, else fp32.", choices=PRECISIONS)
+    seed: int = setting(0, help="Seed of every random choice (same seed, same result).", low=0, high=SEED_MAX)
+    images: str | None = run_only(None, help="Folder of the photos when they moved (looked up as <DIR>/<key>.<ext> "
+                                             "or by basename).")
+    device: str = run_only("auto", help="auto, cpu, cuda or cuda:N.")
+    workers: int = run_only(2, help="Data-loading processes (full mode).", low=0)
+    threads: int | None = run_only(None, help="Torch CPU threads (default: all cores).", low=1)
+    checkpoint_every: int = run_only(100, help="Steps between checkpoints.", low=1)
+    keep: int = run_only(3, help="Checkpoints kept.", low=1)
+    log_every: int = run_only(10, help="Steps between lines of metrics.jsonl.", low=1)
+    features_dir: str | None = run_only(None, help="Cached mode: features store (default RUN_DIR/features; "
+                                                   "reusable by runs with the same trunk).")
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -164,8 +180,8 @@ class TrainConfig(StageConfig):
         for key in ("lr", "kappa", "head_lr_mult"):
             if not getattr(self, key) > 0:
                 raise self.bad_value(key, "must be > 0")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise self.bad_value("precision", "choose auto, fp32, bf16 or fp16")
+        if self.precision not in PRECISIONS:
+            raise self.bad_value("precision", f"choose one of {', '.join(PRECISIONS)}")
         if self.workers < 0:
             raise self.bad_value("workers", "must be >= 0")
 
@@ -958,4 +974,5 @@ def _readable(samples, summary: StageSummary, *, main: bool):
 
 STAGE = Stage("train", TrainConfig, run, sources=("ucm",), output="train",
               input_paths=("labels_dir", "backbone_weights", "images"), optional=True,
+              arguments=("segments",), executor=False,
               help="SegSort embedding training (model.pt)")

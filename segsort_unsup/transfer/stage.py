@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import StageConfig, config_hash, run_only
+from ..config import StageConfig, config_hash, run_only, setting
 from ..errors import InputError, StoreError
 from ..io.outdir import OutputFolder
 from ..io.sources import store_content
@@ -55,11 +55,14 @@ class TransferConfig(StageConfig):
 
     stage = "transfer"
 
-    k: int = 15
-    index: str = "flat"
-    nlist: int | None = None
-    nprobe: int = 16
-    ignore_label: int | None = None
+    k: int = setting(15, help="Nearest labelled prototypes that vote.", low=1)
+    index: str = setting("flat", help="flat: exact search; ivf: approximate (for millions of prototypes).",
+                         choices=("flat", "ivf"))
+    nlist: int | None = setting(None, help="Cells of the ivf index (default: min(N / 39, 4 sqrt N) for N labelled "
+                                           "prototypes).", low=1)
+    nprobe: int = setting(16, help="Cells searched (ivf).", low=1)
+    ignore_label: int | None = setting(None, help="Labelled prototypes of this class do not vote; uncovered "
+                                                  "pixels get it (default 255).")
     batch: int = run_only(65536, help="query prototypes per search call")
 
     def validate(self) -> None:
@@ -294,4 +297,5 @@ def _has_labels(reader: StoreReader) -> bool:
 
 
 STAGE = Stage("transfer", TransferConfig, run, sources=("embed", "embed"), output="predictions", optional=True,
+              arguments=("labelled", "query"), executor=False,
               help="kNN label transfer from labelled prototypes, label PNG per image")

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import StageConfig, config_hash, run_only
+from ..config import StageConfig, config_hash, run_only, setting
 from ..errors import BadImageError, InputError
 from ..io.images import list_images, read_edge_png
 from ..io.outdir import OutputFolder, prepare_exports, settle_exports
@@ -64,15 +64,22 @@ class UcmConfig(StageConfig):
 
     stage = "ucm"
 
-    threshold: float = 0.5
-    levels: tuple[float, ...] = ()
-    oriented: bool = True
-    epsilon: float = 0.1
-    min_size: float = 2.0
-    ucm2_dtype: str | None = None
-    shard_size: int = run_only(64)
-    png_dir: str | None = run_only(None, help="ucm, label and overview PNGs per image")
-    mat_dir: str | None = run_only(None, help="BSDS-compatible .mat files (ucm2)")
+    threshold: float = setting(0.5, help="Cut stored as `labels` (boundaries weaker than this are removed).", low=0)
+    levels: tuple[float, ...] = setting((), help="More cuts stored as `labels_levels`, e.g. 0.3,0.5,0.7.", low=0,
+                                        metavar="T1,T2,...")
+    oriented: bool = setting(True, help="--no-owt skips the oriented watershed transform (plain mean boundary "
+                                        "strength).", flags=("--owt/--no-owt",))
+    epsilon: float = setting(0.1, help="OWT: an arc is split where it strays from its chord by this fraction "
+                                       "of the chord's length...", low=0)
+    min_size: float = setting(2.0, help="...and by more than this many pixels.", low=0)
+    ucm2_dtype: str | None = setting(None, help="Stored ucm2 type; default float32, uint16-quantised (65535 steps "
+                                                "of the largest altitude) above 16.8 Mpx. The tree and labels are "
+                                                "exact either way.", choices=("float32", "uint16"))
+    shard_size: int = run_only(64, help="Items per HDF5 shard (a killed run redoes at most this many).", low=1)
+    png_dir: str | None = run_only(None, help="Also write ucm PNGs, label PNGs and an overview picture per image "
+                                              "here.", writes=True)
+    mat_dir: str | None = run_only(None, help="Also write BSDS-compatible .mat files (variable ucm2) here.",
+                                   writes=True)
 
     def validate(self) -> None:
         for key, values in (("threshold", (self.threshold,)), ("levels", self.levels)):
@@ -300,5 +307,5 @@ def _settle_exports(exports: list[tuple[OutputFolder, dict[str, str]]], run: Sta
             run.summary.failed.extend(failed)
 
 
-STAGE = Stage("ucm", UcmConfig, run, sources=("contours",), output="segments",
+STAGE = Stage("ucm", UcmConfig, run, sources=("contours",), output="segments", arguments=("source",),
               help="OWT-UCM segment hierarchies")
