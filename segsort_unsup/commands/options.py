@@ -186,7 +186,7 @@ def field_parameter(f, tp) -> Callable:
     if cli.argument:
         return click.argument(f.name, metavar=cli.metavar or f.name.upper())
     if cli.multiple:
-        kwargs.update(multiple=True, default=(), show_default=False, type=click.Path(exists=True),
+        kwargs.update(multiple=True, default=(), show_default=False, type=str,
                       callback=lambda ctx, param, values: one_or_several(values))
     elif cli.auto:
         kwargs.update(type=_AutoOr(_number_type(base, cli)), default="auto" if default is None else default,
