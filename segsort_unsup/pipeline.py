@@ -101,11 +101,6 @@ class Pipeline:
         """The default input (``[pipeline] input``), or "" when only named inputs are declared."""
         return self.inputs.get("input", "")
 
-    @property
-    def configs(self) -> dict[str, StageConfig]:
-        """Each section's config by section name."""
-        return {s.name: s.config for s in self.sections}
-
     def source_paths(self, section: Section) -> str | list[str]:
         """The paths a section reads: named inputs, or the folders of earlier sections."""
         outputs = {s.name: str(s.output) for s in self.sections}

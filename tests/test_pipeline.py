@@ -54,7 +54,7 @@ def test_repo_pipelines_parse():
         if (path.with_suffix(".py")).is_file():
             continue  # read by its own driver script (camvid.toml: two trains and two embeds)
         pipe = load_pipeline(path)
-        assert pipe.configs["contours"] is not None and pipe.output.is_absolute()
+        assert "contours" in {s.name for s in pipe.sections} and pipe.output.is_absolute()
 
 
 def test_output_that_is_a_file_is_refused_before_any_work(tmp_path):
@@ -254,7 +254,8 @@ def test_camvid_pipeline_file_runs_end_to_end_and_takes_another_scored_set(tmp_p
 
 def test_pipeline_seed_is_every_seeded_stages_default(tmp_path):
     pipe = load_pipeline(_write(tmp_path, "[pipeline]\ninput='a'\noutput='b'\nseed=7\n[train]\n[embed]\n[discover]\nseed=3\n"))
-    assert pipe.configs["train"].seed == 7 and pipe.configs["discover"].seed == 3
+    configs = {s.name: s.config for s in pipe.sections}
+    assert configs["train"].seed == 7 and configs["discover"].seed == 3
 
 
 def test_workers_default_to_one_per_core_and_paths_are_relative_to_the_file(tmp_path):
