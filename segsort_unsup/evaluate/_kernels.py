@@ -47,20 +47,6 @@ def _shift_potentials(finalized, n_final, end_dist, dist, sign, u, v, col_to_row
             u[i] -= delta
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _relax(x, d, via, dist, pred, touched, n_touched, heap_keys, heap_vals, size):
-    """Offer column ``x`` at distance ``d`` through ``via``: where shorter, record it (and the
-    column among those to reset) and push it. Returns ``(n_touched, heap size)``."""
-    if d < dist[x]:
-        if dist[x] == _INF:
-            touched[n_touched] = x
-            n_touched += 1
-        dist[x] = d
-        pred[x] = via
-        size = heap_push(heap_keys, heap_vals, size, d, x)
-    return n_touched, size
-
-
 @njit(cache=True, nogil=True)
 def _augment(s, indptr, cols, costs, n_cols, outlier_cost, u, v, row_to_col, col_to_row,
              dist, pred, done, touched, finalized, heap_keys, heap_vals):
@@ -77,8 +63,14 @@ def _augment(s, indptr, cols, costs, n_cols, outlier_cost, u, v, row_to_col, col
     size = 0
     for k in range(indptr[s], indptr[s + 1]):
         j = cols[k]
-        n_touched, size = _relax(j, costs[k] - u[s] - v[j], s, dist, pred, touched, n_touched,
-                                 heap_keys, heap_vals, size)
+        d = costs[k] - u[s] - v[j]
+        if d < dist[j]:
+            if dist[j] == _INF:
+                touched[n_touched] = j
+                n_touched += 1
+            dist[j] = d
+            pred[j] = s
+            size = heap_push(heap_keys, heap_vals, size, d, j)
     j = n_cols + s
     dist[j] = outlier_cost - u[s] - v[j]
     pred[j] = s
@@ -105,11 +97,23 @@ def _augment(s, indptr, cols, costs, n_cols, outlier_cost, u, v, row_to_col, col
             jj = cols[k]
             if done[jj]:
                 continue
-            n_touched, size = _relax(jj, dj + costs[k] - u[q] - v[jj], q, dist, pred, touched, n_touched,
-                                     heap_keys, heap_vals, size)
+            d = dj + costs[k] - u[q] - v[jj]
+            if d < dist[jj]:
+                if dist[jj] == _INF:
+                    touched[n_touched] = jj
+                    n_touched += 1
+                dist[jj] = d
+                pred[jj] = q
+                size = heap_push(heap_keys, heap_vals, size, d, jj)
         jj = n_cols + q
-        n_touched, size = _relax(jj, dj + outlier_cost - u[q] - v[jj], q, dist, pred, touched, n_touched,
-                                 heap_keys, heap_vals, size)
+        d = dj + outlier_cost - u[q] - v[jj]
+        if d < dist[jj]:
+            if dist[jj] == _INF:
+                touched[n_touched] = jj
+                n_touched += 1
+            dist[jj] = d
+            pred[jj] = q
+            size = heap_push(heap_keys, heap_vals, size, d, jj)
     # new potentials: finalized columns (dist < D) and their rows; then augment
     u[s] += end_dist
     _shift_potentials(finalized, n_final, end_dist, dist, -1, u, v, col_to_row)
@@ -179,7 +183,14 @@ def _repair_after_removal(r, indptr, cols, costs, rev_indptr, rev_rows, rev_cost
         n_final += 1
         if x != j:
             # x is matched: close the cycle through the sink (arc sink -> x costs -v[x])
-            n_touched, size = _relax(sink, dx - v[x], x, dist, pred, touched, n_touched, heap_keys, heap_vals, size)
+            d = dx - v[x]
+            if d < dist[sink]:
+                if dist[sink] == _INF:
+                    touched[n_touched] = sink
+                    n_touched += 1
+                dist[sink] = d
+                pred[sink] = x
+                size = heap_push(heap_keys, heap_vals, size, d, sink)
         # rows i with a free arc i -> x move into x; their own column k follows at the same distance
         if x < n_cols:
             lo = rev_indptr[x]
@@ -190,9 +201,14 @@ def _repair_after_removal(r, indptr, cols, costs, rev_indptr, rev_rows, rev_cost
             q = x - n_cols
             if is_active[q] and row_to_col[q] != x:
                 k = row_to_col[q]
-                if not done[k]:
-                    n_touched, size = _relax(k, dx + outlier_cost - u[q] - v[x], x, dist, pred, touched, n_touched,
-                                             heap_keys, heap_vals, size)
+                d = dx + outlier_cost - u[q] - v[x]
+                if not done[k] and d < dist[k]:
+                    if dist[k] == _INF:
+                        touched[n_touched] = k
+                        n_touched += 1
+                    dist[k] = d
+                    pred[k] = x
+                    size = heap_push(heap_keys, heap_vals, size, d, k)
         for kk in range(lo, hi):
             i = rev_rows[kk]
             if not is_active[i] or row_to_col[i] == x:
@@ -200,8 +216,14 @@ def _repair_after_removal(r, indptr, cols, costs, rev_indptr, rev_rows, rev_cost
             k = row_to_col[i]
             if done[k]:
                 continue
-            n_touched, size = _relax(k, dx + rev_costs[kk] - u[i] - v[x], x, dist, pred, touched, n_touched,
-                                     heap_keys, heap_vals, size)
+            d = dx + rev_costs[kk] - u[i] - v[x]
+            if d < dist[k]:
+                if dist[k] == _INF:
+                    touched[n_touched] = k
+                    n_touched += 1
+                dist[k] = d
+                pred[k] = x
+                size = heap_push(heap_keys, heap_vals, size, d, k)
     # potentials: every finalized column (and the row on it) moves by end_dist - its distance
     _shift_potentials(finalized, n_final, end_dist, dist, 1, u, v, col_to_row)
     if best_col >= 0:
