@@ -103,11 +103,6 @@ class Pipeline:
         """The default input (``[pipeline] input``), or "" when only named inputs are declared."""
         return self.inputs.get("input", "")
 
-    @property
-    def configs(self) -> dict[str, StageConfig]:
-        """Each section's config by section name."""
-        return {s.name: s.config for s in self.sections}
-
     def source_paths(self, section: Section) -> str | list[str]:
         """The paths a section reads: named inputs, or the folders of earlier sections."""
         outputs = {s.name: str(s.output) for s in self.sections}
@@ -162,10 +157,42 @@ def load_pipeline(path: str | os.PathLike, *, input: str | None = None,  # noqa:
     stages = {stage.name: stage for stage in registry()}
     _check_tables(path, data, stages)
     head = data.setdefault("pipeline", {})
+    _check_head_types(path, head)
+    named = _apply_overrides(path, data, head, input=input, output=output, inputs=inputs, sections=sections)
+    _check_head(path, data, head, named, stages)
+    base = path.absolute().parent  # a linked pipeline file's paths are relative to the link
+    out = Path(_resolve(base, head["output"]))
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{path}: [pipeline] output {out} is a file, not a folder")
+    all_inputs = _resolve_inputs(path, data, head, named, base)
+    pipeline = Pipeline(path, out, executor=head.get("executor", "local"),
+                        workers=int(head.get("workers") or available_cores()), scheduler=head.get("scheduler", ""),
+                        inputs=all_inputs)
+    for stage in stages.values():
+        raw = data.get(stage.name)
+        if raw is None:
+            if stage.optional:
+                continue
+            raw = {}
+        instances = _instances(stage, raw)
+        for name, section in instances:
+            pipeline.sections.append(_section(pipeline, stage, name, section, head, base, single=len(instances) == 1))
+    return pipeline
+
+
+def _check_head_types(path: Path, head: dict[str, Any]) -> None:
+    """Each ``[pipeline]`` key has its type (a bool is no int)."""
     for key, tp in _HEAD_KEYS.items():
         if key in head and not isinstance(head[key], tp) or (tp is int and isinstance(head.get(key), bool)):
             raise InputError(f"{path}: [pipeline] key {key!r} expects {'table' if tp is dict else tp.__name__}, "
                              f"got {head[key]!r}")
+
+
+def _apply_overrides(path: Path, data: dict[str, Any], head: dict[str, Any], *, input: str | None,  # noqa: A002
+                     output: str | os.PathLike | None, inputs: dict[str, str] | None,
+                     sections: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    """Put the caller's input, output, named inputs and section keys over the file's; return the
+    named inputs (``[pipeline.inputs]``) as replaced."""
     named = dict(head.get("inputs", {}))
     if input is not None:
         head["input"] = os.path.abspath(input)
@@ -181,6 +208,12 @@ def load_pipeline(path: str | os.PathLike, *, input: str | None = None,  # noqa:
             named[name] = os.path.abspath(value)
     for name, values in (sections or {}).items():
         data.setdefault(name, {}).update(values)
+    return named
+
+
+def _check_head(path: Path, data: dict[str, Any], head: dict[str, Any], named: dict[str, Any],
+                stages: dict[str, Stage]) -> None:
+    """Known sections, the ``[pipeline]`` keys that must be there, and their values in range."""
     unknown = sorted(set(data) - {"pipeline", *stages})
     if unknown:
         raise InputError(f"{path}: unknown section(s) {unknown}{did_you_mean(unknown, ['pipeline', *stages])}; "
@@ -200,10 +233,11 @@ def load_pipeline(path: str | os.PathLike, *, input: str | None = None,  # noqa:
     executor = head.get("executor", "local")
     if executor not in EXECUTORS:
         raise InputError(f"{path}: [pipeline] executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
-    base = path.absolute().parent  # a linked pipeline file's paths are relative to the link
-    output = Path(_resolve(base, head["output"]))
-    if output.exists() and not output.is_dir():
-        raise InputError(f"{path}: [pipeline] output {output} is a file, not a folder")
+
+
+def _resolve_inputs(path: Path, data: dict[str, Any], head: dict[str, Any], named: dict[str, Any],
+                    base: Path) -> dict[str, str]:
+    """The default and named inputs as paths, relative ones from the pipeline file's folder."""
     all_inputs: dict[str, str] = {}
     if isinstance(head.get("input"), str):
         all_inputs["input"] = _resolve(base, head["input"])
@@ -214,41 +248,36 @@ def load_pipeline(path: str | os.PathLike, *, input: str | None = None,  # noqa:
     clash = sorted(set(all_inputs) & {n for n in data if n != "pipeline"})
     if clash:
         raise InputError(f"{path}: input name(s) {clash} are also stage names; rename the input(s)")
+    return all_inputs
 
-    pipeline = Pipeline(path, output, executor=executor,
-                        workers=int(head.get("workers") or available_cores()), scheduler=head.get("scheduler", ""), inputs=all_inputs)
-    for stage in stages.values():
-        raw = data.get(stage.name)
-        if raw is None:
-            if stage.optional:
-                continue
-            raw = {}
-        instances = _instances(stage, raw)
-        for name, section in instances:
-            where = f"{path} [{name}]"
-            if name != stage.name:  # the instance name becomes a folder under the output
-                try:
-                    safe_relative_name(name.split(".", 1)[1], what="section name", subfolders=False)
-                except UnsafeNameError as exc:
-                    raise InputError(f"{path}: {exc}") from None
-            sources = _section_sources(stage, section.pop("from", None), pipeline, where)
-            for key in stage.input_paths:
-                value = section.get(key)
-                if isinstance(value, str):
-                    section[key] = _input_path(value, base, all_inputs, pipeline, f"{where}: key {key!r}")
-                elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-                    section[key] = [_input_path(v, base, all_inputs, pipeline, f"{where}: key {key!r}")
-                                    for v in value]
-            for key in _OUTPUT_PATHS:
-                if isinstance(section.get(key), str):
-                    section[key] = _resolve(output, section[key])
-            if "seed" in head and "seed" in stage.config.keys():
-                section.setdefault("seed", head["seed"])  # [pipeline] seed: every seeded stage's default
-            config = stage.config.from_mapping(section, where=where)
-            folder = output / stage.output if len(instances) == 1 and name == stage.name else \
-                output / stage.output / name.split(".", 1)[1]
-            pipeline.sections.append(Section(name, stage, config, sources, folder))
-    return pipeline
+
+def _section(pipeline: Pipeline, stage: Stage, name: str, keys: dict[str, Any], head: dict[str, Any],
+             base: Path, *, single: bool) -> Section:
+    """One section of ``stage`` (``single``: the stage runs once, into its own folder): its sources,
+    its paths resolved, the pipeline's seed as its default, its config checked."""
+    path, output = pipeline.path, pipeline.output
+    where = f"{path} [{name}]"
+    if name != stage.name:  # the instance name becomes a folder under the output
+        try:
+            safe_relative_name(name.split(".", 1)[1], what="section name", subfolders=False)
+        except UnsafeNameError as exc:
+            raise InputError(f"{path}: {exc}") from None
+    sources = _section_sources(stage, keys.pop("from", None), pipeline, where)
+    for key in stage.input_paths:
+        value, what = keys.get(key), f"{where}: key {key!r}"
+        if isinstance(value, str):
+            keys[key] = _input_path(value, base, pipeline.inputs, pipeline, what)
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            keys[key] = [_input_path(v, base, pipeline.inputs, pipeline, what) for v in value]
+    for key in _OUTPUT_PATHS:
+        if isinstance(keys.get(key), str):
+            keys[key] = _resolve(output, keys[key])
+    if "seed" in head and "seed" in stage.config.keys():
+        keys.setdefault("seed", head["seed"])  # [pipeline] seed: every seeded stage's default
+    config = stage.config.from_mapping(keys, where=where)
+    folder = output / stage.output if single and name == stage.name else \
+        output / stage.output / name.split(".", 1)[1]
+    return Section(name, stage, config, sources, folder)
 
 
 def _input_path(value: str, base: Path, inputs: dict[str, str], pipeline: Pipeline, where: str) -> str:

@@ -375,7 +375,8 @@ def test_camvid_pipeline_file_runs_end_to_end_and_takes_another_scored_set(tmp_p
 
 def test_pipeline_seed_is_every_seeded_stages_default(tmp_path):
     pipe = load_pipeline(_write(tmp_path, "[pipeline]\ninput='a'\noutput='b'\nseed=7\n[train]\n[embed]\n[discover]\nseed=3\n"))
-    assert pipe.configs["train"].seed == 7 and pipe.configs["discover"].seed == 3
+    configs = {s.name: s.config for s in pipe.sections}
+    assert configs["train"].seed == 7 and configs["discover"].seed == 3
 
 
 def test_workers_default_to_one_per_core_and_paths_are_relative_to_the_file(tmp_path):

@@ -327,10 +327,6 @@ class PiDiNet(nn.Module):
         """Fused edge probability ``(N, 1, H, W)`` (float32) for RGB 0..255 input ``(N, 3, H, W)``."""
         return torch.sigmoid(self._side_logits(x)[-1])
 
-    def side_outputs(self, x: Tensor) -> list[Tensor]:
-        """All five probability maps (sides 1-4, fused last), each ``(N, 1, H, W)`` float32."""
-        return [torch.sigmoid(e) for e in self._side_logits(x)]
-
 
 # --------------------------------------------------------------------------------------- loading
 

@@ -60,6 +60,16 @@ _HED_TILE_BYTES = {"fp32": 670, "bf16": 660}
 _PIDINET_REPO = "https://github.com/hellozhuo/pidinet/raw/master/trained_models/"
 _PIDINET_LICENCE = "MIT (Zhuo Su, 2021); the authors ask that commercial use be cleared with them first"
 
+
+def _pidinet(name: str, variant: str, sha256: str, **fields) -> ContourModel:
+    """A PiDiNet checkpoint of the authors' repository (``table5_<name>.pth``)."""
+    upstream = f"table5_{name}.pth"
+    return ContourModel(name=name, arch="pidinet", variant=variant,
+                        build="segsort_unsup.contours.pidinet:pidinet_from_file", format="pidinet-pth",
+                        sha256=sha256, upstream_name=upstream, sources=(_PIDINET_REPO + upstream,),
+                        licence=_PIDINET_LICENCE, **fields)
+
+
 MODELS: dict[str, ContourModel] = {
     m.name: m
     for m in (
@@ -93,52 +103,20 @@ MODELS: dict[str, ContourModel] = {
             published={"ods": 0.788, "ois": 0.808, "ap": 0.840},
             tile_bytes=_HED_TILE_BYTES,
         ),
-        ContourModel(
-            name="pidinet",
-            arch="pidinet",
-            variant="carv4-c60-dil24-sa",
-            build="segsort_unsup.contours.pidinet:pidinet_from_file",
-            format="pidinet-pth",
-            sha256="80860ac267258b5f27486e0ef152a211d0b08120f62aeb185a050acc30da486c",
-            upstream_name="table5_pidinet.pth",
-            sources=(_PIDINET_REPO + "table5_pidinet.pth",),
-            licence=_PIDINET_LICENCE,
-            summary="PiDiNet (Su et al. ICCV 2021), BSDS500 + VOC, C=60 with CDCM/CSAM",
-            published={"ods": 0.807, "ois": 0.823},
-            tile_bytes={"fp32": 1220, "bf16": 640},  # fp32: 1110 seen in a CI run beside another job, + 10%
-        ),
-        ContourModel(
-            name="pidinet-small",
-            arch="pidinet",
-            variant="carv4-c30-dil12-sa",
-            build="segsort_unsup.contours.pidinet:pidinet_from_file",
-            format="pidinet-pth",
-            sha256="55740e3a0e6c4c3f82a921902851a86be6ad5a144db29add4ab57e1a22007f76",
-            upstream_name="table5_pidinet-small.pth",
-            sources=(_PIDINET_REPO + "table5_pidinet-small.pth",),
-            licence=_PIDINET_LICENCE,
-            summary="PiDiNet-Small, C=30 with CDCM/CSAM",
-            published={"ods": 0.798, "ois": 0.814},
-            tile_bytes={"fp32": 610, "bf16": 540},
-            # bf16 on AMX: at most 1.3x over fp32 channels_last, and max |dp| up to 0.035
-            cpu_bf16=False,
-        ),
-        ContourModel(
-            name="pidinet-tiny",
-            arch="pidinet",
-            variant="carv4-c20-dil8-sa",
-            build="segsort_unsup.contours.pidinet:pidinet_from_file",
-            format="pidinet-pth",
-            sha256="e32b23fff6c1cb9bd4385a1d615023346fc2e3f2f3a8db7f78cc4ce95a14730c",
-            upstream_name="table5_pidinet-tiny.pth",
-            sources=(_PIDINET_REPO + "table5_pidinet-tiny.pth",),
-            licence=_PIDINET_LICENCE,
-            summary="PiDiNet-Tiny, C=20 with CDCM/CSAM",
-            published={"ods": 0.789, "ois": 0.806},
-            tile_bytes={"fp32": 420, "bf16": 310},
-            # bf16 on AMX: at most 1.3x over fp32 channels_last, and max |dp| up to 0.035
-            cpu_bf16=False,
-        ),
+        _pidinet("pidinet", "carv4-c60-dil24-sa",
+                 "80860ac267258b5f27486e0ef152a211d0b08120f62aeb185a050acc30da486c",
+                 summary="PiDiNet (Su et al. ICCV 2021), BSDS500 + VOC, C=60 with CDCM/CSAM",
+                 published={"ods": 0.807, "ois": 0.823},
+                 tile_bytes={"fp32": 1220, "bf16": 640}),  # fp32: 1110 seen in a CI run beside another job, + 10%
+        # the small and tiny ones with bf16 on AMX: at most 1.3x over fp32 channels_last, max |dp| up to 0.035
+        _pidinet("pidinet-small", "carv4-c30-dil12-sa",
+                 "55740e3a0e6c4c3f82a921902851a86be6ad5a144db29add4ab57e1a22007f76",
+                 summary="PiDiNet-Small, C=30 with CDCM/CSAM", published={"ods": 0.798, "ois": 0.814},
+                 tile_bytes={"fp32": 610, "bf16": 540}, cpu_bf16=False),
+        _pidinet("pidinet-tiny", "carv4-c20-dil8-sa",
+                 "e32b23fff6c1cb9bd4385a1d615023346fc2e3f2f3a8db7f78cc4ce95a14730c",
+                 summary="PiDiNet-Tiny, C=20 with CDCM/CSAM", published={"ods": 0.789, "ois": 0.806},
+                 tile_bytes={"fp32": 420, "bf16": 310}, cpu_bf16=False),
     )
 }
 

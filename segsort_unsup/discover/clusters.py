@@ -122,7 +122,7 @@ def run(config: ClusterConfig, inputs: Any, output: str | os.PathLike, *,
 
 def _write_maps(config: ClusterConfig, folder: OutputFolder, store: Any, table: Any,
                 clusters: np.ndarray) -> StageSummary:
-    from ..transfer.stage import label_png, pixel_labels
+    from ..transfer.stage import write_label_map
 
     summary = StageSummary("cluster", output=str(folder.path), total=len(table.keys))
     log.info("cluster: %d prototypes of %d images into %d groups (%s)", len(clusters), len(table.keys),
@@ -134,9 +134,8 @@ def _write_maps(config: ClusterConfig, folder: OutputFolder, store: Any, table: 
                 summary.skipped += 1
                 continue
             item = store.read(key)
-            maps = item.arrays.get("views", item.arrays.get("segments"))
             votes = one_hot(clusters[table.offsets[i]:table.offsets[i + 1]], config.groups)
-            folder.write_bytes(target, label_png(target, pixel_labels(votes, maps, fill=255)))
+            write_label_map(folder, target, item, votes, fill=255)
             summary.done += 1
         except Exception as exc:  # noqa: BLE001 - one bad item never stops the run
             reason = failure_reason(exc)

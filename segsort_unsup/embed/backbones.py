@@ -54,8 +54,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..contours.hed import MEAN_BGR, VGG16_BLOCKS, VggBlock, cpu_fusion_available
+from ..contours.hed import MEAN_BGR, VGG16_BLOCKS, VggBlock
 from ..errors import InputError
+from ..runtime import cpu_fusion_available
 from .trunk import IMAGENET, Backbone, FeatureLayer, InputConvention, Trunk, read_checkpoint, take_tensor
 
 FEATURE_LAYERS = ("conv5_3", "conv4_3")

@@ -33,8 +33,6 @@ Crop padding
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 
@@ -43,40 +41,6 @@ from .sorting import DEFAULT_GRID, DEFAULT_ITERATIONS, pixel_sort
 
 PAD_SEGMENT = -1
 DEFAULT_KAPPA = 10.0
-
-
-class SegmentPrototypes(NamedTuple):
-    """Prototypes of the segments of a batch.
-
-    ``prototypes`` (S, D) unit rows, ordered by (image, segment id); ``index`` (N, H, W) int64:
-    the row of each pixel's segment (-1 for ignored pixels); ``image`` and ``segment`` (S,): the
-    image and segment id of each row.
-    """
-
-    prototypes: torch.Tensor
-    index: torch.Tensor
-    image: torch.Tensor
-    segment: torch.Tensor
-
-
-def segment_prototypes(embedding: torch.Tensor, segments: torch.Tensor, *,
-                       ignore: int | None = None) -> SegmentPrototypes:
-    """Normalised mean embedding of every segment of every image (ids unique per (image, id)).
-
-    Parameters
-    ----------
-    embedding : (N, D, H, W) float tensor
-        Pixel embeddings (normalised here, as the reference does).
-    segments : (N, H, W) integer tensor
-        Segment id of each pixel (any integers; ids are per image).
-    ignore
-        Segment id whose pixels are left out.
-    """
-    emb, seg = _check_pair(embedding, segments, "segments")
-    flat, ids, image, valid = _flatten(emb, seg, ignore)
-    protos, index, rows_image, rows_segment = _prototypes(flat, ids, image, valid)
-    n, _, h, w = emb.shape
-    return SegmentPrototypes(protos, index.reshape(n, h, w), rows_image, rows_segment)
 
 
 def unsupervised_segsort_loss(embedding: torch.Tensor, segments: torch.Tensor, *,

@@ -190,26 +190,6 @@ def pixel_sort(embedding: torch.Tensor, *, valid: torch.Tensor | None = None,
     return consecutive_labels(labels).reshape(n, h, w)
 
 
-def pixel_sort_numpy(embedding: np.ndarray, *, valid: np.ndarray | None = None, **options) -> np.ndarray:
-    """:func:`pixel_sort` for NumPy arrays: ``(D, H, W)`` or ``(N, D, H, W)`` -> int32 labels
-    ``(H, W)`` or ``(N, H, W)``. Options as :func:`pixel_sort`."""
-    arr = np.asarray(embedding)
-    if arr.ndim not in (3, 4):
-        raise InputError(f"embedding must be (D, H, W) or (N, D, H, W), got shape {arr.shape}")
-    single = arr.ndim == 3
-    t = torch.from_numpy(np.ascontiguousarray(arr[None] if single else arr))
-    if not t.is_floating_point():
-        t = t.float()
-    v = None
-    if valid is not None:
-        valid = np.asarray(valid, dtype=bool)
-        v = torch.from_numpy(valid[None] if single else valid)
-    conv = {k: torch.from_numpy(np.asarray(val)) if isinstance(val, np.ndarray) else val
-            for k, val in options.items()}
-    labels = pixel_sort(t, valid=v, **conv).numpy().astype(np.int32)
-    return labels[0] if single else labels
-
-
 def _check_grid(grid: tuple[int, int]) -> tuple[int, int]:
     try:
         gy, gx = (int(g) for g in grid)

@@ -476,6 +476,7 @@ def _model(path: str, sha256: str, device: str, precision: str, threads: int | N
     """The model of this process (loaded once per file, device, precision)."""
     import torch
 
+    from ..runtime import cpu_fusion_dtype
     from .model import load_model
 
     key = (path, sha256, device, precision, threads)
@@ -487,8 +488,9 @@ def _model(path: str, sha256: str, device: str, precision: str, threads: int | N
         dev, prec = _resolve(device, precision)
         model, _ = load_model(path)  # rebuilt on the host: move it, whatever the file's tensors were on
         model = model.to(dev).eval()
-        if dev.type == "cpu" and prec in ("bf16", "fp32"):
-            model.backbone.fuse_for_cpu(torch.bfloat16 if prec == "bf16" else torch.float32)
+        fused_dtype = cpu_fusion_dtype(prec)
+        if dev.type == "cpu" and fused_dtype is not None:
+            model.backbone.fuse_for_cpu(fused_dtype)
             if prec == "bf16":
                 model.head.to(memory_format=torch.channels_last)
         loaded = _MODELS[key] = _Loaded(model, dev, prec)

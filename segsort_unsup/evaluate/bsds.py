@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -157,22 +158,14 @@ def run_benchmark(
                           "options": asdict(options), "predictions": str(predictions),
                           "ground_truth": str(ground_truth)}
     if options.boundaries:
-        counts = [results[i][0] for i in done_ids]
-        _same_thresholds([c.thresholds for c in counts], "segmentations per image")
-        report.boundary = B.summarize_boundaries(counts)
-        B.write_boundary_results(out, report.boundary)
-        B.plot_pr_curve(report.boundary, out / "pr_curve.png", label=label)
-        s = report.boundary
+        s = report.boundary = _summarize([results[i][0] for i in done_ids], B.summarize_boundaries,
+                                         B.write_boundary_results, B.plot_pr_curve, out / "pr_curve.png", label)
         summary_json["boundaries"] = {"ods": s.ods_f, "ods_threshold": s.ods_threshold, "ods_recall": s.ods_r,
                                       "ods_precision": s.ods_p, "ois": s.ois_f, "ois_recall": s.ois_r,
                                       "ois_precision": s.ois_p, "ap": s.ap, "r50": s.r50}
     if options.regions:
-        rcounts = [results[i][1] for i in done_ids]
-        _same_thresholds([c.thresholds for c in rcounts], "segmentations per image")
-        report.region = R.summarize_regions(rcounts)
-        R.write_region_results(out, report.region)
-        R.plot_regions(report.region, out / "regions.png", label=label)
-        s = report.region
+        s = report.region = _summarize([results[i][1] for i in done_ids], R.summarize_regions,
+                                       R.write_region_results, R.plot_regions, out / "regions.png", label)
         summary_json["regions"] = {"covering_ods": s.cover_ods, "covering_ois": s.cover_ois,
                                    "covering_best": s.cover_best, "pri_ods": s.ri_ods, "pri_ois": s.ri_ois,
                                    "vi_ods": s.voi_ods, "vi_ois": s.voi_ois}
@@ -180,6 +173,15 @@ def run_benchmark(
     atomic_write_text(out / "missing.txt", "".join(f"{i}\n" for i in missing))
     atomic_write_text(out / "summary.json", json.dumps(_no_nan(summary_json), indent=2, default=_jsonable))
     return report
+
+
+def _summarize(counts: list, summarize: Callable, write: Callable, plot: Callable, figure: Path, label: str):
+    """One benchmark's dataset summary of per-image ``counts``, its BSR result files and its plot."""
+    _same_thresholds([c.thresholds for c in counts], "segmentations per image")
+    summary = summarize(counts)
+    write(figure.parent, summary)
+    plot(summary, figure, label=label)
+    return summary
 
 
 def method_name(source: Source) -> str:

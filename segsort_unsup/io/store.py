@@ -374,11 +374,6 @@ def _read_index_entries(root: Path) -> list[ShardInfo | _Forget]:
     return entries
 
 
-def _read_index(root: Path) -> list[ShardInfo]:
-    """Shard lines of ``index.jsonl``."""
-    return [e for e in _read_index_entries(root) if isinstance(e, ShardInfo)]
-
-
 def _read_journal(root: Path) -> dict[str, tuple[ShardInfo, str | None]]:
     """Write-ahead records by shard name: (what the shard must be, the store epoch it was written for)."""
     records: dict[str, tuple[ShardInfo, str | None]] = {}

@@ -191,6 +191,7 @@ def _trunk(config: FeaturesConfig, device: Any, precision: str):
     import torch
 
     from ..embed.model import build_model
+    from ..runtime import cpu_fusion_dtype
 
     with torch.random.fork_rng(devices=[]):  # a random trunk is train's (same seed, drawn first)
         torch.manual_seed(config.seed)
@@ -200,8 +201,9 @@ def _trunk(config: FeaturesConfig, device: Any, precision: str):
     if precision != "fp32":
         model = model.to(memory_format=torch.channels_last)
     model.eval()
-    if device.type == "cpu":
-        model.backbone.fuse_for_cpu(torch.bfloat16 if precision == "bf16" else torch.float32)
+    fused_dtype = cpu_fusion_dtype(precision)
+    if device.type == "cpu" and fused_dtype is not None:  # as the embed stage: fp16 is not fused
+        model.backbone.fuse_for_cpu(fused_dtype)
     return model.from_layer(config.cache_layer) if config.cache_layer else model
 
 

@@ -177,6 +177,13 @@ def labelled_table(reader: StoreReader, *, ignore_label: int | None = None) -> t
     return x, y
 
 
+def write_label_map(folder: OutputFolder, target: Path, item: Any, votes: np.ndarray, *, fill: int) -> None:
+    """``target``: the label PNG of an embed-store item whose segments voted ``votes`` (K, C), over
+    its views where it has them (:func:`pixel_labels`)."""
+    maps = item.arrays["views"] if "views" in item.arrays else item.arrays["segments"]
+    folder.write_bytes(target, label_png(target, pixel_labels(votes, maps, fill=fill)))
+
+
 def label_png(path: Path, labels: np.ndarray) -> bytes:
     """The label PNG's bytes (8-bit, or 16-bit for class ids above 255)."""
     import cv2
@@ -252,10 +259,9 @@ def _label_images(config: TransferConfig, folder: OutputFolder, query: StoreRead
                 summary.skipped += 1
                 continue
             item = query.read(key)
-            maps = item.arrays.get("views", item.arrays["segments"])
             votes = knn_votes(item.arrays["prototypes"], index, y, k=config.k, num_classes=num_classes,
                               batch=config.batch)
-            folder.write_bytes(target, label_png(target, pixel_labels(votes, maps, fill=fill)))
+            write_label_map(folder, target, item, votes, fill=fill)
             summary.done += 1
         except Exception as exc:  # noqa: BLE001 - one bad item never stops the run
             reason = failure_reason(exc)

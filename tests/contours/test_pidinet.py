@@ -222,11 +222,8 @@ def test_odd_sizes_and_batch(pidinet_dir):
     x = torch.rand(2, 3, 37, 23) * 255
     with torch.inference_mode():
         y = net(x)
-        sides = net.side_outputs(x)
         single = net(x[1:])
     assert y.shape == (2, 1, 37, 23)
-    assert len(sides) == 5 and all(s.shape == y.shape for s in sides)
-    assert torch.equal(sides[-1], y)
     assert torch.allclose(single, y[1:], atol=1e-5)
     assert ((y >= 0) & (y <= 1)).all()
 

@@ -10,14 +10,16 @@ image and its ``tf.unique`` numbering, and run in float64.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
+from segsort_unsup.embed import losses as L
 from segsort_unsup.embed.losses import (
     PAD_SEGMENT,
     PrototypeMemory,
-    segment_prototypes,
     segments_to_grid,
     supervised_segsort_loss,
     unsupervised_segsort_loss,
@@ -104,6 +106,14 @@ def np_supervised_loss(emb: np.ndarray, labels: np.ndarray, kappa: float, ignore
 
 
 # -- prototypes ----------------------------------------------------------------------------------
+def segment_prototypes(embedding, segments, *, ignore=None):
+    """The segment prototypes both losses compute (their shared private steps)."""
+    emb, seg = L._check_pair(embedding, segments, "segments")
+    protos, index, image, segment = L._prototypes(*L._flatten(emb, seg, ignore))
+    n, _, h, w = emb.shape
+    return SimpleNamespace(prototypes=protos, index=index.reshape(n, h, w), image=image, segment=segment)
+
+
 def test_segment_prototypes_match_reference(batch):
     emb, seg = batch["emb"], batch["slic"]
     out = segment_prototypes(torch.from_numpy(emb), torch.from_numpy(seg))

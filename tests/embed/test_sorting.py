@@ -11,7 +11,6 @@ from segsort_unsup.embed.sorting import (
     grid_labels,
     location_features,
     pixel_sort,
-    pixel_sort_numpy,
     spherical_kmeans,
 )
 from segsort_unsup.errors import InputError
@@ -61,14 +60,6 @@ def test_batched_equals_one_image_at_a_time(batch):
     both = pixel_sort(emb, iterations=7, grid=(4, 6))
     for i in range(2):
         assert torch.equal(both[i], pixel_sort(emb[i : i + 1], iterations=7, grid=(4, 6))[0])
-
-
-def test_numpy_wrapper(batch):
-    emb = batch["emb"][0].astype(np.float64)
-    valid = batch["gt"][0] != IGNORE
-    out = pixel_sort_numpy(emb, valid=valid)
-    assert out.dtype == np.int32 and out.shape == emb.shape[1:]
-    assert_segments_match(out, batch["emb"][0], valid)
 
 
 def test_empty_clusters_stay_empty_like_the_reference():
