@@ -165,8 +165,8 @@ def test_path_keys_take_lists_and_earlier_sections(tmp_path):
     text = ("[pipeline]\ninput='imgs'\noutput='out'\n[pipeline.inputs]\nla='a'\n"
             "[train]\nlabels_dir=['@la', 'b']\n[embed]\nunits='ucm:0.5'\nsegments='@ucm'\n")
     pipe = load_pipeline(_write(tmp_path, text))
-    assert pipe.configs["train"].labels_dir == (str(tmp_path / "a"), str(tmp_path / "b"))
-    assert pipe.configs["embed"].segments == str(tmp_path / "out" / "segments")
+    assert {s.name: s.config for s in pipe.sections}["train"].labels_dir == (str(tmp_path / "a"), str(tmp_path / "b"))
+    assert {s.name: s.config for s in pipe.sections}["embed"].segments == str(tmp_path / "out" / "segments")
     with pytest.raises(InputError, match=r"\[train\]: key 'labels_dir': .*missing does not exist"):
         load_pipeline(_write(tmp_path, text.replace("'b'", "'missing'")))
     with pytest.raises(InputError, match=r"\[contours\]: key 'weights': no input named 'embed'"):
