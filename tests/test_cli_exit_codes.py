@@ -152,11 +152,12 @@ def test_embed_exit_codes(model, photos, prototypes, tmp_path):
 @pytest.mark.slow
 def test_transfer_exit_codes(prototypes, tmp_path):
     _check(cli("transfer", prototypes, prototypes, "-o", tmp_path / "ok"), 0)
-    blocked = tmp_path / "blocked"
-    (blocked / f"{IDS[0]}.png").mkdir(parents=True)  # a folder where a label PNG must go: that item fails
-    failed = cli("transfer", prototypes, prototypes, "-o", blocked)
+    blocked = tmp_path / "ok" / f"{IDS[0]}.png"
+    blocked.unlink()
+    blocked.mkdir()  # a folder where a label PNG must go: that item fails, the others are complete
+    failed = cli("transfer", prototypes, prototypes, "-o", tmp_path / "ok")
     _check(failed, 1)
-    assert f"2 done, 0 already complete, 1 failed of {len(IDS)}" in failed.stderr
+    assert f"0 done, {len(IDS) - 1} already complete, 1 failed of {len(IDS)}" in failed.stderr
 
 
 @pytest.mark.slow
