@@ -100,7 +100,7 @@ def test_camvid_trains_and_labels_with_all_367_train_frames(repo_pipelines, shar
         folder = "trainannot" if ref.path.parent.name == "train" else "extraannot"
         assert labels.require(ref.key, ref.path).resolve() == (camvid / folder / f"{ref.key}.png").resolve()
     assert rows["train.unsup"].config.labels_dir is None
-    for row in ("init", "unsup"):  # Hungarian rows: label-free clusters of the scored prototypes, matched
+    for row in ("init", "raw", "unsup", "sup"):  # Hungarian rows: label-free clusters of the scored prototypes, matched
         assert rows[f"cluster.{row}"].sources == (f"embed.{row}-scored",)
         assert rows[f"cluster.{row}"].config.groups == 11
         hungarian = rows[f"semantic.{row}-hungarian"]
@@ -147,16 +147,32 @@ def test_camvid_ablation_scores_ucm_units_on_the_scored_sets_own_regions(repo_pi
     rows = _camvid_rows(pipe)
     assert rows["contours.scored"].sources == ("scored",) and rows["ucm.scored"].sources == ("contours.scored",)
     assert rows["contours.train"].sources == ("input",)
-    for cut in ("03", "05"):
-        scored, labelled = rows[f"embed.unsup-ucm{cut}-scored"].config, rows[f"embed.unsup-ucm{cut}-labelled"].config
-        assert scored.units == labelled.units == f"ucm:0.{cut[1]}"
-        assert scored.segments == str(rows["ucm.scored"].output)
-        assert labelled.segments == str(rows["ucm.train"].output)
-    assert {rows[f"embed.unsup-grid{n}-scored"].config.units for n in (8, 12)} == {"grid8", "grid12"}
+    for row, cut, regions in (("unsup", "0.3", ""), ("unsup-ucm01", "0.1", "fine-")):
+        scored, labelled = rows[f"embed.{row}-scored"].config, rows[f"embed.{row}-labelled"].config
+        assert scored.units == labelled.units == f"ucm:{cut}"
+        assert scored.segments == str(rows[f"ucm.{regions}scored"].output)
+        assert labelled.segments == str(rows[f"ucm.{regions}train"].output)
+        assert float(cut) in rows[f"ucm.{regions}scored"].config.levels
+    assert {rows[f"embed.unsup-grid{n}-scored"].config.units for n in (5, 8, 12)} == {"grid5", "grid8", "grid12"}
     views = rows["embed.unsup-views-scored"].config
     assert views.scales == (0.75, 1.0, 1.25) and views.flip
     assert rows["train.unsup-92"].sources == ("ucm.train92",)
     assert rows["train.unsup-92"].config.features_dir != rows["train.unsup"].config.features_dir
+    regimes = {name: rows[f"train.unsup{name}"].config for name in ("-head", "", "-last2", "-full")}
+    assert [c.train_blocks for c in regimes.values()] == [0, 1, 2, None] and regimes["-full"].mode == "full"
+    assert len({c.steps for c in regimes.values()}) == 1 and len({c.features_dir for c in regimes.values()}) == 4
+
+
+def test_camvid_ablation_shares_the_headline_sections_unchanged(repo_pipelines):
+    """The ablation writes into camvid.toml's folder: every section both files name must be the
+    same (settings, sources, folder), or one file's run would recompute the other's stores."""
+    headline = {s.name: s for s in load_pipeline(repo_pipelines / "camvid.toml").sections}
+    ablation = {s.name: s for s in load_pipeline(repo_pipelines / "camvid_ablation.toml").sections}
+    shared = set(headline) & set(ablation)
+    assert {"ucm.train", "train.unsup", "train.sup", "embed.unsup-scored", "semantic.sup"} <= shared
+    for name in shared:
+        a, b = headline[name], ablation[name]
+        assert (a.config, a.sources, a.output) == (b.config, b.sources, b.output), name
 
 
 def test_path_keys_take_lists_and_earlier_sections(tmp_path):
@@ -345,7 +361,7 @@ def test_camvid_pipeline_file_runs_end_to_end_and_takes_another_scored_set(tmp_p
 
     first = run()
     rows = ("init", "raw", "unsup", "sup")
-    hungarian = ("init-hungarian", "unsup-hungarian")
+    hungarian = tuple(f"{r}-hungarian" for r in rows)
     assert all(first[f"semantic.{r}"].done == 2 for r in rows + hungarian), first
     assert first["train.init"].done == 0 and first["train.sup"].done == 4
     for r in rows + hungarian:
@@ -361,10 +377,11 @@ def test_camvid_pipeline_file_runs_end_to_end_and_takes_another_scored_set(tmp_p
     redone = {name for name, s in other.items() if s.done}
     assert redone == {f"{stage}.{r}{suffix}" for r in rows
                       for stage, suffix in (("embed", "-scored"), ("transfer", ""), ("semantic", ""))} | \
-        {f"cluster.{r}" for r in ("init", "unsup")} | {f"semantic.{r}" for r in hungarian}
-    # the scored stores gain the new set's images; the scores are those of the new set alone
+        {f"cluster.{r}" for r in rows} | {f"semantic.{r}" for r in hungarian} | {"contours.scored", "ucm.scored"}
+    # the scored rows' units are the regions of the scored set's own ucm store, whose content now
+    # differs: the scored stores are recomputed for the new set, and the scores are its own
     assert {p.name for p in (tmp_path / "out" / "predictions" / "sup").glob("*.png")} == \
-        {p.name for p in (tmp_path / "te").iterdir()} | {p.name for p in (tmp_path / "va").iterdir()}
+        {p.name for p in (tmp_path / "te").iterdir()}
     scores = json.loads((tmp_path / "out" / "semantic" / "sup" / "semantic.json").read_text())
     assert scores["images"] == 2 and scores["missing"] == []
     # a label map rewritten in place is scored again
