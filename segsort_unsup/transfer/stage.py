@@ -5,8 +5,10 @@ similarity (faiss exact inner-product search, ``IndexFlatIP``; ``index="ivf"`` i
 inverted-file index for millions of prototypes); every pixel sums the votes of its segments in
 every view (scales, flips) of its image, and takes the class with most votes (ties: the lowest
 class id), as the reference's ``inference_segsort_msc.py`` (one-hot votes of the top-k
-prototypes, summed). The result is a label PNG per image (``<key>.png``, written atomically),
-ready for ``segsort-unsup evaluate semantic``. Pixels no segment covers (none in a query store
+prototypes, summed). ``balance`` > 0 departs from the reference for rare classes: a neighbour of
+class c votes ``(mean class count / count of c) ** balance``, the counts taken over the labelled
+prototypes (0.5: the square-root re-weighting). The result is a label PNG per image
+(``<key>.png``, written atomically), ready for ``segsort-unsup evaluate semantic``. Pixels no segment covers (none in a query store
 embedded without labels) get ``ignore_label`` when set, else 255.
 
 Output folder (:class:`~segsort_unsup.io.outdir.OutputFolder`, kind ``labels``): the PNGs and
@@ -51,6 +53,7 @@ class TransferConfig(StageConfig):
     k : neighbours that vote (15 in the reference).
     index : ``flat`` (exact) or ``ivf`` (approximate: ``nlist`` cells, ``nprobe`` searched).
     ignore_label : labelled prototypes of this class do not vote; unlabelled pixels get it.
+    balance : class-balanced votes (see the module docstring); None or 0 counts votes as released.
     """
 
     stage = "transfer"
@@ -63,6 +66,10 @@ class TransferConfig(StageConfig):
     nprobe: int = setting(16, help="Cells searched (ivf).", low=1)
     ignore_label: int | None = setting(None, help="Labelled prototypes of this class do not vote; uncovered "
                                                   "pixels get it (default 255).")
+    balance: float | None = setting(None, help="Class-balanced votes: a neighbour of class c votes (mean class "
+                                               "count / count of c) ** BALANCE over the labelled prototypes "
+                                               "(0.5: square-root re-weighting; default: plain votes as "
+                                               "released).", low=0.0)
     batch: int = run_only(65536, help="query prototypes per search call")
 
     def validate(self) -> None:
@@ -70,6 +77,8 @@ class TransferConfig(StageConfig):
             raise self.bad_value("k", "must be >= 1")
         if self.index not in INDEXES:
             raise self.bad_value("index", f"choose one of {', '.join(INDEXES)}")
+        if self.balance is not None and not (0.0 <= self.balance <= 4.0):
+            raise self.bad_value("balance", "must be between 0 and 4 (0: plain votes)")
         if self.nlist is not None and self.nlist < 1:
             raise self.bad_value("nlist", "must be >= 1")
         for key in ("nprobe", "batch"):
@@ -99,10 +108,23 @@ def build_index(prototypes: np.ndarray, *, index: str = "flat", nlist: int | Non
     return idx
 
 
+def class_weights(labels: np.ndarray, num_classes: int, balance: float) -> np.ndarray:
+    """``(C,)`` float32 vote weights ``(mean count / count of c) ** balance`` over the classes present
+    in ``labels`` (classes absent get 0: they never vote); all ones when ``balance`` is 0."""
+    if balance == 0:
+        return np.ones(num_classes, np.float32)
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(num_classes)
+    weights[present] = (counts[present].mean() / counts[present]) ** balance
+    return weights.astype(np.float32)
+
+
 def knn_votes(query: np.ndarray, index, labels: np.ndarray, *, k: int, num_classes: int,
-              batch: int = 65536) -> np.ndarray:
+              batch: int = 65536, weights: np.ndarray | None = None) -> np.ndarray:
     """``(Q, C)`` float32 votes: for each query row, how many of its ``k`` nearest indexed
-    prototypes carry each class (cosine = inner product of unit rows)."""
+    prototypes carry each class (cosine = inner product of unit rows), each class's count times
+    ``weights[c]`` when given (:func:`class_weights`)."""
     q = np.ascontiguousarray(query, dtype=np.float32)
     votes = np.zeros((len(q), num_classes), np.float32)
     k = min(k, index.ntotal)
@@ -111,6 +133,8 @@ def knn_votes(query: np.ndarray, index, labels: np.ndarray, *, k: int, num_class
         ok = nn >= 0  # approximate indexes may return fewer than k
         rows = np.broadcast_to(np.arange(start, start + len(nn))[:, None], nn.shape)
         np.add.at(votes, (rows[ok], labels[nn[ok]]), 1.0)
+    if weights is not None:
+        votes *= np.asarray(weights, np.float32)[None, :]
     return votes
 
 
@@ -227,8 +251,10 @@ def run(config: TransferConfig, inputs: Any, output: str | os.PathLike, *,
 
     units = {"labelled": units_of(labelled), "query": units_of(query)}
     log.info("transfer: segment units: labelled %s, query %s", units["labelled"], units["query"])
+    weights = class_weights(y, num_classes, config.balance or 0.0)
     record = {"identity": identity, "num_classes": num_classes, "labelled": str(labelled_path),
-              "query": str(query_path), "units": units}
+              "query": str(query_path), "units": units,
+              "class_weights": [round(float(w), 6) for w in weights]}
     with OutputFolder(output, kind="labels", identity=identity, overwrite=overwrite,
                       meta={"labelled": str(labelled_path), "query": str(query_path)}) as folder:
         if folder.replaced_keys:
@@ -236,7 +262,8 @@ def run(config: TransferConfig, inputs: Any, output: str | os.PathLike, *,
                      output)
         folder.write_text(folder.path_for(MANIFEST), json.dumps(record, indent=2))
         summary = _label_images(config, folder, query, build_index(x, index=config.index, nlist=config.nlist,
-                                                                    nprobe=config.nprobe), y, num_classes)
+                                                                    nprobe=config.nprobe), y, num_classes,
+                                weights)
     summary.identity_hash = config_hash(identity)
     labelled.close()
     query.close()
@@ -244,13 +271,14 @@ def run(config: TransferConfig, inputs: Any, output: str | os.PathLike, *,
 
 
 def _label_images(config: TransferConfig, folder: OutputFolder, query: StoreReader, index, y: np.ndarray,
-                  num_classes: int) -> StageSummary:
+                  num_classes: int, weights: np.ndarray) -> StageSummary:
     """A label PNG per query image not yet complete in ``folder``; a bad key or item fails alone."""
     keys = query.keys()
     summary = StageSummary("transfer", output=str(folder.path), total=len(keys))
     fill = config.ignore_label if config.ignore_label is not None else 255
-    log.info("transfer: %d labelled prototypes (%d classes), %d query images, k=%d, %s index", len(y),
-             num_classes, len(keys), config.k, config.index)
+    log.info("transfer: %d labelled prototypes (%d classes), %d query images, k=%d, %s index%s", len(y),
+             num_classes, len(keys), config.k, config.index,
+             f", class-balanced votes ({config.balance})" if config.balance else "")
     _forget_stale(folder, query, keys)
     for key in progress(keys, desc="transfer"):
         try:
@@ -260,7 +288,7 @@ def _label_images(config: TransferConfig, folder: OutputFolder, query: StoreRead
                 continue
             item = query.read(key)
             votes = knn_votes(item.arrays["prototypes"], index, y, k=config.k, num_classes=num_classes,
-                              batch=config.batch)
+                              batch=config.batch, weights=weights if config.balance else None)
             write_label_map(folder, target, item, votes, fill=fill)
             summary.done += 1
         except Exception as exc:  # noqa: BLE001 - one bad item never stops the run

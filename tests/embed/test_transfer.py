@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segsort_unsup.transfer.stage import (TransferConfig, build_index, knn_votes, pixel_labels, run)
+from segsort_unsup.transfer.stage import (TransferConfig, build_index, class_weights, knn_votes, pixel_labels,
+                                          run)
 from segsort_unsup.errors import InputError, StoreError
 from segsort_unsup.io.outdir import MANIFEST_NAME, OutputFolderError
 from segsort_unsup.io.store import Item, StoreWriter
@@ -52,6 +53,52 @@ def test_knn_votes_equal_brute_force_on_real_prototypes(real_prototypes):
     for k in (1, 5, 15):
         votes = knn_votes(qry["prototypes"], build_index(protos), labels, k=k, num_classes=7)
         np.testing.assert_array_equal(votes, _brute_votes(qry["prototypes"], protos, labels, k, 7))
+
+
+def test_class_weights_restate_the_formula():
+    labels = np.array([0, 0, 0, 0, 0, 0, 1, 1, 3])  # counts 6, 2, 0, 1: mean over present classes 3
+    np.testing.assert_allclose(class_weights(labels, 4, 0.5), [(3 / 6) ** 0.5, (3 / 2) ** 0.5, 0.0, 3 ** 0.5],
+                               rtol=1e-6)
+    np.testing.assert_allclose(class_weights(labels, 4, 1.0), [0.5, 1.5, 0.0, 3.0], rtol=1e-6)
+    np.testing.assert_array_equal(class_weights(labels, 4, 0.0), np.ones(4, np.float32))
+
+
+def test_balanced_votes_equal_brute_force_times_the_class_weights(real_prototypes):
+    (lab, qry), _ = real_prototypes
+    protos, labels = lab["prototypes"], lab["label"].astype(np.int64)
+    w = class_weights(labels, 7, 0.5)
+    votes = knn_votes(qry["prototypes"], build_index(protos), labels, k=15, num_classes=7, weights=w)
+    np.testing.assert_allclose(votes, _brute_votes(qry["prototypes"], protos, labels, 15, 7) * w, rtol=1e-6)
+
+
+def test_balanced_votes_let_a_rare_class_win_where_plain_votes_do_not(tmp_path):
+    from segsort_unsup.io.images import read_label_png
+
+    rng = np.random.default_rng(3)
+    near = np.array([1.0] + [0.0] * 7, np.float32)
+    common = near + 0.05 * rng.standard_normal((10, 8)).astype(np.float32)
+    rare = near + 0.05 * rng.standard_normal((2, 8)).astype(np.float32)
+    far = -near + 0.05 * rng.standard_normal((30, 8)).astype(np.float32)  # class 0 far away: counts only
+    protos = np.concatenate([common, rare, far])
+    protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+    labels = [1] * 10 + [2] * 2 + [0] * 30
+    seg = np.arange(len(protos), dtype=np.int32).reshape(6, 7)
+    _store(tmp_path / "lab", [_item("a", protos, seg, labels)])
+    _store(tmp_path / "q", [_item("b", near[None], np.zeros((3, 3), np.int32))])
+    plain = run(TransferConfig(k=12), [tmp_path / "lab", tmp_path / "q"], tmp_path / "plain")
+    balanced = run(TransferConfig(k=12, balance=2.0), [tmp_path / "lab", tmp_path / "q"], tmp_path / "bal")
+    assert plain.ok and balanced.ok
+    # plain: 10 votes of class 1 beat 2 of class 2; balanced (counts 30, 10, 2, mean 14, squared):
+    # 10 * 1.4 ** 2 < 2 * 7 ** 2
+    assert (read_label_png(tmp_path / "plain" / "b.png") == 1).all()
+    assert (read_label_png(tmp_path / "bal" / "b.png") == 2).all()
+    import json
+
+    record = json.loads((tmp_path / "bal" / "transfer.json").read_text())
+    np.testing.assert_allclose(record["class_weights"], [(14 / 30) ** 2, 1.4 ** 2, 49.0], rtol=1e-5)
+    assert "balance" not in TransferConfig().identity()  # stores made before the setting keep their identity
+    with pytest.raises(InputError, match="balance"):
+        TransferConfig(balance=5.0)
 
 
 def test_ivf_index_finds_the_same_neighbours_with_every_cell_probed():
