@@ -317,15 +317,26 @@ def seed_worker(worker_id: int) -> None:
 
 # -- cached mode: features -------------------------------------------------------------------------
 def crop_features(feats: np.ndarray, seg: np.ndarray, cls: np.ndarray | None, rng: np.random.Generator, *,
-                  cells: int, ignore_label: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """A random ``cells x cells`` crop of cached features (zero padding; groupings padded with
-    PAD_SEGMENT, classes with the ignore label)."""
+                  cells: int, ignore_label: int, ratio: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A random crop of cached features that the trainable blocks turn into ``cells x cells``
+    output cells (zero padding; groupings padded with PAD_SEGMENT, classes with the ignore label).
+
+    ``ratio``: cached cells per output cell (output stride / cached stride, 2 for pool2 maps under
+    a stride-8 output). The crop starts on the output grid, covers ``cells * ratio`` cached cells,
+    and the grouping and classes (stored on the cached grid) are taken at every ``ratio``-th cell:
+    the pixel the output grid itself samples (:func:`segments_to_grid`) when the image side is a
+    multiple of the output stride, one within the same output cell otherwise.
+    """
+    if ratio > 1:
+        seg, cls = seg[::ratio, ::ratio], (None if cls is None else cls[..., ::ratio, ::ratio])
     c, h, w = feats.shape
-    y0 = int(rng.integers(0, max(h - cells, 0) + 1))
-    x0 = int(rng.integers(0, max(w - cells, 0) + 1))
-    ch, cw = min(cells, h), min(cells, w)
-    f = np.zeros((c, cells, cells), np.float32)
-    f[:, :ch, :cw] = feats[:, y0:y0 + ch, x0:x0 + cw]
+    oh, ow = seg.shape
+    y0 = int(rng.integers(0, max(oh - cells, 0) + 1))
+    x0 = int(rng.integers(0, max(ow - cells, 0) + 1))
+    fh, fw = min(cells * ratio, h - y0 * ratio), min(cells * ratio, w - x0 * ratio)
+    f = np.zeros((c, cells * ratio, cells * ratio), np.float32)
+    f[:, :fh, :fw] = feats[:, y0 * ratio:y0 * ratio + fh, x0 * ratio:x0 * ratio + fw]
+    ch, cw = min(cells, oh - y0), min(cells, ow - x0)
     s = np.full((cells, cells), PAD_SEGMENT, np.int32)
     s[:ch, :cw] = seg[y0:y0 + ch, x0:x0 + cw]
     k = None
@@ -358,10 +369,10 @@ class FeatureBatches:
 
     def __init__(self, store: str | os.PathLike, keys: list[str], variants: dict[str, list[str]], *, seed: int,
                  batch: int, rank: int, world: int, cells: int, ignore_label: int,
-                 labels: dict[str, str] | None = None):
+                 labels: dict[str, str] | None = None, ratio: int = 1):
         self.store, self.keys, self.variants = os.fspath(store), keys, variants
         self.seed, self.batch, self.rank, self.world = seed, batch, rank, world
-        self.cells, self.ignore_label, self.labels = cells, ignore_label, labels
+        self.cells, self.ignore_label, self.labels, self.ratio = cells, ignore_label, labels, ratio
         self.supervised = labels is not None
         self._cache: dict[str, Item] = {}
 
@@ -387,7 +398,7 @@ class FeatureBatches:
             options = self.variants[image]
             item = self._read(options[int(rng.integers(len(options)))])
             f, s, k = crop_features(item.arrays["features"], item.arrays["segments"], item.arrays.get("targets"),
-                                    rng, cells=self.cells, ignore_label=self.ignore_label)
+                                    rng, cells=self.cells, ignore_label=self.ignore_label, ratio=self.ratio)
             fs.append(f)
             ss.append(s)
             if k is not None:

@@ -334,6 +334,7 @@ class _Training:
     start: int = 0  # the step this run starts at (the resumed checkpoint's)
     model: Any = None
     trainable: Any = None  # what a step runs: the model (full) or its head (cached), DDP-wrapped under torchrun
+    cache_ratio: int = 1  # cached cells per output cell (cached mode: 2 for pool2 maps)
     optimizer: Any = None
     scaler: Any = None  # fp16's loss scaler (a pass-through otherwise)
     memory: Any = None  # the supervised loss's prototype memory
@@ -517,19 +518,20 @@ def _build_model(t: _Training) -> None:
                          f"on the stride-{D.STRIDE} grid (choose a stride-8 backbone, e.g. dino-vits8)")
     if config.mode == "cached":  # the trunk frozen below its last ``train_blocks`` blocks (default: all of it)
         model.train_blocks(config.train_blocks or 0)
-        _check_cache_layer(model, config.train_blocks or 0)
+        t.cache_ratio = _cache_ratio(model, config.train_blocks or 0)
     if t.precision != "fp32":
         model = model.to(memory_format=torch.channels_last)
     t.model = model
 
 
-def _check_cache_layer(model, train_blocks: int) -> None:
-    """Cached maps are cropped on the embedding's grid: the cached layer must be at the output stride."""
+def _cache_ratio(model, train_blocks: int) -> int:
+    """Cached cells per output cell: crops start on the embedding's grid, so the cached layer's
+    stride must divide the output stride (pool2 at 4 under 8: 2; pool3 at 8: 1)."""
     layer = model.backbone.layer_at(model.backbone.train_blocks_index(train_blocks))
-    if layer.stride != model.stride:
-        raise InputError(f"train_blocks={train_blocks} caches {layer.name} at stride {layer.stride}, but cached "
-                         f"training crops maps at the output stride {model.stride}: train fewer blocks "
-                         "or use --mode full")
+    if layer.stride > model.stride or model.stride % layer.stride:
+        raise InputError(f"train_blocks={train_blocks} caches {layer.name} at stride {layer.stride}, which does not "
+                         f"divide the output stride {model.stride}: train fewer blocks or use --mode full")
+    return model.stride // layer.stride
 
 
 def _batches(t: _Training) -> Iterator[dict[str, Any]]:
@@ -581,7 +583,8 @@ def _feature_batches(t: _Training, samples: list) -> Iterator[dict[str, Any]]:
         raise InputError(f"{t.segments}: no image could be read (see the warnings above); nothing to train on")
     data = D.FeatureBatches(store, images, variants, seed=config.seed, batch=config.batch_size, rank=t.rank,
                             world=t.world, cells=math.ceil(config.crop / D.STRIDE), ignore_label=config.ignore_label,
-                            labels={s.key: s.label for s in samples} if config.labels_dir else None)
+                            labels={s.key: s.label for s in samples} if config.labels_dir else None,
+                            ratio=t.cache_ratio)
     t.n_images = len(images)
     return (data[step] for step in range(t.start, config.steps))
 

@@ -174,10 +174,62 @@ def test_partial_cached_training_trains_the_upper_block_and_resumes(toy, tiny, t
     for (name, a), b in zip(trained.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
 
-    with pytest.raises(InputError, match="caches image at stride 1"):
-        run(config(train_blocks=2), tiny["store"], tmp_path / "c")
+    # both blocks from cached images at stride 1: 8 cached cells per output cell, the stem trains too
+    whole = run(config(train_blocks=2, steps=2, features_dir=str(tmp_path / "images")), tiny["store"], tmp_path / "c")
+    assert whole.ok and whole.done == 2
+    both, _ = load_model(tmp_path / "c" / "model.pt")
+    assert not torch.equal(both.backbone.stem.weight, init.backbone.stem.weight)
     with pytest.raises(InputError, match="train_blocks"):
         config(mode="full")
+
+
+def test_a_cached_layer_whose_stride_does_not_divide_the_output_stride_is_refused(monkeypatch, tiny, tmp_path):
+    from segsort_unsup.train.stage import TrainConfig, run
+
+    class Stride3Cache(ToyTrunk):
+        def __init__(self, feature_layer):
+            super().__init__(feature_layer)
+            self.block_inputs = (FeatureLayer("image", 3, 1), FeatureLayer("stem", 8, 3))
+
+    monkeypatch.setitem(BACKBONES, "toy3", Backbone("toy3", "cache at stride 3",
+                                                    lambda **kw: Stride3Cache(kw["feature_layer"]), ("mix",)))
+    with pytest.raises(InputError, match="stride 3, which does not divide the output stride 8"):
+        run(TrainConfig(backbone="toy3", feature_layer="mix", mode="cached", train_blocks=1, steps=1, batch_size=2,
+                        crop=64, threads=1, images=str(tiny["images"]), features_dir=str(tmp_path / "f")),
+            tiny["store"], tmp_path / "run")
+
+
+def test_pool2_crops_start_on_the_output_grid_and_give_the_whole_image_embedding(hed_h5):
+    """train_blocks=2 caches pool2 (stride 4): a crop of 2 x cells cached cells starting on the
+    stride-8 grid, through conv3, pool3, conv4 and the head, equals the whole image's embedding
+    away from the crop's border (zero padding reaches a few cells in), and its grouping is the
+    output grid's own nearest-neighbour sample of the full-resolution segments."""
+    from segsort_unsup.embed.losses import segments_to_grid
+    from segsort_unsup.train.data import crop_features
+
+    model = build_model({"feature_layer": "conv4_3", "embedding_dim": 8, "hidden": 16},
+                        backbone_weights=hed_h5).eval().train_blocks(2)
+    assert model.cache_layer(2) == "pool2"
+    gen = torch.Generator().manual_seed(5)
+    rgb = torch.rand(1, 3, 200, 264, generator=gen) * 255
+    seg = torch.randint(0, 50, (1, 200, 264), generator=gen, dtype=torch.int32)
+    with torch.no_grad():
+        pool2 = model.features_at("pool2", rgb)[0].numpy()
+        whole = model(rgb)[0]
+    assert pool2.shape[1:] == (50, 66) and whole.shape[1:] == (25, 33)
+    cells, margin = 16, 6
+    for seed in range(3):
+        f, s, _ = crop_features(pool2, segments_to_grid(seg, (50, 66))[0].numpy(), None,
+                                np.random.default_rng(seed), cells=cells, ignore_label=255, ratio=2)
+        ref_rng = np.random.default_rng(seed)
+        y0, x0 = int(ref_rng.integers(0, 25 - cells + 1)), int(ref_rng.integers(0, 33 - cells + 1))
+        assert f.shape == (128, 2 * cells, 2 * cells)  # pool2: 128 channels at stride 4
+        np.testing.assert_array_equal(s, segments_to_grid(seg, (25, 33))[0, y0:y0 + cells, x0:x0 + cells].numpy())
+        with torch.no_grad():
+            out = model.forward_from("pool2", torch.from_numpy(f)[None])[0]
+        inner = (slice(None), slice(margin, cells - margin), slice(margin, cells - margin))
+        expect = whole[:, y0:y0 + cells, x0:x0 + cells][inner]
+        torch.testing.assert_close(out[inner], expect, rtol=1e-4, atol=1e-4)
 
 
 def _untrained(config, tiny, tmp_path):
