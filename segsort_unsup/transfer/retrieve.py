@@ -59,10 +59,21 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
     return names
 
 
+def _widen(lo: int, hi: int, need: int, limit: int) -> tuple[int, int]:
+    """``[lo, hi)`` grown about its centre to at least ``need`` (within ``0..limit``)."""
+    need = min(need, limit)
+    if hi - lo >= need:
+        return lo, hi
+    lo = max(0, min(limit - need, (lo + hi - need) // 2))
+    return lo, lo + need
+
+
 def cutout(rgb: np.ndarray, mask: np.ndarray, *, height: int = TILE, context: float = 0.3,
-           dim: float = 0.3) -> np.ndarray:
+           dim: float = 0.3, min_side: float = 0.15, min_aspect: float = 0.8) -> np.ndarray:
     """The segment ``mask`` of ``rgb``: other pixels dimmed, outline drawn, cropped to its box
-    (plus ``context`` of its size on each side) and resized to ``height`` rows."""
+    (plus ``context`` of its size on each side; at least ``min_side`` of the image's shorter side,
+    and at least ``min_aspect`` times as wide as tall, so that a small or thin segment is shown
+    in its surroundings and its caption fits) and resized to ``height`` rows."""
     import cv2
 
     ys, xs = np.nonzero(mask)
@@ -72,6 +83,9 @@ def cutout(rgb: np.ndarray, mask: np.ndarray, *, height: int = TILE, context: fl
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     my, mx = int((y1 - y0) * context) + 4, int((x1 - x0) * context) + 4
     y0, y1, x0, x1 = max(0, y0 - my), min(h, y1 + my), max(0, x0 - mx), min(w, x1 + mx)
+    side = int(round(min_side * min(h, w)))
+    y0, y1 = _widen(y0, y1, side, h)
+    x0, x1 = _widen(x0, x1, max(side, int(round(min_aspect * (y1 - y0)))), w)
     out = rgb.astype(np.float32)
     out[~mask] = out[~mask] * dim + 255 * (1 - dim) * 0.35
     out = np.clip(out, 0, 255).astype(np.uint8)

@@ -269,6 +269,17 @@ def test_retrieve_pictures_and_query_errors(tmp_path):
     assert [p.name for p in a] == [p.name for p in b] and len(a) == 2
     tile = cutout(cv2.imread(paths[0])[..., ::-1], seg == 1, height=50)
     assert tile.shape[0] == 50
+    # a thin segment keeps a tile wide enough for its caption; a tiny one is shown in its surroundings
+    canvas = np.full((200, 300, 3), 128, np.uint8)
+    thin = np.zeros((200, 300), bool)
+    thin[40:160, 150:152] = True
+    assert cutout(canvas, thin, height=50).shape[1] >= 0.8 * 50 - 1
+    dot = np.zeros((200, 300), bool)
+    dot[100:103, 10:13] = True
+    tile = cutout(canvas, dot, height=60, dim=0.0, context=0.0)
+    background = 255 * 0.35  # dim 0: context pixels take the backdrop grey
+    segment_and_outline = (np.abs(tile.astype(float) - background) > 2).any(axis=2)
+    assert tile.shape[1] >= 48 and segment_and_outline.mean() < 0.03  # a 3-pixel dot in a 30-pixel window
     with pytest.raises(InputError, match="KEY:SEGMENT"):
         parse_query("nocolon")
     with pytest.raises(InputError, match="segments 0..1"):
