@@ -528,7 +528,7 @@ def _cache_ratio(model, train_blocks: int) -> int:
     """Cached cells per output cell: crops start on the embedding's grid, so the cached layer's
     stride must divide the output stride (pool2 at 4 under 8: 2; pool3 at 8: 1)."""
     layer = model.backbone.layer_at(model.backbone.train_blocks_index(train_blocks))
-    if layer.stride > model.stride or model.stride % layer.stride:
+    if model.stride % layer.stride:
         raise InputError(f"train_blocks={train_blocks} caches {layer.name} at stride {layer.stride}, which does not "
                          f"divide the output stride {model.stride}: train fewer blocks or use --mode full")
     return model.stride // layer.stride

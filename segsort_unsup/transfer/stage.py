@@ -8,8 +8,9 @@ class id), as the reference's ``inference_segsort_msc.py`` (one-hot votes of the
 prototypes, summed). ``balance`` > 0 departs from the reference for rare classes: a neighbour of
 class c votes ``(mean class count / count of c) ** balance``, the counts taken over the labelled
 prototypes (0.5: the square-root re-weighting). The result is a label PNG per image
-(``<key>.png``, written atomically), ready for ``segsort-unsup evaluate semantic``. Pixels no segment covers (none in a query store
-embedded without labels) get ``ignore_label`` when set, else 255.
+(``<key>.png``, written atomically), ready for ``segsort-unsup evaluate semantic``. Pixels no
+segment covers (none in a query store embedded without labels) get ``ignore_label`` when set,
+else 255.
 
 Output folder (:class:`~segsort_unsup.io.outdir.OutputFolder`, kind ``labels``): the PNGs and
 ``transfer.json`` (identity: settings + both stores' identities), written under a manifest and a
@@ -288,7 +289,7 @@ def _label_images(config: TransferConfig, folder: OutputFolder, query: StoreRead
                 continue
             item = query.read(key)
             votes = knn_votes(item.arrays["prototypes"], index, y, k=config.k, num_classes=num_classes,
-                              batch=config.batch, weights=weights if config.balance else None)
+                              batch=config.batch, weights=weights)
             write_label_map(folder, target, item, votes, fill=fill)
             summary.done += 1
         except Exception as exc:  # noqa: BLE001 - one bad item never stops the run
