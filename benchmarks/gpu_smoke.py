@@ -322,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_smoke: no CUDA device here; skipped (use --device cpu --tiny to check the logic)")
         return 0
-    shared = args.shared or Path(os.environ.get("SEGSORT_SHARED", REPO.parent / "shared"))
+    # absolute: the embed list written under the work folder names photos in it, and a list's
+    # relative entries are read relative to the list file
+    shared = (args.shared or Path(os.environ.get("SEGSORT_SHARED", REPO.parent / "shared"))).resolve()
     if not (shared / "data" / "camvid" / "train").is_dir():
         print(f"gpu_smoke: no CamVid under {shared}/data; pass --shared", file=sys.stderr)
         return 2
