@@ -158,8 +158,12 @@ def test_camvid_ablation_scores_ucm_units_on_the_scored_sets_own_regions(repo_pi
     assert views.scales == (0.75, 1.0, 1.25) and views.flip
     assert rows["train.unsup-92"].sources == ("ucm.train92",)
     assert rows["train.unsup-92"].config.features_dir != rows["train.unsup"].config.features_dir
-    regimes = {name: rows[f"train.unsup{name}"].config for name in ("-head", "", "-last2", "-full")}
+    regimes = {name: rows[f"train.unsup{name}"].config for name in ("-head", "-last1", "", "-full")}
     assert [c.train_blocks for c in regimes.values()] == [0, 1, 2, None] and regimes["-full"].mode == "full"
+    # the units, images and views axes keep the conv4 + head base they were measured on
+    for row in ("grid5", "grid8", "grid12", "ucm01", "views"):
+        assert rows[f"embed.unsup-{row}-scored"].sources[0] == "train.unsup-last1"
+    assert rows["train.unsup-92"].config.train_blocks == rows["train.unsup-last1"].config.train_blocks == 1
     assert len({c.steps for c in regimes.values()}) == 1 and len({c.features_dir for c in regimes.values()}) == 4
 
 
@@ -377,7 +381,8 @@ def test_camvid_pipeline_file_runs_end_to_end_and_takes_another_scored_set(tmp_p
     redone = {name for name, s in other.items() if s.done}
     assert redone == {f"{stage}.{r}{suffix}" for r in rows
                       for stage, suffix in (("embed", "-scored"), ("transfer", ""), ("semantic", ""))} | \
-        {f"cluster.{r}" for r in rows} | {f"semantic.{r}" for r in hungarian} | {"contours.scored", "ucm.scored"}
+        {f"cluster.{r}" for r in rows} | {f"semantic.{r}" for r in hungarian} | {"contours.scored", "ucm.scored"} | \
+        {f"{stage}.{r}-balanced" for r in ("unsup", "sup") for stage in ("transfer", "semantic")}
     # the scored rows' units are the regions of the scored set's own ucm store, whose content now
     # differs: the scored stores are recomputed for the new set, and the scores are its own
     assert {p.name for p in (tmp_path / "out" / "predictions" / "sup").glob("*.png")} == \
