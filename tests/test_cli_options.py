@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import click
 import pytest
@@ -75,10 +76,10 @@ SPELLINGS = [
     ("ucm", ["--levels", "0.3,0.5", "--ucm2-dtype", "uint16"], {"levels": (0.3, 0.5), "ucm2_dtype": "uint16"}),
     ("contours", ["--no-tile", "--tile-side", "640"], {"tile": False, "tile_side": 640}),
     ("contours", ["--tile-side", "auto", "--weights", "w.pth", "--scales", "0.5,1"],
-     {"tile_side": None, "weights": "w.pth", "scales": (0.5, 1.0)}),
-    ("train", ["--supervised", "labels", "--no-flip"], {"labels_dir": "labels", "flip": False}),
+     {"tile_side": None, "weights": os.path.abspath("w.pth"), "scales": (0.5, 1.0)}),
+    ("train", ["--supervised", "labels", "--no-flip"], {"labels_dir": os.path.abspath("labels"), "flip": False}),
     ("train", ["--labels-dir", "labels", "--kappa", "5", "--memory-banks", "3", "--head-lr-mult", "4"],
-     {"labels_dir": "labels", "kappa": 5.0, "memory_banks": 3, "head_lr_mult": 4.0}),
+     {"labels_dir": os.path.abspath("labels"), "kappa": 5.0, "memory_banks": 3, "head_lr_mult": 4.0}),
     ("train", ["--workers", "0", "--feature-layer", "conv5_3"], {"workers": 0, "feature_layer": "conv5_3"}),
     ("features", ["--no-flip", "--feature-scales", "1"], {"flip": False, "feature_scales": (1.0,)}),
     ("embed", ["--grid", "3", "4", "--flip", "--units", "ucm:0.5", "--segments", "."],
@@ -96,6 +97,18 @@ SPELLINGS = [
 def test_existing_spellings_set_their_setting(stage_name, args, expected, tmp_path):
     config = _config_of(stage_name, args, tmp_path)
     assert {key: getattr(config, key) for key in expected} == expected
+
+
+def test_path_settings_are_made_absolute_from_the_working_folder(tmp_path, monkeypatch):
+    """A relative path in a command names a file from where it ran; the run's identity must hold
+    the file itself, as a pipeline file's resolved paths do, not the text typed."""
+    (tmp_path / "work" / "ucm").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    config = _config_of("embed", ["--units", "ucm:0.3", "--segments", "ucm", "--labels", "a", "--labels", "../b"],
+                        tmp_path)
+    assert config.segments == str(tmp_path / "work" / "ucm")
+    assert config.labels == (str(tmp_path / "work" / "a"), str(tmp_path / "b"))
+    assert _config_of("embed", ["--units", "ucm:0.3", "--segments", str(tmp_path)], tmp_path).segments == str(tmp_path)
 
 
 def test_a_bad_choice_is_a_usage_error_naming_the_choices(tmp_path):

@@ -248,6 +248,19 @@ def _build_config(config_cls: type, values: dict):
         raise InputError(message) from None
 
 
+def _absolute_paths(stage, values: dict) -> dict:
+    """The stage's path settings made absolute, as a pipeline file resolves them: the run's
+    identity then names the same files whatever folder the command ran from."""
+    out = {}
+    for key in stage.input_paths:
+        value = values.get(key)
+        if isinstance(value, str):
+            out[key] = os.path.abspath(value)
+        elif isinstance(value, tuple):
+            out[key] = tuple(os.path.abspath(v) for v in value)
+    return out
+
+
 def stage_command(stage, *, help: str | None = None, after: Callable | None = None) -> click.Command:  # noqa: A002
     """A command for a registry stage: its sources as arguments (``stage.arguments`` names them; an
     upstream stage's output must exist), ``-o``,
@@ -271,6 +284,7 @@ def stage_command(stage, *, help: str | None = None, after: Callable | None = No
         executor, workers, scheduler = ((values.pop("executor"), values.pop("workers"), values.pop("scheduler"))
                                         if stage.executor else ("local", 1, None))
         inputs = [values.pop(name) for name in names]
+        values.update(_absolute_paths(stage, values))
         fields = dataclasses.fields(stage.config)
         config = _build_config(stage.config, {k: v for k, v in values.items() if v is not None})
         written = [getattr(config, f.name) for f in fields if cli_of(f).writes]
