@@ -171,8 +171,8 @@ def test_camvid_ablation_scores_ucm_units_on_the_scored_sets_own_regions(repo_pi
         assert rows[f"embed.unsup-{row}-scored"].sources[0] == "train.unsup-last1"
     assert rows["train.unsup-92"].config.train_blocks == rows["train.unsup-last1"].config.train_blocks == 1
     assert len({c.steps for c in regimes.values()}) == 1 and len({c.features_dir for c in regimes.values()}) == 4
-    # the head rows change only the head of unsup-last1 / sup-last1, and share their feature cache
-    for row in ("unsup-last1", "sup-last1"):
+    # the head rows change only the head of their base (both regimes), and share its feature cache
+    for row in ("unsup-last1", "sup-last1", "unsup", "sup"):
         base, head3 = rows[f"train.{row}"].config, rows[f"train.{row}-head3x3"].config
         assert (base.head, head3.head) == ("conv1", "conv3")
         assert dataclasses.replace(head3, head=base.head) == base
