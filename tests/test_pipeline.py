@@ -157,26 +157,30 @@ def test_camvid_ablation_scores_ucm_units_on_the_scored_sets_own_regions(repo_pi
     assert {rows[f"embed.unsup-grid{n}-scored"].config.units for n in (5, 8, 12)} == {"grid5", "grid8", "grid12"}
     views = rows["embed.unsup-views-scored"].config
     assert views.scales == (0.75, 1.0, 1.25) and views.flip
-    for row in ("unsup", "sup"):  # twice the size: the headline's models, its units, one view each
+    for row in ("unsup", "sup"):  # twice the size: the 1x1-head models of the headline's regime, one view
         for part in ("labelled", "scored"):
-            scale2, base = rows[f"embed.{row}-scale2-{part}"], rows[f"embed.{row}-{part}"]
+            scale2, base = rows[f"embed.{row}-scale2-{part}"], rows[f"embed.{row}-head1x1-{part}"]
             assert scale2.sources == base.sources and scale2.config.scales == (2.0,)
             assert dataclasses.replace(scale2.config, scales=base.config.scales) == base.config
     assert rows["train.unsup-92"].sources == ("ucm.train92",)
     assert rows["train.unsup-92"].config.features_dir != rows["train.unsup"].config.features_dir
-    regimes = {name: rows[f"train.unsup{name}"].config for name in ("-head", "-last1", "", "-full")}
+    regimes = {name: rows[f"train.unsup{name}"].config for name in ("-head", "-last1", "-head1x1", "-full")}
     assert [c.train_blocks for c in regimes.values()] == [0, 1, 2, None] and regimes["-full"].mode == "full"
     # the units, images and views axes keep the conv4 + head base they were measured on
     for row in ("grid5", "grid8", "grid12", "ucm01", "views"):
         assert rows[f"embed.unsup-{row}-scored"].sources[0] == "train.unsup-last1"
     assert rows["train.unsup-92"].config.train_blocks == rows["train.unsup-last1"].config.train_blocks == 1
     assert len({c.steps for c in regimes.values()}) == 1 and len({c.features_dir for c in regimes.values()}) == 4
-    # the head rows change only the head of their base (both regimes), and share its feature cache
-    for row in ("unsup-last1", "sup-last1", "unsup", "sup"):
-        base, head3 = rows[f"train.{row}"].config, rows[f"train.{row}-head3x3"].config
+    # the head rows change only the head of their base (both regimes), and share its feature cache;
+    # the regime rows all keep the 1x1 head
+    assert {c.head for c in regimes.values()} == {"conv1"}
+    for base_row, row in (("unsup-last1", "unsup-last1-head3x3"), ("sup-last1", "sup-last1-head3x3"),
+                          ("unsup-head1x1", "unsup"), ("sup-head1x1", "sup")):
+        base, head3 = rows[f"train.{base_row}"].config, rows[f"train.{row}"].config
         assert (base.head, head3.head) == ("conv1", "conv3")
         assert dataclasses.replace(head3, head=base.head) == base
-        assert rows[f"semantic.{row}-head3x3"].sources == (f"transfer.{row}-head3x3",)
+        assert rows[f"semantic.{row}"].sources == (f"transfer.{row}",)
+        assert rows[f"embed.{row}-scored"].sources == (f"train.{row}", "scored")
 
 
 def test_camvid_ablation_shares_the_headline_sections_unchanged(repo_pipelines):
