@@ -157,6 +157,12 @@ def test_camvid_ablation_scores_ucm_units_on_the_scored_sets_own_regions(repo_pi
     assert {rows[f"embed.unsup-grid{n}-scored"].config.units for n in (5, 8, 12)} == {"grid5", "grid8", "grid12"}
     views = rows["embed.unsup-views-scored"].config
     assert views.scales == (0.75, 1.0, 1.25) and views.flip
+    for row in ("unsup", "sup"):  # the headline embeds with the released views; its 1-view rows change only that
+        for part in ("labelled", "scored"):
+            one, base = rows[f"embed.{row}-1view-{part}"], rows[f"embed.{row}-{part}"]
+            assert (base.config.scales, base.config.flip) == (views.scales, True)
+            assert one.sources == base.sources and (one.config.scales, one.config.flip) == ((1.0,), False)
+            assert dataclasses.replace(one.config, scales=base.config.scales, flip=True) == base.config
     for row in ("unsup", "sup"):  # twice the size: the 1x1-head models of the headline's regime, one view
         for part in ("labelled", "scored"):
             scale2, base = rows[f"embed.{row}-scale2-{part}"], rows[f"embed.{row}-head1x1-{part}"]
