@@ -168,6 +168,11 @@ def test_camvid_ablation_scores_ucm_units_on_the_scored_sets_own_regions(repo_pi
             scale2, base = rows[f"embed.{row}-scale2-{part}"], rows[f"embed.{row}-head1x1-{part}"]
             assert scale2.sources == base.sources and scale2.config.scales == (2.0,)
             assert dataclasses.replace(scale2.config, scales=base.config.scales) == base.config
+    # the training-cut row: the headline's unsupervised model on the 0.3 cut, in a cache of its own
+    cut03, headline = rows["train.unsup-cut03"].config, rows["train.unsup"].config
+    assert (headline.cut, cut03.cut) == (None, 0.3) and cut03.features_dir != headline.features_dir
+    assert dataclasses.replace(cut03, cut=None, features_dir=headline.features_dir) == headline
+    assert rows["embed.unsup-cut03-scored"].config == rows["embed.unsup-1view-scored"].config
     assert rows["train.unsup-92"].sources == ("ucm.train92",)
     assert rows["train.unsup-92"].config.features_dir != rows["train.unsup"].config.features_dir
     regimes = {name: rows[f"train.unsup{name}"].config for name in ("-head", "-last1", "-head1x1", "-full")}
