@@ -34,6 +34,7 @@ from .errors import InputError
 
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit
 _RUN_ONLY = "segsort_run_only"
+_OFF = "segsort_identity_off"
 _HELP = "segsort_help"
 _CLI = "segsort_cli"
 
@@ -77,9 +78,13 @@ def run_only(default: Any, *, help: str = "", **cli: Any) -> Any:  # noqa: A002 
     return field(default=default, metadata={_RUN_ONLY: True, _HELP: help, _CLI: Cli(**cli)})
 
 
-def setting(default: Any, *, help: str = "", **cli: Any) -> Any:  # noqa: A002
-    """A result-changing field with a help text and its command-line form (:class:`Cli`)."""
-    return field(default=default, metadata={_HELP: help, _CLI: Cli(**cli)})
+def setting(default: Any, *, help: str = "", off: Any = None, **cli: Any) -> Any:  # noqa: A002
+    """A result-changing field with a help text and its command-line form (:class:`Cli`).
+
+    ``off``: the value at which the setting is left out of store identities (``None`` always is):
+    for a setting added after stores were made, the value that means what those stores did.
+    """
+    return field(default=default, metadata={_HELP: help, _CLI: Cli(**cli), _OFF: off})
 
 
 def help_of(f: dataclasses.Field) -> str:
@@ -240,10 +245,11 @@ class StageConfig:
     def identity(self, **provenance: Any) -> dict[str, Any]:
         """What a store made by this stage is: stage, result settings and input provenance.
 
-        Settings left at ``None`` (off) are left out, so adding an optional setting to a stage does
-        not change the identity of the stores it made before.
+        Settings left at ``None`` or at their ``off`` value (:func:`setting`) are left out, so adding
+        an optional setting to a stage does not change the identity of the stores it made before.
         """
-        fields = {k: v for k, v in self.result_fields().items() if v is not None}
+        off = {f.name: f.metadata.get(_OFF) for f in dataclasses.fields(self)}
+        fields = {k: v for k, v in self.result_fields().items() if v is not None and v != off.get(k)}
         return {"stage": self.stage, **fields, **provenance}
 
     def identity_hash(self, **provenance: Any) -> str:

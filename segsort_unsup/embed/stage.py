@@ -5,10 +5,12 @@ Per image (as the reference's ``pyscripts/inference/extract_prototypes.py`` and
 
 1. **Embeddings at full resolution.** The network runs on the image (or, when a side exceeds
    ``window``, on ``window``-sized windows whose ends are spread evenly with at most
-   ``window_stride`` between them, as the reference); each window's stride-8 embedding is
-   upsampled bilinearly x8 (half-pixel centres), cropped to the window and re-normalised;
-   overlapping windows are summed and normalised again. Images smaller than a window are not padded
-   (the reference pads to 512 x 512 with zeros; padding would change the borders' embeddings).
+   ``window_stride`` between them, as the reference); each window's embedding (at the model's
+   stride, 8 for the VGG and ResNet trunks, the patch for a ViT) is upsampled bilinearly by that
+   stride (half-pixel centres), cropped to the window and re-normalised; overlapping windows are
+   summed and normalised again. Images smaller than a window are not padded (the reference pads to
+   512 x 512 with zeros; padding would change the borders' embeddings). With ``dense`` the map
+   is computed at half the stride first (:func:`shift_and_stitch`, four passes), for thin objects.
 2. **Pixel sorting at full resolution**, as the reference's inference does (it resizes the
    embedding to the input size before k-means): :func:`~segsort_unsup.embed.sorting.pixel_sort`,
    spherical k-means on ``[embedding, (y/H, x/W)]``, ``grid`` initial cells, ``iterations``.
@@ -67,6 +69,7 @@ class EmbedConfig(StageConfig):
 
     features : ``head`` (the model's embeddings) or ``trunk`` (normalised trunk features).
     scales, flip : views whose segments all enter the store (votes are summed over them).
+    dense : embeddings at half the network's stride (:func:`shift_and_stitch`), four times the work.
     window, window_stride : sliding windows for images with a side above ``window``.
     grid, iterations, location_weight : pixel sorting (5 x 5, 10, 1 in the reference).
     labels : folder of label PNGs (the labelled set), or several folders / list files (a list;
@@ -88,6 +91,9 @@ class EmbedConfig(StageConfig):
     scales: tuple[float, ...] = setting((1.0,), help="Image scales; every view's segments vote.", low=0.1, high=4.0,
                                         metavar="S1,S2,...")
     flip: bool = setting(False, help="Also the mirrored image of every scale.")
+    dense: bool = setting(False, help="Embeddings at half the network's stride (4 for the VGG trunks): the network "
+                                      "runs on the image shifted by half a stride (four passes) and the maps are "
+                                      "interleaved, the a-trous map of the trained model.", off=False)
     window: int = setting(480, help="Sliding-window side for larger images (multiple of 8).", low=64)
     window_stride: int = setting(320, help="Step between sliding windows.", low=8)
     grid: tuple[int, ...] = setting((5, 5), help="Initial k-means cells.", nargs=2, metavar="ROWS COLS")
@@ -208,7 +214,7 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
 
 
 def embed_image(model, rgb: np.ndarray, *, features: str = "head", window: int = 480, window_stride: int = 320,
-                precision: str = "fp32", device: Any = "cpu"):
+                dense: bool = False, precision: str = "fp32", device: Any = "cpu"):
     """Unit-norm pixel embeddings of one image at full resolution.
 
     Parameters
@@ -216,6 +222,7 @@ def embed_image(model, rgb: np.ndarray, *, features: str = "head", window: int =
     model : SegSortNet
     rgb : (H, W, 3) uint8 or float array, RGB 0..255.
     features : ``head`` or ``trunk`` (normalised trunk features, skipping the head).
+    dense : the network's map at half its stride (:func:`shift_and_stitch`: four passes).
     precision : ``fp32``, ``bf16`` or ``fp16`` (autocast; channels_last on CPU).
 
     Returns
@@ -225,32 +232,75 @@ def embed_image(model, rgb: np.ndarray, *, features: str = "head", window: int =
     import torch
     import torch.nn.functional as F
 
-    from ..runtime import autocast
-
     if features not in FEATURES:
         raise InputError(f"features {features!r}: choose one of {', '.join(FEATURES)}")
     h, w = rgb.shape[:2]
     dev = torch.device(device)
     x = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)[None].to(dev)
-    lowp = precision in ("bf16", "fp16")
-    if lowp and dev.type == "cpu":
+    if precision in ("bf16", "fp16") and dev.type == "cpu":
         x = x.contiguous(memory_format=torch.channels_last)
     total = None
     for y0 in window_starts(h, window, window_stride):
         for x0 in window_starts(w, window, window_stride):
             crop = x[:, :, y0:y0 + window, x0:x0 + window]
             ch, cw = crop.shape[-2:]
-            with torch.no_grad(), autocast(dev, precision):
-                out = model(crop) if features == "head" else model.features(crop)
-            out = F.normalize(out.float(), dim=1)
-            out = F.interpolate(out, scale_factor=8, mode="bilinear", align_corners=False)[:, :, :ch, :cw]
-            out = F.normalize(out, dim=1)
+            out = _pixel_embedding(model, crop, features=features, dense=dense, precision=precision)
             if ch == h and cw == w:
                 return out[0]
             if total is None:
                 total = out.new_zeros(1, out.shape[1], h, w)
             total[:, :, y0:y0 + ch, x0:x0 + cw] += out
     return F.normalize(total, dim=1)[0]
+
+
+def _pixel_embedding(model, crop, *, features: str, dense: bool, precision: str):
+    """The network's normalised map of one crop, upsampled bilinearly to the crop's pixels (half-
+    pixel centres: a cell of a stride-s map is centred on pixel ``s * i + (s - 1) / 2``), re-normalised."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..runtime import autocast
+
+    def network(x):
+        with torch.no_grad(), autocast(x.device, precision):
+            out = model(x) if features == "head" else model.features(x)
+        return F.normalize(out.float(), dim=1)
+
+    stride = int(model.stride)
+    grid = shift_and_stitch(network, crop, stride) if dense else network(crop)
+    step = stride // 2 if dense else stride
+    ch, cw = crop.shape[-2:]
+    out = F.interpolate(grid, scale_factor=step, mode="bilinear", align_corners=False)[:, :, :ch, :cw]
+    return F.normalize(out, dim=1)
+
+
+def shift_and_stitch(network, x, stride: int):
+    """The map of a stride-``stride`` network at stride ``stride / 2``: the network runs on ``x``
+    shifted by half a stride down and/or right and the four maps are interleaved, as if its last
+    stride-2 step were replaced by stride 1 and every layer after it dilated by 2 (the a-trous
+    conversion; equal away from the borders). ``x`` is padded by a quarter stride at the top and
+    left first, so that cell ``j`` is centred on pixel ``(stride / 2) * j + (stride / 2 - 1) / 2``,
+    as upsampling with half-pixel centres expects.
+
+    ``network``: ``(N, C, H, W) -> (N, D, ceil(H / stride), ceil(W / stride))``; ``stride`` a multiple of 4.
+    """
+    import torch.nn.functional as F
+
+    if stride % 4:
+        raise InputError(f"a dense map needs a network stride divisible by 4, this one has stride {stride}")
+    half, quarter = stride // 2, stride // 4
+    rows, cols = -(-x.shape[-2] // half), -(-x.shape[-1] // half)
+    padded = F.pad(x, (quarter, 0, quarter, 0), mode="replicate")
+    out = None
+    for dy in (0, 1):
+        for dx in (0, 1):
+            n_rows, n_cols = (rows - dy + 1) // 2, (cols - dx + 1) // 2
+            if n_rows and n_cols:  # none for an image under half a stride high or wide
+                part = network(padded[:, :, dy * half:, dx * half:])
+                if out is None:
+                    out = part.new_empty(part.shape[0], part.shape[1], rows, cols)
+                out[:, :, dy::2, dx::2] = part[:, :, :n_rows, :n_cols]
+    return out
 
 
 def segment_table(embedding, segments, labels=None) -> dict[str, np.ndarray]:
@@ -419,7 +469,7 @@ def image_prototypes(model, rgb: np.ndarray, config: EmbedConfig, *, labels: np.
         if mirrored:
             view = np.ascontiguousarray(view[:, ::-1])
         emb = embed_image(model, view, features=config.features, window=config.window,
-                          window_stride=config.window_stride, precision=precision, device=dev)
+                          window_stride=config.window_stride, dense=config.dense, precision=precision, device=dev)
         if not bool(torch.isfinite(emb).all()):
             raise NonFiniteEmbeddingError(
                 f"the model's embedding of this image (view: scale {scale:g}{', mirrored' if mirrored else ''}) "

@@ -277,3 +277,72 @@ def test_nan_model_fails_each_image_by_name_and_exits_1(camvid_small, tmp_path):
         assert key in result.stderr + result.stdout
     assert "NaN" in result.stderr + result.stdout
     assert StoreReader(tmp_path / "p", kind="prototypes").keys() == []
+
+
+def test_dense_map_is_the_atrous_network(shared, hed_h5):
+    """``dense``: the shift-and-stitch map at stride 4 equals, away from the borders, the same
+    weights run a-trous (pool3 at stride 1, conv4 and the 3x3 head dilated by 2), written out here
+    layer by layer; and the dense embedding is that map upsampled x4 with half-pixel centres."""
+    import torch.nn.functional as F
+
+    from segsort_unsup.embed.model import build_model
+    from segsort_unsup.embed.stage import shift_and_stitch
+    from segsort_unsup.io.images import read_image
+
+    torch.manual_seed(0)
+    model = build_model({"feature_layer": "conv4_3", "embedding_dim": 16, "hidden": 32}, backbone_weights=hed_h5)
+    rgb = read_image(shared / "data" / "camvid" / "train" / f"{CAMVID_KEYS[0]}.png")[40:290, 60:378]  # 250 x 318
+    x = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        dense = shift_and_stitch(lambda t: F.normalize(model(t), dim=1), x, 8)
+        trunk = model.backbone
+        y = trunk.features_at("pool2", F.pad(x, (2, 0, 2, 0), mode="replicate"))  # stride 4, cells centred on 4j + 1.5
+        y = F.max_pool2d(trunk.block3.run_convs(y), kernel_size=2, stride=1)
+        for conv in trunk.block4.convs:
+            y = F.relu(F.conv2d(y, conv.weight, conv.bias, padding=2, dilation=2))
+        y = F.relu(F.conv2d(y, model.head.hidden.weight, model.head.hidden.bias, padding=2, dilation=2))
+        atrous = F.normalize(model.head.out(y), dim=1)
+    assert dense.shape[-2:] == (63, 80)  # ceil(250 / 4), ceil(318 / 4)
+    m = 16  # cells whose receptive field (about 110 px) stays inside the image
+    inner = (slice(None), slice(None), slice(m, -m), slice(m, -m))
+    assert atrous.shape[-2:] == (62, 79)  # the stride-1 pool has no cell past the last
+    torch.testing.assert_close(dense[:, :, :62, :79][inner], atrous[inner], atol=1e-4, rtol=0)
+    # the plain stride-8 map is every other cell of the dense one, a quarter stride apart
+    plain = F.normalize(model(x), dim=1)
+    assert not torch.allclose(dense[:, :, m:-m:2, m:-m:2], plain[:, :, m // 2:-m // 2, m // 2:-m // 2], atol=1e-2)
+    emb = embed_image(model, rgb, dense=True, precision="fp32")
+    up = F.normalize(F.interpolate(dense, scale_factor=4, mode="bilinear", align_corners=False), dim=1)[0, :, :250, :318]
+    torch.testing.assert_close(emb, up, atol=1e-5, rtol=0)
+
+
+def test_embedding_is_upsampled_by_the_model_stride():
+    """A stride-16 trunk (a small ViT with 16 px patches) is upsampled x16, also over sliding
+    windows and densely (stride 8)."""
+    from segsort_unsup.embed.model import SegSortNet
+    from segsort_unsup.embed.vit import ViTSpec, ViTTrunk
+
+    torch.manual_seed(0)
+    model = SegSortNet(ViTTrunk(ViTSpec(patch=16, dim=48, depth=2, heads=3, pos_grid=4)), embedding_dim=8,
+                       hidden=16).eval()
+    rgb = np.random.default_rng(0).integers(0, 256, (70, 100, 3)).astype(np.uint8)
+    with torch.no_grad():
+        out = torch.nn.functional.normalize(model(torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1)[None]), dim=1)
+    assert out.shape[-2:] == (5, 7)
+    emb = embed_image(model, rgb, precision="fp32")
+    up = torch.nn.functional.interpolate(out, scale_factor=16, mode="bilinear", align_corners=False)[0, :, :70, :100]
+    torch.testing.assert_close(emb, torch.nn.functional.normalize(up, dim=0), atol=1e-5, rtol=0)
+    for kw in ({"window": 64, "window_stride": 32}, {"dense": True}):
+        assert embed_image(model, rgb, precision="fp32", **kw).shape == (8, 70, 100)
+
+
+def test_dense_is_a_setting_old_stores_do_not_change_for(camvid_small):
+    """``dense`` off is left out of a store's identity (stores made before it keep theirs); on, it
+    is part of it; a photo under half a stride wide still gets its embedding."""
+    from segsort_unsup.embed.model import load_model
+
+    assert "dense" not in EmbedConfig().identity() and EmbedConfig(dense=True).identity()["dense"] is True
+    assert EmbedConfig().identity_hash() != EmbedConfig(dense=True).identity_hash()
+    model, _ = load_model(camvid_small / "model.pt")
+    thin = np.random.default_rng(0).integers(0, 256, (40, 3, 3)).astype(np.uint8)
+    emb = embed_image(model, thin, dense=True, precision="fp32")
+    assert emb.shape == (16, 40, 3) and torch.isfinite(emb).all()
