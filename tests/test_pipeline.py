@@ -173,20 +173,20 @@ def test_camvid_ablation_scores_ucm_units_on_the_scored_sets_own_regions(repo_pi
             dense, one = rows[f"embed.{row}-dense-{part}"], rows[f"embed.{row}-1view-{part}"]
             assert dense.sources == one.sources and dense.config.dense and not one.config.dense
             assert dataclasses.replace(dense.config, dense=False) == one.config
-    headline_train = rows["train.unsup"].config
+    headline = rows["train.unsup"].config
     # twice the size: the headline's unsupervised model trained at 2x its scales, in a cache of its own,
     # and embedded at scale 2 (one view)
     x2 = rows["train.unsup-x2"].config
-    assert x2.feature_scales == tuple(2 * s for s in headline_train.feature_scales)
-    assert dataclasses.replace(x2, feature_scales=headline_train.feature_scales,
-                               features_dir=headline_train.features_dir) == headline_train
-    assert x2.features_dir not in (headline_train.features_dir, rows["train.unsup-cut03"].config.features_dir)
+    assert x2.feature_scales == tuple(2 * s for s in headline.feature_scales)
+    assert dataclasses.replace(x2, feature_scales=headline.feature_scales,
+                               features_dir=headline.features_dir) == headline
+    assert x2.features_dir not in (headline.features_dir, rows["train.unsup-cut03"].config.features_dir)
     for part in ("labelled", "scored"):
         big, one = rows[f"embed.unsup-x2-{part}"], rows[f"embed.unsup-1view-{part}"]
         assert big.sources == ("train.unsup-x2",) + one.sources[1:] and big.config.scales == (2.0,)
         assert dataclasses.replace(big.config, scales=one.config.scales) == one.config
     # the training-cut row: the headline's unsupervised model on the 0.3 cut, in a cache of its own
-    cut03, headline = rows["train.unsup-cut03"].config, rows["train.unsup"].config
+    cut03 = rows["train.unsup-cut03"].config
     assert (headline.cut, cut03.cut) == (None, 0.3) and cut03.features_dir != headline.features_dir
     assert dataclasses.replace(cut03, cut=None, features_dir=headline.features_dir) == headline
     assert rows["embed.unsup-cut03-scored"].config == rows["embed.unsup-1view-scored"].config

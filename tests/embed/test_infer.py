@@ -307,7 +307,7 @@ def test_dense_map_is_the_atrous_network(shared, hed_h5):
     inner = (slice(None), slice(None), slice(m, -m), slice(m, -m))
     assert atrous.shape[-2:] == (62, 79)  # the stride-1 pool has no cell past the last
     torch.testing.assert_close(dense[:, :, :62, :79][inner], atrous[inner], atol=1e-4, rtol=0)
-    # the plain stride-8 map is every other cell of the dense one, a quarter stride apart
+    # the dense cells sit a quarter stride off the plain stride-8 ones: no subsampling of them gives the plain map
     plain = F.normalize(model(x), dim=1)
     assert not torch.allclose(dense[:, :, m:-m:2, m:-m:2], plain[:, :, m // 2:-m // 2, m // 2:-m // 2], atol=1e-2)
     emb = embed_image(model, rgb, dense=True, precision="fp32")
