@@ -57,7 +57,7 @@ from torch import nn
 from ..contours.hed import MEAN_BGR, VGG16_BLOCKS, VggBlock
 from ..errors import InputError
 from ..runtime import cpu_fusion_available
-from .trunk import IMAGENET, Backbone, FeatureLayer, InputConvention, Trunk, read_checkpoint, take_tensor
+from .trunk import IMAGENET, Backbone, FeatureLayer, InputConvention, Trunk, kaiming_normal_, read_checkpoint, take_tensor
 
 FEATURE_LAYERS = ("conv5_3", "conv4_3")
 DEFAULT_BACKBONE = "vgg16-hed"
@@ -149,7 +149,7 @@ def load_torchvision_vgg16(path: str | os.PathLike, *, feature_layer: str = "con
 def _kaiming_init(trunk: nn.Module) -> None:
     for m in trunk.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(m.bias)
 
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..errors import InputError
 from .backbones import DEFAULT_BACKBONE, build_backbone
-from .trunk import Trunk
+from .trunk import Trunk, kaiming_normal_
 
 HEADS = ("conv3", "conv1")
 HEAD_LR_MULT = 10.0
@@ -66,7 +66,7 @@ class EmbeddingHead(nn.Module):
         k = 3 if head == "conv3" else 1
         self.hidden = nn.Conv2d(in_channels, hidden, kernel_size=k, padding=k // 2)
         self.out = nn.Conv2d(hidden, embedding_dim, kernel_size=1)
-        nn.init.kaiming_normal_(self.hidden.weight, nonlinearity="relu")
+        kaiming_normal_(self.hidden.weight, nonlinearity="relu")
         nn.init.zeros_(self.hidden.bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

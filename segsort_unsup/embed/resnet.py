@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from .trunk import IMAGENET, Backbone, FeatureLayer, Trunk, read_checkpoint, take_tensor
+from .trunk import IMAGENET, Backbone, FeatureLayer, Trunk, kaiming_normal_, read_checkpoint, take_tensor
 
 # (name, blocks, width, stride, dilation of the layer's later blocks) for output stride 8.
 LAYERS = (("layer1", 3, 64, 1, 1), ("layer2", 4, 128, 2, 1), ("layer3", 6, 256, 1, 2), ("layer4", 3, 512, 1, 4))
@@ -100,7 +100,7 @@ class ResNetTrunk(Trunk):
         self.output = inputs[-1]
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def block_parameters(self, index: int) -> list[nn.Parameter]:
         if index == 0:

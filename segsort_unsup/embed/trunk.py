@@ -213,6 +213,17 @@ def _check_rgb(rgb: torch.Tensor) -> torch.Tensor:
 
 
 # -- weights files ------------------------------------------------------------------------------------
+
+
+def kaiming_normal_(weight: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """``nn.init.kaiming_normal_``, skipped on the meta device (shapes only, no values to draw):
+    torch's meta ``normal_`` imports ``torch._dynamo``, about a second in every process that
+    checks a model file against its config."""
+    if weight.is_meta:
+        return weight
+    return nn.init.kaiming_normal_(weight, **kwargs)
+
+
 def read_checkpoint(path: str | os.PathLike, *, what: str) -> Mapping[str, Any]:
     """A torch checkpoint read with ``weights_only=True`` (never unpickled) as a mapping.
 

@@ -108,3 +108,17 @@ def test_empty_model_file_is_one_line(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"")
     with pytest.raises(WeightsError, match=r"model.pt: empty file \(0 bytes"):
         load_model(tmp_path / "model.pt")
+
+
+def test_loading_a_model_does_not_import_the_compiler(tmp_path):
+    """Checking a file against its config builds the net on the meta device; drawing weights there
+    would import torch._dynamo, a second of start-up in every process that loads a model."""
+    import subprocess
+    import sys
+
+    model = build_model({"backbone": "scratch", "feature_layer": "conv4_3", "head": "conv3"})
+    save_model(tmp_path / "model.pt", model)
+    code = ("import sys; from segsort_unsup.embed.model import load_model; "
+            f"load_model({str(tmp_path / 'model.pt')!r}); print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
