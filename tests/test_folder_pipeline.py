@@ -1,4 +1,4 @@
-"""The README's "your own photos" command on 12 real BSDS500 photos, with the CPU preset as shipped."""
+"""The README's "your own photos" command on 6 real BSDS500 photos, with the CPU preset as shipped."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _cli(*args: str, env: dict[str, str], cwd: Path, timeout: int = 1800) -> sub
 def test_folder_command_goes_from_photos_to_a_gallery(bsds, pidinet_dir, hed_h5, tmp_path):
     photos = tmp_path / "my photos"
     photos.mkdir()
-    chosen = sorted((bsds / "images" / "val").glob("*.jpg"))[:12]
+    chosen = sorted((bsds / "images" / "val").glob("*.jpg"))[:6]
     for path in chosen:
         (photos / path.name).symlink_to(path)
     env = {**os.environ, "SEGSORT_UNSUP_HOME": str(tmp_path / "home")}
@@ -40,8 +40,8 @@ def test_folder_command_goes_from_photos_to_a_gallery(bsds, pidinet_dir, hed_h5,
     assert gallery == (out / "groups" / "gallery" / "gallery.html").resolve() and gallery.is_file()
     assert str(out / "train" / "model.pt") in done.stdout
     # every photo went through every stage, and the gallery links each member to its photo page
-    assert re.search(r"embed: 12 done, 0 already complete, 0 failed of 12", done.stderr), done.stderr[-2000:]
-    assert re.search(r"discover: 12 done, 0 already complete, 0 failed of 12", done.stderr)
+    assert re.search(r"embed: 6 done, 0 already complete, 0 failed of 6", done.stderr), done.stderr[-2000:]
+    assert re.search(r"discover: 6 done, 0 already complete, 0 failed of 6", done.stderr)
     text = gallery.read_text()
     assert "photos/i0000" in text and "ucm overview" in (gallery.parent / "photos" / "i000000.html").read_text()
     # a bare --input is refused: this pipeline reads its photos through the named input `images`
