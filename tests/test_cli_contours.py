@@ -120,7 +120,7 @@ def test_killed_run_resumes(tmp_path, photo, hed_h5):
     """SIGKILL a real run after a few shards are saved; the re-run completes the store."""
     folder = tmp_path / "in"
     folder.mkdir()
-    n = 30
+    n = 20
     for i in range(n):
         crop = photo[(i * 5) % 150 : (i * 5) % 150 + 160, (i * 7) % 240 : (i * 7) % 240 + 240]
         Image.fromarray(np.ascontiguousarray(crop)).save(folder / f"img{i:02d}.png")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -56,21 +57,29 @@ def synthetic_pair(folder: Path, height: int, width: int, *, seed: int = 0) -> t
 
 @pytest.mark.slow
 def test_sigterm_within_an_image_stops_fast_and_a_rerun_completes(tmp_path):
-    edges, gt = synthetic_pair(tmp_path, 2000, 2400)  # 4.8 Mpx: well over ten seconds of matching
+    edges, gt = synthetic_pair(tmp_path, 1600, 2000)  # 3.2 Mpx: about 15 s of regions and matching
     store = tmp_path / "segments"
     result = CliRunner().invoke(main, ["-q", "ucm", str(edges), "-o", str(store)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     out = tmp_path / "eval"
     cmd = [sys.executable, "-c", "from segsort_unsup.cli import run; run()", "evaluate", "regions", str(store),
            "--gt", str(gt), "-o", str(out), "--with-boundaries"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
     try:
-        time.sleep(18)  # imports, the regions from the tree, then inside the boundary matching
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and "evaluate:" not in "".join(err) and time.monotonic() < deadline:
+            time.sleep(0.05)  # imports done, the handlers installed: its progress bar is up
+        time.sleep(4)  # inside the image: the regions from the tree, then the boundary matching
         assert proc.poll() is None, "the benchmark finished before the signal: use a larger image"
         proc.send_signal(signal.SIGTERM)
         sent = time.monotonic()
-        _, stderr = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
         stopped_after = time.monotonic() - sent
+        reader.join(timeout=10)
+        stderr = "".join(err)
     finally:
         if proc.poll() is None:
             proc.kill()
