@@ -57,7 +57,8 @@ from torch import nn
 from ..contours.hed import MEAN_BGR, VGG16_BLOCKS, VggBlock
 from ..errors import InputError
 from ..runtime import cpu_fusion_available
-from .trunk import IMAGENET, Backbone, FeatureLayer, InputConvention, Trunk, kaiming_normal_, read_checkpoint, take_tensor
+from .trunk import (IMAGENET, Backbone, FeatureLayer, InputConvention, Trunk, kaiming_normal_, read_checkpoint,
+                    take_tensor)
 
 FEATURE_LAYERS = ("conv5_3", "conv4_3")
 DEFAULT_BACKBONE = "vgg16-hed"

@@ -212,9 +212,7 @@ def _check_rgb(rgb: torch.Tensor) -> torch.Tensor:
     return rgb
 
 
-# -- weights files ------------------------------------------------------------------------------------
-
-
+# -- initialisation -----------------------------------------------------------------------------------
 def kaiming_normal_(weight: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """``nn.init.kaiming_normal_``, skipped on the meta device (shapes only, no values to draw):
     torch's meta ``normal_`` imports ``torch._dynamo``, about a second in every process that
@@ -224,6 +222,7 @@ def kaiming_normal_(weight: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     return nn.init.kaiming_normal_(weight, **kwargs)
 
 
+# -- weights files ------------------------------------------------------------------------------------
 def read_checkpoint(path: str | os.PathLike, *, what: str) -> Mapping[str, Any]:
     """A torch checkpoint read with ``weights_only=True`` (never unpickled) as a mapping.
 
