@@ -337,19 +337,29 @@ def device_segment_table(embedding, segments, labels=None) -> dict[str, Any]:
         torch.zeros(k, dtype=torch.long, device=dev).scatter_reduce_(0, ids, xs + 1, "amax"),
     ], dim=1).int()
     out: dict[str, Any] = {"area": torch.bincount(ids, minlength=k), "bbox": bbox}
-    members = ids
+    members = torch.where(flat >= 0, flat, k)  # pixels left out add into a spare row k
     if labels is not None:
         lab = labels.to(dev).reshape(-1).long()[pix]
         n_cls = int(lab.max()) + 1 if lab.numel() else 1
         counts = torch.bincount(ids * n_cls + lab, minlength=k * n_cls).reshape(k, n_cls)
         majority = counts.argmax(dim=1)  # the first (lowest) class among equal counts
-        own = majority[ids] == lab
-        members, pix = ids[own], pix[own]
+        members[pix[majority[ids] != lab]] = k
         out["label"] = majority.int()
-    emb = embedding.reshape(d, -1).float()[:, pix].T  # (P, D)
-    sums = emb.new_zeros(k, d).index_add_(0, members, emb)
-    out["prototypes"] = F.normalize(sums, dim=1)
+    out["prototypes"] = F.normalize(_segment_sums(embedding.reshape(d, -1).float(), members, k + 1)[:k], dim=1)
     return out
+
+
+def _segment_sums(emb, members, k: int, chunk: int = 8192):
+    """(k, D) sums of the columns of ``emb`` (D, P) by ``members`` (P,) in 0..k-1.
+
+    A few thousand pixels at a time, each block transposed to pixel rows: gathering or scattering
+    along the map's pixel axis directly strides over all its H*W values per channel, which costs
+    seconds per image for wide (512-d) features."""
+    sums = emb.new_zeros(k, emb.shape[0])
+    for start in range(0, emb.shape[1], chunk):
+        block = emb[:, start:start + chunk]
+        sums.index_add_(0, members[start:start + chunk], block.T.contiguous())
+    return sums
 
 
 def to_host(arrays: dict[str, Any]) -> dict[str, np.ndarray]:
