@@ -61,6 +61,22 @@ def use_torch_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+@contextlib.contextmanager
+def kept_torch_threads() -> Iterator[None]:
+    """Give this process back its torch thread count on exit.
+
+    A stage may set it for its own work (embed checks its model at one inference thread). torch and
+    faiss share one OpenMP runtime, so without this every later stage of a pipeline run in this
+    process (transfer's kNN search, cluster, training) would run on that one thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        use_torch_threads(threads)
+
+
 def available_cores() -> int:
     """The cores this process may run on (its CPU affinity, e.g. a container's or taskset's share)."""
     try:

@@ -34,7 +34,7 @@ from .errors import SegsortError
 from .io.sources import ItemSources
 from .io.store import FLUSH_BYTES, SCHEMAS, Item, ShardInfo, StoreWriter, close_readers, item_nbytes, write_shard
 from .log import get_logger
-from .parallel import Executor, InProcess
+from .parallel import Executor, InProcess, kept_torch_threads
 
 log = get_logger("stages")
 
@@ -322,6 +322,8 @@ def registry() -> list[Stage]:
 
 def run_stage(stage: Stage, config: StageConfig, inputs: Any, output: str | os.PathLike, *,
               executor: Executor | None = None, overwrite: bool | str = False) -> list[StageSummary]:
-    """Call a stage's ``run`` with a default in-process executor; always a list of summaries."""
-    result = stage.run(config, inputs, output, executor=executor or InProcess(), overwrite=overwrite)
+    """Call a stage's ``run`` with a default in-process executor; always a list of summaries. The
+    process's torch threads are as before afterwards, whatever the stage set them to."""
+    with kept_torch_threads():
+        result = stage.run(config, inputs, output, executor=executor or InProcess(), overwrite=overwrite)
     return list(result) if isinstance(result, (list, tuple)) else [result]

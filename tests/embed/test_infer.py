@@ -346,3 +346,23 @@ def test_dense_is_a_setting_old_stores_do_not_change_for(camvid_small):
     thin = np.random.default_rng(0).integers(0, 256, (40, 3, 3)).astype(np.uint8)
     emb = embed_image(model, thin, dense=True, precision="fp32")
     assert emb.shape == (16, 40, 3) and torch.isfinite(emb).all()
+
+
+def test_embed_gives_the_calling_process_its_threads_back(camvid_small, tmp_path, monkeypatch):
+    """embed runs its model in the calling process at one inference thread. torch and faiss share
+    one OpenMP runtime, so the stages after it in a pipeline run (transfer's kNN search, cluster)
+    must get the process's threads back, not that one thread."""
+    import faiss
+
+    from segsort_unsup.embed import stage as embed_stage
+    from segsort_unsup.stages import run_stage
+
+    monkeypatch.setattr(embed_stage, "_MODELS", {})  # a model cached by an earlier test is not loaded again
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_stage(embed_stage.STAGE, EmbedConfig(precision="fp32"),
+                  [camvid_small / "model.pt", camvid_small / "img"], tmp_path / "p")
+        assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (2, 2)
+    finally:
+        torch.set_num_threads(before)
