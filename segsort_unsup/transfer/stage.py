@@ -7,7 +7,9 @@ every view (scales, flips) of its image, and takes the class with most votes (ti
 class id), as the reference's ``inference_segsort_msc.py`` (one-hot votes of the top-k
 prototypes, summed). ``balance`` > 0 departs from the reference for rare classes: a neighbour of
 class c votes ``(mean class count / count of c) ** balance``, the counts taken over the labelled
-prototypes (0.5: the square-root re-weighting). The result is a label PNG per image
+prototypes (0.5: the square-root re-weighting); a transfer that repeats the search of one before it
+in the same process (a plain and a balanced row of the same stores) reads its neighbour counts
+from :class:`CountsMemo`. The result is a label PNG per image
 (``<key>.png``, written atomically), ready for ``segsort-unsup evaluate semantic``. Pixels no
 segment covers (none in a query store embedded without labels) get ``ignore_label`` when set,
 else 255.
@@ -121,22 +123,67 @@ def class_weights(labels: np.ndarray, num_classes: int, balance: float) -> np.nd
     return weights.astype(np.float32)
 
 
-def knn_votes(query: np.ndarray, index, labels: np.ndarray, *, k: int, num_classes: int,
-              batch: int = 65536, weights: np.ndarray | None = None) -> np.ndarray:
-    """``(Q, C)`` float32 votes: for each query row, how many of its ``k`` nearest indexed
-    prototypes carry each class (cosine = inner product of unit rows), each class's count times
-    ``weights[c]`` when given (:func:`class_weights`)."""
+def neighbour_counts(query: np.ndarray, index, labels: np.ndarray, *, k: int, num_classes: int,
+                     batch: int = 65536) -> np.ndarray:
+    """``(Q, C)`` float32: for each query row, how many of its ``k`` nearest indexed prototypes
+    carry each class (cosine = inner product of unit rows)."""
     q = np.ascontiguousarray(query, dtype=np.float32)
-    votes = np.zeros((len(q), num_classes), np.float32)
+    counts = np.zeros((len(q), num_classes), np.float32)
     k = min(k, index.ntotal)
     for start in range(0, len(q), batch):
         _, nn = index.search(q[start:start + batch], k)
         ok = nn >= 0  # approximate indexes may return fewer than k
         rows = np.broadcast_to(np.arange(start, start + len(nn))[:, None], nn.shape)
-        np.add.at(votes, (rows[ok], labels[nn[ok]]), 1.0)
+        np.add.at(counts, (rows[ok], labels[nn[ok]]), 1.0)
+    return counts
+
+
+def knn_votes(query: np.ndarray, index, labels: np.ndarray, *, k: int, num_classes: int,
+              batch: int = 65536, weights: np.ndarray | None = None) -> np.ndarray:
+    """``(Q, C)`` float32 votes: :func:`neighbour_counts`, each class's count times ``weights[c]``
+    when given (:func:`class_weights`)."""
+    votes = neighbour_counts(query, index, labels, k=k, num_classes=num_classes, batch=batch)
     if weights is not None:
         votes *= np.asarray(weights, np.float32)[None, :]
     return votes
+
+
+class CountsMemo:
+    """The neighbour counts of recent searches, kept in this process for a transfer that repeats one.
+
+    A plain and a class-balanced transfer of the same two stores (``camvid.toml``'s rows) differ
+    only in how the counts are weighted, so the second one reads the counts instead of searching
+    again. A search is named by the labelled store (identity and content) and the settings that
+    change its neighbours; an item by its key and the sha256 of the query shard it was read from,
+    so a recomputed item is searched again. At most ``limit`` bytes are kept (the oldest searches
+    are dropped first); the counts are the search's own, so a result never depends on the memo.
+    """
+
+    def __init__(self, limit: int = 256 << 20):
+        self.limit = limit
+        self._searches: dict[str, dict[tuple[str, str], np.ndarray]] = {}
+        self._bytes = 0
+
+    def get(self, search: str, item: tuple[str, str]) -> np.ndarray | None:
+        found = self._searches.get(search, {}).get(item)
+        return None if found is None else found.astype(np.float32)
+
+    def put(self, search: str, item: tuple[str, str], counts: np.ndarray) -> None:
+        small = counts.astype(np.uint16 if counts.max(initial=0) < 65536 else np.float32)
+        if small.nbytes > self.limit:
+            return
+        while self._bytes + small.nbytes > self.limit:
+            oldest = next(iter(self._searches))
+            self._bytes -= sum(a.nbytes for a in self._searches.pop(oldest).values())
+        self._searches.setdefault(search, {})[item] = small
+        self._bytes += small.nbytes
+
+    def clear(self) -> None:
+        self._searches.clear()
+        self._bytes = 0
+
+
+COUNTS_MEMO = CountsMemo()
 
 
 def pixel_labels(votes: np.ndarray, maps: np.ndarray, *, fill: int = 255) -> np.ndarray:
@@ -262,17 +309,32 @@ def run(config: TransferConfig, inputs: Any, output: str | os.PathLike, *,
             log.info("transfer: settings or stores changed (%s); %s starts over", ", ".join(folder.replaced_keys),
                      output)
         folder.write_text(folder.path_for(MANIFEST), json.dumps(record, indent=2))
-        summary = _label_images(config, folder, query, build_index(x, index=config.index, nlist=config.nlist,
-                                                                    nprobe=config.nprobe), y, num_classes,
-                                weights)
+        search = config_hash({"labelled": labelled.config_hash, "labelled_content": identity["labelled_content"],
+                              "k": config.k, "index": config.index, "nlist": config.nlist, "nprobe": config.nprobe,
+                              "ignore_label": config.ignore_label})
+        summary = _label_images(config, folder, query, _LazyIndex(x, config), y, num_classes, weights, search)
     summary.identity_hash = config_hash(identity)
     labelled.close()
     query.close()
     return summary
 
 
-def _label_images(config: TransferConfig, folder: OutputFolder, query: StoreReader, index, y: np.ndarray,
-                  num_classes: int, weights: np.ndarray) -> StageSummary:
+class _LazyIndex:
+    """The labelled prototypes' faiss index, built on the first search (none when every item's
+    counts are already in :data:`COUNTS_MEMO`)."""
+
+    def __init__(self, prototypes: np.ndarray, config: TransferConfig):
+        self.prototypes, self.config, self._index = prototypes, config, None
+
+    def get(self):
+        if self._index is None:
+            self._index = build_index(self.prototypes, index=self.config.index, nlist=self.config.nlist,
+                                      nprobe=self.config.nprobe)
+        return self._index
+
+
+def _label_images(config: TransferConfig, folder: OutputFolder, query: StoreReader, index: _LazyIndex,
+                  y: np.ndarray, num_classes: int, weights: np.ndarray, search: str) -> StageSummary:
     """A label PNG per query image not yet complete in ``folder``; a bad key or item fails alone."""
     keys = query.keys()
     summary = StageSummary("transfer", output=str(folder.path), total=len(keys))
@@ -280,7 +342,7 @@ def _label_images(config: TransferConfig, folder: OutputFolder, query: StoreRead
     log.info("transfer: %d labelled prototypes (%d classes), %d query images, k=%d, %s index%s", len(y),
              num_classes, len(keys), config.k, config.index,
              f", class-balanced votes ({config.balance})" if config.balance else "")
-    _forget_stale(folder, query, keys)
+    origins = _forget_stale(folder, query, keys)
     for key in progress(keys, desc="transfer"):
         try:
             target = folder.file_for(key, ".png")
@@ -288,9 +350,12 @@ def _label_images(config: TransferConfig, folder: OutputFolder, query: StoreRead
                 summary.skipped += 1
                 continue
             item = query.read(key)
-            votes = knn_votes(item.arrays["prototypes"], index, y, k=config.k, num_classes=num_classes,
-                              batch=config.batch, weights=weights)
-            write_label_map(folder, target, item, votes, fill=fill)
+            counts = COUNTS_MEMO.get(search, (key, origins[key]))
+            if counts is None:
+                counts = neighbour_counts(item.arrays["prototypes"], index.get(), y, k=config.k,
+                                          num_classes=num_classes, batch=config.batch)
+                COUNTS_MEMO.put(search, (key, origins[key]), counts)
+            write_label_map(folder, target, item, counts * weights[None, :], fill=fill)
             summary.done += 1
         except Exception as exc:  # noqa: BLE001 - one bad item never stops the run
             reason = failure_reason(exc)
@@ -299,9 +364,10 @@ def _label_images(config: TransferConfig, folder: OutputFolder, query: StoreRead
     return summary
 
 
-def _forget_stale(folder: OutputFolder, query: StoreReader, keys: list[str]) -> None:
+def _forget_stale(folder: OutputFolder, query: StoreReader, keys: list[str]) -> dict[str, str]:
     """Un-record the PNGs of query items recomputed since they were written (a changed photo lands in
-    a new shard), then record what every PNG of this run is made from: the query shard's sha256."""
+    a new shard), then record what every PNG of this run is made from: the query shard's sha256
+    (returned, key -> sha256)."""
     made_from = _read_origins(folder)
     origins = {key: query.shard_sha256(key) for key in keys}
     for key in keys:
@@ -309,6 +375,7 @@ def _forget_stale(folder: OutputFolder, query: StoreReader, keys: list[str]) -> 
             with contextlib.suppress(InputError):  # a key unfit for a file name fails in the loop
                 folder.forget(folder.file_for(key, ".png"))
     folder.write_text(folder.path_for(ORIGINS), json.dumps(origins, indent=0, sort_keys=True))
+    return origins
 
 
 def _read_origins(folder: OutputFolder) -> dict[str, str]:

@@ -166,6 +166,48 @@ def test_transfer_writes_label_pngs_equal_to_brute_force(real_prototypes, tmp_pa
     np.testing.assert_array_equal(read_label_png(tmp_path / "out" / "dir" / "b.png"), expected)
 
 
+def test_a_balanced_transfer_after_a_plain_one_reads_its_counts_and_writes_the_same_pngs(real_prototypes,
+                                                                                          tmp_path, monkeypatch):
+    from segsort_unsup.io.images import read_label_png
+    from segsort_unsup.transfer import stage
+
+    (lab, qry), seg = real_prototypes
+    _store(tmp_path / "lab", [_item("a", lab["prototypes"], np.maximum(seg[0], 0), lab["label"])])
+    _store(tmp_path / "q", [_item("b", qry["prototypes"], seg[1]), _item("c", qry["prototypes"][::-1], seg[1])])
+    stores = [tmp_path / "lab", tmp_path / "q"]
+    searched = []
+    counts = stage.neighbour_counts
+    monkeypatch.setattr(stage, "neighbour_counts", lambda *a, **kw: searched.append(1) or counts(*a, **kw))
+    stage.COUNTS_MEMO.clear()
+    assert run(TransferConfig(k=15), stores, tmp_path / "plain").done == 2 and len(searched) == 2
+    assert run(TransferConfig(k=15, balance=0.5), stores, tmp_path / "bal").done == 2 and len(searched) == 2
+    assert run(TransferConfig(k=5, balance=0.5), stores, tmp_path / "k5").done == 2 and len(searched) == 4
+    stage.COUNTS_MEMO.clear()  # the reference: the balanced transfer searching for itself
+    assert run(TransferConfig(k=15, balance=0.5), stores, tmp_path / "ref").done == 2 and len(searched) == 6
+    for key in ("b", "c"):
+        np.testing.assert_array_equal(read_label_png(tmp_path / "bal" / f"{key}.png"),
+                                      read_label_png(tmp_path / "ref" / f"{key}.png"))
+    assert not (read_label_png(tmp_path / "bal" / "b.png") == read_label_png(tmp_path / "plain" / "b.png")).all()
+    # another labelled set under the same name is searched again
+    _store(tmp_path / "lab2", [_item("a", lab["prototypes"][::-1], np.maximum(seg[0], 0), lab["label"])])
+    run(TransferConfig(k=15, balance=0.5), [tmp_path / "lab2", tmp_path / "q"], tmp_path / "other")
+    assert len(searched) == 8
+
+
+def test_the_counts_memo_drops_its_oldest_searches_beyond_its_limit():
+    from segsort_unsup.transfer.stage import CountsMemo
+
+    memo = CountsMemo(limit=3 * 10 * 4 * 2)  # three (10, 4) uint16 count arrays
+    for search in ("s1", "s2", "s3"):
+        memo.put(search, ("a", "sha"), np.full((10, 4), 2.0, np.float32))
+    memo.put("s4", ("a", "sha"), np.full((10, 4), 3.0, np.float32))
+    assert memo.get("s1", ("a", "sha")) is None
+    np.testing.assert_array_equal(memo.get("s4", ("a", "sha")), np.full((10, 4), 3.0, np.float32))
+    assert memo.get("s2", ("a", "sha")).dtype == np.float32
+    memo.put("s5", ("a", "sha"), np.zeros((1000, 4), np.float32))  # larger than the whole memo: not kept
+    assert memo.get("s5", ("a", "sha")) is None and memo.get("s4", ("a", "sha")) is not None
+
+
 def test_transfer_input_errors(tmp_path):
     rng = np.random.default_rng(2)
     seg = np.zeros((4, 4), np.int32)
