@@ -172,6 +172,8 @@ class CountsMemo:
         small = counts.astype(np.uint16 if counts.max(initial=0) < 65536 else np.float32)
         if small.nbytes > self.limit:
             return
+        replaced = self._searches.get(search, {}).pop(item, None)
+        self._bytes -= 0 if replaced is None else replaced.nbytes
         while self._bytes + small.nbytes > self.limit:
             oldest = next(iter(self._searches))
             self._bytes -= sum(a.nbytes for a in self._searches.pop(oldest).values())

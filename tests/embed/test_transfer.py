@@ -198,8 +198,10 @@ def test_the_counts_memo_drops_its_oldest_searches_beyond_its_limit():
     from segsort_unsup.transfer.stage import CountsMemo
 
     memo = CountsMemo(limit=3 * 10 * 4 * 2)  # three (10, 4) uint16 count arrays
+    memo.put("s1", ("a", "sha"), np.ones((10, 4), np.float32))  # replaced below: counted once
     for search in ("s1", "s2", "s3"):
         memo.put(search, ("a", "sha"), np.full((10, 4), 2.0, np.float32))
+    np.testing.assert_array_equal(memo.get("s1", ("a", "sha")), np.full((10, 4), 2.0, np.float32))
     memo.put("s4", ("a", "sha"), np.full((10, 4), 3.0, np.float32))
     assert memo.get("s1", ("a", "sha")) is None
     np.testing.assert_array_equal(memo.get("s4", ("a", "sha")), np.full((10, 4), 3.0, np.float32))
