@@ -311,9 +311,8 @@ def run(config: TransferConfig, inputs: Any, output: str | os.PathLike, *,
             log.info("transfer: settings or stores changed (%s); %s starts over", ", ".join(folder.replaced_keys),
                      output)
         folder.write_text(folder.path_for(MANIFEST), json.dumps(record, indent=2))
-        search = config_hash({"labelled": labelled.config_hash, "labelled_content": identity["labelled_content"],
-                              "k": config.k, "index": config.index, "nlist": config.nlist, "nprobe": config.nprobe,
-                              "ignore_label": config.ignore_label})
+        # the search: everything in the identity but the vote weights and the query store
+        search = config_hash({key: value for key, value in identity.items() if key not in ("balance", "query")})
         summary = _label_images(config, folder, query, _LazyIndex(x, config), y, num_classes, weights, search)
     summary.identity_hash = config_hash(identity)
     labelled.close()
