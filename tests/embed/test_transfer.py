@@ -110,6 +110,32 @@ def test_ivf_index_finds_the_same_neighbours_with_every_cell_probed():
     np.testing.assert_array_equal(exact, approx)
 
 
+@pytest.mark.parametrize("rows, cols", [(256, 8192), (7, 13), (1000, 5)])
+def test_exact_search_finds_faiss_flat_neighbours_in_faiss_order(rows, cols):
+    """The blocked search against faiss's IndexFlatIP (peer): the same k nearest, best first, with
+    blocks that split the queries and the prototypes unevenly (and narrower than k)."""
+    import faiss
+
+    from segsort_unsup.transfer.stage import ExactSearch
+
+    rng = np.random.default_rng(5)
+    protos, query = _unit(rng, 3001, 24), _unit(rng, 517, 24)
+    peer = faiss.IndexFlatIP(24)
+    peer.add(protos)
+    want_scores, want_ids = peer.search(query, 15)
+    search = ExactSearch(protos, rows=rows, cols=cols)
+    scores, ids = search.search(query, 15)
+    assert search.ntotal == 3001 and ids.shape == (517, 15) and ids.dtype == np.int64
+    # the same neighbours; two whose similarities differ by a rounding error may trade places
+    np.testing.assert_array_equal(np.sort(ids, axis=1), np.sort(want_ids, axis=1))
+    np.testing.assert_allclose(scores, want_scores, atol=1e-6)
+    assert (np.diff(scores, axis=1) <= 0).all()
+    np.testing.assert_allclose(scores, np.take_along_axis(query @ protos.T, ids, axis=1), atol=1e-6)
+    every_scores, every = search.search(query[:3], 5000)  # k over N: every prototype once, best first
+    assert every.shape == (3, 3001) and all(sorted(row) == list(range(3001)) for row in every)
+    assert (np.diff(every_scores, axis=1) <= 0).all()
+
+
 def test_pixel_labels_sum_votes_over_views():
     rng = np.random.default_rng(1)
     votes = rng.integers(0, 15, (7, 4)).astype(np.float32)
