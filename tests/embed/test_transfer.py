@@ -126,11 +126,16 @@ def test_exact_search_finds_faiss_flat_neighbours_in_faiss_order(rows, cols):
     search = ExactSearch(protos, rows=rows, cols=cols)
     scores, ids = search.search(query, 15)
     assert search.ntotal == 3001 and ids.shape == (517, 15) and ids.dtype == np.int64
-    # the same neighbours; two whose similarities differ by a rounding error may trade places
-    np.testing.assert_array_equal(np.sort(ids, axis=1), np.sort(want_ids, axis=1))
-    np.testing.assert_allclose(scores, want_scores, atol=1e-6)
+    exact = query.astype(np.float64) @ protos.T.astype(np.float64)
+    kth = -np.sort(-exact, axis=1)[:, 14:15]
+    # the k nearest by float64 similarity, each once; at the k-th place a near-tie (within float32
+    # rounding, which differs between CPUs) may go either way, in faiss as here
+    assert (np.take_along_axis(exact, ids, axis=1) >= kth - 1e-5).all()
+    assert all(len(set(row)) == 15 for row in ids)
+    assert (np.sort(ids, axis=1) == np.sort(want_ids, axis=1)).all(axis=1).mean() > 0.99
+    np.testing.assert_allclose(scores, np.take_along_axis(exact, ids, axis=1), atol=1e-5)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
     assert (np.diff(scores, axis=1) <= 0).all()
-    np.testing.assert_allclose(scores, np.take_along_axis(query @ protos.T, ids, axis=1), atol=1e-6)
     every_scores, every = search.search(query[:3], 5000)  # k over N: every prototype once, best first
     assert every.shape == (3, 3001) and all(sorted(row) == list(range(3001)) for row in every)
     assert (np.diff(every_scores, axis=1) <= 0).all()
