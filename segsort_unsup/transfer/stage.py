@@ -3,16 +3,16 @@
 Each query segment takes the vote of its ``k`` (15) nearest labelled prototypes by cosine
 similarity (exact inner-product search, :class:`ExactSearch`: faiss ``IndexFlatIP``'s neighbours,
 faster; ``index="ivf"`` is faiss's approximate inverted-file index for millions of prototypes);
-every pixel sums the votes of its segments in every view (scales, flips) of its image, and takes the class with most votes (ties: the lowest
-class id), as the reference's ``inference_segsort_msc.py`` (one-hot votes of the top-k
-prototypes, summed). ``balance`` > 0 departs from the reference for rare classes: a neighbour of
-class c votes ``(mean class count / count of c) ** balance``, the counts taken over the labelled
-prototypes (0.5: the square-root re-weighting); a transfer that repeats the search of one before it
-in the same process (a plain and a balanced row of the same stores) reads its neighbour counts
-from :class:`CountsMemo`. The result is a label PNG per image
-(``<key>.png``, written atomically), ready for ``segsort-unsup evaluate semantic``. Pixels no
-segment covers (none in a query store embedded without labels) get ``ignore_label`` when set,
-else 255.
+every pixel sums the votes of its segments in every view (scales, flips) of its image, and takes
+the class with most votes (ties: the lowest class id), as the reference's
+``inference_segsort_msc.py`` (one-hot votes of the top-k prototypes, summed). ``balance`` > 0
+departs from the reference for rare classes: a neighbour of class c votes ``(mean class count /
+count of c) ** balance``, the counts taken over the labelled prototypes (0.5: the square-root
+re-weighting); a transfer that repeats the search of one before it in the same process (a plain
+and a balanced row of the same stores) reads its neighbour counts from :class:`CountsMemo`. The
+result is a label PNG per image (``<key>.png``, written atomically), ready for ``segsort-unsup
+evaluate semantic``. Pixels no segment covers (none in a query store embedded without labels) get
+``ignore_label`` when set, else 255.
 
 Output folder (:class:`~segsort_unsup.io.outdir.OutputFolder`, kind ``labels``): the PNGs and
 ``transfer.json`` (identity: settings + both stores' identities), written under a manifest and a
@@ -118,15 +118,15 @@ class ExactSearch:
         scores, ids = np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64)
         with torch.no_grad():
             for start in range(0, len(q), self.rows):
-                block, values, rows = q[start:start + self.rows], [], []
+                block, values, found = q[start:start + self.rows], [], []
                 for first in range(0, self.ntotal, self.cols):
                     part = block @ self._columns[:, first:first + self.cols]
                     top = part.topk(min(k, part.shape[1]), dim=1)
                     values.append(top.values)
-                    rows.append(top.indices + first)
+                    found.append(top.indices + first)
                 best = torch.cat(values, 1).topk(k, dim=1)
                 scores[start:start + len(block)] = best.values.numpy()
-                ids[start:start + len(block)] = torch.cat(rows, 1).gather(1, best.indices).numpy()
+                ids[start:start + len(block)] = torch.cat(found, 1).gather(1, best.indices).numpy()
         return scores, ids
 
 
