@@ -22,6 +22,13 @@ def _brute_votes(query, protos, labels, k, num_classes):
     return votes
 
 
+def _clear_rows(query, protos, k, gap=1e-5):
+    """Rows whose k-th and (k+1)-th float64 similarities are more than ``gap`` apart: there the k
+    nearest do not depend on float32 rounding, which differs between CPUs."""
+    sim = -np.sort(-(query.astype(np.float64) @ protos.astype(np.float64).T), axis=1)
+    return np.ones(len(query), bool) if k >= sim.shape[1] else sim[:, k - 1] - sim[:, k] > gap
+
+
 def _unit(rng, n, d):
     x = rng.standard_normal((n, d)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -52,7 +59,9 @@ def test_knn_votes_equal_brute_force_on_real_prototypes(real_prototypes):
     protos, labels = lab["prototypes"], lab["label"].astype(np.int64)
     for k in (1, 5, 15):
         votes = knn_votes(qry["prototypes"], build_index(protos), labels, k=k, num_classes=7)
-        np.testing.assert_array_equal(votes, _brute_votes(qry["prototypes"], protos, labels, k, 7))
+        clear = _clear_rows(qry["prototypes"], protos, k)
+        assert clear.mean() > 0.95
+        np.testing.assert_array_equal(votes[clear], _brute_votes(qry["prototypes"], protos, labels, k, 7)[clear])
 
 
 def test_class_weights_restate_the_formula():
@@ -68,7 +77,9 @@ def test_balanced_votes_equal_brute_force_times_the_class_weights(real_prototype
     protos, labels = lab["prototypes"], lab["label"].astype(np.int64)
     w = class_weights(labels, 7, 0.5)
     votes = knn_votes(qry["prototypes"], build_index(protos), labels, k=15, num_classes=7, weights=w)
-    np.testing.assert_allclose(votes, _brute_votes(qry["prototypes"], protos, labels, 15, 7) * w, rtol=1e-6)
+    clear = _clear_rows(qry["prototypes"], protos, 15)
+    np.testing.assert_allclose(votes[clear], (_brute_votes(qry["prototypes"], protos, labels, 15, 7) * w)[clear],
+                               rtol=1e-6)
 
 
 def test_balanced_votes_let_a_rare_class_win_where_plain_votes_do_not(tmp_path):
