@@ -8,9 +8,11 @@ for distributed ones (``distributed = True``) a chunk of images whose task write
 complete shard and returns only counts and failures.
 
 * :class:`InProcess` — the calling process, one item at a time.
-* :class:`ProcessPool` — ``workers`` local processes (``spawn``); a worker that dies
-  (segfault, out-of-memory kill) fails only the item that killed it; workers ignore Ctrl-C (the
-  parent stops them) and die with their parent, so a killed run leaves nothing running.
+* :class:`ProcessPool` — ``workers`` local processes (``spawn``), started once and shared by
+  every map until the executor is closed (a pipeline's stages import torch once per worker); a
+  worker that dies (segfault, out-of-memory kill) fails only the item that killed it; workers
+  ignore Ctrl-C (the parent stops them) and die with their parent, so a killed run leaves nothing
+  running.
 * :class:`DaskExecutor` — a ``distributed`` cluster: ``scheduler="tcp://host:8786"``, or a
   ``LocalCluster`` of ``workers`` processes when no scheduler is given. Tasks of a lost worker
   are retried elsewhere by the scheduler. Needs the ``dask`` extra.
@@ -20,10 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import multiprocessing as mp
 import os
 import signal
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -129,12 +133,39 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _worker_init(initializer: Callable[..., Any] | None, initargs: tuple) -> None:
+def _worker_init() -> None:
     """Start of every local worker process: Ctrl-C is the parent's to handle; die with the parent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
-    if initializer is not None:
-        initializer(*initargs)
+
+
+@dataclass(frozen=True)
+class _MapCall:
+    """Which ``map`` call a task belongs to, and that call's worker initializer."""
+
+    token: str
+    initializer: Callable[..., Any] | None = None
+    initargs: tuple = ()
+
+
+_current_map = {"token": None}
+
+
+def _run_task(call: _MapCall, fn: Callable[[T], R], item: T) -> R:
+    """In a worker: ``fn(item)``, after starting ``call``'s map in this worker if it is new.
+
+    A worker serves every map of its pool (one import of torch and the stages per worker, not per
+    stage); a new map first closes the store readers the last one kept open and runs its own
+    initializer, so each map finds the worker as a fresh one would be where it matters."""
+    if _current_map["token"] != call.token:
+        from .io.store import close_readers
+
+        close_readers()
+        gc.collect()
+        _current_map["token"] = call.token
+        if call.initializer is not None:
+            call.initializer(*call.initargs)
+    return fn(item)
 
 
 class Executor:
@@ -187,7 +218,11 @@ class InProcess(Executor):
 
 
 class ProcessPool(Executor):
-    """``workers`` local processes; at most ``2 * workers`` items in flight (results are saved as they come)."""
+    """``workers`` local processes; at most ``2 * workers`` items in flight (results are saved as they come).
+
+    The processes start at the first ``map`` and serve every later one until :meth:`close` (a
+    pipeline's stages share them); a map that is interrupted or fails stops them, and the next map
+    starts new ones."""
 
     name = "local processes"
 
@@ -195,19 +230,36 @@ class ProcessPool(Executor):
         if workers < 1:
             raise InputError("--workers must be >= 1")
         self.workers = self.local_workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _live_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            ctx = mp.get_context("spawn")  # workers are our children: PDEATHSIG reaches them
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_worker_init)
+        return self._pool
+
+    def _drop_pool(self, *, kill: bool) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        if kill:
+            _terminate(pool)
+        else:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def close(self) -> None:
+        self._drop_pool(kill=False)
 
     def map(self, fn, items, *, desc="", total=None, unit="img", weight=None, initializer=None, initargs=()):
         items = list(items)
         total = sum(weight(i) for i in items) if weight else (len(items) if total is None else total)
         step = (lambda it: weight(it)) if weight else (lambda it: 1)
-        ctx = mp.get_context("spawn")  # workers are our children: PDEATHSIG reaches them
+        call = _MapCall(uuid.uuid4().hex, initializer, tuple(initargs))
 
-        def new_pool() -> ProcessPoolExecutor:
-            return ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_worker_init,
-                                       initargs=(initializer, initargs))
+        def submit(item) -> Future:
+            return self._live_pool().submit(_run_task, call, fn, item)
 
         with progress(total=total, desc=desc, unit=unit) as bar:
-            pool = new_pool()
             pending: dict[Future, Any] = {}
             retry: list = []  # in flight when a worker died: run again once, alone
             crashes: dict[int, int] = {}
@@ -218,7 +270,7 @@ class ProcessPool(Executor):
                     if retry:  # suspects of a worker death run alone, so a second death is surely theirs
                         if not pending:
                             item = retry.pop()
-                            pending[pool.submit(fn, item)] = item
+                            pending[submit(item)] = item
                     else:
                         while not exhausted and len(pending) < 2 * self.workers:
                             try:
@@ -226,7 +278,7 @@ class ProcessPool(Executor):
                             except StopIteration:
                                 exhausted = True
                                 break
-                            pending[pool.submit(fn, item)] = item
+                            pending[submit(item)] = item
                     if not pending:
                         break
                     done: set = set()
@@ -234,8 +286,7 @@ class ProcessPool(Executor):
                         check_stop()
                         done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                     if any(isinstance(fut.exception(), BrokenProcessPool) for fut in done):
-                        pool.shutdown(wait=True, cancel_futures=True)
-                        pool = new_pool()
+                        self._drop_pool(kill=False)  # the next submit starts a new one
                         for fut, item in list(pending.items()):
                             del pending[fut]
                             crashes[id(item)] = crashes.get(id(item), 0) + 1
@@ -251,9 +302,8 @@ class ProcessPool(Executor):
                         bar.update(step(item))
                         yield Outcome(item, error=exc) if exc is not None else Outcome(item, result=fut.result())
             except BaseException:
-                _terminate(pool)  # Ctrl-C, SIGTERM, errors: stop now, waiting for nobody
+                self._drop_pool(kill=True)  # Ctrl-C, SIGTERM, errors: stop now, waiting for nobody
                 raise
-            pool.shutdown(wait=True)
 
 
 def _terminate(pool: ProcessPoolExecutor) -> None:

@@ -48,6 +48,64 @@ def test_dead_worker_fails_only_its_item():
     assert all(out[i].result == i * i for i in range(10) if i not in (3, 5))
 
 
+_SETTING = {"value": None}
+
+
+def _set(value: str) -> None:
+    _SETTING["value"] = value
+
+
+def _pid_setting_readers(store: str | None) -> tuple[int, str | None, int]:
+    """In a worker: its pid, what this map's initializer set, and how many readers were open before
+    this item (then one of ``store`` is opened and kept, as stages read their inputs)."""
+    from segsort_unsup.io import store as stores
+
+    before = len(stores._READERS)
+    if store is not None:
+        stores.cached_reader(store)
+    return os.getpid(), _SETTING["value"], before
+
+
+def test_pool_workers_serve_every_map_each_starting_fresh(tmp_path):
+    """A pipeline's stages share the pool's processes (torch is imported once per worker, not per
+    stage); each map runs its own initializer there and finds no reader of the map before open."""
+    from segsort_unsup.io.store import Item, StoreWriter
+
+    with StoreWriter(tmp_path / "s", kind="test", config={}) as writer:
+        writer.add(Item("a", {"x": np.zeros(2)}))
+    with ProcessPool(2) as pool:
+        first = [o.result for o in pool.map(_pid_setting_readers, [str(tmp_path / "s")] * 8,
+                                            initializer=_set, initargs=("first",))]
+        second = [o.result for o in pool.map(_pid_setting_readers, [None] * 8, initializer=_set,
+                                             initargs=("second",))]
+        crashed = {o.item: o for o in pool.map(_square_or_die, range(6))}  # a worker dies: a new pool
+        third = [o.result for o in pool.map(_pid_setting_readers, [None] * 4)]
+    assert {r[1] for r in first} == {"first"} and {r[1] for r in second} == {"second"}
+    assert {r[0] for r in second} == {r[0] for r in first} and len({r[0] for r in first}) <= 2
+    assert max(r[2] for r in first) == 1  # a worker's second item of a map finds the reader it kept
+    assert {r[2] for r in second} == {0}  # closed when the next map began
+    assert "worker process died" in str(crashed[3].error) and crashed[4].result == 16
+    assert not {r[0] for r in third} & {r[0] for r in first} and {r[1] for r in third} == {None}  # new processes
+
+
+def _slow(x: int) -> int:
+    time.sleep(0.2 if x else 0.0)
+    return os.getpid()
+
+
+def test_pool_interrupted_map_stops_its_workers_and_the_next_map_starts_new_ones():
+    with ProcessPool(2) as pool:
+        outcomes = pool.map(_slow, range(20))
+        first = next(outcomes).result
+        with pytest.raises(KeyboardInterrupt):
+            outcomes.throw(KeyboardInterrupt)  # as Ctrl-C inside a stage
+        with pytest.raises(ProcessLookupError):
+            for _ in range(100):  # killed, not left to finish the items nobody will record
+                os.kill(first, 0)
+                time.sleep(0.05)
+        assert first not in {o.result for o in pool.map(_slow, range(4))}
+
+
 def test_executor_choices_are_checked():
     assert isinstance(make_executor("local", workers=1), InProcess)
     assert isinstance(make_executor("local", workers=2), ProcessPool)
