@@ -20,7 +20,7 @@ import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -32,7 +32,9 @@ from ..io.store import Item, StoreReader
 from ..log import get_logger, progress
 from ..parallel import Executor, check_stop
 from ..stages import Stage, StageRun, StageSummary
-from .data import Sample, grouping_names, list_samples, load_sample
+
+if TYPE_CHECKING:  # .data imports torch: `segsort-unsup --help` lists this stage without it
+    from .data import Sample
 
 log = get_logger("features")
 
@@ -111,6 +113,7 @@ def compute_features(model: Any, job: FeatureJob, *, grouping: tuple[str, int | 
 
     from ..runtime import autocast
     from ..embed.losses import segments_to_grid
+    from .data import load_sample
 
     rgb, seg, _ = load_sample(replace(job.sample, label=None), grouping=grouping)
     h, w = seg.shape
@@ -146,6 +149,7 @@ def run(config: FeaturesConfig, inputs: str | os.PathLike, output: str | os.Path
     import torch
 
     from ..runtime import resolve_device, resolve_precision
+    from .data import list_samples
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -164,6 +168,8 @@ def compute(config: FeaturesConfig, samples: list[Sample], segments: Path, store
             precision: str, overwrite: bool | str = "changed") -> StageSummary:
     """The maps of ``samples`` not yet in ``store`` (``precision`` resolved); a bad image is skipped
     with one line, any other error surfaces."""
+    from .data import grouping_names
+
     with StoreReader(segments, kind="segments") as reader:
         grouping = grouping_names(reader, config.cut)
         identity = feature_identity(config, precision=precision, segments_identity=reader.config_hash)
