@@ -9,7 +9,8 @@ complete shard and returns only counts and failures.
 
 * :class:`InProcess` — the calling process, one item at a time.
 * :class:`ProcessPool` — ``workers`` local processes (``spawn``), started once and shared by
-  every map until the executor is closed (a pipeline's stages import torch once per worker); a
+  every map until the executor is closed or lets them go (a pipeline's stages import torch once
+  per worker; a stage that works in the calling process lets them go first); a
   worker that dies (segfault, out-of-memory kill) fails only the item that killed it; workers
   ignore Ctrl-C (the parent stops them) and die with their parent, so a killed run leaves nothing
   running.
@@ -184,6 +185,10 @@ class Executor:
     def close(self) -> None:
         """Release workers or the cluster connection."""
 
+    def release_idle(self) -> None:
+        """Let idle local worker processes go until the next map (a stage that works in the calling
+        process is next: their memory, and any GPU context they hold, is its own again)."""
+
     def describe(self) -> str:
         return f"{self.name} ({self.workers} worker{'s' if self.workers != 1 else ''})"
 
@@ -220,9 +225,9 @@ class InProcess(Executor):
 class ProcessPool(Executor):
     """``workers`` local processes; at most ``2 * workers`` items in flight (results are saved as they come).
 
-    The processes start at the first ``map`` and serve every later one until :meth:`close` (a
-    pipeline's stages share them); a map that is interrupted or fails stops them, and the next map
-    starts new ones."""
+    The processes start at the first ``map`` and serve every later one until :meth:`close` or
+    :meth:`release_idle` (a pipeline's stages share them); a map that is interrupted or fails stops
+    them, and the next map starts new ones."""
 
     name = "local processes"
 
@@ -248,6 +253,9 @@ class ProcessPool(Executor):
             pool.shutdown(wait=True, cancel_futures=True)
 
     def close(self) -> None:
+        self._drop_pool(kill=False)
+
+    def release_idle(self) -> None:
         self._drop_pool(kill=False)
 
     def map(self, fn, items, *, desc="", total=None, unit="img", weight=None, initializer=None, initargs=()):

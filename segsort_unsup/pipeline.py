@@ -379,6 +379,8 @@ def run_pipeline(pipeline: Pipeline, *, overwrite: bool = False, from_stage: str
             make_executor(pipeline.executor, workers=pipeline.workers, scheduler=scheduler) as executor:
         for section in span:
             started = time.perf_counter()
+            if not section.stage.executor:
+                executor.release_idle()
             try:
                 results = run_stage(section.stage, section.config, pipeline.source_paths(section), section.output,
                                     executor=executor, overwrite=True if overwrite else "changed")

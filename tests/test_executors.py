@@ -106,6 +106,18 @@ def test_pool_interrupted_map_stops_its_workers_and_the_next_map_starts_new_ones
         assert first not in {o.result for o in pool.map(_slow, range(4))}
 
 
+def test_pool_released_while_idle_starts_new_workers_at_the_next_map():
+    with ProcessPool(2) as pool:
+        before = {o.result for o in pool.map(_slow, [0] * 4)}
+        pool.release_idle()
+        for pid in before:  # gone: their memory is the calling process's stage's again
+            with pytest.raises(ProcessLookupError):
+                for _ in range(100):
+                    os.kill(pid, 0)
+                    time.sleep(0.05)
+        assert not before & {o.result for o in pool.map(_slow, [0] * 4)}
+
+
 def test_executor_choices_are_checked():
     assert isinstance(make_executor("local", workers=1), InProcess)
     assert isinstance(make_executor("local", workers=2), ProcessPool)

@@ -346,6 +346,38 @@ from = ["embed.a-scored", "embed.a-scored"]
     assert other.source_paths(section)[1] == str(tmp_path / "test")
 
 
+def test_idle_workers_are_let_go_before_a_stage_that_works_in_this_process(tmp_path, monkeypatch):
+    """The stages share the pipeline's worker processes; a stage that runs in the calling process
+    (training, the kNN transfer) gets the machine to itself: the idle workers are let go first."""
+    import segsort_unsup.pipeline as pipeline_module
+    from segsort_unsup.parallel import InProcess
+    from segsort_unsup.stages import StageSummary
+
+    events = []
+
+    class Recorder(InProcess):
+        def release_idle(self):
+            events.append("release")
+
+    def fake_run_stage(stage, config, inputs, output, *, executor, overwrite):
+        events.append(stage.name)
+        return [StageSummary(stage.name)]
+
+    monkeypatch.setattr(pipeline_module, "make_executor", lambda *a, **k: Recorder())
+    monkeypatch.setattr(pipeline_module, "run_stage", fake_run_stage)
+    _tree(tmp_path)
+    pipeline_module.run_pipeline(load_pipeline(_write(tmp_path, SECTIONS + """
+[embed.a-scored]
+from = ["train.a", "scored"]
+[transfer]
+from = ["embed.a-scored", "embed.a-scored"]
+[semantic]
+ground_truth = "@scored_labels"
+""")))
+    assert events == ["contours", "ucm", "release", "train", "release", "train", "embed", "release", "transfer",
+                      "semantic"]
+
+
 @pytest.mark.parametrize("extra, message", [
     ("[embed]\n", r"\[embed\]: reads 'train', which runs 2 times \(train.a, train.b\); say which with from"),
     ("[embed.x]\nfrom = ['train.c', 'input']\n", r"\[embed.x\]: key 'from': 'train.c' is neither an input nor a section before"),
