@@ -236,6 +236,7 @@ class ProcessPool(Executor):
             raise InputError("--workers must be >= 1")
         self.workers = self.local_workers = workers
         self._pool: ProcessPoolExecutor | None = None
+        self._busy = False  # a map has items in flight (its caller may have stopped reading it)
 
     def _live_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -245,6 +246,7 @@ class ProcessPool(Executor):
 
     def _drop_pool(self, *, kill: bool) -> None:
         pool, self._pool = self._pool, None
+        self._busy = False
         if pool is None:
             return
         if kill:
@@ -253,10 +255,12 @@ class ProcessPool(Executor):
             pool.shutdown(wait=True, cancel_futures=True)
 
     def close(self) -> None:
-        self._drop_pool(kill=False)
+        # busy: the caller left a map mid-way (Ctrl-C while it saved a result): nobody will record
+        # what the workers are doing, so they are stopped, not waited for
+        self._drop_pool(kill=self._busy)
 
     def release_idle(self) -> None:
-        self._drop_pool(kill=False)
+        self._drop_pool(kill=self._busy)
 
     def map(self, fn, items, *, desc="", total=None, unit="img", weight=None, initializer=None, initargs=()):
         items = list(items)
@@ -268,6 +272,7 @@ class ProcessPool(Executor):
             return self._live_pool().submit(_run_task, call, fn, item)
 
         with progress(total=total, desc=desc, unit=unit) as bar:
+            self._busy = True
             pending: dict[Future, Any] = {}
             retry: list = []  # in flight when a worker died: run again once, alone
             crashes: dict[int, int] = {}
@@ -295,6 +300,7 @@ class ProcessPool(Executor):
                         done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                     if any(isinstance(fut.exception(), BrokenProcessPool) for fut in done):
                         self._drop_pool(kill=False)  # the next submit starts a new one
+                        self._busy = True
                         for fut, item in list(pending.items()):
                             del pending[fut]
                             crashes[id(item)] = crashes.get(id(item), 0) + 1
@@ -312,6 +318,7 @@ class ProcessPool(Executor):
             except BaseException:
                 self._drop_pool(kill=True)  # Ctrl-C, SIGTERM, errors: stop now, waiting for nobody
                 raise
+            self._busy = False
 
 
 def _terminate(pool: ProcessPoolExecutor) -> None:

@@ -106,6 +106,26 @@ def test_pool_interrupted_map_stops_its_workers_and_the_next_map_starts_new_ones
         assert first not in {o.result for o in pool.map(_slow, range(4))}
 
 
+def test_pool_closed_while_its_caller_left_a_map_mid_way_stops_the_workers_at_once():
+    """Ctrl-C while the caller saves a result: the map is left suspended, and closing the executor
+    must not wait for the items still in flight."""
+    pool = ProcessPool(2)
+    outcomes = pool.map(_slow_by, [0, 60, 60])  # kept referenced: not closed by the garbage collector
+    first = next(outcomes).result
+    started = time.perf_counter()
+    pool.close()
+    assert time.perf_counter() - started < 10
+    with pytest.raises(ProcessLookupError):
+        for _ in range(100):
+            os.kill(first, 0)
+            time.sleep(0.05)
+
+
+def _slow_by(seconds: int) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
 def test_pool_released_while_idle_starts_new_workers_at_the_next_map():
     with ProcessPool(2) as pool:
         before = {o.result for o in pool.map(_slow, [0] * 4)}
