@@ -43,21 +43,34 @@ PAD_SEGMENT = -1
 DEFAULT_KAPPA = 10.0
 
 
+WEIGHTINGS = ("pixel", "segment")
+
+
 def unsupervised_segsort_loss(embedding: torch.Tensor, segments: torch.Tensor, *,
-                              kappa: float = DEFAULT_KAPPA, ignore: int | None = None) -> torch.Tensor:
+                              kappa: float = DEFAULT_KAPPA, ignore: int | None = None,
+                              weighting: str = "pixel") -> torch.Tensor:
     """Unsupervised SegSort loss: each pixel vs all segment prototypes of the batch (softmax CE,
     own segment positive), averaged over the pixels not ignored. See the module docstring.
 
     ``segments`` (N, H, W) must be on the embedding grid (see :func:`segments_to_grid`).
+    ``weighting="segment"`` (not in the release): the mean over segments of each segment's mean
+    pixel loss, so that a small segment (a pole, a sign) weighs as much as the road.
     """
     _check_kappa(kappa)
+    if weighting not in WEIGHTINGS:
+        raise InputError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
     emb, seg = _check_pair(embedding, segments, "segments")
     with torch.autocast(emb.device.type, enabled=False):
         flat, ids, image, valid = _flatten(emb, seg, ignore)
         protos, index, _, _ = _prototypes(flat, ids, image, valid)
         # softmax cross-entropy with the own segment as target (one fused log-softmax pass)
         logits = (kappa * flat[valid]) @ protos.T
-        return F.cross_entropy(logits, index[valid])
+        if weighting == "pixel":
+            return F.cross_entropy(logits, index[valid])
+        own = index[valid]
+        sizes = torch.bincount(own, minlength=len(protos)).to(logits.dtype)
+        per_pixel = F.cross_entropy(logits, own, reduction="none")
+        return (per_pixel / sizes[own]).sum() / (sizes > 0).sum()
 
 
 class PrototypeMemory:

@@ -111,6 +111,9 @@ class TrainConfig(StageConfig):
     head: str = setting("conv3", help="Embedding head: three convolutions or one.", choices=("conv3", "conv1"))
     hidden: int = setting(256, help="Hidden channels of the conv3 head.", low=1)
     kappa: float = setting(10.0, help="Concentration of the von Mises-Fisher loss (1 / temperature).", low=0)
+    loss_weighting: str = setting("pixel", help="Unsupervised loss: averaged over pixels (as released) or over "
+                                                "segments (each segment's mean: small ones weigh as much as large "
+                                                "ones).", choices=("pixel", "segment"), off="pixel")
     lr: float = setting(2e-3, help="Trunk learning rate (the head trains at --head-lr-mult times it).", low=0)
     head_lr_mult: float = setting(10.0, help="The head's learning rate, as a multiple of --lr.", low=0)
     momentum: float = setting(0.9, help="SGD momentum.", low=0)
@@ -152,6 +155,10 @@ class TrainConfig(StageConfig):
             raise self.bad_value("mode", f"choose one of {', '.join(MODES)}")
         if self.labels_dir == ():
             raise self.bad_value("labels_dir", "give one or more label folders, or leave it out (unsupervised)")
+        if self.loss_weighting not in ("pixel", "segment"):
+            raise self.bad_value("loss_weighting", "choose pixel or segment")
+        if self.loss_weighting != "pixel" and self.labels_dir:
+            raise self.bad_value("loss_weighting", "weights the unsupervised loss only; leave it out with labels_dir")
         from ..embed.backbones import check_feature_layer
 
         try:
@@ -727,7 +734,7 @@ def _loss(t: _Training, emb, target, sorting: dict[str, Any]):
     if t.config.labels_dir:
         return supervised_segsort_loss(emb, target, kappa=t.config.kappa, ignore_label=t.config.ignore_label,
                                        memory=t.memory, **sorting)
-    return unsupervised_segsort_loss(emb, target, kappa=t.config.kappa)
+    return unsupervised_segsort_loss(emb, target, kappa=t.config.kappa, weighting=t.config.loss_weighting)
 
 
 # -- the loop --------------------------------------------------------------------------------------

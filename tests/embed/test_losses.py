@@ -59,6 +59,21 @@ def np_unsupervised_loss(emb: np.ndarray, seg: np.ndarray, kappa: float) -> floa
     return float(np.mean(-np.log(numerator / denominator)))
 
 
+def np_segment_weighted_loss(emb: np.ndarray, seg: np.ndarray, kappa: float) -> float:
+    """The unsupervised loss with every segment weighing the same: a loop over the batch's segments,
+    each the mean of its pixels' -log(own / all)."""
+    n, d = emb.shape[:2]
+    e = np_normalize(emb.astype(np.float64).transpose(0, 2, 3, 1)).reshape(-1, d)
+    cluster = (seg + (np.arange(n) * 256).reshape(-1, 1, 1)).ravel()
+    ids = np.unique(cluster)
+    prototypes = np.stack([np_normalize(e[cluster == c].sum(axis=0)) for c in ids])
+    per_segment = []
+    for j, c in enumerate(ids):
+        s = np.exp(kappa * e[cluster == c] @ prototypes.T)
+        per_segment.append(np.mean(-np.log(s[:, j] / s.sum(axis=1))))
+    return float(np.mean(per_segment))
+
+
 def np_sort_clusters(emb: np.ndarray, labels: np.ndarray, ignore: int) -> list[np.ndarray]:
     """The per-image k-means of ``add_segsort_loss`` (valid pixels only, grid init, y/H x/W)."""
     n, d, h, w = emb.shape
@@ -272,6 +287,20 @@ def test_memory_capacity_keeps_a_random_subset():
 
 
 # -- gradients -----------------------------------------------------------------------------------
+def test_segment_weighted_loss_matches_a_loop_over_segments(batch):
+    emb, seg = batch["emb"], batch["slic"]
+    ours = unsupervised_segsort_loss(torch.from_numpy(emb), torch.from_numpy(seg), kappa=KAPPA, weighting="segment")
+    ref = np_segment_weighted_loss(emb, np.where(seg == PAD_SEGMENT, 255, seg), KAPPA)
+    assert abs(ours.item() - ref) < 1e-5
+    plain = np_unsupervised_loss(emb, np.where(seg == PAD_SEGMENT, 255, seg), KAPPA)
+    assert abs(ref - plain) > 1e-3  # the segments differ in size: the two weightings differ
+    small_emb, small_seg, _ = _small_inputs(2)
+    assert torch.autograd.gradcheck(lambda e: unsupervised_segsort_loss(e, small_seg, kappa=3.0, weighting="segment",
+                                                                        ignore=0), (small_emb,))
+    with pytest.raises(InputError, match="weighting must be one of pixel, segment"):
+        unsupervised_segsort_loss(torch.from_numpy(emb), torch.from_numpy(seg), weighting="area")
+
+
 def _small_inputs(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     emb = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)

@@ -64,6 +64,15 @@ def test_cached_mode_learns_and_writes_a_loadable_model(tiny, tmp_path):
     assert again.done == 0 and again.skipped == 30
 
 
+def test_segment_weighted_loss_trains_a_model_of_its_own_identity(tiny, tmp_path):
+    plain = run(_config(tiny, steps=10), tiny["store"], tmp_path / "plain")
+    weighted = run(_config(tiny, steps=10, loss_weighting="segment"), tiny["store"], tmp_path / "weighted")
+    assert weighted.ok and weighted.identity_hash != plain.identity_hash
+    losses = _losses(tmp_path / "weighted")
+    assert losses != _losses(tmp_path / "plain") and np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+    assert "loss_weighting" not in _config(tiny).identity()  # the release's pixel mean: older models keep theirs
+
+
 def test_resume_in_process_equals_uninterrupted(tiny, tmp_path):
     run(_config(tiny, steps=12, checkpoint_every=4), tiny["store"], tmp_path / "a")
     run(_config(tiny, steps=12, checkpoint_every=4), tiny["store"], tmp_path / "b")
