@@ -74,6 +74,7 @@ from .features import backbone_names
 log = get_logger("train")
 
 MODES = ("auto", "full", "cached")
+LOSS_WEIGHTINGS = ("pixel", "segment")  # embed.losses.WEIGHTINGS, named here without importing torch
 CHECKPOINT_FORMAT = "segsort-unsup-train-checkpoint"
 CHECKPOINT_VERSION = 1
 # Under torchrun rank 0 runs the whole feature pass while the others wait in a barrier: the process
@@ -113,7 +114,7 @@ class TrainConfig(StageConfig):
     kappa: float = setting(10.0, help="Concentration of the von Mises-Fisher loss (1 / temperature).", low=0)
     loss_weighting: str = setting("pixel", help="Unsupervised loss: averaged over pixels (as released) or over "
                                                 "segments (each segment's mean: small ones weigh as much as large "
-                                                "ones).", choices=("pixel", "segment"), off="pixel")
+                                                "ones).", choices=LOSS_WEIGHTINGS, off="pixel")
     lr: float = setting(2e-3, help="Trunk learning rate (the head trains at --head-lr-mult times it).", low=0)
     head_lr_mult: float = setting(10.0, help="The head's learning rate, as a multiple of --lr.", low=0)
     momentum: float = setting(0.9, help="SGD momentum.", low=0)
@@ -155,8 +156,8 @@ class TrainConfig(StageConfig):
             raise self.bad_value("mode", f"choose one of {', '.join(MODES)}")
         if self.labels_dir == ():
             raise self.bad_value("labels_dir", "give one or more label folders, or leave it out (unsupervised)")
-        if self.loss_weighting not in ("pixel", "segment"):
-            raise self.bad_value("loss_weighting", "choose pixel or segment")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise self.bad_value("loss_weighting", f"choose one of {', '.join(LOSS_WEIGHTINGS)}")
         if self.loss_weighting != "pixel" and self.labels_dir:
             raise self.bad_value("loss_weighting", "weights the unsupervised loss only; leave it out with labels_dir")
         from ..embed.backbones import check_feature_layer

@@ -71,6 +71,10 @@ def test_segment_weighted_loss_trains_a_model_of_its_own_identity(tiny, tmp_path
     losses = _losses(tmp_path / "weighted")
     assert losses != _losses(tmp_path / "plain") and np.mean(losses[-3:]) < np.mean(losses[:3]), losses
     assert "loss_weighting" not in _config(tiny).identity()  # the release's pixel mean: older models keep theirs
+    from segsort_unsup.embed.losses import WEIGHTINGS
+    from segsort_unsup.train.stage import LOSS_WEIGHTINGS
+
+    assert LOSS_WEIGHTINGS == WEIGHTINGS
 
 
 def test_resume_in_process_equals_uninterrupted(tiny, tmp_path):
