@@ -260,7 +260,7 @@ class ProcessPool(Executor):
         self._drop_pool(kill=self._busy)
 
     def release_idle(self) -> None:
-        self._drop_pool(kill=self._busy)
+        self.close()  # the next map starts new workers
 
     def map(self, fn, items, *, desc="", total=None, unit="img", weight=None, initializer=None, initargs=()):
         items = list(items)
@@ -268,8 +268,12 @@ class ProcessPool(Executor):
         step = (lambda it: weight(it)) if weight else (lambda it: 1)
         call = _MapCall(uuid.uuid4().hex, initializer, tuple(initargs))
 
+        mine: list[ProcessPoolExecutor] = []  # the pool this map submits to (a dead worker's is replaced)
+
         def submit(item) -> Future:
-            return self._live_pool().submit(_run_task, call, fn, item)
+            pool = self._live_pool()
+            mine[:] = [pool]
+            return pool.submit(_run_task, call, fn, item)
 
         with progress(total=total, desc=desc, unit=unit) as bar:
             self._busy = True
@@ -316,7 +320,10 @@ class ProcessPool(Executor):
                         bar.update(step(item))
                         yield Outcome(item, error=exc) if exc is not None else Outcome(item, result=fut.result())
             except BaseException:
-                self._drop_pool(kill=True)  # Ctrl-C, SIGTERM, errors: stop now, waiting for nobody
+                # Ctrl-C, SIGTERM, errors: stop now, waiting for nobody; unless the executor was
+                # closed meanwhile and another map has new workers (this map was left suspended)
+                if mine and self._pool is mine[0]:
+                    self._drop_pool(kill=True)
                 raise
             self._busy = False
 

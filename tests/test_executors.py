@@ -88,14 +88,14 @@ def test_pool_workers_serve_every_map_each_starting_fresh(tmp_path):
     assert not {r[0] for r in third} & {r[0] for r in first} and {r[1] for r in third} == {None}  # new processes
 
 
-def _slow(x: int) -> int:
-    time.sleep(0.2 if x else 0.0)
+def _pid_after(seconds: float) -> int:
+    time.sleep(seconds)
     return os.getpid()
 
 
 def test_pool_interrupted_map_stops_its_workers_and_the_next_map_starts_new_ones():
     with ProcessPool(2) as pool:
-        outcomes = pool.map(_slow, range(20))
+        outcomes = pool.map(_pid_after, [0] + [0.2] * 19)
         first = next(outcomes).result
         with pytest.raises(KeyboardInterrupt):
             outcomes.throw(KeyboardInterrupt)  # as Ctrl-C inside a stage
@@ -103,14 +103,14 @@ def test_pool_interrupted_map_stops_its_workers_and_the_next_map_starts_new_ones
             for _ in range(100):  # killed, not left to finish the items nobody will record
                 os.kill(first, 0)
                 time.sleep(0.05)
-        assert first not in {o.result for o in pool.map(_slow, range(4))}
+        assert first not in {o.result for o in pool.map(_pid_after, [0] * 4)}
 
 
 def test_pool_closed_while_its_caller_left_a_map_mid_way_stops_the_workers_at_once():
     """Ctrl-C while the caller saves a result: the map is left suspended, and closing the executor
     must not wait for the items still in flight."""
     pool = ProcessPool(2)
-    outcomes = pool.map(_slow_by, [0, 60, 60])  # kept referenced: not closed by the garbage collector
+    outcomes = pool.map(_pid_after, [0, 60, 60])  # kept referenced: not closed by the garbage collector
     first = next(outcomes).result
     started = time.perf_counter()
     pool.close()
@@ -119,23 +119,23 @@ def test_pool_closed_while_its_caller_left_a_map_mid_way_stops_the_workers_at_on
         for _ in range(100):
             os.kill(first, 0)
             time.sleep(0.05)
-
-
-def _slow_by(seconds: int) -> int:
-    time.sleep(seconds)
-    return os.getpid()
+    later = pool.map(_pid_after, [0.5] * 4)
+    worker = next(later).result
+    outcomes.close()  # the abandoned map ends only now: the next map's workers are not its to stop
+    assert worker in {o.result for o in later}  # the same workers went on with the next map's items
+    pool.close()
 
 
 def test_pool_released_while_idle_starts_new_workers_at_the_next_map():
     with ProcessPool(2) as pool:
-        before = {o.result for o in pool.map(_slow, [0] * 4)}
+        before = {o.result for o in pool.map(_pid_after, [0] * 4)}
         pool.release_idle()
         for pid in before:  # gone: their memory is the calling process's stage's again
             with pytest.raises(ProcessLookupError):
                 for _ in range(100):
                     os.kill(pid, 0)
                     time.sleep(0.05)
-        assert not before & {o.result for o in pool.map(_slow, [0] * 4)}
+        assert not before & {o.result for o in pool.map(_pid_after, [0] * 4)}
 
 
 def test_executor_choices_are_checked():
