@@ -16,6 +16,20 @@ from segsort_unsup.evaluate.inputs import load_ground_truth
 peer = pytest.importorskip("pyEdgeEval._lib", reason="pyedgeeval (BSR's C++ correspondPixels) not installed")
 
 
+PEER_DRAWS = 3
+
+
+def _peer_counts(bmap: np.ndarray, humans: list[np.ndarray]) -> tuple[np.ndarray, int]:
+    """One run of BSR's matcher against every human: matched predicted pixels, matched human pixels."""
+    acc = np.zeros(bmap.shape, bool)
+    cnt_r = 0
+    for human in humans:
+        m1, m2, _, _ = peer.correspond_pixels(bmap, human, max_dist=B.MAX_DIST)
+        acc |= m1 > 0
+        cnt_r += int((m2 > 0).sum())
+    return acc, cnt_r
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("iid", ["3063", "8068"])
 def test_counts_agree_with_bsr_cpp(bsds, iid):
@@ -26,12 +40,9 @@ def test_counts_agree_with_bsr_cpp(bsds, iid):
     maps = B.binary_maps(pb, thresholds)
     ours = B.boundary_counts(maps, humans, thresholds=thresholds)
     for t, bmap in enumerate(maps):
-        acc = np.zeros(bmap.shape, bool)
-        cnt_r = 0
-        for human in humans:
-            m1, m2, _, _ = peer.correspond_pixels(bmap, human, max_dist=B.MAX_DIST)
-            acc |= m1 > 0
-            cnt_r += int((m2 > 0).sum())
+        # CSA draws its sparse outlier graph at random on every call (its recall counts differ by up
+        # to ~0.2% between calls): the peer's figure is its best of PEER_DRAWS calls
+        acc, cnt_r = max((_peer_counts(bmap, humans) for _ in range(PEER_DRAWS)), key=lambda c: c[1])
         # ours is the exact optimum: never fewer matches than CSA on its sparse random outlier graph
         assert ours.cnt_r[t] >= cnt_r
         assert (ours.cnt_r[t] - cnt_r) / ours.sum_r[t] < 0.002
