@@ -1,6 +1,7 @@
 """Crash safety of the whole pipeline: a real `segsort-unsup run` SIGKILLed at random moments, at least
 20 times across all stages, resumed each time (every other attempt in-process, the others on a
-process pool); every store opens after each kill, and the final outputs equal an uninterrupted run's (stores item by item, model weights exactly, groups identical)."""
+process pool); every store opens after each kill, and the final outputs equal an uninterrupted
+run's (stores item by item, model weights exactly, groups identical)."""
 
 from __future__ import annotations
 
