@@ -268,12 +268,12 @@ class ProcessPool(Executor):
         step = (lambda it: weight(it)) if weight else (lambda it: 1)
         call = _MapCall(uuid.uuid4().hex, initializer, tuple(initargs))
 
-        mine: list[ProcessPoolExecutor] = []  # the pool this map submits to (a dead worker's is replaced)
+        mine: ProcessPoolExecutor | None = None  # the pool this map submits to (a dead worker's is replaced)
 
         def submit(item) -> Future:
-            pool = self._live_pool()
-            mine[:] = [pool]
-            return pool.submit(_run_task, call, fn, item)
+            nonlocal mine
+            mine = self._live_pool()
+            return mine.submit(_run_task, call, fn, item)
 
         with progress(total=total, desc=desc, unit=unit) as bar:
             self._busy = True
@@ -322,7 +322,7 @@ class ProcessPool(Executor):
             except BaseException:
                 # Ctrl-C, SIGTERM, errors: stop now, waiting for nobody; unless the executor was
                 # closed meanwhile and another map has new workers (this map was left suspended)
-                if mine and self._pool is mine[0]:
+                if mine is not None and self._pool is mine:
                     self._drop_pool(kill=True)
                 raise
             self._busy = False
