@@ -8,8 +8,10 @@ the class with most votes (ties: the lowest class id), as the reference's
 ``inference_segsort_msc.py`` (one-hot votes of the top-k prototypes, summed). ``balance`` > 0
 departs from the reference for rare classes: a neighbour of class c votes ``(mean class count /
 count of c) ** balance``, the counts taken over the labelled prototypes (0.5: the square-root
-re-weighting); a transfer that repeats the search of one before it in the same process (a plain
-and a balanced row of the same stores) reads its neighbour counts from :class:`CountsMemo`. The
+re-weighting); ``geometry`` > 0 departs from it too: each segment's box and area, label-free, are
+joined to its prototype on both sides (:mod:`~segsort_unsup.transfer.geometry`). A transfer
+that repeats the search of one before it in the same process (a plain and a balanced row of the
+same stores) reads its neighbour counts from :class:`CountsMemo`. The
 result is a label PNG per image (``<key>.png``, written atomically), ready for ``segsort-unsup
 evaluate semantic``. Pixels no segment covers (none in a query store embedded without labels) get
 ``ignore_label`` when set, else 255.
@@ -40,6 +42,7 @@ from ..io.sources import store_content
 from ..io.store import StoreReader
 from ..log import get_logger, progress
 from ..parallel import Executor
+from .geometry import DIMENSIONS, item_geometry, join_geometry
 from ..stages import Stage, StageSummary, failure_reason
 
 log = get_logger("transfer")
@@ -73,6 +76,10 @@ class TransferConfig(StageConfig):
                                                "count / count of c) ** BALANCE over the labelled prototypes "
                                                "(0.5: square-root re-weighting; default: plain votes as "
                                                "released).", low=0.0)
+    geometry: float | None = setting(None, help="Join each segment's geometry (box shape, position, fill, size) to "
+                                                "its prototype with this weight: cosine = (embedding cosine + "
+                                                "W^2 geometry cosine) / (1 + W^2) (default: the embedding alone, "
+                                                "as released).", low=0.0, off=0.0)
     batch: int = run_only(65536, help="query prototypes per search call")
 
     def validate(self) -> None:
@@ -82,6 +89,8 @@ class TransferConfig(StageConfig):
             raise self.bad_value("index", f"choose one of {', '.join(INDEXES)}")
         if self.balance is not None and not (0.0 <= self.balance <= 4.0):
             raise self.bad_value("balance", "must be between 0 and 4 (0: plain votes)")
+        if self.geometry is not None and not (0.0 <= self.geometry <= 10.0):
+            raise self.bad_value("geometry", "must be between 0 and 10 (0: the embedding alone)")
         if self.nlist is not None and self.nlist < 1:
             raise self.bad_value("nlist", "must be >= 1")
         for key in ("nprobe", "batch"):
@@ -263,8 +272,10 @@ def open_prototypes(path: str | os.PathLike, what: str) -> StoreReader:
     return reader
 
 
-def labelled_table(reader: StoreReader, *, ignore_label: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """All labelled prototypes ``(N, D)`` and their classes ``(N,)`` of a store (``ignore_label`` rows dropped)."""
+def labelled_table(reader: StoreReader, *, ignore_label: int | None = None,
+                   geometry: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """All labelled prototypes ``(N, D)`` and their classes ``(N,)`` of a store (``ignore_label`` rows
+    dropped); with ``geometry`` > 0 each joined to its region's geometry (:func:`query_prototypes`)."""
     keys = reader.keys()
     first = reader.read(keys[0])
     if "label" not in first.arrays:
@@ -281,12 +292,23 @@ def labelled_table(reader: StoreReader, *, ignore_label: int | None = None) -> t
                                       f"{unlabelled[0]!r}); embed the labelled set again with --labels DIR "
                                       "holding a label PNG for every image")
     x, y = protos.array, labels.array.astype(np.int64)
+    if geometry:
+        shapes = [item_geometry(reader.read(key, ("bbox", "area"))) for key in protos.keys]
+        x = join_geometry(x, np.concatenate(shapes), geometry)
     if ignore_label is not None:
         keep = y != ignore_label
         x, y = x[keep], y[keep]
     if not len(x):
         raise StoreError(reader.root, "no labelled prototype left (every one has the ignore label)")
     return x, y
+
+
+def query_prototypes(item: Any, geometry: float | None = None) -> np.ndarray:
+    """A store item's prototypes, with ``geometry`` > 0 joined to its regions' geometry
+    (:mod:`~segsort_unsup.transfer.geometry`) as :func:`labelled_table` joins the labelled ones."""
+    if not geometry:
+        return item.arrays["prototypes"]
+    return join_geometry(item.arrays["prototypes"], item_geometry(item), geometry)
 
 
 def write_label_map(folder: OutputFolder, target: Path, item: Any, votes: np.ndarray, *, fill: int) -> None:
@@ -320,7 +342,7 @@ def run(config: TransferConfig, inputs: Any, output: str | os.PathLike, *,
         raise InputError("transfer needs two inputs: a labelled prototypes store and a query prototypes store") from None
     labelled = open_prototypes(labelled_path, "labelled")
     query = open_prototypes(query_path, "query")
-    x, y = labelled_table(labelled, ignore_label=config.ignore_label)
+    x, y = labelled_table(labelled, ignore_label=config.ignore_label, geometry=config.geometry)
     num_classes = int(y.max()) + 1
     known = set(np.unique(y).tolist())
     if _has_labels(query):
@@ -330,7 +352,8 @@ def run(config: TransferConfig, inputs: Any, output: str | os.PathLike, *,
         if extra:
             raise InputError(f"class sets differ: the query store {query_path} has classes {extra} that the "
                              f"labelled store {labelled_path} lacks (embed both with the same labelling)")
-    if x.shape[1] != query.read(query.keys()[0], ("prototypes",)).arrays["prototypes"].shape[1]:
+    joined = DIMENSIONS if config.geometry else 0
+    if x.shape[1] - joined != query.read(query.keys()[0], ("prototypes",)).arrays["prototypes"].shape[1]:
         raise InputError(f"prototype dimensions differ between {labelled_path} and {query_path} "
                          "(embed both with the same model and --features)")
     identity = config.identity(labelled=labelled.config_hash, query=query.config_hash,
@@ -378,9 +401,10 @@ def _label_images(config: TransferConfig, folder: OutputFolder, query: StoreRead
     keys = query.keys()
     summary = StageSummary("transfer", output=str(folder.path), total=len(keys))
     fill = config.ignore_label if config.ignore_label is not None else 255
-    log.info("transfer: %d labelled prototypes (%d classes), %d query images, k=%d, %s index%s", len(y),
+    log.info("transfer: %d labelled prototypes (%d classes), %d query images, k=%d, %s index%s%s", len(y),
              num_classes, len(keys), config.k, config.index,
-             f", class-balanced votes ({config.balance})" if config.balance else "")
+             f", class-balanced votes ({config.balance})" if config.balance else "",
+             f", region geometry joined (weight {config.geometry})" if config.geometry else "")
     origins = _forget_stale(folder, query, keys)
     for key in progress(keys, desc="transfer"):
         try:
@@ -391,8 +415,9 @@ def _label_images(config: TransferConfig, folder: OutputFolder, query: StoreRead
             item = query.read(key)
             counts = COUNTS_MEMO.get(search, (key, origins[key]))
             if counts is None:
-                counts = neighbour_counts(item.arrays["prototypes"], index.get(), y, k=config.k,
-                                          num_classes=num_classes, batch=config.batch)
+                rows = query_prototypes(item, config.geometry)
+                counts = neighbour_counts(rows, index.get(), y, k=config.k, num_classes=num_classes,
+                                          batch=config.batch)
                 COUNTS_MEMO.put(search, (key, origins[key]), counts)
             write_label_map(folder, target, item, counts * weights[None, :], fill=fill)
             summary.done += 1

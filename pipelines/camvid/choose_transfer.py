@@ -1,0 +1,65 @@
+"""Choose the transfer's geometry weight and balance exponent on the labelled set alone.
+
+    python pipelines/camvid/choose_transfer.py runs/camvid/prototypes/unsup-1view-labelled \
+        --geometry 0,1,2,3,4 --balance 0,0.5
+
+Each labelled CamVid region is voted on by the regions of the other video sequences (the key's
+part before the first ``_``: 0001TP, 0006R0, 0016E5, Seq05VD), k nearest as in `transfer`; the
+table gives the area-weighted IoU of the regions' majority classes for every pair of settings.
+The scored set is never read. Leaving single frames out instead would flatter every setting:
+neighbouring frames of a sequence hold the same objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+import numpy as np
+
+from segsort_unsup.evaluate.semantic import read_class_names
+from segsort_unsup.transfer.geometry import join_geometry
+from segsort_unsup.transfer.held_out import area_weighted_iou, held_out_votes, labelled_rows
+
+
+def _floats(text: str) -> list[float]:
+    return [float(part) for part in text.split(",") if part.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("labelled", help="a labelled prototypes store (segsort-unsup embed --labels)")
+    parser.add_argument("--geometry", type=_floats, default=[0.0, 1.0, 2.0, 3.0], help="weights to try")
+    parser.add_argument("--balance", type=_floats, default=[0.0, 0.5], help="balance exponents to try")
+    parser.add_argument("--k", type=int, default=15)
+    parser.add_argument("--ignore-label", type=int, default=11)
+    parser.add_argument("--group", default=r"^([^_]+)_", help="regex whose first group names an image's group")
+    parser.add_argument("--class-names", default=None, help="a text file with one class name per line")
+    args = parser.parse_args(argv)
+
+    rows = labelled_rows(args.labelled, ignore_label=args.ignore_label)
+    pattern = re.compile(args.group)
+    matches = [pattern.search(str(key)) for key in rows.keys]
+    if not all(matches):
+        sys.exit(f"error: some keys do not match --group {args.group!r} (e.g. {rows.keys[matches.index(None)]!r})")
+    groups = np.array([m.group(1) for m in matches])
+    num_classes = int(rows.labels.max()) + 1
+    names = (read_class_names(args.class_names, num_classes, args.ignore_label) if args.class_names
+             else [str(c) for c in range(num_classes)])
+    print(f"{len(rows.labels)} labelled regions in {len(np.unique(groups))} groups "
+          f"({', '.join(np.unique(groups))}), k = {args.k}; area-weighted IoU, each group left out")
+    print("| geometry | balance | mIoU | " + " | ".join(names) + " |")
+    print("|---|---|---|" + "---|" * len(names))
+    for weight in args.geometry:
+        table = join_geometry(rows.prototypes, rows.geometry, weight) if weight else rows.prototypes
+        for balance in args.balance:
+            voted = held_out_votes(table, rows.labels, groups, k=args.k, num_classes=num_classes, balance=balance)
+            score = area_weighted_iou(rows.labels, voted, rows.area, num_classes)
+            cells = " | ".join(f"{100 * v:.1f}" for v in score.iou)
+            print(f"| {weight:g} | {balance:g} | {100 * score.miou:.1f} | {cells} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

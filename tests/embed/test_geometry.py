@@ -1,0 +1,175 @@
+"""Region geometry joined to prototypes, and the leave-one-group-out choice of transfer settings:
+against NumPy restatements of the formulas, and through the transfer stage."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from segsort_unsup.errors import InputError
+from segsort_unsup.io.store import Item, StoreWriter
+from segsort_unsup.transfer.geometry import SCALARS, join_geometry, region_geometry
+from segsort_unsup.transfer.held_out import area_weighted_iou, held_out_votes, labelled_rows
+from segsort_unsup.transfer.stage import TransferConfig, run
+
+
+def _segments() -> np.ndarray:
+    """A 36 x 48 map: a thin tall bar (a pole), a wide band (a road), an L-shaped region, the rest."""
+    seg = np.full((36, 48), 3, np.int32)
+    seg[4:30, 20:23] = 0
+    seg[30:36, :] = 1
+    seg[2:10, 30:46] = 2
+    seg[10:20, 30:34] = 2
+    return seg
+
+
+def _table(seg: np.ndarray) -> dict[str, np.ndarray]:
+    """bbox and area as the embed stage computes them (its own code path)."""
+    import torch
+
+    from segsort_unsup.embed.stage import device_segment_table, to_host
+
+    k = int(seg.max()) + 1
+    emb = torch.nn.functional.normalize(torch.randn(8, *seg.shape, generator=torch.Generator().manual_seed(0)), dim=0)
+    out = to_host(device_segment_table(emb, torch.from_numpy(seg)))
+    assert len(out["area"]) == k
+    return out
+
+
+def _reference(seg: np.ndarray) -> np.ndarray:
+    """The geometry rows restated pixel by pixel: each region's pixel extent, centre and count."""
+    h, w = seg.shape
+    rows = []
+    for region in range(int(seg.max()) + 1):
+        ys, xs = np.nonzero(seg == region)
+        tall, wide = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+        values = [np.log(tall / wide), (ys.min() + ys.max() + 1) / 2 / h,
+                  abs((xs.min() + xs.max() + 1) / 2 / w - 0.5) * 2, len(ys) / (tall * wide), np.log(len(ys) / (h * w))]
+        row = []
+        for value, (low, high) in zip(values, SCALARS.values()):
+            angle = (min(max(value, low), high) - low) / (high - low) * np.pi / 2
+            row += [np.cos(angle), np.sin(angle)]
+        rows.append(np.array(row) / np.sqrt(5))
+    return np.array(rows)
+
+
+def test_region_geometry_restates_the_pixels_of_each_region():
+    seg = _segments()
+    table = _table(seg)
+    got = region_geometry(table["bbox"], table["area"], *seg.shape)
+    np.testing.assert_allclose(got, _reference(seg), atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
+    sines = got[:, 1::2] * np.sqrt(5)  # the pole is tall, the road wide, the L fills less than its box
+    assert sines[0, 0] > 0.95 and sines[1, 0] < 0.3 and sines[2, 3] < sines[0, 3] == pytest.approx(1.0)
+
+
+def test_mirrored_and_enlarged_views_give_the_same_geometry():
+    seg = _segments()
+    plain = _table(seg)
+    for view in (seg[:, ::-1].copy(), np.kron(seg, np.ones((2, 2), np.int32))):
+        other = _table(view)
+        np.testing.assert_allclose(region_geometry(other["bbox"], other["area"], *view.shape),
+                                   region_geometry(plain["bbox"], plain["area"], *seg.shape), atol=1e-6)
+
+
+@pytest.mark.parametrize("weight", [0.5, 2.0, 3.0])
+def test_joined_cosine_weighs_embedding_and_geometry_one_to_weight_squared(weight):
+    rng = np.random.default_rng(1)
+    e = rng.standard_normal((4, 6)).astype(np.float32)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    seg = _segments()
+    table = _table(seg)
+    g = region_geometry(table["bbox"], table["area"], *seg.shape)
+    joined = join_geometry(e, g, weight)
+    want = (e.astype(np.float64) @ e.T + weight ** 2 * (g.astype(np.float64) @ g.T)) / (1 + weight ** 2)
+    np.testing.assert_allclose(joined.astype(np.float64) @ joined.T, want, atol=1e-6)
+
+
+def _store(path, items):
+    with StoreWriter(path, kind="prototypes", config={"stage": "test", "name": str(path)}) as writer:
+        for item in items:
+            writer.add(item)
+
+
+def _item(key, protos, seg, label=None):
+    table = _table(seg)
+    arrays = {"prototypes": np.asarray(protos, np.float32), "segments": seg, "area": table["area"],
+              "bbox": table["bbox"]}
+    if label is not None:
+        arrays["label"] = np.asarray(label, np.int32)
+    return Item(key, arrays, {"height": seg.shape[0], "width": seg.shape[1]})
+
+
+def test_geometry_lets_a_thin_region_find_its_thin_neighbour(tmp_path):
+    """Every region has the same embedding; plain votes cannot tell the pole from the rest, the
+    joined geometry can: the query's tall thin bar takes the labelled bar's class, its background
+    (the whole frame) the labelled background's."""
+    from segsort_unsup.io.images import read_label_png
+
+    seg = _segments()
+    same = np.tile(np.eye(1, 8, dtype=np.float32), (4, 1))
+    _store(tmp_path / "lab", [_item("a", same, seg, [5, 1, 2, 3])])
+    query = np.full_like(seg, 1)
+    query[6:32, 10:13] = 0  # a bar elsewhere, of another length
+    _store(tmp_path / "q", [_item("b", same[:2], query)])
+    plain = run(TransferConfig(k=1), [tmp_path / "lab", tmp_path / "q"], tmp_path / "plain")
+    joined = run(TransferConfig(k=1, geometry=2.0), [tmp_path / "lab", tmp_path / "q"], tmp_path / "joined")
+    assert plain.ok and joined.ok
+    labels = read_label_png(tmp_path / "joined" / "b.png")
+    assert (labels[query == 0] == 5).all() and (labels[query == 1] == 3).all()
+    assert len(np.unique(read_label_png(tmp_path / "plain" / "b.png"))) == 1  # a tie: one class everywhere
+    assert json.loads((tmp_path / "joined" / "transfer.json").read_text())["identity"]["geometry"] == 2.0
+
+
+def test_geometry_setting_keeps_old_identities_and_checks_its_range():
+    assert TransferConfig(geometry=0.0).identity() == TransferConfig().identity()
+    with pytest.raises(InputError, match="geometry"):
+        TransferConfig(geometry=11.0)
+
+
+def _brute_held_out(x, labels, groups, k, weights):
+    out = np.empty(len(labels), np.int64)
+    sim = x.astype(np.float64) @ x.T.astype(np.float64)
+    for i in range(len(labels)):
+        other = np.nonzero(groups != groups[i])[0]
+        nearest = other[np.argsort(-sim[i, other], kind="stable")[:k]]
+        votes = np.bincount(labels[nearest], minlength=len(weights)) * weights
+        out[i] = int(np.argmax(votes))
+    return out
+
+
+@pytest.mark.parametrize("balance", [0.0, 0.5])
+def test_held_out_votes_equal_a_brute_force_vote_over_the_other_groups(balance):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((300, 5)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels = rng.choice(4, 300, p=[0.6, 0.25, 0.1, 0.05])
+    groups = rng.choice(["s1", "s2", "s3"], 300)
+    counts = np.bincount(labels, minlength=4).astype(float)
+    weights = (counts.mean() / counts) ** balance
+    got = held_out_votes(x, labels, groups, k=7, num_classes=4, balance=balance)
+    np.testing.assert_array_equal(got, _brute_held_out(x, labels, groups, 7, weights))
+    with pytest.raises(ValueError, match="two groups"):
+        held_out_votes(x, labels, np.zeros(300), k=7)
+
+
+def test_area_weighted_iou_restates_the_definition():
+    truth = np.array([0, 0, 1, 1, 2])
+    predicted = np.array([0, 1, 1, 1, 0])
+    area = np.array([10, 5, 3, 2, 4])
+    # class 0: hit 10, truth 15, predicted 14 -> 10 / 19; class 1: 5 / (5 + 10 - 5); class 2: 0 / 4
+    np.testing.assert_allclose(area_weighted_iou(truth, predicted, area, 4).iou[:3], [10 / 19, 0.5, 0.0])
+    assert np.isnan(area_weighted_iou(truth, predicted, area, 4).iou[3])
+
+
+def test_labelled_rows_read_every_region_with_its_image(tmp_path):
+    seg = _segments()
+    eye = np.eye(4, 8, dtype=np.float32)
+    _store(tmp_path / "lab", [_item("s1_a", eye, seg, [0, 11, 2, 3]), _item("s2_b", eye, seg, [1, 1, 11, 0])])
+    rows = labelled_rows(tmp_path / "lab", ignore_label=11)
+    assert rows.keys.tolist() == ["s1_a"] * 3 + ["s2_b"] * 3
+    np.testing.assert_array_equal(rows.labels, [0, 2, 3, 1, 1, 0])
+    np.testing.assert_array_equal(rows.area, np.bincount(seg.ravel())[[0, 2, 3, 0, 1, 3]])
+    assert rows.geometry.shape == (6, 10) and rows.prototypes.shape == (6, 8)
