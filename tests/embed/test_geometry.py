@@ -173,3 +173,31 @@ def test_labelled_rows_read_every_region_with_its_image(tmp_path):
     np.testing.assert_array_equal(rows.labels, [0, 2, 3, 1, 1, 0])
     np.testing.assert_array_equal(rows.area, np.bincount(seg.ravel())[[0, 2, 3, 0, 1, 3]])
     assert rows.geometry.shape == (6, 10) and rows.prototypes.shape == (6, 8)
+
+
+def test_choose_transfer_script_scores_every_setting_leaving_each_sequence_out(tmp_path, capsys):
+    """pipelines/camvid/choose_transfer.py: one table row per (geometry, balance), each the held-out
+    score of the library functions above."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "pipelines" / "camvid" / "choose_transfer.py"
+    spec = importlib.util.spec_from_file_location("choose_transfer", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    seg = _segments()
+    rng = np.random.default_rng(2)
+    items = []
+    for n, key in enumerate(["0001TP_1", "0001TP_2", "0006R0_1", "0016E5_1"]):
+        protos = rng.standard_normal((4, 8)).astype(np.float32)
+        items.append(_item(key, protos / np.linalg.norm(protos, axis=1, keepdims=True), seg, [0, 1, 2, n % 3]))
+    _store(tmp_path / "lab", items)
+    assert module.main([str(tmp_path / "lab"), "--geometry", "0,2", "--balance", "0,0.5", "--k", "3"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + 4
+    rows_read = labelled_rows(tmp_path / "lab", ignore_label=11)
+    groups = np.array([key.split("_")[0] for key in rows_read.keys])
+    table = join_geometry(rows_read.prototypes, rows_read.geometry, 2.0)
+    want = area_weighted_iou(rows_read.labels, held_out_votes(table, rows_read.labels, groups, k=3, balance=0.5),
+                             rows_read.area, 3)
+    assert rows[4].startswith(f"| 2 | 0.5 | {100 * want.miou:.1f} |")
