@@ -42,8 +42,8 @@ from ..io.sources import store_content
 from ..io.store import StoreReader
 from ..log import get_logger, progress
 from ..parallel import Executor
-from .geometry import DIMENSIONS, item_geometry, join_geometry
 from ..stages import Stage, StageSummary, failure_reason
+from .geometry import DIMENSIONS, item_geometry, join_geometry
 
 log = get_logger("transfer")
 
