@@ -5,9 +5,11 @@
 
 Each labelled CamVid region is voted on by the regions of the other video sequences (the key's
 part before the first ``_``: 0001TP, 0006R0, 0016E5, Seq05VD), k nearest as in `transfer`; the
-table gives the area-weighted IoU of the regions' majority classes for every pair of settings.
-The scored set is never read. Leaving single frames out instead would flatter every setting:
-neighbouring frames of a sequence hold the same objects.
+table gives, for every pair of settings, the IoU per class of the label maps those votes paint
+against the labelled frames' own label PNGs (pixel by pixel, as `evaluate semantic` scores), and
+the mIoU of the regions' majority classes (area-weighted), which flatters thin classes. The scored
+set is never read. Leaving single frames out instead would flatter every setting: neighbouring
+frames of a sequence hold the same objects. Meant for one-view stores (the first view paints).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 
 from segsort_unsup.evaluate.semantic import read_class_names
 from segsort_unsup.transfer.geometry import join_geometry
-from segsort_unsup.transfer.held_out import area_weighted_iou, held_out_votes, labelled_rows
+from segsort_unsup.transfer.held_out import area_weighted_iou, held_out_votes, labelled_rows, pixel_iou
 
 
 def _floats(text: str) -> list[float]:
@@ -48,16 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     names = (read_class_names(args.class_names, num_classes, args.ignore_label) if args.class_names
              else [str(c) for c in range(num_classes)])
     print(f"{len(rows.labels)} labelled regions in {len(np.unique(groups))} groups "
-          f"({', '.join(np.unique(groups))}), k = {args.k}; area-weighted IoU, each group left out")
-    print("| geometry | balance | mIoU | " + " | ".join(names) + " |")
-    print("|---|---|---|" + "---|" * len(names))
+          f"({', '.join(np.unique(groups))}), k = {args.k}; each group left out, IoU per pixel")
+    print("| geometry | balance | mIoU | " + " | ".join(names) + " | regions' mIoU |")
+    print("|---|---|---|" + "---|" * (len(names) + 1))
     for weight in args.geometry:
         table = join_geometry(rows.prototypes, rows.geometry, weight) if weight else rows.prototypes
         for balance in args.balance:
             voted = held_out_votes(table, rows.labels, groups, k=args.k, num_classes=num_classes, balance=balance)
-            score = area_weighted_iou(rows.labels, voted, rows.area, num_classes)
+            score = pixel_iou(args.labelled, rows, voted, num_classes, ignore_label=args.ignore_label)
+            regions = area_weighted_iou(rows.labels, voted, rows.area, num_classes)
             cells = " | ".join(f"{100 * v:.1f}" for v in score.iou)
-            print(f"| {weight:g} | {balance:g} | {100 * score.miou:.1f} | {cells} |", flush=True)
+            print(f"| {weight:g} | {balance:g} | {100 * score.miou:.1f} | {cells} | {100 * regions.miou:.1f} |",
+                  flush=True)
     return 0
 
 

@@ -2,9 +2,12 @@
 
 Each labelled segment of one group (a video sequence, a site, a camera) takes the vote of its
 ``k`` nearest labelled prototypes of the *other* groups, exactly as :mod:`.stage` votes, and the
-score is the IoU per class of the segments' majority classes against their votes, each segment
-weighted by its area. Leaving single images out flatters every setting when neighbouring images
-are near copies (frames of one video hold the same pole); leaving a whole group out does not.
+score is the IoU per class of the label maps those votes paint against the label PNGs, pixel by
+pixel, as ``evaluate semantic`` scores a transfer (:func:`pixel_iou`). Scoring each segment by its
+majority class instead (:func:`area_weighted_iou`) ignores the pixels of a class that no segment
+is mostly made of, and flatters thin classes: CamVid's poles live mostly inside segments of the
+building or tree behind them. Leaving single images out flatters every setting when neighbouring
+images are near copies (frames of one video hold the same pole); leaving a whole group out does not.
 """
 
 from __future__ import annotations
@@ -63,13 +66,15 @@ def area_weighted_iou(truth: np.ndarray, predicted: np.ndarray, area: np.ndarray
 @dataclass(frozen=True)
 class LabelledRows:
     """Every labelled segment of a prototypes store: ``prototypes`` (N, D), ``labels``, ``area``,
-    ``geometry`` (N, 10, :func:`~.geometry.region_geometry`) and ``keys`` (N,), the image of each row."""
+    ``geometry`` (N, 10, :func:`~.geometry.region_geometry`), ``keys`` (N,), the image of each row,
+    and ``ids`` (N,), its segment id in that image's ``segments`` map."""
 
     prototypes: np.ndarray
     labels: np.ndarray
     area: np.ndarray
     geometry: np.ndarray
     keys: np.ndarray
+    ids: np.ndarray
 
 
 def labelled_rows(path, *, ignore_label: int | None = None) -> LabelledRows:
@@ -77,7 +82,8 @@ def labelled_rows(path, *, ignore_label: int | None = None) -> LabelledRows:
     from .geometry import item_geometry
     from .stage import open_prototypes
 
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in ("prototypes", "label", "area", "geometry", "keys")}
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in ("prototypes", "label", "area", "geometry", "keys",
+                                                                  "ids")}
     with open_prototypes(path, "labelled") as reader:
         for key in reader.keys():
             item = reader.read(key, ("prototypes", "label", "area", "bbox"))
@@ -85,7 +91,48 @@ def labelled_rows(path, *, ignore_label: int | None = None) -> LabelledRows:
                 parts[name].append(item.arrays[name])
             parts["geometry"].append(item_geometry(item))
             parts["keys"].append(np.full(len(item.arrays["label"]), key, dtype=object))
+            parts["ids"].append(np.arange(len(item.arrays["label"])))
     rows = {name: np.concatenate(values) for name, values in parts.items()}
     keep = np.ones(len(rows["label"]), bool) if ignore_label is None else rows["label"] != ignore_label
     return LabelledRows(rows["prototypes"][keep], rows["label"][keep].astype(np.int64), rows["area"][keep],
-                        rows["geometry"][keep], rows["keys"][keep])
+                        rows["geometry"][keep], rows["keys"][keep], rows["ids"][keep])
+
+
+def pixel_iou(path, rows: LabelledRows, predicted: np.ndarray, num_classes: int, *,
+              ignore_label: int | None = None) -> HeldOutScore:
+    """IoU per class of each image's label map painted with ``predicted`` (a class per row of
+    ``rows``) over the store's ``segments`` map, against the label PNGs the store at ``path`` was
+    embedded with (its ``labels`` setting, found by :class:`~segsort_unsup.io.labels.LabelFiles`).
+
+    Pixels of ``ignore_label`` and pixels of no row are left out; in a store of several views the
+    first view's segments paint (one-view stores are what this is for).
+    """
+    from ..errors import StoreError
+    from ..io.images import read_label_png
+    from ..io.labels import LabelFiles
+    from .stage import open_prototypes
+
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    with open_prototypes(path, "labelled") as reader:
+        if not reader.config.get("labels"):
+            raise StoreError(path, "records no label folders: embed the labelled set with --labels DIR")
+        files = LabelFiles(reader.config["labels"])
+        for key in np.unique(rows.keys):
+            mine = rows.keys == key
+            item = reader.read(key, ("segments",))
+            lookup = np.full(int(rows.ids[mine].max()) + 1, -1, np.int64)
+            lookup[rows.ids[mine]] = predicted[mine]
+            segments = item.arrays["segments"]
+            truth = read_label_png(files.require(key, item.attrs.get("source", ""))).astype(np.int64)
+            inside = (segments >= 0) & (segments < len(lookup))
+            painted = np.full(segments.shape, -1, np.int64)
+            painted[inside] = lookup[segments[inside]]
+            scored = (painted >= 0) & (truth < num_classes)
+            if ignore_label is not None:
+                scored &= truth != ignore_label
+            confusion += np.bincount(truth[scored] * num_classes + painted[scored],
+                                     minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    inter = np.diag(confusion).astype(np.float64)
+    union = confusion.sum(0) + confusion.sum(1) - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return HeldOutScore(np.where(union > 0, inter / union, np.nan))

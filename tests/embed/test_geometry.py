@@ -11,7 +11,7 @@ import pytest
 from segsort_unsup.errors import InputError
 from segsort_unsup.io.store import Item, StoreWriter
 from segsort_unsup.transfer.geometry import SCALARS, join_geometry, region_geometry
-from segsort_unsup.transfer.held_out import area_weighted_iou, held_out_votes, labelled_rows
+from segsort_unsup.transfer.held_out import area_weighted_iou, held_out_votes, labelled_rows, pixel_iou
 from segsort_unsup.transfer.stage import TransferConfig, run
 
 
@@ -87,8 +87,9 @@ def test_joined_cosine_weighs_embedding_and_geometry_one_to_weight_squared(weigh
     np.testing.assert_allclose(joined.astype(np.float64) @ joined.T, want, atol=1e-6)
 
 
-def _store(path, items):
-    with StoreWriter(path, kind="prototypes", config={"stage": "test", "name": str(path)}) as writer:
+def _store(path, items, labels=None):
+    config = {"stage": "test", "name": str(path), **({"labels": [str(labels)]} if labels else {})}
+    with StoreWriter(path, kind="prototypes", config=config) as writer:
         for item in items:
             writer.add(item)
 
@@ -191,13 +192,52 @@ def test_choose_transfer_script_scores_every_setting_leaving_each_sequence_out(t
     for n, key in enumerate(["0001TP_1", "0001TP_2", "0006R0_1", "0016E5_1"]):
         protos = rng.standard_normal((4, 8)).astype(np.float32)
         items.append(_item(key, protos / np.linalg.norm(protos, axis=1, keepdims=True), seg, [0, 1, 2, n % 3]))
-    _store(tmp_path / "lab", items)
+        _label_png(tmp_path / "gt" / f"{key}.png", np.array([0, 1, 2, n % 3])[seg])
+    _store(tmp_path / "lab", items, labels=tmp_path / "gt")
     assert module.main([str(tmp_path / "lab"), "--geometry", "0,2", "--balance", "0,0.5", "--k", "3"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 1 + 4
     rows_read = labelled_rows(tmp_path / "lab", ignore_label=11)
     groups = np.array([key.split("_")[0] for key in rows_read.keys])
     table = join_geometry(rows_read.prototypes, rows_read.geometry, 2.0)
-    want = area_weighted_iou(rows_read.labels, held_out_votes(table, rows_read.labels, groups, k=3, balance=0.5),
-                             rows_read.area, 3)
+    voted = held_out_votes(table, rows_read.labels, groups, k=3, balance=0.5)
+    want = pixel_iou(tmp_path / "lab", rows_read, voted, 3, ignore_label=11)
+    regions = area_weighted_iou(rows_read.labels, voted, rows_read.area, 3)
     assert rows[4].startswith(f"| 2 | 0.5 | {100 * want.miou:.1f} |")
+    assert rows[4].endswith(f"| {100 * regions.miou:.1f} |")
+
+
+def _label_png(path, labels):
+    import cv2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), labels.astype(np.uint8))
+
+
+def test_pixel_iou_paints_each_region_and_scores_every_pixel_against_the_label_png(tmp_path):
+    """A pole inside a building region: the region's majority class is building, so a perfect vote
+    per region still misses the pole's pixels; pixel_iou counts them, the region score does not."""
+    seg = _segments()
+    truth = np.array([1, 3, 4, 1])[seg]  # region 0 (the bar) is road-class 1; the rest as labelled
+    truth[10:20, 5] = 2  # a thin pole inside region 3 (class 1 by majority)
+    truth[0, :4] = 11  # void pixels are left out
+    _label_png(tmp_path / "gt" / "s1_a.png", truth)
+    _label_png(tmp_path / "gt" / "s2_b.png", np.array([1, 3, 4, 1])[seg])
+    eye = np.eye(4, 8, dtype=np.float32)
+    _store(tmp_path / "lab", [_item("s1_a", eye, seg, [1, 3, 4, 1]), _item("s2_b", eye, seg, [1, 3, 4, 1])],
+           labels=tmp_path / "gt")
+    rows = labelled_rows(tmp_path / "lab")
+    predicted = rows.labels.copy()
+    predicted[(rows.keys == "s2_b") & (rows.ids == 2)] = 0  # one wrong region in the second image
+    got = pixel_iou(tmp_path / "lab", rows, predicted, 5, ignore_label=11)
+    confusion = np.zeros((5, 5), np.int64)
+    for key, gt in (("s1_a", truth), ("s2_b", np.array([1, 3, 4, 1])[seg])):
+        painted = predicted[rows.keys == key][seg]
+        ok = gt != 11
+        np.add.at(confusion, (gt[ok], painted[ok]), 1)
+    inter = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - inter
+    want = np.where(union > 0, inter / np.maximum(union, 1), np.nan)
+    np.testing.assert_allclose(got.iou, want)
+    assert got.iou[2] == 0.0  # the pole's pixels are missed ...
+    assert np.isnan(area_weighted_iou(rows.labels, predicted, rows.area, 5).iou[2])  # ... and no region is a pole
