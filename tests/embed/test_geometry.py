@@ -130,15 +130,23 @@ def test_geometry_setting_keeps_old_identities_and_checks_its_range():
         TransferConfig(geometry=11.0)
 
 
-def _brute_held_out(x, labels, groups, k, weights):
-    out = np.empty(len(labels), np.int64)
+def _brute_held_out(x, labels, groups, k, weights, gap=1e-5):
+    """Each row's vote over the other groups' rows, in float64, and whether the row is clear of
+    near-ties (k-th and (k+1)-th similarities, and the two largest votes, more than ``gap`` apart),
+    where float32 rounding, which differs between CPUs, cannot change the answer."""
+    out, clear = np.empty(len(labels), np.int64), np.ones(len(labels), bool)
     sim = x.astype(np.float64) @ x.T.astype(np.float64)
     for i in range(len(labels)):
         other = np.nonzero(groups != groups[i])[0]
-        nearest = other[np.argsort(-sim[i, other], kind="stable")[:k]]
+        order = np.argsort(-sim[i, other], kind="stable")
+        nearest = other[order[:k]]
         votes = np.bincount(labels[nearest], minlength=len(weights)) * weights
         out[i] = int(np.argmax(votes))
-    return out
+        top = np.sort(votes)[::-1]
+        clear[i] = (sim[i, other[order[k - 1]]] - sim[i, other[order[k]]] > gap
+                    and (top[0] - top[1] > gap or np.count_nonzero(votes == top[0]) > 1
+                         and np.allclose(weights, weights[0])))
+    return out, clear
 
 
 @pytest.mark.parametrize("balance", [0.0, 0.5])
@@ -151,7 +159,9 @@ def test_held_out_votes_equal_a_brute_force_vote_over_the_other_groups(balance):
     counts = np.bincount(labels, minlength=4).astype(float)
     weights = (counts.mean() / counts) ** balance
     got = held_out_votes(x, labels, groups, k=7, num_classes=4, balance=balance)
-    np.testing.assert_array_equal(got, _brute_held_out(x, labels, groups, 7, weights))
+    want, clear = _brute_held_out(x, labels, groups, 7, weights)
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(got[clear], want[clear])
     with pytest.raises(ValueError, match="two groups"):
         held_out_votes(x, labels, np.zeros(300), k=7)
 
