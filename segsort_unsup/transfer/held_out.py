@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .stage import build_index, class_weights, neighbour_counts
+from .stage import build_index, class_weights, knn_votes
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,9 @@ def held_out_votes(prototypes: np.ndarray, labels: np.ndarray, groups: np.ndarra
         inside = groups == group
         if inside.all():
             raise ValueError("leaving a group out needs at least two groups")
-        index = build_index(prototypes[~inside])
-        counts = neighbour_counts(prototypes[inside], index, labels[~inside], k=k, num_classes=c)
-        predicted[inside] = (counts * weights[None, :]).argmax(axis=1)
+        votes = knn_votes(prototypes[inside], build_index(prototypes[~inside]), labels[~inside], k=k,
+                          num_classes=c, weights=weights)
+        predicted[inside] = votes.argmax(axis=1)
     return predicted
 
 
@@ -108,6 +108,7 @@ def pixel_iou(path, rows: LabelledRows, predicted: np.ndarray, num_classes: int,
     first view's segments paint (one-view stores are what this is for).
     """
     from ..errors import StoreError
+    from ..evaluate.semantic import confusion_matrix, semantic_scores
     from ..io.images import read_label_png
     from ..io.labels import LabelFiles
     from .stage import open_prototypes
@@ -128,11 +129,6 @@ def pixel_iou(path, rows: LabelledRows, predicted: np.ndarray, num_classes: int,
             painted = np.full(segments.shape, -1, np.int64)
             painted[inside] = lookup[segments[inside]]
             scored = (painted >= 0) & (truth < num_classes)
-            if ignore_label is not None:
-                scored &= truth != ignore_label
-            confusion += np.bincount(truth[scored] * num_classes + painted[scored],
-                                     minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-    inter = np.diag(confusion).astype(np.float64)
-    union = confusion.sum(0) + confusion.sum(1) - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return HeldOutScore(np.where(union > 0, inter / union, np.nan))
+            confusion += confusion_matrix(painted[scored], truth[scored], num_classes=num_classes,
+                                          ignore_label=ignore_label, num_pred=num_classes)
+    return HeldOutScore(semantic_scores(confusion).iou)
