@@ -122,17 +122,19 @@ def _row(tiles: list[np.ndarray], gap: int = 6) -> np.ndarray:
 class _Neighbours:
     """The labelled store's prototypes indexed, and the pictures of a query's nearest segments."""
 
-    def __init__(self, lab, qry, *, same: bool, top: int, class_names: list[str] | None):
-        from .stage import build_index
+    def __init__(self, lab, qry, *, same: bool, top: int, class_names: list[str] | None,
+                 geometry: float | None = None):
+        from .stage import build_index, joined_prototypes
 
         self.lab, self.qry, self.same, self.top, self.class_names = lab, qry, same, top, class_names
+        self.geometry = geometry
         self.protos, failed = lab.stack("prototypes")
         if failed:
             raise InputError(f"{lab.root}: item {failed[0][0]} cannot be read ({failed[0][1]})")
         has_labels = "label" in lab.read(lab.keys()[0]).arrays
         self.classes = lab.stack("label")[0].array if has_labels else None
         self.owner = np.repeat(np.arange(len(self.protos.keys)), np.diff(self.protos.offsets))
-        self.index = build_index(self.protos.array)
+        self.index = build_index(joined_prototypes(lab, self.protos.keys, self.protos.array, geometry))
         self.images: dict[str, np.ndarray] = {}
 
     def image_of(self, reader, key: str) -> np.ndarray:
@@ -165,6 +167,8 @@ class _Neighbours:
 
     def picture(self, q: Query) -> tuple[np.ndarray, list[tuple[str, int, list[str]]]]:
         """The query's framed cutout next to its neighbours' cutouts, and their captions."""
+        from .stage import query_prototypes
+
         item = self.qry.read(q.key)
         seg_map = item.arrays.get("views", item.arrays["segments"][None])
         view = next((v for v in seg_map if (v == q.segment).any()), None)
@@ -175,7 +179,7 @@ class _Neighbours:
                           [f"query {q.key}", f"segment {q.segment}"]
                           + ([self.name_of(int(qlabel))] if qlabel is not None else []))]
         captions = []
-        for s, j in self.hits(q, item.arrays["prototypes"][q.segment]):
+        for s, j in self.hits(q, query_prototypes(item, self.geometry)[q.segment]):
             key = self.protos.keys[self.owner[j]]
             seg = j - int(self.protos.offsets[self.owner[j]])
             maps = self.lab.read(key, ("segments",)).arrays["segments"]
@@ -217,7 +221,7 @@ def _check_queries(qry, queries: list[Query], where: str) -> None:
 
 def run_retrieve(labelled: str | os.PathLike, query: str | os.PathLike, output: str | os.PathLike, *,
                  queries: list[Query] | None = None, n: int = 4, seed: int = 0, top: int = 6,
-                 min_area: int = 2000, class_names: list[str] | None = None,
+                 min_area: int = 2000, class_names: list[str] | None = None, geometry: float | None = None,
                  overwrite: bool = False) -> list[Path]:
     """Write one retrieval picture per query segment and ``index.html``; returns the PNG paths.
 
@@ -225,6 +229,8 @@ def run_retrieve(labelled: str | os.PathLike, query: str | os.PathLike, output: 
     identity (stores, queries, settings) is refused unless ``overwrite``, which removes only the
     files a previous run listed. Pictures are named ``<key>-<segment>.png`` (``/`` in keys are
     subfolders); a key that cannot be a file name is refused with one line before any picture.
+    ``geometry`` > 0 searches the prototypes joined to their regions' geometry, as ``transfer
+    --geometry`` votes (:mod:`~segsort_unsup.transfer.geometry`); the captions then show the joined cosine.
     """
     import cv2
 
@@ -236,11 +242,12 @@ def run_retrieve(labelled: str | os.PathLike, query: str | os.PathLike, output: 
     qry = open_prototypes(query, "query")
     try:
         same = Path(labelled).resolve() == Path(query).resolve()
-        neighbours = _Neighbours(lab, qry, same=same, top=top, class_names=class_names)
+        neighbours = _Neighbours(lab, qry, same=same, top=top, class_names=class_names, geometry=geometry)
         queries = queries or _sample_queries(qry, n=n, seed=seed, min_area=min_area, where=str(query))
         _check_queries(qry, queries, str(query))
         identity = {"labelled": lab.config_hash, "query": qry.config_hash, "same": same, "top": top,
-                    "queries": [f"{q.key}:{q.segment}" for q in queries], "class_names": class_names or []}
+                    "queries": [f"{q.key}:{q.segment}" for q in queries], "class_names": class_names or [],
+                    **({"geometry": geometry} if geometry else {})}  # off: the identity of older folders
         written, rows_html = [], []
         with OutputFolder(output, kind="retrieval", identity=identity, overwrite=overwrite,
                           meta={"labelled": str(labelled), "query": str(query)}) as folder:
@@ -255,7 +262,7 @@ def run_retrieve(labelled: str | os.PathLike, query: str | os.PathLike, output: 
                 rows_html.append(_query_card(q, target.relative_to(folder.path).as_posix(), captions))
             page = index_page(rows_html, labelled=str(labelled), query=str(query),
                               has_labels=neighbours.classes is not None,
-                              units=(units_of(lab), units_of(qry)))
+                              units=(units_of(lab), units_of(qry)), geometry=geometry)
             folder.write_text(folder.path_for("index.html"), page)
     finally:
         lab.close()
@@ -271,17 +278,19 @@ def _query_card(q: Query, picture: str, captions: list[tuple[str, int, list[str]
 
 
 def index_page(cards: list[str], *, labelled: str, query: str, has_labels: bool,
-               units: tuple[str, str] = ("?", "?")) -> str:
+               units: tuple[str, str] = ("?", "?"), geometry: float | None = None) -> str:
     """``index.html``: one card per query, in the gallery's style; pictures shrink to the window."""
     from ..discover.pages import STYLE
 
     what = "Nearest labelled segments" if has_labels else "Nearest segments"
+    joined = (f" joined to their regions' box shape, position, fill and size (weight {geometry:g}, as "
+              f"<code>transfer --geometry</code>)" if geometry else "")
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             "<meta name='viewport' content='width=device-width,initial-scale=1'>"
             f"<title>segment retrieval</title><style>{STYLE}img.wide{{display:block;max-width:100%;height:auto}}"
             f"</style></head><body><main><h1>{what}</h1>"
             f"<p class='about'>Each row: the query segment (red frame), then its nearest segments by cosine "
-            f"similarity of their prototypes{', with their class' if has_labels else ''} (listed as "
+            f"similarity of their prototypes{joined}{', with their class' if has_labels else ''} (listed as "
             f"key:segment (cosine{', class' if has_labels else ''})); segments of the "
             f"query's own photo are left out when both stores are the same.</p>"
             f"<p class='about'>searched: {html.escape(labelled)} ({html.escape(units[0])} units) · queries from: "

@@ -291,16 +291,24 @@ def labelled_table(reader: StoreReader, *, ignore_label: int | None = None,
         raise StoreError(reader.root, f"{len(unlabelled)} item(s) have prototypes but no labels (e.g. "
                                       f"{unlabelled[0]!r}); embed the labelled set again with --labels DIR "
                                       "holding a label PNG for every image")
-    x, y = protos.array, labels.array.astype(np.int64)
-    if geometry:
-        shapes = [item_geometry(reader.read(key, ("bbox", "area"))) for key in protos.keys]
-        x = join_geometry(x, np.concatenate(shapes), geometry)
+    x = joined_prototypes(reader, protos.keys, protos.array, geometry)
+    y = labels.array.astype(np.int64)
     if ignore_label is not None:
         keep = y != ignore_label
         x, y = x[keep], y[keep]
     if not len(x):
         raise StoreError(reader.root, "no labelled prototype left (every one has the ignore label)")
     return x, y
+
+
+def joined_prototypes(reader: StoreReader, keys: list[str], prototypes: np.ndarray,
+                      geometry: float | None) -> np.ndarray:
+    """``prototypes`` stacked from the items ``keys`` of ``reader``; with ``geometry`` > 0 each row joined
+    to its region's geometry (:mod:`~segsort_unsup.transfer.geometry`)."""
+    if not geometry:
+        return prototypes
+    shapes = [item_geometry(reader.read(key, ("bbox", "area"))) for key in keys]
+    return join_geometry(prototypes, np.concatenate(shapes), geometry)
 
 
 def query_prototypes(item: Any, geometry: float | None = None) -> np.ndarray:

@@ -124,6 +124,42 @@ def test_geometry_lets_a_thin_region_find_its_thin_neighbour(tmp_path):
     assert json.loads((tmp_path / "joined" / "transfer.json").read_text())["identity"]["geometry"] == 2.0
 
 
+def test_retrieve_with_geometry_ranks_by_the_joined_cosine(tmp_path):
+    """`retrieve --geometry W` shows the neighbours `transfer --geometry W` votes with: the labelled
+    regions ranked by (embedding cosine + W^2 geometry cosine) / (1 + W^2), restated from the pixels."""
+    import cv2
+
+    from segsort_unsup.transfer.retrieve import parse_query, run_retrieve
+
+    seg = _segments()
+    rng = np.random.default_rng(1)
+    protos = (np.eye(1, 8) + 0.15 * rng.normal(size=(4, 8))).astype(np.float32)  # alike, as in one photo
+    protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+    query = np.full_like(seg, 1)
+    query[6:32, 10:13] = 0
+    query_protos = np.tile(protos[3:4], (2, 1))  # nearest to the background in the embedding alone
+    items = []
+    for key, p, s in (("a", protos, seg), ("b", query_protos, query)):
+        cv2.imwrite(str(tmp_path / f"{key}.png"), rng.integers(0, 255, (*s.shape, 3), dtype=np.uint8))
+        items.append(_item(key, p, s))
+        items[-1].attrs["source"] = str(tmp_path / f"{key}.png")
+    _store(tmp_path / "lab", items[:1])
+    _store(tmp_path / "q", items[1:])
+    weight = 3.0
+    cosine = (protos.astype(np.float64) @ query_protos[0]
+              + weight ** 2 * _reference(seg) @ _reference(query)[0]) / (1 + weight ** 2)
+    for w, want in ((0.0, np.argsort(-protos @ query_protos[0])), (weight, np.argsort(-cosine))):
+        run_retrieve(tmp_path / "lab", tmp_path / "q", tmp_path / f"r{w}", queries=[parse_query("b:0")], top=4,
+                     geometry=w)
+        page = (tmp_path / f"r{w}" / "index.html").read_text()
+        nearest = page.split("nearest: ")[1].split("</p>")[0].split("; ")
+        assert [int(n.split(":")[1].split(" ")[0]) for n in nearest] == list(want)
+        assert ("weight 3" in page) == bool(w)
+        assert want[0] == (0 if w else 3)
+    assert nearest[0].startswith("a:0 ") and f"({cosine[0]:.3f})" in nearest[0]  # the bar finds the bar
+    assert "geometry" not in json.loads((tmp_path / "r0.0" / ".segsort-output.json").read_text())["identity"]
+
+
 def test_geometry_setting_keeps_old_identities_and_checks_its_range():
     assert TransferConfig(geometry=0.0).identity() == TransferConfig().identity()
     with pytest.raises(InputError, match="geometry"):
