@@ -7,7 +7,8 @@ cosine similarity under each. One PNG per query and an ``index.html`` page listi
 
 Queries are ``(key, segment)`` pairs, or a seeded random sample of first-view segments of at
 least ``min_area`` pixels. When the two stores are the same, segments of the query's own image
-are not retrieved.
+are not retrieved. A region with a prototype in each of several views (the same pixels) is shown
+once, with its nearest view's cosine.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import html
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import quote
 
 import numpy as np
@@ -128,6 +129,7 @@ class _Neighbours:
 
         self.lab, self.qry, self.same, self.top, self.class_names = lab, qry, same, top, class_names
         self.geometry = geometry
+        self.views = max(1, int(lab.read(lab.keys()[0], ("area",)).attrs.get("views") or 1))
         self.protos, failed = lab.stack("prototypes")
         if failed:
             raise InputError(f"{lab.root}: item {failed[0][0]} cannot be read ({failed[0][1]})")
@@ -152,21 +154,27 @@ class _Neighbours:
         names = self.class_names
         return names[c] if names and 0 <= c < len(names) else f"class {c}"
 
-    def hits(self, q: Query, vec: np.ndarray) -> list[tuple[float, int]]:
-        """(cosine, row) of the ``top`` nearest labelled prototypes (not of the query's own image)."""
+    def candidates(self, q: Query, vec: np.ndarray) -> Iterator[tuple[float, int]]:
+        """(cosine, row) of the nearest labelled prototypes, nearest first, none of the query's own
+        image: enough for ``top`` distinct regions when each region has a prototype in every view."""
         sims, nn = self.index.search(np.ascontiguousarray(vec[None], np.float32),
-                                     min(self.index.ntotal, self.top + 64))
-        hits = []
+                                     min(self.index.ntotal, self.top * self.views + 64))
         for s, j in zip(sims[0], nn[0]):
-            if j < 0 or (self.same and self.protos.keys[self.owner[j]] == q.key):
-                continue
-            hits.append((float(s), int(j)))
-            if len(hits) == self.top:
-                break
-        return hits
+            if j >= 0 and not (self.same and self.protos.keys[self.owner[j]] == q.key):
+                yield float(s), int(j)
+
+    def neighbour_mask(self, j: int) -> tuple[str, int, np.ndarray | None]:
+        """Image key, segment id and pixel mask (None: no pixels) of labelled prototype row ``j``."""
+        key = self.protos.keys[self.owner[j]]
+        seg = j - int(self.protos.offsets[self.owner[j]])
+        maps = self.lab.read(key, ("segments",)).arrays["segments"]
+        views = self.lab.read(key).arrays.get("views", maps[None])
+        return key, seg, next((v == seg for v in views if (v == seg).any()), None)
 
     def picture(self, q: Query) -> tuple[np.ndarray, list[tuple[str, int, list[str]]]]:
-        """The query's framed cutout next to its neighbours' cutouts, and their captions."""
+        """The query's framed cutout next to the cutouts of its ``top`` nearest labelled regions, and
+        their captions. A region with a prototype in several views (the same pixels) is shown once,
+        with its nearest view's cosine."""
         from .stage import query_prototypes
 
         item = self.qry.read(q.key)
@@ -178,18 +186,19 @@ class _Neighbours:
         tiles = [_caption(_frame(cutout(self.image_of(self.qry, q.key), view == q.segment)),
                           [f"query {q.key}", f"segment {q.segment}"]
                           + ([self.name_of(int(qlabel))] if qlabel is not None else []))]
-        captions = []
-        for s, j in self.hits(q, query_prototypes(item, self.geometry)[q.segment]):
-            key = self.protos.keys[self.owner[j]]
-            seg = j - int(self.protos.offsets[self.owner[j]])
-            maps = self.lab.read(key, ("segments",)).arrays["segments"]
-            views = self.lab.read(key).arrays.get("views", maps[None])
-            mask = next((v == seg for v in views if (v == seg).any()), None)
-            if mask is None:
+        captions: list[tuple[str, int, list[str]]] = []
+        shown: set[tuple[str, bytes]] = set()
+        for s, j in self.candidates(q, query_prototypes(item, self.geometry)[q.segment]):
+            key, seg, mask = self.neighbour_mask(j)
+            region = (key, np.packbits(mask).tobytes()) if mask is not None else None
+            if region is None or region in shown:
                 continue
+            shown.add(region)
             text = [f"{s:.3f}"] + ([self.name_of(int(self.classes[j]))] if self.classes is not None else [])
             captions.append((key, seg, text))
             tiles.append(_caption(cutout(self.image_of(self.lab, key), mask), text))
+            if len(captions) == self.top:
+                break
         return _row(tiles), captions
 
 
@@ -292,7 +301,8 @@ def index_page(cards: list[str], *, labelled: str, query: str, has_labels: bool,
             f"<p class='about'>Each row: the query segment (red frame), then its nearest segments by cosine "
             f"similarity of their prototypes{joined}{', with their class' if has_labels else ''} (listed as "
             f"key:segment (cosine{', class' if has_labels else ''})); segments of the "
-            f"query's own photo are left out when both stores are the same.</p>"
+            f"query's own photo are left out when both stores are the same, and a region seen in several "
+            f"views is shown once.</p>"
             f"<p class='about'>searched: {html.escape(labelled)} ({html.escape(units[0])} units) · queries from: "
             f"{html.escape(query)} ({html.escape(units[1])} units)</p>"
             + "\n".join(cards) + "</main></body></html>")

@@ -374,6 +374,45 @@ def test_retrieve_pictures_and_query_errors(tmp_path):
         run_retrieve(tmp_path / "s", tmp_path / "s", tmp_path / "o", queries=[parse_query("zz:0")])
 
 
+def test_retrieve_shows_a_region_of_several_views_once(tmp_path):
+    """A two-view labelled store (ucm units: the same regions in both views, ids K0 apart): the
+    nearest prototypes are the two views of one region, yet the picture shows ``top`` distinct
+    regions, ranked by their nearest view's cosine, as a brute-force ranking over regions says."""
+    import cv2
+
+    from segsort_unsup.transfer.retrieve import parse_query, run_retrieve
+
+    rng = np.random.default_rng(11)
+    seg = np.zeros((20, 30), np.int32)
+    seg[:, 10:20], seg[:, 20:] = 1, 2
+    query_vec = _unit(rng, 1, 8)[0]
+    best = {}
+    with StoreWriter(tmp_path / "lab", kind="prototypes", config={"stage": "t"}) as w:
+        for key in ("a", "b"):
+            base = _unit(rng, 3, 8)
+            protos = np.concatenate([base, base + 0.05 * _unit(rng, 3, 8)])  # view 2: nearly the same rows
+            protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+            if key == "a":
+                protos[0] = protos[3] = query_vec  # region 0 of a: the nearest, in both views
+            item = _item(key, protos, seg, [0, 1, 2] * 2)
+            item.arrays["views"] = np.stack([seg, seg + 3])
+            cv2.imwrite(str(tmp_path / f"{key}.png"), rng.integers(0, 255, (20, 30, 3), dtype=np.uint8))
+            item.attrs.update(source=str(tmp_path / f"{key}.png"), views=2)
+            w.add(item)
+            for region in range(3):
+                best[(key, region)] = max(protos[region] @ query_vec, protos[region + 3] @ query_vec)
+    with StoreWriter(tmp_path / "q", kind="prototypes", config={"stage": "t"}) as w:
+        item = _item("c", query_vec[None], np.zeros((20, 30), np.int32))
+        cv2.imwrite(str(tmp_path / "c.png"), np.zeros((20, 30, 3), np.uint8))
+        item.attrs["source"] = str(tmp_path / "c.png")
+        w.add(item)
+    run_retrieve(tmp_path / "lab", tmp_path / "q", tmp_path / "out", queries=[parse_query("c:0")], top=4)
+    nearest = (tmp_path / "out" / "index.html").read_text().split("nearest: ")[1].split("</p>")[0].split("; ")
+    shown = [(n.split(":")[0], int(n.split(":")[1].split(" ")[0]) % 3) for n in nearest]
+    assert shown == sorted(best, key=lambda region: -best[region])[:4]
+    assert nearest[0].startswith("a:0 ") and "(1.000, class 0)" in nearest[0]
+
+
 # -- the output folder: manifest, overwrite, resume, names, lock --------------------------------------
 def _toy_stores(tmp_path, query_keys):
     """A labelled store (two classes split left/right) and a query store with ``query_keys``."""
