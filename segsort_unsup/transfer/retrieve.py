@@ -70,11 +70,13 @@ def _widen(lo: int, hi: int, need: int, limit: int) -> tuple[int, int]:
 
 
 def cutout(rgb: np.ndarray, mask: np.ndarray, *, height: int = TILE, context: float = 0.3,
-           dim: float = 0.3, min_side: float = 0.15, min_aspect: float = 0.8) -> np.ndarray:
+           dim: float = 0.3, min_side: float = 0.15, min_aspect: float = 0.8, max_aspect: float = 3.0) -> np.ndarray:
     """The segment ``mask`` of ``rgb``: other pixels dimmed, outline drawn, cropped to its box
     (plus ``context`` of its size on each side; at least ``min_side`` of the image's shorter side,
     and at least ``min_aspect`` times as wide as tall, so that a small or thin segment is shown
-    in its surroundings and its caption fits) and resized to ``height`` rows."""
+    in its surroundings and its caption fits) and resized to ``height`` rows, its aspect kept. A
+    crop wider than ``max_aspect`` times ``height`` is shrunk to that width and centred on white
+    rows, so that a wide strip keeps its shape and the row of tiles stays readable."""
     import cv2
 
     ys, xs = np.nonzero(mask)
@@ -93,9 +95,12 @@ def cutout(rgb: np.ndarray, mask: np.ndarray, *, height: int = TILE, context: fl
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     cv2.drawContours(out, contours, -1, OUTLINE, thickness=max(1, round(min(h, w) / 200)))
     crop = out[y0:y1, x0:x1]
-    scale = height / crop.shape[0]
-    width = max(8, min(int(round(crop.shape[1] * scale)), 3 * height))
-    return cv2.resize(crop, (width, height), interpolation=cv2.INTER_AREA)
+    scale = min(height / crop.shape[0], max_aspect * height / crop.shape[1])
+    size = (max(8, int(round(crop.shape[1] * scale))), max(1, min(height, int(round(crop.shape[0] * scale)))))
+    tile = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
+    above = (height - tile.shape[0]) // 2
+    return cv2.copyMakeBorder(tile, above, height - tile.shape[0] - above, 0, 0, cv2.BORDER_CONSTANT,
+                              value=(255, 255, 255))
 
 
 def _caption(tile: np.ndarray, lines: list[str]) -> np.ndarray:

@@ -366,6 +366,14 @@ def test_retrieve_pictures_and_query_errors(tmp_path):
     background = 255 * 0.35  # dim 0: context pixels take the backdrop grey
     segment_and_outline = (np.abs(tile.astype(float) - background) > 2).any(axis=2)
     assert tile.shape[1] >= 48 and segment_and_outline.mean() < 0.03  # a 3-pixel dot in a 30-pixel window
+    # a strip far wider than 3:1 keeps its shape: shrunk to 3 heights wide, centred on white rows
+    strip = np.zeros((100, 600), bool)
+    strip[45:55, :] = True
+    tile = cutout(np.full((100, 600, 3), 128, np.uint8), strip, height=50)
+    crop_rows = 10 + 2 * (int(10 * 0.3) + 4)  # the strip and its context above and below
+    shown = np.flatnonzero((tile != 255).any(axis=(1, 2)))
+    assert tile.shape == (50, 150, 3) and len(shown) == round(crop_rows * 150 / 600)
+    assert shown.min() == (50 - len(shown)) // 2
     with pytest.raises(InputError, match="KEY:SEGMENT"):
         parse_query("nocolon")
     with pytest.raises(InputError, match="segments 0..1"):
