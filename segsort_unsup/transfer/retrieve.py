@@ -172,8 +172,8 @@ class _Neighbours:
         """Image key, segment id and pixel mask (None: no pixels) of labelled prototype row ``j``."""
         key = self.protos.keys[self.owner[j]]
         seg = j - int(self.protos.offsets[self.owner[j]])
-        maps = self.lab.read(key, ("segments",)).arrays["segments"]
-        views = self.lab.read(key).arrays.get("views", maps[None])
+        arrays = self.lab.read(key, ("segments", "views") if self.views > 1 else ("segments",)).arrays
+        views = arrays.get("views", arrays["segments"][None])
         return key, seg, next((v == seg for v in views if (v == seg).any()), None)
 
     def picture(self, q: Query) -> tuple[np.ndarray, list[tuple[str, int, list[str]]]]:
