@@ -74,6 +74,9 @@ class EmbedConfig(StageConfig):
     grid, iterations, location_weight : pixel sorting (5 x 5, 10, 1 in the reference).
     labels : folder of label PNGs (the labelled set), or several folders / list files (a list;
         :class:`~segsort_unsup.io.labels.LabelFiles`); ``ignore_label`` pixels are dropped.
+    class_parts : with ``labels``, every segment is split by class (:func:`split_by_class`): each
+        part of at least this many pixels is a segment of its own, so a thin object inside a larger
+        region still gives the labelled set a prototype of its class. None: as released.
     units : the segments prototypes are made of (see :func:`parse_units`): ``gridN`` pixel sorting
         from an N x N grid (None: the ``grid`` setting, 5 x 5 as released), ``ucm:T`` the regions
         of the segments store ``segments`` (``segsort-unsup ucm`` of these images) at the stored
@@ -113,6 +116,10 @@ class EmbedConfig(StageConfig):
                                            "cut T, one prototype each.", metavar="gridN|ucm:T")
     segments: str | None = setting(None, help="Segments store of these images (`segsort-unsup ucm`), for --units "
                                               "ucm:T.")
+    class_parts: int | None = setting(None, help="With --labels: split every segment by class; a part of at least "
+                                                 "this many pixels gets a prototype of its own (default: none, each "
+                                                 "segment keeps its majority class only, as released).",
+                                      low=1, metavar="PIXELS")
     device: str = run_only("auto", help="auto, cpu, cuda, cuda:1...")
     threads: int | None = run_only(None, help="Torch threads per image [default: 1, in every executor, so that "
                                               "every executor gives the same bits; workers give the parallelism]. "
@@ -146,6 +153,8 @@ class EmbedConfig(StageConfig):
             if kind == "ucm" and not self.segments:
                 raise self.bad_value("segments", f"units {self.units!r} need the segments store of these images "
                                                  "(segments = \"<ucm store>\", --segments)")
+        if self.class_parts is not None and (self.class_parts < 1 or not self.labels):
+            raise self.bad_value("class_parts", "needs labels (the labelled set) and at least 1 pixel a part")
         if self.segments and (self.units is None or not self.units.startswith("ucm:")):
             raise self.bad_value("segments", "is only used with units = \"ucm:T\"; remove it or set units")
         if not self.location_weight >= 0:
@@ -441,6 +450,36 @@ def _region_segments(regions: np.ndarray, valid, device):
     return consecutive_labels(seg.reshape(1, -1))[0].reshape(h, w)
 
 
+def split_by_class(segments, labels, min_pixels: int):
+    """(H, W) segment ids (-1: left out) -> the ids of their parts by class, renumbered in raster order.
+
+    The part of a segment's majority class, and every other part of at least ``min_pixels`` pixels,
+    gets an id of its own; the pixels of smaller parts join their segment's majority part (whose
+    prototype leaves them out, as released). Ties for the majority go to the lowest class, as in
+    :func:`device_segment_table`.
+    """
+    import torch
+
+    from .sorting import consecutive_labels
+
+    h, w = segments.shape
+    flat = segments.reshape(-1).long()
+    cls = labels.to(flat.device).reshape(-1).long()
+    inside = flat >= 0
+    if not bool(inside.any()):
+        return segments
+    seg, lab = flat[inside], cls[inside]
+    k, n_cls = int(seg.max()) + 1, int(lab.max()) + 1
+    counts = torch.bincount(seg * n_cls + lab, minlength=k * n_cls).reshape(k, n_cls)
+    majority = counts.argmax(dim=1)
+    own = counts >= min_pixels
+    own[torch.arange(k, device=own.device), majority] = True
+    part_class = torch.where(own[seg, lab], lab, majority[seg])
+    parts = torch.full_like(flat, -1)
+    parts[inside] = seg * n_cls + part_class
+    return consecutive_labels(parts.reshape(1, -1))[0].reshape(h, w)
+
+
 def _resize_rgb(rgb: np.ndarray, scale: float) -> np.ndarray:
     import cv2
 
@@ -491,6 +530,8 @@ def image_prototypes(model, rgb: np.ndarray, config: EmbedConfig, *, labels: np.
         seg = fixed if fixed is not None else sort_pixels(
             emb, valid=valid, grid=config.sorting_grid, iterations=config.iterations,
             location_weight=config.location_weight, stride=config.sort_stride)
+        if config.class_parts is not None and lab is not None:
+            seg = split_by_class(seg, lab, config.class_parts)
         table = device_segment_table(emb, seg, lab)
         tables.append(table)
         maps.append(torch.where(seg >= 0, seg + offset, -1))

@@ -120,3 +120,79 @@ def test_transfer_and_retrieve_show_the_units(ucm_inputs, tmp_path):
     run_retrieve(tmp_path / "lab", tmp_path / "qry", tmp_path / "ret", n=1, min_area=1)
     page = (tmp_path / "ret" / "index.html").read_text()
     assert "(ucm:0.3 units)" in page and "(grid8 units)" in page
+
+
+def np_split_by_class(segments: np.ndarray, labels: np.ndarray, min_pixels: int) -> np.ndarray:
+    """Loop restatement of ``split_by_class``: (segment, class) parts, small ones in the majority's."""
+    part = np.full(segments.shape, -1, np.int64)
+    for s in np.unique(segments[segments >= 0]):
+        inside = segments == s
+        counts = np.bincount(labels[inside])
+        majority = int(np.argmax(counts))  # the lowest class among equal counts
+        for c in np.unique(labels[inside]):
+            here = inside & (labels == c)
+            part[here] = s * 1000 + (c if c == majority or counts[c] >= min_pixels else majority)
+    out = np.full(segments.shape, -1, np.int64)
+    flat = part.ravel()
+    for new, old in enumerate(dict.fromkeys(flat[flat >= 0].tolist())):  # raster order of first appearance
+        out.ravel()[flat == old] = new
+    return out
+
+
+def test_split_by_class_keeps_parts_of_exactly_min_pixels():
+    """Segment 0's class-5 part has exactly 2 pixels: its own id at min_pixels = 2, merged at 3;
+    the 1-pixel parts of segments 1 and 2 join their majority part (its segment's id order)."""
+    from segsort_unsup.embed.stage import split_by_class
+
+    segments = torch.tensor([[0, 0, 0, 1], [0, 0, 1, 1], [-1, 2, 2, 2]])
+    labels = torch.tensor([[3, 3, 5, 5], [3, 5, 5, 1], [0, 2, 2, 0]])
+    assert split_by_class(segments, labels, 2).tolist() == [[0, 0, 1, 2], [0, 1, 2, 2], [-1, 3, 3, 3]]
+    assert split_by_class(segments, labels, 3).tolist() == [[0, 0, 0, 1], [0, 0, 1, 1], [-1, 2, 2, 2]]
+
+
+@pytest.mark.parametrize("min_pixels", [1, 6, 40, 10_000])
+def test_split_by_class_matches_a_loop_restatement(min_pixels):
+    from segsort_unsup.embed.stage import split_by_class
+
+    rng = np.random.default_rng(min_pixels)
+    segments = np.repeat(np.repeat(rng.integers(0, 9, (6, 8)), 5, axis=0), 5, axis=1)
+    segments[rng.random(segments.shape) < 0.05] = -1
+    labels = np.repeat(rng.integers(0, 4, (15, 40)), 2, axis=0)
+    labels[:, 17:19] = 7  # a thin stripe across many segments
+    got = split_by_class(torch.from_numpy(segments), torch.from_numpy(labels), min_pixels).numpy()
+    np.testing.assert_array_equal(got, np_split_by_class(segments, labels, min_pixels))
+    assert (got.max() + 1 > len(np.unique(segments[segments >= 0]))) == (min_pixels < 10_000)
+
+
+def test_class_parts_give_a_thin_class_its_own_prototypes(ucm_inputs, tiny_model, tmp_path):
+    """class_parts: a labelled thin stripe crossing the ucm regions becomes prototypes of its own
+    (the released majority rule gives it none); each prototype is the normalised mean embedding of
+    its part's pixels of its class, and its label is that class."""
+    import cv2
+
+    from segsort_unsup.io.images import read_image
+
+    root, store, images = ucm_inputs
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for p in sorted(images.glob("*.png")):
+        h, w = read_image(p).shape[:2]
+        lab = (np.arange(w)[None, :] * 2 // w).repeat(h, 0).astype(np.uint8)
+        lab[:, w // 3:w // 3 + 4] = 5
+        cv2.imwrite(str(labels / p.name), lab)
+    common = dict(units="ucm:0.3", segments=str(store), labels=str(labels), precision="fp32", device="cpu")
+    run(EmbedConfig(**common), [root / "model.pt", images], tmp_path / "released")
+    run(EmbedConfig(**common, class_parts=20), [root / "model.pt", images], tmp_path / "parts")
+    released, parts = StoreReader(tmp_path / "released"), StoreReader(tmp_path / "parts")
+    for key in parts.keys():
+        item = parts[key].arrays
+        lab = cv2.imread(str(labels / f"{key}.png"), cv2.IMREAD_GRAYSCALE).astype(np.int64)
+        assert (released[key].arrays["label"] == 5).sum() < (item["label"] == 5).sum()
+        emb = embed_image(tiny_model, read_image(images / f"{key}.png"), precision="fp32").numpy().astype(np.float64)
+        for s, cls in enumerate(item["label"]):
+            own = (item["segments"] == s) & (lab == cls)
+            assert own.any()
+            mean = emb[:, own].sum(axis=1)
+            np.testing.assert_allclose(item["prototypes"][s], mean / np.linalg.norm(mean), atol=1e-5)
+    with pytest.raises(InputError, match="class_parts"):
+        EmbedConfig(class_parts=20)
