@@ -31,20 +31,25 @@ class HeldOutScore:
 
 
 def held_out_votes(prototypes: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, k: int = 15,
-                   num_classes: int | None = None, balance: float = 0.0) -> np.ndarray:
+                   num_classes: int | None = None, balance: float = 0.0,
+                   voters: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """``(N,)`` the class each labelled row gets from the rows of the other groups (ties: the lowest
     class). ``prototypes`` (N, D) unit rows, ``labels`` (N,) classes, ``groups`` (N,) any ids;
-    ``balance`` weighs the votes as the transfer stage does, by the counts of the whole table."""
-    labels = np.asarray(labels, np.int64)
-    groups = np.asarray(groups)
-    c = num_classes or int(labels.max()) + 1
-    weights = class_weights(labels, c, balance)
-    predicted = np.empty(len(labels), np.int64)
+    ``balance`` weighs the votes as the transfer stage does, by the counts of the voters' classes.
+    ``voters``: the (prototypes, labels, groups) of another table that votes instead of these rows
+    (the same images' segments made otherwise, e.g. split by class with ``class_parts``: units
+    drawn with the labels' help must not be the ones voted on)."""
+    v_prototypes, v_labels, v_groups = voters if voters is not None else (prototypes, labels, groups)
+    v_labels = np.asarray(v_labels, np.int64)
+    groups, v_groups = np.asarray(groups), np.asarray(v_groups)
+    c = num_classes or int(max(v_labels.max(), np.max(labels))) + 1
+    weights = class_weights(v_labels, c, balance)
+    predicted = np.empty(len(groups), np.int64)
     for group in np.unique(groups):
-        inside = groups == group
-        if inside.all():
+        inside, others = groups == group, v_groups != group
+        if not others.any():
             raise ValueError("leaving a group out needs at least two groups")
-        votes = knn_votes(prototypes[inside], build_index(prototypes[~inside]), labels[~inside], k=k,
+        votes = knn_votes(prototypes[inside], build_index(v_prototypes[others]), v_labels[others], k=k,
                           num_classes=c, weights=weights)
         predicted[inside] = votes.argmax(axis=1)
     return predicted

@@ -166,17 +166,18 @@ def test_geometry_setting_keeps_old_identities_and_checks_its_range():
         TransferConfig(geometry=11.0)
 
 
-def _brute_held_out(x, labels, groups, k, weights, gap=1e-5):
-    """Each row's vote over the other groups' rows, in float64, and whether the row is clear of
-    near-ties (k-th and (k+1)-th similarities, and the two largest votes, more than ``gap`` apart),
-    where float32 rounding, which differs between CPUs, cannot change the answer."""
-    out, clear = np.empty(len(labels), np.int64), np.ones(len(labels), bool)
-    sim = x.astype(np.float64) @ x.T.astype(np.float64)
-    for i in range(len(labels)):
-        other = np.nonzero(groups != groups[i])[0]
+def _brute_held_out(x, labels, groups, k, weights, gap=1e-5, voters=None):
+    """Each row's vote over the other groups' rows (or ``voters``' rows), in float64, and whether the
+    row is clear of near-ties (k-th and (k+1)-th similarities, and the two largest votes, more than
+    ``gap`` apart), where float32 rounding, which differs between CPUs, cannot change the answer."""
+    y, y_labels, y_groups = voters if voters is not None else (x, labels, groups)
+    out, clear = np.empty(len(groups), np.int64), np.ones(len(groups), bool)
+    sim = x.astype(np.float64) @ y.T.astype(np.float64)
+    for i in range(len(groups)):
+        other = np.nonzero(y_groups != groups[i])[0]
         order = np.argsort(-sim[i, other], kind="stable")
         nearest = other[order[:k]]
-        votes = np.bincount(labels[nearest], minlength=len(weights)) * weights
+        votes = np.bincount(y_labels[nearest], minlength=len(weights)) * weights
         out[i] = int(np.argmax(votes))
         top = np.sort(votes)[::-1]
         clear[i] = (sim[i, other[order[k - 1]]] - sim[i, other[order[k]]] > gap
@@ -200,6 +201,27 @@ def test_held_out_votes_equal_a_brute_force_vote_over_the_other_groups(balance):
     np.testing.assert_array_equal(got[clear], want[clear])
     with pytest.raises(ValueError, match="two groups"):
         held_out_votes(x, labels, np.zeros(300), k=7)
+
+
+@pytest.mark.parametrize("balance", [0.0, 0.5])
+def test_held_out_votes_from_another_table_vote_over_its_other_groups(balance):
+    """voters: the queries' rows only ask; the other table's rows of the other groups vote, weighed
+    by the other table's class counts."""
+    rng = np.random.default_rng(8)
+    x, y = (rng.standard_normal((n, 5)).astype(np.float32) for n in (200, 450))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    groups, y_groups = rng.choice(["s1", "s2", "s3"], 200), rng.choice(["s1", "s2", "s3"], 450)
+    y_labels = rng.choice(4, 450, p=[0.5, 0.3, 0.15, 0.05])
+    counts = np.bincount(y_labels, minlength=4).astype(float)
+    weights = (counts.mean() / counts) ** balance
+    got = held_out_votes(x, np.zeros(200, np.int64), groups, k=7, num_classes=4, balance=balance,
+                         voters=(y, y_labels, y_groups))
+    want, clear = _brute_held_out(x, None, groups, 7, weights, voters=(y, y_labels, y_groups))
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(got[clear], want[clear])
+    with pytest.raises(ValueError, match="two groups"):
+        held_out_votes(x, np.zeros(200, np.int64), np.full(200, "s1"), voters=(y, y_labels, np.full(450, "s1")))
 
 
 def test_area_weighted_iou_restates_the_definition():
@@ -251,6 +273,23 @@ def test_choose_transfer_script_scores_every_setting_leaving_each_sequence_out(t
     regions = area_weighted_iou(rows_read.labels, voted, rows_read.area, 3)
     assert rows[4].startswith(f"| 2 | 0.5 | {100 * want.miou:.1f} |")
     assert rows[4].endswith(f"| {100 * regions.miou:.1f} |")
+    # --voters: another store of the same images votes; the first store's regions are painted
+    voter_items = []
+    for n, item in enumerate(items):
+        protos = rng.standard_normal((4, 8)).astype(np.float32)
+        voter_items.append(_item(item.key, protos / np.linalg.norm(protos, axis=1, keepdims=True), seg,
+                                 [2, 1, 0, (n + 1) % 3]))
+    _store(tmp_path / "voters", voter_items, labels=tmp_path / "gt")
+    assert module.main([str(tmp_path / "lab"), "--voters", str(tmp_path / "voters"), "--geometry", "0",
+                        "--balance", "0.5", "--k", "3"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0 | 0.5 |")]
+    other = labelled_rows(tmp_path / "voters", ignore_label=11)
+    voted = held_out_votes(rows_read.prototypes, rows_read.labels, groups, k=3, balance=0.5,
+                           voters=(other.prototypes, other.labels, groups))
+    want = pixel_iou(tmp_path / "lab", rows_read, voted, 3, ignore_label=11)
+    assert row and row[0].startswith(f"| 0 | 0.5 | {100 * want.miou:.1f} |")
+    mine = held_out_votes(rows_read.prototypes, rows_read.labels, groups, k=3, balance=0.5)
+    assert not np.array_equal(voted, mine)  # the voters changed the vote
 
 
 def _label_png(path, labels):
